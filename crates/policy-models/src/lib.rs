@@ -1,12 +1,26 @@
-//! Causal language models for cotlab, in burn: GPT-Neo, Qwen2 (Qwen2.5) and Llama (3.2), loaded
-//! from Hugging Face checkpoints, with KV-cached sampling and tiny from-scratch presets.
+//! Causal language models for cotlab, in burn: GPT-Neo, Qwen2 (Qwen2.5) and Llama (3.2),
+//! loaded unchanged from Hugging Face checkpoints and giving transformers' numbers, with
+//! KV-cached sampling, and tiny presets that train from scratch on the CPU.
 //!
-//! This crate is a skeleton in this build: it holds the backend selection that every crate doing
-//! tensor work shares. The architectures, loading, generation and training come with the
-//! policy-models issue.
+//! - `gpt_neo.rs`, `qwen2.rs`, `llama.rs`: one file per architecture with its HF `config.json`
+//!   struct and key table; Qwen2 and Llama share the computation in `decoder.rs`.
+//! - `layers.rs`: attention, masks, rotary embeddings, `gelu_new`, the KV cache.
+//! - `weights.rs`: safetensors reading with missing/unused/shape checks.
+//! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
 
 pub mod backend;
+pub mod decoder;
+pub mod generate;
+pub mod gpt_neo;
+pub mod layers;
+pub mod llama;
+pub mod model;
+pub mod qwen2;
+pub mod weights;
 
 pub use backend::{BackendError, BackendKind};
+pub use layers::{KvCache, StepInput};
+pub use model::{CausalLm, ModelConfig, ModelSource};
+pub use weights::LoadError;

@@ -1,0 +1,310 @@
+//! What the RL algorithms call: batched, KV-cached generation with greedy, temperature, top-k
+//! and top-p sampling, and per-token log-probabilities (with entropies) of given completions.
+//!
+//! Legend: `B` batch, `P` padded prompt length, `N` new tokens, `V` vocabulary.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::layers::StepInput;
+use crate::model::CausalLm;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Sampler {
+    /// The most likely token (ties: the lowest id, as `torch.argmax`).
+    Greedy,
+    /// Sampling from softmax(logits / temperature), restricted to the `top_k` most likely
+    /// tokens and then to the smallest set whose probability reaches `top_p` (applied in that
+    /// order, as transformers' logits warpers).
+    Sample {
+        /// Divides the logits; 1 is the model's own distribution.
+        temperature: f32,
+        /// Keep only this many most likely tokens (`None`: all).
+        top_k: Option<usize>,
+        /// Nucleus: keep the most likely tokens until their probability reaches this (`None` or 1: all).
+        top_p: Option<f32>,
+    },
+}
+
+/// Settings of one generation call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Most tokens generated per row.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampler: Sampler,
+    /// Tokens that end a row (included in the completion).
+    pub eos_token_ids: Vec<i64>,
+    /// Id fed for padding (never attended to).
+    pub pad_token_id: i64,
+    /// Seed of the sampler; the same seed, prompts and model give the same completions.
+    pub seed: u64,
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// It produced an end-of-sequence token.
+    Eos,
+    /// Its text contains a stop string.
+    StopString,
+    /// It reached `max_new_tokens` (a truncated completion).
+    Length,
+}
+
+/// The output of [`generate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Generated ids per row, up to and including the token that stopped it; padded with
+    /// `pad_token_id` to the longest row ([B, N]).
+    pub completion_ids: Vec<Vec<i64>>,
+    /// Log-probability of each generated token under the distribution it was sampled from
+    /// (after temperature, top-k and top-p), [B, N]; 0 at padding.
+    pub log_probs: Vec<Vec<f32>>,
+    /// True at generated tokens, false at padding, [B, N].
+    pub completion_mask: Vec<Vec<bool>>,
+    /// Why each row stopped.
+    pub stop_reasons: Vec<StopReason>,
+}
+
+/// Turns completion ids into text, to check stop strings.
+pub type Decode<'a> = &'a dyn Fn(&[i64]) -> String;
+
+/// Generates continuations of `prompts` (unpadded token ids), left-padding them into one batch.
+/// `stop_strings` end a row once its decoded completion contains one (`decode` turns ids into
+/// text; with no stop strings it is not called).
+pub fn generate(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    config: &GenerationConfig,
+    stop_strings: &[String],
+    decode: Option<Decode<'_>>,
+) -> Generation {
+    let batch = prompts.len();
+    let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    assert!(prompt_len > 0, "generate needs at least one non-empty prompt");
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+
+    // The prompt step: left-padded ids and their mask.
+    let padded: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|prompt| {
+            let mut row = vec![config.pad_token_id; prompt_len - prompt.len()];
+            row.extend_from_slice(prompt);
+            row
+        })
+        .collect();
+    let mut key_mask: Vec<Vec<bool>> = prompts
+        .iter()
+        .map(|prompt| (0..prompt_len).map(|i| i >= prompt_len - prompt.len()).collect())
+        .collect();
+    let mut real_counts: Vec<i64> = prompts.iter().map(|prompt| prompt.len() as i64).collect();
+    let mut cache = model.new_cache();
+    let logits = model.forward(&StepInput::from_padded(&padded, &key_mask), &mut cache); // [B, P, V]
+    let [_, _, vocab] = logits.dims();
+    let mut last = logits.slice([0..batch, prompt_len - 1..prompt_len, 0..vocab]);
+
+    let mut completion_ids = vec![Vec::new(); batch];
+    let mut log_probs = vec![Vec::new(); batch];
+    let mut stop_reasons: Vec<Option<StopReason>> = vec![None; batch];
+    for _ in 0..config.max_new_tokens {
+        let host = last.into_data().try_to_vec::<f32>().expect("f32 logits"); // [B, V]
+        // Rows that get a token this step; the others already stopped and feed padding.
+        let active: Vec<bool> = stop_reasons.iter().map(Option::is_none).collect();
+        let mut next_ids = Vec::with_capacity(batch);
+        for row in 0..batch {
+            if !active[row] {
+                next_ids.push(config.pad_token_id);
+                continue;
+            }
+            let (token, log_prob) = choose(&host[row * vocab..(row + 1) * vocab], config.sampler, &mut rng);
+            completion_ids[row].push(token);
+            log_probs[row].push(log_prob);
+            next_ids.push(token);
+            if config.eos_token_ids.contains(&token) {
+                stop_reasons[row] = Some(StopReason::Eos);
+            } else if let (false, Some(decode)) = (stop_strings.is_empty(), decode) {
+                let text = decode(&completion_ids[row]);
+                if stop_strings.iter().any(|stop| text.contains(stop.as_str())) {
+                    stop_reasons[row] = Some(StopReason::StopString);
+                }
+            }
+        }
+        if stop_reasons.iter().all(Option::is_some) {
+            break;
+        }
+        // One new position per row; padding of stopped rows is masked out of every later query.
+        let mut positions = Vec::with_capacity(batch);
+        let mut step_mask = Vec::new();
+        for row in 0..batch {
+            positions.push(real_counts[row]);
+            key_mask[row].push(active[row]);
+            real_counts[row] += i64::from(active[row]);
+            step_mask.extend_from_slice(&key_mask[row]);
+        }
+        let input = StepInput { batch_size: batch, input_ids: next_ids, position_ids: positions, key_mask: step_mask };
+        last = model.forward(&input, &mut cache);
+    }
+    finish(completion_ids, log_probs, stop_reasons, config.pad_token_id)
+}
+
+fn finish(
+    completion_ids: Vec<Vec<i64>>,
+    log_probs: Vec<Vec<f32>>,
+    stop_reasons: Vec<Option<StopReason>>,
+    pad: i64,
+) -> Generation {
+    let width = completion_ids.iter().map(Vec::len).max().unwrap_or(0);
+    let completion_mask = completion_ids.iter().map(|ids| (0..width).map(|i| i < ids.len()).collect()).collect();
+    let pad_to = |mut row: Vec<i64>| {
+        row.resize(width, pad);
+        row
+    };
+    let pad_log = |mut row: Vec<f32>| {
+        row.resize(width, 0.0);
+        row
+    };
+    Generation {
+        completion_ids: completion_ids.into_iter().map(pad_to).collect(),
+        log_probs: log_probs.into_iter().map(pad_log).collect(),
+        completion_mask,
+        stop_reasons: stop_reasons.into_iter().map(|reason| reason.unwrap_or(StopReason::Length)).collect(),
+    }
+}
+
+/// Picks a token from one row of logits; returns it with its log-probability under the
+/// distribution it was drawn from.
+pub fn choose(logits: &[f32], sampler: Sampler, rng: &mut ChaCha8Rng) -> (i64, f32) {
+    match sampler {
+        Sampler::Greedy => {
+            let mut best = 0;
+            for (index, &value) in logits.iter().enumerate() {
+                if value > logits[best] {
+                    best = index;
+                }
+            }
+            (best as i64, log_softmax_at(logits, best))
+        }
+        Sampler::Sample { temperature, top_k, top_p } => {
+            let candidates = nucleus(logits, temperature, top_k, top_p.unwrap_or(1.0));
+            let total: f64 = candidates.iter().map(|(_, p)| p).sum();
+            let mut threshold = rng.random::<f64>() * total;
+            let mut chosen = candidates[candidates.len() - 1];
+            for &candidate in &candidates {
+                threshold -= candidate.1;
+                if threshold <= 0.0 {
+                    chosen = candidate;
+                    break;
+                }
+            }
+            (chosen.0 as i64, (chosen.1 / total).ln() as f32)
+        }
+    }
+}
+
+fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    (f64::from(logits[index] - max) - sum.ln()) as f32
+}
+
+/// The tokens that survive temperature, top-k and top-p, most likely first, with their
+/// unnormalised probabilities exp((logit - max) / temperature).
+fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -> Vec<(usize, f64)> {
+    let temperature = f64::from(temperature.max(1e-6));
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits.iter().map(|&v| (f64::from(v - max) / temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let keep_at_most = top_k.unwrap_or(weights.len()).clamp(1, weights.len());
+    // Select the best `wanted` tokens without sorting the whole vocabulary; widen until the
+    // kept probability reaches top_p or top_k is met.
+    let mut wanted = keep_at_most.min(64);
+    loop {
+        let mut order: Vec<usize> = (0..weights.len()).collect();
+        if wanted < order.len() {
+            order.select_nth_unstable_by(wanted - 1, |&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+            order.truncate(wanted);
+        }
+        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        let mut kept = Vec::new();
+        let mut mass = 0.0;
+        for &index in &order {
+            kept.push((index, weights[index]));
+            mass += weights[index] / total;
+            if mass >= f64::from(top_p) {
+                return kept;
+            }
+        }
+        if wanted >= keep_at_most {
+            return kept;
+        }
+        wanted = (wanted * 4).min(keep_at_most);
+    }
+}
+
+/// Per-token log-probabilities and entropies of completions given their prompts, in one
+/// forward pass. On an autodiff device the result carries gradients: RL losses are built on it.
+///
+/// `input` holds prompt and completion, left-padded ([B, P + N]); the completions are its last
+/// `completion_len` positions. Logits are divided by `temperature` first (TRL does the same, so
+/// that log-probs match the sampling distribution's temperature).
+///
+/// # Shapes
+/// - returns (log_probs [B, N], entropies [B, N])
+pub fn completion_log_probs(model: &CausalLm, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+    let batch = input.batch_size;
+    let total = input.seq_len();
+    assert!(completion_len < total, "the input must hold at least one prompt token before the completion");
+    let logits = model.forward(input, &mut model.new_cache()); // [B, P+N, V]
+    let vocab = logits.dims()[2];
+    // The logits at position t predict token t + 1.
+    let predicting = logits.slice([0..batch, total - completion_len - 1..total - 1, 0..vocab]) / temperature;
+    let log_probs = log_softmax(predicting, 2); // [B, N, V]
+    let targets: Vec<i64> = (0..batch)
+        .flat_map(|b| input.input_ids[b * total + total - completion_len..(b + 1) * total].to_vec())
+        .collect();
+    let device = log_probs.device();
+    let targets: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [batch, completion_len, 1]), &device);
+    let chosen = log_probs.clone().gather(2, targets).reshape([batch, completion_len]);
+    let entropies = -(log_probs.clone().exp() * log_probs).sum_dim(2).reshape([batch, completion_len]);
+    (chosen, entropies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nucleus_keeps_the_smallest_set_reaching_top_p() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let ids = |kept: Vec<(usize, f64)>| kept.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.7)), vec![0, 1]);
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.5)), vec![0]);
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.96)), vec![0, 1, 2, 3]);
+        assert_eq!(ids(nucleus(&logits, 1.0, Some(3), 1.0)), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_reports_its_log_prob() {
+        let logits: Vec<f32> = [0.7f32, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let sampler = Sampler::Sample { temperature: 1.0, top_k: None, top_p: None };
+        let mut counts = [0usize; 3];
+        for _ in 0..20_000 {
+            let (token, log_prob) = choose(&logits, sampler, &mut rng);
+            counts[token as usize] += 1;
+            assert!((log_prob - logits[token as usize]).abs() < 1e-5);
+        }
+        assert!((counts[0] as f64 / 20_000.0 - 0.7).abs() < 0.02, "{counts:?}");
+        let (greedy, log_prob) = choose(&logits, Sampler::Greedy, &mut rng);
+        assert_eq!(greedy, 0);
+        assert!((log_prob - 0.7f32.ln()).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,280 @@
+//! Small pieces the architectures share: step inputs and attention masks, scaled dot-product
+//! attention with grouped-query heads, rotary position embeddings in Hugging Face's rotate-half
+//! layout, `gelu_new`, and the key/value cache.
+//!
+//! Legend: `B` batch, `T` new positions in this step, `S` all key positions (cache + new),
+//! `H` query heads, `K` key/value heads, `D` head dimension, `C` model width.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+/// One forward step's inputs, on the host. Sequences are left-padded: padding comes first and
+/// `key_mask` marks it false.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepInput {
+    /// `B`.
+    pub batch_size: usize,
+    /// Token ids of the new positions, row-major [B, T].
+    pub input_ids: Vec<i64>,
+    /// Position ids of the new positions [B, T]: the count of real tokens before each one, so
+    /// padding does not shift positions.
+    pub position_ids: Vec<i64>,
+    /// Whether each key position (cache and new) is a real token, [B, S].
+    pub key_mask: Vec<bool>,
+}
+
+impl StepInput {
+    /// A full (uncached) step over left-padded rows of equal length, with the position ids
+    /// Hugging Face's `generate` uses.
+    ///
+    /// # Panics
+    /// When rows differ in length or a mask row does not match its ids.
+    pub fn from_padded(input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Self {
+        let batch_size = input_ids.len();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut key_mask = Vec::new();
+        let length = input_ids.first().map_or(0, Vec::len);
+        for (row, mask) in input_ids.iter().zip(attention_mask) {
+            assert!(row.len() == length && mask.len() == length, "rows must be padded to one length");
+            let mut real = 0i64;
+            for (&id, &keep) in row.iter().zip(mask) {
+                ids.push(id);
+                // Padding gets position 1, as in transformers; its outputs are never read.
+                positions.push(if keep { real } else { 1 });
+                real += i64::from(keep);
+                key_mask.push(keep);
+            }
+        }
+        Self { batch_size, input_ids: ids, position_ids: positions, key_mask }
+    }
+
+    /// `T`.
+    pub fn seq_len(&self) -> usize {
+        self.input_ids.len() / self.batch_size.max(1)
+    }
+
+    /// `S`.
+    pub fn key_len(&self) -> usize {
+        self.key_mask.len() / self.batch_size.max(1)
+    }
+
+    /// The ids as an int tensor [B, T].
+    pub fn ids_tensor(&self, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(TensorData::new(self.input_ids.clone(), [self.batch_size, self.seq_len()]), device)
+    }
+
+    /// The position ids as an int tensor [B, T].
+    pub fn positions_tensor(&self, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(TensorData::new(self.position_ids.clone(), [self.batch_size, self.seq_len()]), device)
+    }
+
+    /// Which scores to block, [B, 1, T, S] (true = blocked): keys that are padding, keys after
+    /// the query (causal), and with `window`, keys `window` or more positions before the query
+    /// (GPT-Neo's local attention).
+    pub fn blocked_mask(&self, window: Option<usize>, device: &Device) -> Tensor<4, Bool> {
+        let (batch, queries, keys) = (self.batch_size, self.seq_len(), self.key_len());
+        let past = keys - queries;
+        let mut blocked = Vec::with_capacity(batch * queries * keys);
+        for b in 0..batch {
+            for t in 0..queries {
+                let query_index = past + t;
+                for j in 0..keys {
+                    let visible = self.key_mask[b * keys + j]
+                        && j <= query_index
+                        && window.is_none_or(|window| query_index - j < window);
+                    blocked.push(!visible);
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(blocked, [batch, 1, queries, keys]), device)
+    }
+}
+
+/// Scaled dot-product attention with grouped-query heads.
+///
+/// # Shapes
+/// - `query`: [B, H, T, D]; `key`, `value`: [B, K, S, D] with H a multiple of K (query heads
+///   `h` use key/value head `h / (H / K)`, as transformers' `repeat_kv`);
+/// - `blocked`: [B, 1, T, S], true where a score is masked;
+/// - output: [B, H, T, D].
+pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+    let [batch, heads, queries, head_dim] = query.dims();
+    let kv_heads = key.dims()[1];
+    let group = heads / kv_heads;
+    // Fold each group's query heads into the time axis so one matmul serves the whole group
+    // without copying the keys: [B, K, G*T, D].
+    let query = query.reshape([batch, kv_heads, group * queries, head_dim]);
+    let scores = query.matmul(key.swap_dims(2, 3)) * scale; // [B, K, G*T, S]
+    let keys = scores.dims()[3];
+    let blocked = if group > 1 { blocked.repeat_dim(2, group) } else { blocked }; // [B, 1, G*T, S]
+    // A large finite value rather than -inf: rows that are all padding stay finite.
+    let scores = scores.mask_fill(blocked.expand([batch, kv_heads, group * queries, keys]), -1.0e9);
+    let weights = softmax(scores, 3);
+    weights.matmul(value).reshape([batch, heads, queries, head_dim])
+}
+
+/// transformers' `gelu_new` (the tanh approximation of GELU): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+pub fn gelu_new<const N: usize>(x: Tensor<N>) -> Tensor<N> {
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0f32 / std::f32::consts::PI).sqrt();
+    x * (inner.tanh() + 1.0) * 0.5
+}
+
+/// Rotary position embeddings in the rotate-half layout of Hugging Face checkpoints (the first
+/// and second halves of each head are the pairs; burn's `RotaryEncoding` pairs neighbours).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// Inverse frequencies, D/2 of them, after any scaling.
+    pub inv_freq: Vec<f32>,
+}
+
+/// Llama 3's rope scaling parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// How much longer the context is than the original (8 for Llama 3.2).
+    pub factor: f64,
+    /// Wavelengths above original / low_freq_factor are divided by `factor`.
+    pub low_freq_factor: f64,
+    /// Wavelengths below original / high_freq_factor are kept.
+    pub high_freq_factor: f64,
+    /// The context length the model was first trained on.
+    pub original_max_position_embeddings: f64,
+}
+
+impl Rope {
+    /// The default inverse frequencies 1 / base^(2i / D), computed in f32 as transformers does.
+    pub fn new(head_dim: usize, base: f64) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// With Llama 3 scaling: low frequencies divided by `factor`, high ones kept, and a smooth
+    /// interpolation between (transformers' `_compute_llama3_parameters`).
+    pub fn llama3(head_dim: usize, base: f64, scaling: Llama3Scaling) -> Self {
+        let Llama3Scaling { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: original } = scaling;
+        let low_freq_wavelen = original / low_freq_factor;
+        let high_freq_wavelen = original / high_freq_factor;
+        let inv_freq = Self::new(head_dim, base)
+            .inv_freq
+            .into_iter()
+            .map(|frequency| {
+                let frequency = f64::from(frequency);
+                let wavelen = 2.0 * std::f64::consts::PI / frequency;
+                let scaled = if wavelen > low_freq_wavelen { frequency / factor } else { frequency };
+                let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                if medium {
+                    let smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                } else {
+                    scaled as f32
+                }
+            })
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// cos and sin of the rotation angles for `position_ids` [B, T], each [B, 1, T, D]
+    /// (the halves repeated, as transformers' `cat((freqs, freqs), -1)`).
+    pub fn cos_sin(&self, position_ids: Tensor<2, Int>) -> (Tensor<4>, Tensor<4>) {
+        let device = position_ids.device();
+        let [batch, length] = position_ids.dims();
+        let half = self.inv_freq.len();
+        let inv_freq: Tensor<3> = Tensor::from_data(TensorData::new(self.inv_freq.clone(), [1, 1, half]), &device);
+        let angles = position_ids.float().reshape([batch, length, 1]) * inv_freq; // [B, T, D/2]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([batch, 1, length, 2 * half]);
+        (angles.clone().cos(), angles.sin())
+    }
+
+    /// Rotates `x` [B, heads, T, D] by the angles of [`Rope::cos_sin`].
+    pub fn apply(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+        let [batch, heads, length, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let first = x.clone().slice([0..batch, 0..heads, 0..length, 0..half]);
+        let second = x.clone().slice([0..batch, 0..heads, 0..length, half..head_dim]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos + rotated * sin
+    }
+}
+
+/// Keys and values of one attention layer for the positions seen so far.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    /// [B, K, S, D]
+    pub key: Tensor<4>,
+    /// [B, K, S, D]
+    pub value: Tensor<4>,
+}
+
+/// The key/value cache of a whole model: one entry per layer, filled by the first forward
+/// step and extended by each later one.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(Option::as_ref).map_or(0, |layer| layer.key.dims()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values [B, K, T, D] to layer `index` and returns all of
+    /// them [B, K, S, D].
+    pub fn append(&mut self, index: usize, key: Tensor<4>, value: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let entry = &mut self.layers[index];
+        let (key, value) = match entry.take() {
+            None => (key, value),
+            Some(cached) => (Tensor::cat(vec![cached.key, key], 2), Tensor::cat(vec![cached.value, value], 2)),
+        };
+        *entry = Some(LayerCache { key: key.clone(), value: value.clone() });
+        (key, value)
+    }
+
+    /// Keeps only the rows in `keep` (sequences still being generated), in that order.
+    pub fn select_rows(&mut self, keep: Tensor<1, Int>) {
+        for layer in self.layers.iter_mut().flatten() {
+            layer.key = layer.key.clone().select(0, keep.clone());
+            layer.value = layer.value.clone().select(0, keep.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_block_padding_the_future_and_outside_the_window() {
+        let device = Device::flex();
+        // One row: two pads then three tokens.
+        let input = StepInput::from_padded(&[vec![0, 0, 5, 6, 7]], &[vec![false, false, true, true, true]]);
+        assert_eq!(input.position_ids, vec![1, 1, 0, 1, 2]);
+        let blocked = input.blocked_mask(Some(2), &device).into_data().try_to_vec::<bool>().unwrap();
+        // Query 4 (third real token) sees keys 3 and 4 only (window 2).
+        assert_eq!(&blocked[4 * 5..5 * 5], &[true, true, true, false, false]);
+        let global = input.blocked_mask(None, &device).into_data().try_to_vec::<bool>().unwrap();
+        assert_eq!(&global[4 * 5..5 * 5], &[true, true, false, false, false]);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let scaling = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let plain = Rope::new(64, 500000.0);
+        let scaled = Rope::llama3(64, 500000.0, scaling);
+        assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,231 @@
+//! One type for every policy architecture, chosen by `model_type` in `config.json`, and where
+//! checkpoints come from (a local directory or a hub repository).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::decoder::Decoder;
+use crate::gpt_neo::{GptNeo, GptNeoConfig};
+use crate::layers::{KvCache, StepInput};
+use crate::llama::LlamaConfig;
+use crate::qwen2::Qwen2Config;
+use crate::weights::{LoadError, WeightMap};
+
+/// A policy architecture's configuration, as in `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename_all = "snake_case")]
+pub enum ModelConfig {
+    /// `"model_type": "gpt_neo"`.
+    GptNeo(GptNeoConfig),
+    /// `"model_type": "qwen2"`.
+    Qwen2(Qwen2Config),
+    /// `"model_type": "llama"`.
+    Llama(LlamaConfig),
+}
+
+impl ModelConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|error| LoadError::BadConfig {
+            path: path.to_path_buf(),
+            message: format!("{error} (model_type must be one of gpt_neo, qwen2, llama)"),
+        })?;
+        config.validate().map_err(|message| LoadError::BadConfig { path: path.to_path_buf(), message })?;
+        Ok(config)
+    }
+
+    /// Checks the fields against each other.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            ModelConfig::GptNeo(config) => config.validate(),
+            ModelConfig::Qwen2(config) => config.spec().map(drop),
+            ModelConfig::Llama(config) => config.spec().map(drop),
+        }
+    }
+
+    /// `V`.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::GptNeo(config) => config.vocab_size,
+            ModelConfig::Qwen2(config) => config.vocab_size,
+            ModelConfig::Llama(config) => config.vocab_size,
+        }
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::GptNeo(config) => config.num_layers,
+            ModelConfig::Qwen2(config) => config.num_hidden_layers,
+            ModelConfig::Llama(config) => config.num_hidden_layers,
+        }
+    }
+
+    /// Longest sequence the model supports, when its config says.
+    pub fn max_positions(&self) -> Option<usize> {
+        match self {
+            ModelConfig::GptNeo(config) => Some(config.max_position_embeddings),
+            ModelConfig::Qwen2(config) => config.max_position_embeddings,
+            ModelConfig::Llama(config) => config.max_position_embeddings,
+        }
+    }
+}
+
+/// The model body.
+#[derive(Module, Debug)]
+enum Body {
+    GptNeo(GptNeo),
+    Decoder(Decoder),
+}
+
+/// A causal language model of any supported architecture.
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    body: Body,
+    #[module(skip)]
+    config: ModelConfig,
+}
+
+impl CausalLm {
+    /// A freshly initialised model.
+    pub fn init(config: &ModelConfig, device: &Device) -> Result<Self, String> {
+        config.validate()?;
+        let body = match config {
+            ModelConfig::GptNeo(neo) => Body::GptNeo(GptNeo::init(neo, device)),
+            ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::init(&qwen.spec()?, device)),
+            ModelConfig::Llama(llama) => Body::Decoder(Decoder::init(&llama.spec()?, device)),
+        };
+        Ok(Self { body, config: config.clone() })
+    }
+
+    /// Loads `config.json` and the safetensors weights of a checkpoint directory.
+    pub fn load_dir(dir: &Path, device: &Device) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = WeightMap::open(dir, device)?.ignore_suffixes(&[
+            ".attn.attention.bias",
+            ".attn.attention.masked_bias",
+            ".rotary_emb.inv_freq",
+        ]);
+        let bad_config = |message: String| LoadError::BadConfig { path: dir.join("config.json"), message };
+        let body = match &config {
+            ModelConfig::GptNeo(neo) => Body::GptNeo(GptNeo::load(neo, &mut weights)?),
+            ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+        };
+        weights.finish()?;
+        Ok(Self { body, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// An empty key/value cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers())
+    }
+
+    /// Final hidden states of the new positions of `input`, reading and extending `cache`.
+    ///
+    /// # Shapes
+    /// - returns [B, T, C]
+    pub fn hidden_states(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
+        match &self.body {
+            Body::GptNeo(model) => model.hidden_states(input, cache),
+            Body::Decoder(model) => model.hidden_states(input, cache),
+        }
+    }
+
+    /// Logits from hidden states.
+    ///
+    /// # Shapes
+    /// - `hidden`: [B, T, C] → [B, T, V]
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.body {
+            Body::GptNeo(model) => model.logits(hidden),
+            Body::Decoder(model) => model.logits(hidden),
+        }
+    }
+
+    /// Logits of the new positions of `input`.
+    ///
+    /// # Shapes
+    /// - returns [B, T, V]
+    pub fn forward(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
+        self.logits(self.hidden_states(input, cache))
+    }
+}
+
+/// Where a checkpoint comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A local directory in the Hugging Face layout.
+    Dir(PathBuf),
+    /// A model repository on the hub, fetched into its cache.
+    Hub {
+        /// Repository id (`EleutherAI/gpt-neo-125m`).
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+    },
+}
+
+impl ModelSource {
+    /// Reads `text` as an existing directory, else as a hub id `owner/name[@revision]`.
+    pub fn parse(text: &str) -> Self {
+        let path = Path::new(text);
+        if path.is_dir() {
+            return ModelSource::Dir(path.to_path_buf());
+        }
+        match text.split_once('@') {
+            Some((repo, revision)) => ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string() },
+            None => ModelSource::Hub { repo: text.to_string(), revision: "main".to_string() },
+        }
+    }
+
+    /// A local directory holding the checkpoint: the directory itself, or the hub cache's
+    /// snapshot after fetching `config.json`, the tokenizer and generation files that exist,
+    /// and the weights (one file or every shard of the index).
+    pub fn resolve(&self) -> Result<PathBuf, LoadError> {
+        let (repo, revision) = match self {
+            ModelSource::Dir(dir) => {
+                if !dir.join("config.json").is_file() {
+                    return Err(LoadError::BadConfig {
+                        path: dir.join("config.json"),
+                        message: "missing: a checkpoint directory needs config.json".to_string(),
+                    });
+                }
+                return Ok(dir.clone());
+            }
+            ModelSource::Hub { repo, revision } => (repo, revision),
+        };
+        let fetch = |file: &str| tasks::hub::fetch(repo, tasks::hub::RepoType::Model, revision, file);
+        let hub_error = |error: tasks::hub::HubError| LoadError::BadConfig {
+            path: PathBuf::from(format!("{repo}@{revision}")),
+            message: format!(
+                "{error}. Without network access, copy the checkpoint directory here and pass its path instead of the hub id"
+            ),
+        };
+        let config = fetch("config.json").map_err(hub_error)?;
+        for optional in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"] {
+            // Checkpoints carry different subsets of these; a missing one is not an error.
+            let _ = fetch(optional);
+        }
+        match fetch("model.safetensors") {
+            Ok(_) => {}
+            Err(_) => {
+                let index = fetch("model.safetensors.index.json").map_err(hub_error)?;
+                for shard in crate::weights::shard_files(&index)? {
+                    fetch(&shard).map_err(hub_error)?;
+                }
+            }
+        }
+        Ok(config.parent().expect("a fetched file has a parent directory").to_path_buf())
+    }
+}

@@ -1,0 +1,267 @@
+//! Reading Hugging Face safetensors checkpoints into burn tensors.
+//!
+//! A checkpoint is one `model.safetensors` or shards listed in `model.safetensors.index.json`.
+//! Tensors stored in f32, f16 or bf16 are converted to f32 as they are taken. A [`WeightMap`]
+//! records which keys were taken: a missing key, a shape mismatch and (at [`WeightMap::finish`])
+//! an unused key are errors that name the key, so a wrong key table cannot load silently.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, LayerNorm, Linear, RmsNorm};
+use burn::tensor::{Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+/// Errors of checkpoint loading; each names the file or key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a valid safetensors file ({message}); re-download or re-save the checkpoint")]
+    Safetensors { path: PathBuf, message: String },
+
+    #[error("{path}: {message}")]
+    BadIndex { path: PathBuf, message: String },
+
+    #[error(
+        "{dir}: no weights found; expected `model.safetensors` or `model.safetensors.index.json` \
+         (PyTorch `.bin` checkpoints are not read: convert them with transformers' \
+         `save_pretrained(..., safe_serialization=True)`)"
+    )]
+    NoWeights { dir: PathBuf },
+
+    #[error("{path}: missing weight `{key}` (expected shape {expected:?})")]
+    MissingKey { path: PathBuf, key: String, expected: Vec<usize> },
+
+    #[error("{path}: weight `{key}` has shape {found:?} but the config implies {expected:?}; is config.json the one that goes with these weights?")]
+    ShapeMismatch { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
+
+    #[error("{path}: weight `{key}` is stored as {dtype:?}; only F32, F16 and BF16 are read")]
+    UnsupportedDtype { path: PathBuf, key: String, dtype: String },
+
+    #[error("{path}: {count} weights were not used by the model, for example `{first}`; the checkpoint does not match its config.json or architecture")]
+    UnusedKeys { path: PathBuf, count: usize, first: String },
+
+    #[error("{path}: {message}")]
+    BadConfig { path: PathBuf, message: String },
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// Where one tensor lives.
+struct Entry {
+    shard: usize,
+}
+
+/// The tensors of a checkpoint, taken one by one into modules.
+pub struct WeightMap {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    entries: BTreeMap<String, Entry>,
+    taken: BTreeSet<String>,
+    /// Keys that are known buffers rather than weights (GPT-Neo's causal-mask `attn.bias`, old
+    /// Llama checkpoints' `rotary_emb.inv_freq`): present in some checkpoints, never used.
+    ignored_suffixes: Vec<&'static str>,
+    device: Device,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
+    move |source| LoadError::Io { path: path.to_path_buf(), source }
+}
+
+impl WeightMap {
+    /// Opens the safetensors weights in `dir` (one file, or the shards of its index).
+    pub fn open(dir: &Path, device: &Device) -> Result<Self, LoadError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_files(&index)?.into_iter().map(|name| dir.join(name)).collect()
+        } else {
+            return Err(LoadError::NoWeights { dir: dir.to_path_buf() });
+        };
+        Self::open_files(dir, &files, device)
+    }
+
+    /// Opens the given safetensors files as one checkpoint.
+    pub fn open_files(dir: &Path, files: &[PathBuf], device: &Device) -> Result<Self, LoadError> {
+        let mut shards = Vec::new();
+        let mut entries = BTreeMap::new();
+        for path in files {
+            let file = File::open(path).map_err(io_error(path))?;
+            // SAFETY: the file is opened read-only and not modified while mapped; a checkpoint
+            // changed underneath a running process is outside what any loader can guard against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io_error(path))?;
+            let tensors = SafeTensors::deserialize(&mmap)
+                .map_err(|error| LoadError::Safetensors { path: path.clone(), message: error.to_string() })?;
+            for name in tensors.names() {
+                entries.insert(name.to_string(), Entry { shard: shards.len() });
+            }
+            shards.push(Shard { path: path.clone(), mmap });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            entries,
+            taken: BTreeSet::new(),
+            ignored_suffixes: Vec::new(),
+            device: device.clone(),
+        })
+    }
+
+    /// Declares keys ending in these suffixes as known non-weight buffers: they are not taken and
+    /// not reported as unused.
+    pub fn ignore_suffixes(mut self, suffixes: &[&'static str]) -> Self {
+        self.ignored_suffixes.extend_from_slice(suffixes);
+        self
+    }
+
+    /// The directory the checkpoint was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the checkpoint has `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    fn error_path(&self, key: &str) -> PathBuf {
+        self.entries.get(key).map(|entry| self.shards[entry.shard].path.clone()).unwrap_or_else(|| self.dir.clone())
+    }
+
+    /// Reads `key` as f32 values, checking that its shape is `expected`.
+    pub fn take_values(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let Some(entry) = self.entries.get(key) else {
+            return Err(LoadError::MissingKey { path: self.dir.clone(), key: key.to_string(), expected: expected.to_vec() });
+        };
+        let shard = &self.shards[entry.shard];
+        let tensors = SafeTensors::deserialize(&shard.mmap)
+            .map_err(|error| LoadError::Safetensors { path: shard.path.clone(), message: error.to_string() })?;
+        let view = tensors
+            .tensor(key)
+            .map_err(|error| LoadError::Safetensors { path: shard.path.clone(), message: error.to_string() })?;
+        if view.shape() != expected {
+            return Err(LoadError::ShapeMismatch {
+                path: self.error_path(key),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                return Err(LoadError::UnsupportedDtype {
+                    path: shard.path.clone(),
+                    key: key.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        self.taken.insert(key.to_string());
+        Ok(values)
+    }
+
+    /// Takes `key` as a tensor of the stored shape `expected`.
+    pub fn tensor<const D: usize>(&mut self, key: &str, expected: [usize; D]) -> Result<Tensor<D>, LoadError> {
+        let values = self.take_values(key, &expected)?;
+        Ok(Tensor::from_data(TensorData::new(values, expected), &self.device))
+    }
+
+    /// Takes a PyTorch `nn.Linear` (`{prefix}.weight` of shape [out, in], optional
+    /// `{prefix}.bias`) as a burn [`Linear`], whose weight is [in, out].
+    pub fn linear(&mut self, prefix: &str, d_input: usize, d_output: usize, bias: bool) -> Result<Linear, LoadError> {
+        let stored = self.take_values(&format!("{prefix}.weight"), &[d_output, d_input])?;
+        let mut transposed = vec![0.0f32; stored.len()];
+        for out in 0..d_output {
+            for inp in 0..d_input {
+                transposed[inp * d_output + out] = stored[out * d_input + inp];
+            }
+        }
+        let weight = Tensor::from_data(TensorData::new(transposed, [d_input, d_output]), &self.device);
+        let bias = if bias { Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d_output])?)) } else { None };
+        Ok(Linear { weight: Param::from_tensor(weight), bias })
+    }
+
+    /// Takes an `nn.Embedding` (`{prefix}.weight`, [count, dim]).
+    pub fn embedding(&mut self, prefix: &str, count: usize, dim: usize) -> Result<Embedding, LoadError> {
+        Ok(Embedding { weight: Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [count, dim])?) })
+    }
+
+    /// Takes an `nn.LayerNorm` (`{prefix}.weight`, `{prefix}.bias`).
+    pub fn layer_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<LayerNorm, LoadError> {
+        let mut norm = burn::nn::LayerNormConfig::new(dim).with_epsilon(epsilon).init(&self.device);
+        norm.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [dim])?);
+        norm.beta = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [dim])?));
+        Ok(norm)
+    }
+
+    /// Takes an RMSNorm (`{prefix}.weight`).
+    pub fn rms_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> Result<RmsNorm, LoadError> {
+        let mut norm = burn::nn::RmsNormConfig::new(dim).with_epsilon(epsilon).init(&self.device);
+        norm.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [dim])?);
+        Ok(norm)
+    }
+
+    /// Fails if any key was neither taken nor declared ignorable.
+    pub fn finish(self) -> Result<(), LoadError> {
+        let unused: Vec<&String> = self
+            .entries
+            .keys()
+            .filter(|key| !self.taken.contains(*key))
+            .filter(|key| !self.ignored_suffixes.iter().any(|suffix| key.ends_with(suffix)))
+            .collect();
+        match unused.first() {
+            None => Ok(()),
+            Some(first) => Err(LoadError::UnusedKeys {
+                path: self.error_path(first),
+                count: unused.len(),
+                first: (*first).clone(),
+            }),
+        }
+    }
+}
+
+/// The distinct shard file names of a `model.safetensors.index.json`, in order.
+pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
+    let text = std::fs::read_to_string(index).map_err(io_error(index))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|error| LoadError::BadIndex { path: index.to_path_buf(), message: error.to_string() })?;
+    let map = json.get("weight_map").and_then(|map| map.as_object()).ok_or_else(|| LoadError::BadIndex {
+        path: index.to_path_buf(),
+        message: "no `weight_map` object".to_string(),
+    })?;
+    let mut files: Vec<String> = Vec::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| LoadError::BadIndex {
+            path: index.to_path_buf(),
+            message: format!("`weight_map.{key}` is not a file name"),
+        })?;
+        if !files.iter().any(|known| known == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
