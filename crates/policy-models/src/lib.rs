@@ -18,9 +18,11 @@ pub mod layers;
 pub mod llama;
 pub mod model;
 pub mod qwen2;
+pub mod tokenizer;
 pub mod weights;
 
 pub use backend::{BackendError, BackendKind};
 pub use layers::{KvCache, StepInput};
 pub use model::{CausalLm, ModelConfig, ModelSource};
+pub use tokenizer::{PolicyTokenizer, TokenizerError};
 pub use weights::LoadError;

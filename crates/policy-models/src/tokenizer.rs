@@ -1,0 +1,238 @@
+//! Tokenizers of checkpoints: `tokenizer.json` through the tokenizers crate, or `vocab.json` +
+//! `merges.txt` when a checkpoint has no `tokenizer.json`, assembled as transformers assembles
+//! them (byte-level BPE; Qwen2's split pattern and NFC; RoBERTa's `<s> ... </s>`), with the
+//! added tokens of `tokenizer_config.json`. Special ids come from `config.json`,
+//! `generation_config.json` and `tokenizer_config.json`, in that order of preference.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Qwen2's pre-tokenization pattern (transformers' `PRETOKENIZE_REGEX`).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Errors of tokenizer loading and use.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: {message}")]
+    Load { path: PathBuf, message: String },
+
+    #[error(
+        "{dir}: no tokenizer found; expected tokenizer.json, or vocab.json with merges.txt"
+    )]
+    NotFound { dir: PathBuf },
+
+    #[error("tokenizer: {0}")]
+    Use(String),
+}
+
+/// A checkpoint's tokenizer with its special token ids.
+#[derive(Debug, Clone)]
+pub struct PolicyTokenizer {
+    inner: Tokenizer,
+    /// Beginning-of-sequence token, if the model has one.
+    pub bos_id: Option<u32>,
+    /// Tokens that end generation (`generation_config.json` may list several).
+    pub eos_ids: Vec<u32>,
+    /// Padding token (falls back to the first end-of-sequence token).
+    pub pad_id: Option<u32>,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })
+}
+
+/// `5`, `[5, 6]` or absent.
+fn ids_of(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(number)) => number.as_u64().map(|id| id as u32).into_iter().collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_u64).map(|id| id as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A special token in `tokenizer_config.json`: a string or an `AddedToken` object.
+fn token_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) => Some(text.clone()),
+        Value::Object(object) => object.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl PolicyTokenizer {
+    /// Loads the tokenizer of a checkpoint directory.
+    pub fn load_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let inner = if dir.join("tokenizer.json").is_file() {
+            let path = dir.join("tokenizer.json");
+            Tokenizer::from_file(&path).map_err(|error| TokenizerError::Load { path, message: error.to_string() })?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            from_vocab_and_merges(dir, &tokenizer_config)?
+        } else {
+            return Err(TokenizerError::NotFound { dir: dir.to_path_buf() });
+        };
+        let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let named = |field: &str| token_text(tokenizer_config.get(field)).and_then(|text| inner.token_to_id(&text));
+        let bos_id = ids_of(config.get("bos_token_id"))
+            .first()
+            .or(ids_of(generation.get("bos_token_id")).first())
+            .copied()
+            .or_else(|| named("bos_token"));
+        let mut eos_ids = ids_of(generation.get("eos_token_id"));
+        for id in ids_of(config.get("eos_token_id")).into_iter().chain(named("eos_token")) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        let pad_id = ids_of(config.get("pad_token_id"))
+            .first()
+            .or(ids_of(generation.get("pad_token_id")).first())
+            .copied()
+            .or_else(|| named("pad_token"))
+            .or_else(|| eos_ids.first().copied());
+        Ok(Self { inner, bos_id, eos_ids, pad_id })
+    }
+
+    /// Wraps a tokenizer built elsewhere (a trained one, say).
+    pub fn new(inner: Tokenizer, bos_id: Option<u32>, eos_ids: Vec<u32>, pad_id: Option<u32>) -> Self {
+        Self { inner, bos_id, eos_ids, pad_id }
+    }
+
+    /// The underlying tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds
+    /// (RoBERTa's `<s>`/`</s>`; nothing for GPT-2 and Qwen2).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(|error| TokenizerError::Use(error.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|error| TokenizerError::Use(error.to_string()))
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Id of a token's text.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.inner.save(path, false).map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })
+    }
+}
+
+/// Builds a byte-level BPE tokenizer from `vocab.json` + `merges.txt` the way transformers'
+/// converters do for the tokenizer class named in `tokenizer_config.json`.
+fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokenizer, TokenizerError> {
+    let vocab = dir.join("vocab.json");
+    let merges = dir.join("merges.txt");
+    let load_error = |message: String| TokenizerError::Load { path: vocab.clone(), message };
+    let model = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .build()
+        .map_err(|error| load_error(error.to_string()))?;
+    let mut tokenizer = Tokenizer::new(model);
+    let class = tokenizer_config.get("tokenizer_class").and_then(Value::as_str).unwrap_or("GPT2Tokenizer");
+    let add_prefix_space = tokenizer_config.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false);
+    if class.starts_with("Qwen2") {
+        let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|error| load_error(error.to_string()))?;
+        tokenizer
+            .with_normalizer(Some(NFC))
+            .map_err(|error| load_error(error.to_string()))?;
+        tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(add_prefix_space, true, false).into(),
+        ])));
+        tokenizer.with_post_processor(Some(ByteLevel::new(add_prefix_space, false, true)));
+    } else {
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(add_prefix_space, true, true)));
+        tokenizer.with_post_processor(Some(ByteLevel::new(add_prefix_space, true, true)));
+    }
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    // Added tokens in id order, so each lands on the id the config gives it.
+    let mut added: Vec<(u32, AddedToken)> = Vec::new();
+    if let Some(Value::Object(decoder)) = tokenizer_config.get("added_tokens_decoder") {
+        for (id, token) in decoder {
+            let (Ok(id), Some(content)) = (id.parse::<u32>(), token.get("content").and_then(Value::as_str)) else {
+                continue;
+            };
+            let flag = |name: &str| token.get(name).and_then(Value::as_bool).unwrap_or(false);
+            let token = AddedToken::from(content, flag("special"))
+                .lstrip(flag("lstrip"))
+                .rstrip(flag("rstrip"))
+                .single_word(flag("single_word"))
+                .normalized(flag("normalized"));
+            added.push((id, token));
+        }
+    }
+    added.sort_by_key(|(id, _)| *id);
+    for (id, token) in added {
+        let content = token.content.clone();
+        if token.special {
+            tokenizer.add_special_tokens([token]).map_err(|error| load_error(error.to_string()))?;
+        } else {
+            tokenizer.add_tokens([token]).map_err(|error| load_error(error.to_string()))?;
+        }
+        let assigned = tokenizer.token_to_id(&content);
+        if assigned != Some(id) {
+            return Err(load_error(format!(
+                "added token {content:?} should have id {id} (tokenizer_config.json) but got {assigned:?}; the vocabulary and the config disagree"
+            )));
+        }
+    }
+    // Named special tokens already in the vocabulary (GPT-2's `<|endoftext|>`, RoBERTa's `<s>`,
+    // `</s>`, `<pad>`, `<unk>`, `<mask>`) must be matched whole, as transformers registers them.
+    let class_defaults: &[&str] = if class.starts_with("Roberta") {
+        &["<s>", "</s>", "<unk>", "<pad>", "<mask>"]
+    } else if class.starts_with("GPT2") {
+        &["<|endoftext|>"]
+    } else {
+        &[]
+    };
+    let named = ["bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token"]
+        .iter()
+        .filter_map(|field| token_text(tokenizer_config.get(*field)));
+    for content in class_defaults.iter().map(|text| text.to_string()).chain(named) {
+        if tokenizer.token_to_id(&content).is_some()
+            && tokenizer.get_added_tokens_decoder().values().all(|token| token.content != content)
+        {
+            // RoBERTa's `<mask>` swallows the space before it.
+            let token = AddedToken::from(content.clone(), true).lstrip(content == "<mask>");
+            tokenizer.add_special_tokens([token]).map_err(|error| load_error(error.to_string()))?;
+        }
+    }
+    if class.starts_with("Roberta") {
+        let id = |text: &str| tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")));
+        let processing = RobertaProcessing::new(("</s>".to_string(), id("</s>")?), ("<s>".to_string(), id("<s>")?))
+            .trim_offsets(true)
+            .add_prefix_space(add_prefix_space);
+        tokenizer.with_post_processor(Some(processing));
+    }
+    Ok(tokenizer)
+}
