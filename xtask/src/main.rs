@@ -2,6 +2,8 @@
 //! subcommand lives in its own module.
 
 mod compare;
+mod generate;
+mod logits;
 mod plot;
 mod score;
 
@@ -23,6 +25,10 @@ enum Command {
     Plot(plot::Args),
     /// Score completions against gold answers: strict and lenient accuracy with 95% CIs.
     Score(score::Args),
+    /// Print a checkpoint's logits at every position of a token sequence, as JSON.
+    Logits(logits::Args),
+    /// Generate a continuation with a checkpoint (greedy or sampled, KV-cached).
+    Generate(generate::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +36,19 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(args) => compare::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Score(args) => score::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Generate(args) => generate::run(args),
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees a half-written file and an interrupted write leaves the old one intact.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let temporary = dir.join(format!(".{}.tmp", path.file_name().and_then(|name| name.to_str()).unwrap_or("output")));
+    std::fs::write(&temporary, bytes).with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot move {} to {}", temporary.display(), path.display()))?;
+    Ok(())
 }

@@ -70,3 +70,51 @@ fn score_names_the_bad_line() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains(&format!("{}:2", file.path().display())), "{stderr}");
 }
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/policy-models/tests/fixtures").join(name)
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("reference.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn logits_of_a_tiny_checkpoint_match_transformers() {
+    let reference = reference("llama3");
+    let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
+    let out = tempfile::tempdir().unwrap();
+    let out_file = out.path().join("logits.json");
+    let output = xtask(&["logits", "--model", fixture_dir("llama3").to_str().unwrap(), "--ids", &ids.join(","), "--out", out_file.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_file).unwrap()).unwrap();
+    let ours = ours["logits"].as_array().unwrap();
+    let expected = reference["logits"][0].as_array().unwrap();
+    assert_eq!(ours.len(), expected.len());
+    for (row, expected_row) in ours.iter().zip(expected) {
+        for (value, expected_value) in row.as_array().unwrap().iter().zip(expected_row.as_array().unwrap()) {
+            assert!((value.as_f64().unwrap() - expected_value.as_f64().unwrap()).abs() < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn generate_greedy_json_matches_transformers() {
+    let reference = reference("gpt_neo");
+    let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
+    let output = xtask(&["generate", "--model", fixture_dir("gpt_neo").to_str().unwrap(), "--ids", &ids.join(","), "--max-new-tokens", "8", "--greedy", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["completion_ids"], reference["greedy_new_tokens"][0]);
+    assert!(json["text"].is_null(), "the tiny checkpoint has no tokenizer");
+    // A missing checkpoint offline is a clear error.
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["generate", "--model", "nobody/no-such-model", "--ids", "1", "--json"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nobody/no-such-model") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+}
