@@ -26,7 +26,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use serde_json::Value;
 
 use crate::layers::{KvCache, Llama3Scaling, Rope, StepInput, attention};
-use crate::weights::{LoadError, WeightMap};
+use crate::weights::{LoadError, WeightMap, WeightWriter};
 
 /// Everything the shared decoder needs to know, derived from an architecture's config.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +202,27 @@ impl Decoder {
             Some(weights.linear("lm_head", c, spec.vocab_size, false)?)
         };
         Ok(Self { embed_tokens, layers, norm, lm_head, spec: spec.clone() })
+    }
+
+    /// Adds every weight under its transformers key (the inverse of [`Decoder::load`]).
+    pub fn export(&self, writer: &mut WeightWriter) {
+        writer.embedding("model.embed_tokens", &self.embed_tokens);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{index}");
+            writer.rms_norm(&format!("{p}.input_layernorm"), &layer.input_layernorm);
+            writer.linear(&format!("{p}.self_attn.q_proj"), &layer.q_proj);
+            writer.linear(&format!("{p}.self_attn.k_proj"), &layer.k_proj);
+            writer.linear(&format!("{p}.self_attn.v_proj"), &layer.v_proj);
+            writer.linear(&format!("{p}.self_attn.o_proj"), &layer.o_proj);
+            writer.rms_norm(&format!("{p}.post_attention_layernorm"), &layer.post_attention_layernorm);
+            writer.linear(&format!("{p}.mlp.gate_proj"), &layer.gate_proj);
+            writer.linear(&format!("{p}.mlp.up_proj"), &layer.up_proj);
+            writer.linear(&format!("{p}.mlp.down_proj"), &layer.down_proj);
+        }
+        writer.rms_norm("model.norm", &self.norm);
+        if let Some(head) = &self.lm_head {
+            writer.linear("lm_head", head);
+        }
     }
 
     /// The spec.

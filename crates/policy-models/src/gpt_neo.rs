@@ -27,7 +27,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{KvCache, StepInput, attention, gelu_new};
-use crate::weights::{LoadError, WeightMap};
+use crate::weights::{LoadError, WeightMap, WeightWriter};
 
 /// GPT-Neo's `config.json`, field names as transformers writes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +207,25 @@ impl GptNeo {
             weights.take_values("lm_head.weight", &[config.vocab_size, c])?;
         }
         Ok(Self { wte, wpe, blocks, ln_f, config: config.clone() })
+    }
+
+    /// Adds every weight under its transformers key (the inverse of [`GptNeo::load`]; the tied
+    /// head is not stored, as `save_pretrained` does not store it).
+    pub fn export(&self, writer: &mut WeightWriter) {
+        writer.embedding("transformer.wte", &self.wte);
+        writer.embedding("transformer.wpe", &self.wpe);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            writer.layer_norm(&format!("{p}.ln_1"), &block.ln_1);
+            writer.linear(&format!("{p}.attn.attention.q_proj"), &block.query);
+            writer.linear(&format!("{p}.attn.attention.k_proj"), &block.key);
+            writer.linear(&format!("{p}.attn.attention.v_proj"), &block.value);
+            writer.linear(&format!("{p}.attn.attention.out_proj"), &block.out_proj);
+            writer.layer_norm(&format!("{p}.ln_2"), &block.ln_2);
+            writer.linear(&format!("{p}.mlp.c_fc"), &block.c_fc);
+            writer.linear(&format!("{p}.mlp.c_proj"), &block.c_proj);
+        }
+        writer.layer_norm("transformer.ln_f", &self.ln_f);
     }
 
     /// The config.

@@ -12,7 +12,8 @@ use crate::gpt_neo::{GptNeo, GptNeoConfig};
 use crate::layers::{KvCache, StepInput};
 use crate::llama::LlamaConfig;
 use crate::qwen2::Qwen2Config;
-use crate::weights::{LoadError, WeightMap};
+use crate::tokenizer::PolicyTokenizer;
+use crate::weights::{LoadError, WeightMap, WeightWriter};
 
 /// A policy architecture's configuration, as in `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +119,45 @@ impl CausalLm {
         };
         weights.finish()?;
         Ok(Self { body, config })
+    }
+
+    /// Saves the model in the Hugging Face layout (`config.json`, `model.safetensors` in f32,
+    /// and `tokenizer.json` when a tokenizer is given), so that cotlab and transformers can both
+    /// load it. Each file is written to a temporary name and renamed.
+    pub fn save_dir(&self, dir: &Path, tokenizer: Option<&PolicyTokenizer>) -> Result<(), LoadError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoadError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut writer = WeightWriter::default();
+        match &self.body {
+            Body::GptNeo(model) => model.export(&mut writer),
+            Body::Decoder(model) => model.export(&mut writer),
+        }
+        writer.write(&dir.join("model.safetensors"))?;
+        let mut config = serde_json::to_value(&self.config).expect("configs serialise");
+        let architecture = match self.config {
+            ModelConfig::GptNeo(_) => "GPTNeoForCausalLM",
+            ModelConfig::Qwen2(_) => "Qwen2ForCausalLM",
+            ModelConfig::Llama(_) => "LlamaForCausalLM",
+        };
+        config["architectures"] = serde_json::json!([architecture]);
+        config["tie_word_embeddings"] = serde_json::json!(match &self.body {
+            Body::GptNeo(_) => true,
+            Body::Decoder(model) => model.lm_head().is_none(),
+        });
+        let config_path = dir.join("config.json");
+        let temporary = dir.join("config.json.tmp");
+        std::fs::write(&temporary, serde_json::to_string_pretty(&config).expect("json")).map_err(io(&temporary))?;
+        std::fs::rename(&temporary, &config_path).map_err(io(&config_path))?;
+        if let Some(tokenizer) = tokenizer {
+            let path = dir.join("tokenizer.json");
+            tokenizer
+                .save(&path)
+                .map_err(|error| LoadError::BadConfig { path: path.clone(), message: error.to_string() })?;
+        }
+        Ok(())
     }
 
     /// The configuration.

@@ -265,3 +265,79 @@ pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
     files.sort();
     Ok(files)
 }
+
+/// Collects tensors under their Hugging Face keys and writes them as one `model.safetensors`
+/// (f32, with the `{"format": "pt"}` metadata transformers expects).
+#[derive(Default)]
+pub struct WeightWriter {
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
+}
+
+impl WeightWriter {
+    /// Adds a tensor under `key`.
+    pub fn tensor<const D: usize>(&mut self, key: &str, tensor: Tensor<D>) {
+        let shape = tensor.dims().to_vec();
+        self.tensors.push((key.to_string(), shape, host_values(tensor)));
+    }
+
+    /// Adds a burn [`Linear`] as a PyTorch `nn.Linear` (weight transposed to [out, in]).
+    pub fn linear(&mut self, prefix: &str, linear: &Linear) {
+        let weight = linear.weight.val();
+        let [d_input, d_output] = weight.dims();
+        let values = host_values(weight);
+        let mut transposed = vec![0.0f32; values.len()];
+        for inp in 0..d_input {
+            for out in 0..d_output {
+                transposed[out * d_input + inp] = values[inp * d_output + out];
+            }
+        }
+        self.tensors.push((format!("{prefix}.weight"), vec![d_output, d_input], transposed));
+        if let Some(bias) = &linear.bias {
+            self.tensor(&format!("{prefix}.bias"), bias.val());
+        }
+    }
+
+    /// Adds an embedding table.
+    pub fn embedding(&mut self, prefix: &str, embedding: &Embedding) {
+        self.tensor(&format!("{prefix}.weight"), embedding.weight.val());
+    }
+
+    /// Adds a LayerNorm.
+    pub fn layer_norm(&mut self, prefix: &str, norm: &LayerNorm) {
+        self.tensor(&format!("{prefix}.weight"), norm.gamma.val());
+        if let Some(beta) = &norm.beta {
+            self.tensor(&format!("{prefix}.bias"), beta.val());
+        }
+    }
+
+    /// Adds an RMSNorm.
+    pub fn rms_norm(&mut self, prefix: &str, norm: &RmsNorm) {
+        self.tensor(&format!("{prefix}.weight"), norm.gamma.val());
+    }
+
+    /// Writes `path` through a temporary file and a rename.
+    pub fn write(&self, path: &Path) -> Result<(), LoadError> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(key, shape, values)| (key.clone(), shape.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(key, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                    .map_err(|error| LoadError::Safetensors { path: path.to_path_buf(), message: error.to_string() })?;
+                Ok((key.clone(), view))
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let temporary = path.with_extension("safetensors.tmp");
+        safetensors::serialize_to_file(views, Some(metadata), &temporary)
+            .map_err(|error| LoadError::Safetensors { path: temporary.clone(), message: error.to_string() })?;
+        std::fs::rename(&temporary, path).map_err(io_error(path))
+    }
+}

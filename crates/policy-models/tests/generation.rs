@@ -132,3 +132,24 @@ impl burn::module::ModuleVisitor for GradCounter<'_> {
         }
     }
 }
+
+#[test]
+fn a_saved_model_reloads_with_identical_logits() {
+    let device = Device::flex();
+    for name in CASES {
+        let (dir, reference) = fixture(name);
+        let model = CausalLm::load_dir(&dir, &device).unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        model.save_dir(saved.path(), None).unwrap();
+        // `tools/parity/check_saved.py` loads what is kept here with transformers.
+        if let Some(keep) = std::env::var_os("COTLAB_KEEP_SAVED") {
+            model.save_dir(&std::path::Path::new(&keep).join(name), None).unwrap();
+        }
+        let reloaded = CausalLm::load_dir(saved.path(), &device).unwrap();
+        assert_eq!(reloaded.config(), model.config(), "{name}");
+        let input = StepInput::from_padded(&reference.input_ids, &mask(&reference));
+        let before = model.forward(&input, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+        let after = reloaded.forward(&input, &mut reloaded.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(before, after, "{name}: reloaded logits differ");
+    }
+}
