@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use policy_models::generate::{GenerationConfig, Sampler, generate};
-use policy_models::{BackendKind, CausalLm, ModelSource, PolicyTokenizer};
+use policy_models::{BackendKind, PolicyTokenizer};
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "ids"])))]
@@ -44,9 +44,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = args.backend.device()?;
-    let dir = ModelSource::parse(&args.model).resolve()?;
-    let model = CausalLm::load_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    let (dir, model) = crate::common::load_policy(&args.model, args.backend)?;
     let tokenizer = PolicyTokenizer::load_dir(&dir).ok();
     let prompt: Vec<i64> = match (&args.prompt, &args.ids) {
         (Some(text), _) => {

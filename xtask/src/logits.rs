@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use policy_models::{BackendKind, CausalLm, ModelSource, StepInput};
+use policy_models::{BackendKind, StepInput};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -23,9 +22,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = args.backend.device()?;
-    let dir = ModelSource::parse(&args.model).resolve()?;
-    let model = CausalLm::load_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    let (_, model) = crate::common::load_policy(&args.model, args.backend)?;
     let vocab = model.config().vocab_size();
     if let Some(bad) = args.ids.iter().find(|id| **id < 0 || **id as usize >= vocab) {
         anyhow::bail!("--ids: {bad} is outside the vocabulary (0..{vocab})");
@@ -36,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rows: Vec<&[f32]> = values.chunks(vocab).collect();
     let json = serde_json::to_string(&serde_json::json!({ "logits": rows }))?;
     match args.out {
-        Some(path) => crate::write_atomically(&path, json.as_bytes())?,
+        Some(path) => crate::common::write_atomically(&path, json.as_bytes())?,
         None => println!("{json}"),
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `cargo xtask`: cotlab's command line. This file only parses arguments and dispatches; each
 //! subcommand lives in its own module.
 
+mod common;
 mod compare;
 mod generate;
 mod logits;
@@ -39,16 +40,4 @@ fn main() -> anyhow::Result<()> {
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees a half-written file and an interrupted write leaves the old one intact.
-pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let temporary = dir.join(format!(".{}.tmp", path.file_name().and_then(|name| name.to_str()).unwrap_or("output")));
-    std::fs::write(&temporary, bytes).with_context(|| format!("cannot write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("cannot move {} to {}", temporary.display(), path.display()))?;
-    Ok(())
 }
