@@ -156,6 +156,17 @@ impl CausalLm {
             tokenizer
                 .save(&path)
                 .map_err(|error| LoadError::BadConfig { path: path.clone(), message: error.to_string() })?;
+            // The special tokens by name, so that transformers' AutoTokenizer and cotlab both
+            // find them.
+            let text = |id: Option<u32>| id.and_then(|id| tokenizer.inner().id_to_token(id));
+            let tokenizer_config = serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": text(tokenizer.bos_id),
+                "eos_token": text(tokenizer.eos_ids.first().copied()),
+                "pad_token": text(tokenizer.pad_id),
+            });
+            let path = dir.join("tokenizer_config.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&tokenizer_config).expect("json")).map_err(io(&path))?;
         }
         Ok(())
     }
