@@ -17,6 +17,7 @@ pub mod gpt_neo;
 pub mod layers;
 pub mod llama;
 pub mod model;
+pub mod optim;
 pub mod presets;
 pub mod qwen2;
 pub mod tokenizer;

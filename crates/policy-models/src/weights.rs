@@ -147,6 +147,13 @@ impl WeightMap {
         self.entries.get(key).map(|entry| self.shards[entry.shard].path.clone()).unwrap_or_else(|| self.dir.clone())
     }
 
+    /// The stored shape of `key`.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let shard = &self.shards[self.entries.get(key)?.shard];
+        let tensors = SafeTensors::deserialize(&shard.mmap).ok()?;
+        Some(tensors.tensor(key).ok()?.shape().to_vec())
+    }
+
     /// Reads `key` as f32 values, checking that its shape is `expected`.
     pub fn take_values(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let Some(entry) = self.entries.get(key) else {

@@ -1,0 +1,255 @@
+//! Training utilities with PyTorch's semantics, written out rather than taken from burn where
+//! burn differs: AdamW with `torch.optim.AdamW`'s defaults given explicitly (burn's default
+//! epsilon is 1e-5 and weight decay 1e-4; PyTorch's are 1e-8 and 1e-2), gradient clipping by the
+//! *global* norm over all parameters as `torch.nn.utils.clip_grad_norm_` (burn clips each tensor
+//! on its own), and the linear-warmup cosine schedule of transformers'
+//! `get_cosine_schedule_with_warmup`. Optimizer state is keyed by parameter path, so it saves to
+//! and restores from safetensors across processes (burn's own record is keyed by parameter ids,
+//! which a model reloaded from safetensors does not keep).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
+use burn::optim::GradientsParams;
+use serde::{Deserialize, Serialize};
+
+use crate::weights::{LoadError, WeightMap, WeightWriter};
+
+/// AdamW settings; the defaults are `torch.optim.AdamW`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWSettings {
+    /// First-moment decay. PyTorch default 0.9.
+    pub beta1: f64,
+    /// Second-moment decay. PyTorch default 0.999 (the TRL GRPO demo uses 0.99).
+    pub beta2: f64,
+    /// Added to the root of the second moment. PyTorch default 1e-8.
+    pub eps: f64,
+    /// Decoupled weight decay, applied as p *= 1 - lr * weight_decay. PyTorch default 0.01.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWSettings {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// Linear warmup from 0, then cosine decay to `min_lr_ratio` x the peak (transformers'
+/// `get_cosine_schedule_with_warmup` when `min_lr_ratio` is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Steps of linear warmup.
+    pub warmup_steps: u64,
+    /// Total optimizer steps.
+    pub total_steps: u64,
+    /// Floor of the cosine, as a fraction of the peak.
+    pub min_lr_ratio: f64,
+}
+
+impl Schedule {
+    /// The learning rate used at optimizer step `step` (0-based, as the LambdaLR's
+    /// `last_epoch` when the step is taken).
+    pub fn learning_rate_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * step as f64 / self.warmup_steps.max(1) as f64;
+        }
+        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.learning_rate * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+    }
+}
+
+/// Visits float parameters with their dotted module paths.
+struct PathVisitor<'a> {
+    path: Vec<String>,
+    found: &'a mut Vec<(String, ParamId)>,
+}
+
+impl ModuleVisitor for PathVisitor<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.found.push((self.path.join("."), param.id));
+    }
+}
+
+/// Every float parameter of `module` with its dotted path (`body.GptNeo.blocks.0.query.weight`).
+pub fn parameter_paths<M: Module>(module: &M) -> Vec<(String, ParamId)> {
+    let mut found = Vec::new();
+    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut found });
+    found
+}
+
+/// Gradients of every float parameter, gathered by id.
+struct GradNorm<'a> {
+    grads: &'a GradientsParams,
+    sum_of_squares: f64,
+}
+
+impl ModuleVisitor for GradNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
+            self.sum_of_squares += f64::from(grad.square().sum().into_scalar::<f32>());
+        }
+    }
+}
+
+struct GradScale<'a> {
+    grads: &'a mut GradientsParams,
+    scale: f32,
+}
+
+impl ModuleVisitor for GradScale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, grad * self.scale);
+        }
+    }
+}
+
+/// The global L2 norm of all gradients of `module`'s parameters.
+pub fn global_grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    let mut visitor = GradNorm { grads, sum_of_squares: 0.0 };
+    module.visit(&mut visitor);
+    visitor.sum_of_squares.sqrt()
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: scales every gradient by min(1, max_norm / (norm + 1e-6))
+/// where norm is the global norm; returns the norm before clipping.
+pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_grad_norm(module, grads);
+    let scale = (max_norm / (norm + 1e-6)).min(1.0);
+    if scale < 1.0 {
+        module.visit(&mut GradScale { grads, scale: scale as f32 });
+    }
+    norm
+}
+
+/// First and second moments of one parameter, flattened.
+#[derive(Debug, Clone)]
+struct Moments {
+    exp_avg: Tensor<1>,
+    exp_avg_sq: Tensor<1>,
+}
+
+/// AdamW with PyTorch's update: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    settings: AdamWSettings,
+    /// Optimizer steps taken (PyTorch's per-parameter `step`, shared here since every parameter
+    /// is updated at every step).
+    steps: u64,
+    moments: HashMap<ParamId, Moments>,
+}
+
+struct AdamWMapper<'a> {
+    optimizer: &'a mut AdamW,
+    grads: &'a mut GradientsParams,
+    learning_rate: f64,
+    /// Sum of squared parameter changes of this step, for `update_norm`.
+    update_sum_of_squares: f64,
+}
+
+impl ModuleMapper for AdamWMapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let require_grad = tensor.is_require_grad();
+        let value = tensor.inner(); // without the autodiff graph
+        let shape = value.dims();
+        let count: usize = shape.iter().product();
+        let grad: Tensor<1> = grad.reshape([count]);
+        let AdamWSettings { beta1, beta2, eps, weight_decay } = self.optimizer.settings;
+        let moments = match self.optimizer.moments.remove(&id) {
+            Some(Moments { exp_avg, exp_avg_sq }) => Moments {
+                exp_avg: exp_avg * beta1 as f32 + grad.clone() * (1.0 - beta1) as f32,
+                exp_avg_sq: exp_avg_sq * beta2 as f32 + grad.square() * (1.0 - beta2) as f32,
+            },
+            None => Moments { exp_avg: grad.clone() * (1.0 - beta1) as f32, exp_avg_sq: grad.square() * (1.0 - beta2) as f32 },
+        };
+        let step = self.optimizer.steps as i32 + 1;
+        let bias_correction1 = 1.0 - beta1.powi(step);
+        let bias_correction2 = 1.0 - beta2.powi(step);
+        let denominator = moments.exp_avg_sq.clone().div_scalar(bias_correction2 as f32).sqrt() + eps as f32;
+        let update = moments.exp_avg.clone().div_scalar(bias_correction1 as f32) / denominator * self.learning_rate as f32;
+        let flat: Tensor<1> = value.reshape([count]);
+        let new_flat = flat.clone() * (1.0 - self.learning_rate * weight_decay) as f32 - update;
+        self.update_sum_of_squares += f64::from((new_flat.clone() - flat).square().sum().into_scalar::<f32>());
+        self.optimizer.moments.insert(id, moments);
+        let mut updated = Tensor::from_inner(new_flat.reshape(shape));
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+impl AdamW {
+    /// A fresh optimizer.
+    pub fn new(settings: AdamWSettings) -> Self {
+        Self { settings, steps: 0, moments: HashMap::new() }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Applies one update with `grads` at `learning_rate`; returns the updated module and the
+    /// L2 norm of the parameter change (`update_norm`).
+    pub fn step<M: Module>(&mut self, module: M, mut grads: GradientsParams, learning_rate: f64) -> (M, f64) {
+        let mut mapper = AdamWMapper { optimizer: self, grads: &mut grads, learning_rate, update_sum_of_squares: 0.0 };
+        let module = module.map(&mut mapper);
+        let update_norm = mapper.update_sum_of_squares.sqrt();
+        self.steps += 1;
+        (module, update_norm)
+    }
+
+    /// Saves the moments under `{parameter path}.exp_avg` / `.exp_avg_sq`, and the step count.
+    pub fn save<M: Module>(&self, module: &M, path: &Path) -> Result<(), LoadError> {
+        let mut writer = WeightWriter::default();
+        for (name, id) in parameter_paths(module) {
+            if let Some(moments) = self.moments.get(&id) {
+                writer.tensor(&format!("{name}.exp_avg"), moments.exp_avg.clone());
+                writer.tensor(&format!("{name}.exp_avg_sq"), moments.exp_avg_sq.clone());
+            }
+        }
+        writer.tensor("__step__", Tensor::<1>::from_data(TensorData::new(vec![self.steps as f32], [1]), &burn::tensor::Device::flex()));
+        writer.write(path)
+    }
+
+    /// Restores moments saved by [`AdamW::save`] for `module` (matched by parameter path).
+    pub fn load<M: Module>(settings: AdamWSettings, module: &M, path: &Path) -> Result<Self, LoadError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let device = module.devices().into_iter().next().unwrap_or_else(burn::tensor::Device::flex).without_autodiff();
+        let mut weights = WeightMap::open_files(dir, &[path.to_path_buf()], &device)?;
+        let steps = weights.take_values("__step__", &[1])?[0] as u64;
+        let mut moments = HashMap::new();
+        for (name, id) in parameter_paths(module) {
+            let key = format!("{name}.exp_avg");
+            if !weights.contains(&key) {
+                continue;
+            }
+            let count = weights.shape(&key).map_or(0, |shape| shape.iter().product::<usize>());
+            let exp_avg = weights.tensor(&key, [count])?;
+            let exp_avg_sq = weights.tensor(&format!("{name}.exp_avg_sq"), [count])?;
+            moments.insert(id, Moments { exp_avg, exp_avg_sq });
+        }
+        weights.finish()?;
+        Ok(Self { settings, steps, moments })
+    }
+}

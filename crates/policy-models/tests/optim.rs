@@ -1,0 +1,126 @@
+//! AdamW, global-norm clipping and the warmup-cosine schedule against PyTorch and transformers
+//! (fixture made by `tools/parity/make_optim_fixtures.py`), within 1e-6.
+
+use std::path::PathBuf;
+
+use burn::module::{Module, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use policy_models::optim::{AdamW, AdamWSettings, Schedule, clip_grad_norm};
+
+#[derive(Module, Debug)]
+struct Toy {
+    weight: Param<Tensor<2>>,
+    bias: Param<Tensor<1>>,
+}
+
+fn fixture() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    match value {
+        serde_json::Value::Array(items) => items.iter().flat_map(floats).collect(),
+        other => vec![other.as_f64().unwrap() as f32],
+    }
+}
+
+fn toy(fixture: &serde_json::Value, device: &Device) -> Toy {
+    Toy {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(floats(&fixture["initial"]["weight"]), [3, 4]), device).require_grad()),
+        bias: Param::from_tensor(Tensor::from_data(TensorData::new(floats(&fixture["initial"]["bias"]), [4]), device).require_grad()),
+    }
+}
+
+fn grads(toy: &Toy, value: &serde_json::Value, scale: f32, device: &Device) -> GradientsParams {
+    let mut grads = GradientsParams::new();
+    grads.register(toy.weight.id, Tensor::<2>::from_data(TensorData::new(floats(&value["weight"]), [3, 4]), device) * scale);
+    grads.register(toy.bias.id, Tensor::<1>::from_data(TensorData::new(floats(&value["bias"]), [4]), device) * scale);
+    grads
+}
+
+fn assert_close(ours: Vec<f32>, expected: Vec<f32>, what: &str) {
+    assert_eq!(ours.len(), expected.len());
+    for (a, b) in ours.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-6, "{what}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn adamw_matches_torch_optim_adamw() {
+    let fixture = fixture();
+    let device = Device::flex().autodiff();
+    let inner = device.clone().without_autodiff();
+    let settings: AdamWSettings = serde_json::from_value(fixture["adamw_settings"].clone()).unwrap();
+    let mut optimizer = AdamW::new(settings);
+    let mut model = toy(&fixture, &device);
+    for (step, expected) in fixture["adamw_steps"].as_array().unwrap().iter().enumerate() {
+        let lr = fixture["learning_rates"][step].as_f64().unwrap();
+        let grads = grads(&model, &fixture["grads"][step], 1.0, &inner);
+        let (updated, update_norm) = optimizer.step(model, grads, lr);
+        model = updated;
+        assert!(update_norm > 0.0);
+        assert_close(model.weight.val().into_data().try_to_vec().unwrap(), floats(&expected["weight"]), &format!("weight, step {step}"));
+        assert_close(model.bias.val().into_data().try_to_vec().unwrap(), floats(&expected["bias"]), &format!("bias, step {step}"));
+        assert!(model.weight.val().is_require_grad(), "parameters stay trainable");
+    }
+}
+
+#[test]
+fn adamw_state_saves_and_restores_by_parameter_path() {
+    let fixture = fixture();
+    let device = Device::flex().autodiff();
+    let inner = device.clone().without_autodiff();
+    let settings: AdamWSettings = serde_json::from_value(fixture["adamw_settings"].clone()).unwrap();
+    let run = |interrupt: bool| {
+        let mut optimizer = AdamW::new(settings);
+        let mut model = toy(&fixture, &device);
+        let dir = tempfile::tempdir().unwrap();
+        for step in 0..5 {
+            if interrupt && step == 2 {
+                // Save, then continue from a fresh model with new parameter ids and the loaded state.
+                optimizer.save(&model, &dir.path().join("optimizer.safetensors")).unwrap();
+                let values = (model.weight.val().inner(), model.bias.val().inner());
+                model = Toy { weight: Param::from_tensor(Tensor::from_inner(values.0).require_grad()), bias: Param::from_tensor(Tensor::from_inner(values.1).require_grad()) };
+                optimizer = AdamW::load(settings, &model, &dir.path().join("optimizer.safetensors")).unwrap();
+                assert_eq!(optimizer.steps(), 2);
+            }
+            let grads = grads(&model, &fixture["grads"][step], 1.0, &inner);
+            model = optimizer.step(model, grads, 0.01).0;
+        }
+        model.weight.val().into_data().try_to_vec::<f32>().unwrap()
+    };
+    assert_eq!(run(false), run(true));
+}
+
+#[test]
+fn clipping_uses_the_global_norm_as_torch() {
+    let fixture = fixture();
+    let device = Device::flex().autodiff();
+    let model = toy(&fixture, &device);
+    let clip = &fixture["clip"];
+    let mut grads = grads(&model, &fixture["grads"][0], clip["scale"].as_f64().unwrap() as f32, &device.clone().without_autodiff());
+    let norm = clip_grad_norm(&model, &mut grads, clip["max_norm"].as_f64().unwrap());
+    assert!((norm - clip["total_norm"].as_f64().unwrap()).abs() < 1e-4, "{norm}");
+    assert_close(grads.get::<2>(model.weight.id).unwrap().into_data().try_to_vec().unwrap(), floats(&clip["weight"]), "clipped weight grad");
+    assert_close(grads.get::<1>(model.bias.id).unwrap().into_data().try_to_vec().unwrap(), floats(&clip["bias"]), "clipped bias grad");
+}
+
+#[test]
+fn schedule_matches_transformers_cosine_with_warmup() {
+    let fixture = fixture();
+    let spec = &fixture["schedule"];
+    let schedule = Schedule {
+        learning_rate: spec["learning_rate"].as_f64().unwrap(),
+        warmup_steps: spec["warmup_steps"].as_u64().unwrap(),
+        total_steps: spec["total_steps"].as_u64().unwrap(),
+        min_lr_ratio: 0.0,
+    };
+    // Steps 0..=total; past the end transformers' cosine rises again, cotlab's stays at the floor.
+    for (step, expected) in spec["rates"].as_array().unwrap().iter().enumerate().take(11) {
+        let ours = schedule.learning_rate_at(step as u64);
+        assert!((ours - expected.as_f64().unwrap()).abs() < 1e-12, "step {step}: {ours} vs {expected}");
+    }
+    assert_eq!(schedule.learning_rate_at(11), 0.0);
+}
