@@ -21,6 +21,7 @@ pub mod optim;
 pub mod presets;
 pub mod qwen2;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use backend::{BackendError, BackendKind};
