@@ -26,6 +26,6 @@ pub mod weights;
 
 pub use backend::{BackendError, BackendKind};
 pub use layers::{KvCache, StepInput};
-pub use model::{CausalLm, ModelConfig, ModelSource};
+pub use model::{CausalLm, LoraSettings, ModelConfig, ModelSource};
 pub use tokenizer::{PolicyTokenizer, TokenizerError};
 pub use weights::LoadError;

@@ -171,6 +171,16 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Attaches LoRA adapters (burn's `apply_lora`) to the weights whose parameter path matches
+    /// `settings.target_regex`, freezing every base parameter: only the adapters train.
+    /// Saving writes the merged weights (base + scale A B), so the saved checkpoint is a plain
+    /// model that transformers and cotlab load without adapters.
+    pub fn with_lora(self, settings: &LoraSettings) -> Result<Self, String> {
+        let group = burn::module::ParamGroup::from_regex(&settings.target_regex)
+            .map_err(|error| format!("lora.target_regex `{}`: {error:?}", settings.target_regex))?;
+        Ok(self.apply_lora(burn::module::Lora::new(settings.rank, settings.alpha).set_param_group(group)))
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -209,6 +219,30 @@ impl CausalLm {
     /// - returns [B, T, V]
     pub fn forward(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
         self.logits(self.hidden_states(input, cache))
+    }
+}
+
+/// LoRA adapters (Hu et al., 2021), as Minimal-GRPO trains them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSettings {
+    /// Rank of the A B factors. Default 16 (Minimal-GRPO).
+    pub rank: usize,
+    /// Scale numerator: the update is (alpha / rank) A B. Default 32 (Minimal-GRPO).
+    pub alpha: f64,
+    /// Regular expression over parameter paths; default: every attention and MLP projection of
+    /// the three architectures (embeddings and norms stay frozen).
+    pub target_regex: String,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            target_regex: r"(query|key|value|out_proj|c_fc|c_proj|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
+                .to_string(),
+        }
     }
 }
 

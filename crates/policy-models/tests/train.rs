@@ -113,3 +113,45 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
     assert_eq!(a, b, "resumed weights differ from the uninterrupted run");
     assert!(SftTrainer::latest_checkpoint(&checkpoints).unwrap().ends_with("checkpoint-6"));
 }
+
+#[test]
+fn lora_trains_only_adapters_and_saves_merged_weights() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Trainable(usize, usize);
+    impl ModuleVisitor for Trainable {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let count = param.val().dims().iter().product::<usize>();
+            if param.val().is_require_grad() {
+                self.0 += count;
+            } else {
+                self.1 += count;
+            }
+        }
+    }
+    let device = Device::flex().autodiff();
+    let (tokenizer, examples) = data();
+    let base = small_model(tokenizer.vocab_size(), &device);
+    let probe = StepInput::from_padded(&[examples[0].prompt_ids.clone()], &[vec![true; examples[0].prompt_ids.len()]]);
+    let before = base.forward(&probe, &mut base.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let settings = policy_models::LoraSettings { rank: 4, alpha: 8.0, ..Default::default() };
+    let model = base.with_lora(&settings).unwrap();
+    let mut counts = Trainable(0, 0);
+    model.visit(&mut counts);
+    assert!(counts.0 > 0 && counts.0 * 5 < counts.1, "trainable {} vs frozen {}", counts.0, counts.1);
+    // B starts at zero: adapters change nothing until trained.
+    let with_adapters = model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(before, with_adapters);
+    let mut trainer = SftTrainer::new(model, config(15));
+    let history = trainer.run(&examples, None, None, |_| {}).unwrap();
+    assert!(history.last().unwrap().loss < history[0].loss, "LoRA training lowers the loss");
+    let trained = trainer.into_model();
+    let after = trained.forward(&probe, &mut trained.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    assert_ne!(after, before);
+    let dir = tempfile::tempdir().unwrap();
+    trained.save_dir(dir.path(), None).unwrap();
+    let merged = CausalLm::load_dir(dir.path(), &device).unwrap();
+    let reloaded = merged.forward(&probe, &mut merged.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let worst = after.iter().zip(&reloaded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "merged checkpoint differs by {worst}");
+}
