@@ -1,6 +1,7 @@
 //! `cargo xtask`: cotlab's command line. This file only parses arguments and dispatches; each
 //! subcommand lives in its own module.
 
+mod bench;
 mod common;
 mod compare;
 mod generate;
@@ -30,6 +31,8 @@ enum Command {
     Logits(logits::Args),
     /// Generate a continuation with a checkpoint (greedy or sampled, KV-cached).
     Generate(generate::Args),
+    /// Measure training and generation throughput beside PyTorch (release build).
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::Score(args) => score::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

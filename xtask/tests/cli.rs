@@ -118,3 +118,17 @@ fn generate_greedy_json_matches_transformers() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nobody/no-such-model") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
+
+#[test]
+fn bench_smoke_run_reports_every_key() {
+    // A debug-build smoke run: the numbers mean nothing here, the keys and shapes do.
+    let output = xtask(&["bench", "--allow-debug", "--no-torch", "--train-steps", "1", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["gen_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["torch_train_tokens_per_s"].is_null() && report["torch_gen_tokens_per_s"].is_null());
+    for key in ["hidden_size", "num_layers", "num_heads", "vocab_size", "batch_size", "seq_len", "gen_batch_size", "prompt_len", "new_tokens"] {
+        assert!(report["config"][key].as_u64().unwrap() > 0, "config.{key}");
+    }
+}
