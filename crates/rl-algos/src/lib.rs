@@ -6,6 +6,8 @@
 //!
 //! Architecture invariant: reward functions do no I/O.
 
+pub mod advantages;
+pub mod grpo;
 pub mod rewards;
 
 pub use policy_models::BackendKind;

@@ -1,0 +1,233 @@
+//! GRPO: group relative policy optimisation (Shao et al., 2024, DeepSeekMath, arXiv
+//! 2402.03300), with the variants TRL users expect: clip-higher (`epsilon_high`, DAPO), the
+//! loss aggregations `grpo`, `bnpo`, `dr_grpo` and `dapo`, `scale_rewards`, several passes per
+//! rollout (`num_iterations`), truncated-completion masking and zero-variance group handling.
+//!
+//! The objective, per completion token t of completion i with advantage A_i:
+//!   ratio = exp(logp - old_logp)
+//!   loss_t = -min(ratio A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) A_i) + beta KL_t
+//!   KL_t = exp(ref - logp) - (ref - logp) - 1          (the k3 estimator, always >= 0)
+//! The KL term is *added* to the loss (penalising divergence from the reference policy).
+//!
+//! Legend: `N` completions in the batch (prompts x G), `T` padded completion length.
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::advantages::ScaleRewards;
+
+/// How per-token losses are aggregated into one number (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Mean over each sequence's tokens, then over sequences (DeepSeekMath). Long completions
+    /// weigh less per token.
+    Grpo,
+    /// Token mean over the local batch.
+    Bnpo,
+    /// Sum over tokens / (N x max_completion_length) (Dr. GRPO): no length normalisation bias.
+    DrGrpo,
+    /// Token mean over the whole generation batch (DAPO); equal to `bnpo` without gradient
+    /// accumulation.
+    Dapo,
+}
+
+/// What to do with groups whose rewards are all equal (their advantages are all zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZeroStdGroups {
+    /// Keep them: they contribute only through the KL term (TRL's behaviour).
+    Keep,
+    /// Drop them from the loss.
+    Skip,
+    /// Draw new completions for them, up to `max_resample_tries` times (DAPO's dynamic sampling).
+    Resample,
+}
+
+/// GRPO settings, with TRL's names. Every field has a default; `validate` checks them together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Completions per prompt (G). Default 8; at least 2, since advantages compare within a group.
+    pub num_generations: usize,
+    /// Prompts per step. Default 4.
+    pub prompts_per_step: usize,
+    /// Most tokens per completion. Default 128.
+    pub max_completion_length: usize,
+    /// Sampling temperature of rollouts (and of log-prob computation, as TRL). Default 1.0.
+    pub temperature: f32,
+    /// Nucleus sampling of rollouts. Default 1.0 (off).
+    pub top_p: f32,
+    /// KL weight. Default 0.0 (TRL's current default: no reference model is loaded); DeepSeekMath
+    /// used 0.04.
+    pub beta: f64,
+    /// Lower clip range. Default 0.2.
+    pub epsilon: f64,
+    /// Upper clip range; defaults to `epsilon`. DAPO's clip-higher uses 0.28.
+    pub epsilon_high: Option<f64>,
+    /// Loss aggregation. Default `dapo` (TRL's current default).
+    pub loss_type: LossType,
+    /// Reward scaling. Default `group`.
+    pub scale_rewards: ScaleRewards,
+    /// Policy updates per rollout (mu); old log-probs stay fixed across them. Default 1.
+    pub num_iterations: usize,
+    /// Exclude completions cut at `max_completion_length` from the loss (DAPO). Default false.
+    pub mask_truncated_completions: bool,
+    /// Zero-variance groups. Default `keep`.
+    pub zero_std_groups: ZeroStdGroups,
+    /// Bound on resampling rounds for `resample`. Default 3.
+    pub max_resample_tries: usize,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        Self {
+            num_generations: 8,
+            prompts_per_step: 4,
+            max_completion_length: 128,
+            temperature: 1.0,
+            top_p: 1.0,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: LossType::Dapo,
+            scale_rewards: ScaleRewards::Group,
+            num_iterations: 1,
+            mask_truncated_completions: false,
+            zero_std_groups: ZeroStdGroups::Keep,
+            max_resample_tries: 3,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// The upper clip range in use.
+    pub fn epsilon_high(&self) -> f64 {
+        self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    /// Checks the settings; each message names the value and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_generations < 2 {
+            return Err(format!(
+                "grpo.num_generations = {}: GRPO compares completions within a group; use at least 2",
+                self.num_generations
+            ));
+        }
+        if self.prompts_per_step == 0 || self.max_completion_length == 0 || self.num_iterations == 0 {
+            return Err("grpo.prompts_per_step, max_completion_length and num_iterations must be at least 1".to_string());
+        }
+        if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
+            return Err(format!("grpo.epsilon = {}: use a value in (0, 1), typically 0.2", self.epsilon));
+        }
+        if self.epsilon_high() < self.epsilon {
+            return Err(format!(
+                "grpo.epsilon_high = {} is below epsilon = {}; clip-higher needs epsilon_high >= epsilon",
+                self.epsilon_high(),
+                self.epsilon
+            ));
+        }
+        if self.beta < 0.0 || !self.beta.is_finite() {
+            return Err(format!("grpo.beta = {}: the KL weight must be 0 or positive", self.beta));
+        }
+        if !(self.temperature > 0.0) || !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!(
+                "grpo.temperature = {} and top_p = {}: temperature must be positive and top_p in (0, 1]",
+                self.temperature, self.top_p
+            ));
+        }
+        if self.loss_type == LossType::DrGrpo && self.scale_rewards != ScaleRewards::None {
+            return Err(format!(
+                "grpo.loss_type = dr_grpo with scale_rewards = {:?}: Dr. GRPO removes the std scaling; set scale_rewards = \"none\"",
+                self.scale_rewards
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Metrics of the objective, with TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObjectiveMetrics {
+    /// Mean k3 KL to the reference over completion tokens (0 without a reference).
+    pub kl: f64,
+    /// Share of tokens whose ratio fell below 1 - epsilon with a negative advantage.
+    pub clip_ratio_low_mean: f64,
+    /// Share of tokens whose ratio rose above 1 + epsilon_high with a positive advantage.
+    pub clip_ratio_high_mean: f64,
+    /// Share of tokens clipped on either side.
+    pub clip_ratio_region_mean: f64,
+}
+
+/// The GRPO loss and its metrics.
+///
+/// # Shapes
+/// - `per_token_logps`, `old_per_token_logps`, `ref_per_token_logps`, `mask`: [N, T]
+///   (`mask` is 1 at completion tokens that count, 0 elsewhere)
+/// - `advantages`: [N]
+/// - returns a loss of shape [1]
+pub fn grpo_objective(
+    per_token_logps: Tensor<2>,
+    old_per_token_logps: Tensor<2>,
+    ref_per_token_logps: Option<Tensor<2>>,
+    advantages: Tensor<1>,
+    mask: Tensor<2>,
+    config: &GrpoConfig,
+) -> (Tensor<1>, ObjectiveMetrics) {
+    let [count, length] = per_token_logps.dims();
+    let advantages = advantages.reshape([count, 1]);
+    let ratio = (per_token_logps.clone() - old_per_token_logps).exp();
+    let (low, high) = (1.0 - config.epsilon, 1.0 + config.epsilon_high());
+    let clipped = ratio.clone().clamp(low as f32, high as f32);
+    let unclipped_objective = ratio.clone() * advantages.clone();
+    let clipped_objective = clipped * advantages.clone();
+    let mut per_token_loss = -unclipped_objective.min_pair(clipped_objective);
+    let kl = ref_per_token_logps.map(|reference| {
+        let difference = reference - per_token_logps.clone();
+        difference.clone().exp() - difference - 1.0
+    });
+    if let (Some(kl), true) = (&kl, config.beta != 0.0) {
+        per_token_loss = per_token_loss + kl.clone() * config.beta as f32;
+    }
+    let masked = per_token_loss * mask.clone();
+    let token_count = mask.clone().sum().clamp_min(1.0);
+    let loss = match config.loss_type {
+        LossType::Grpo => {
+            let per_sequence = masked.sum_dim(1).reshape([count]) / mask.clone().sum_dim(1).reshape([count]).clamp_min(1.0);
+            per_sequence.mean()
+        }
+        LossType::Bnpo | LossType::Dapo => masked.sum() / token_count.clone(),
+        LossType::DrGrpo => masked.sum() / (count * config.max_completion_length) as f32,
+    };
+    // Metrics, without gradients.
+    let host = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+    let mask_host = host(mask);
+    let ratio_host = host(ratio.detach());
+    let advantages_host = advantages.detach().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+    let tokens: f64 = mask_host.iter().map(|&m| f64::from(m)).sum::<f64>().max(1.0);
+    let (mut low_count, mut high_count) = (0.0f64, 0.0f64);
+    for i in 0..count {
+        for t in 0..length {
+            let m = f64::from(mask_host[i * length + t]);
+            let r = f64::from(ratio_host[i * length + t]);
+            let a = advantages_host[i];
+            if r < low && a < 0.0 {
+                low_count += m;
+            }
+            if r > high && a > 0.0 {
+                high_count += m;
+            }
+        }
+    }
+    let kl_mean = kl.map_or(0.0, |kl| {
+        let kl = host(kl.detach());
+        kl.iter().zip(&mask_host).map(|(k, m)| f64::from(k * m)).sum::<f64>() / tokens
+    });
+    let metrics = ObjectiveMetrics {
+        kl: kl_mean,
+        clip_ratio_low_mean: low_count / tokens,
+        clip_ratio_high_mean: high_count / tokens,
+        clip_ratio_region_mean: (low_count + high_count) / tokens,
+    };
+    (loss.reshape([1]), metrics)
+}
