@@ -231,3 +231,203 @@ pub fn grpo_objective(
     };
     (loss.reshape([1]), metrics)
 }
+
+// ---------------------------------------------------------------------------------------------
+// The algorithm: rollout, rewards, advantages, then `num_iterations` updates.
+// ---------------------------------------------------------------------------------------------
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::TensorData;
+use policy_models::CausalLm;
+use policy_models::generate::{Sampler, completion_log_probs};
+use policy_models::optim::{AdamW, clip_grad_norm, global_grad_norm};
+
+use crate::advantages::group_advantages;
+use crate::algorithm::{
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, parse_config,
+};
+use crate::rollout::{self, Rollout};
+
+/// GRPO training state: the policy, the frozen reference (when `beta > 0`), the optimizer.
+pub struct Grpo {
+    config: GrpoConfig,
+    optim: OptimSettings,
+    policy: Option<CausalLm>,
+    reference: Option<CausalLm>,
+    optimizer: AdamW,
+    steps: u64,
+    seed: u64,
+}
+
+/// The registry entry.
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "grpo", validate: validate_entry, build: build_entry };
+
+fn validate_entry(value: &serde_json::Value) -> Result<(), String> {
+    parse_config::<GrpoConfig>("grpo", value)?.validate()
+}
+
+fn build_entry(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {
+    let config = parse_config::<GrpoConfig>("grpo", &inputs.config).map_err(RlError::Config)?;
+    Ok(Box::new(Grpo::new(inputs.policy, config, inputs.optim, inputs.seed)?))
+}
+
+/// Seeds differ per step and per resampling round, deterministically.
+pub(crate) fn step_seed(seed: u64, step: u64, round: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+}
+
+impl Grpo {
+    /// Starts GRPO on `policy` (on an autodiff device). With `beta > 0` a frozen copy of the
+    /// policy becomes the reference; with `beta = 0` none is kept.
+    pub fn new(policy: CausalLm, config: GrpoConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
+        config.validate().map_err(RlError::Config)?;
+        optim.validate().map_err(RlError::Config)?;
+        let reference = (config.beta > 0.0).then(|| policy.valid());
+        let optimizer = AdamW::new(optim.adamw);
+        Ok(Self { config, optim, policy: Some(policy), reference, optimizer, steps: 0, seed })
+    }
+
+    /// Replaces completions of groups whose rewards are all equal with new samples, up to
+    /// `max_resample_tries` rounds (DAPO's dynamic sampling). Returns the rounds used.
+    fn resample_flat_groups(
+        &self,
+        inference: &CausalLm,
+        prompts: &[PromptItem],
+        environment: &Environment<'_>,
+        rollout: &mut Rollout,
+        rewards: &mut crate::rewards::ScoredBatch,
+    ) -> usize {
+        let g = self.config.num_generations;
+        for round in 1..=self.config.max_resample_tries {
+            let (_, zero_std) = group_advantages(&rewards.total, g, self.config.scale_rewards);
+            let flat: Vec<usize> = (0..prompts.len()).filter(|&p| zero_std[p * g]).collect();
+            if flat.is_empty() {
+                return round - 1;
+            }
+            let subset: Vec<PromptItem> = flat.iter().map(|&p| prompts[p].clone()).collect();
+            let fresh = rollout::sample(inference, &subset, g, self.config.max_completion_length, self.sampler(), environment, step_seed(self.seed, self.steps, round as u64));
+            let fresh_rewards = rollout::reward(&fresh, &subset, environment);
+            for (k, &p) in flat.iter().enumerate() {
+                for j in 0..g {
+                    let (target, source) = (p * g + j, k * g + j);
+                    rollout.replace(target, &fresh, source);
+                    rewards.total[target] = fresh_rewards.total[source];
+                    for (column, fresh_column) in rewards.per_function.iter_mut().zip(&fresh_rewards.per_function) {
+                        column.1[target] = fresh_column.1[source];
+                    }
+                }
+            }
+        }
+        self.config.max_resample_tries
+    }
+
+    fn sampler(&self) -> Sampler {
+        Sampler::Sample {
+            temperature: self.config.temperature,
+            top_k: None,
+            top_p: (self.config.top_p < 1.0).then_some(self.config.top_p),
+        }
+    }
+}
+
+impl RlAlgorithm for Grpo {
+    fn name(&self) -> &'static str {
+        "grpo"
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn policy(&self) -> &CausalLm {
+        self.policy.as_ref().expect("the policy is present between steps")
+    }
+
+    fn into_policy(self: Box<Self>) -> CausalLm {
+        self.policy.expect("the policy is present between steps")
+    }
+
+    fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
+        let started = Instant::now();
+        let g = self.config.num_generations;
+        let mut policy = self.policy.take().expect("the policy is present between steps");
+        let device = policy.devices().into_iter().next().expect("the policy has parameters");
+        // Rollouts run on a copy without autodiff: no graph is built, none can leak.
+        let inference = policy.valid();
+        let mut rollout = rollout::sample(&inference, prompts, g, self.config.max_completion_length, self.sampler(), environment, step_seed(self.seed, self.steps, 0));
+        let mut scored = rollout::reward(&rollout, prompts, environment);
+        let mut metrics = Metrics::new();
+        if self.config.zero_std_groups == ZeroStdGroups::Resample {
+            let rounds = self.resample_flat_groups(&inference, prompts, environment, &mut rollout, &mut scored);
+            metrics.insert("resample_rounds".to_string(), rounds as f64);
+        }
+        let (advantages, zero_std) = group_advantages(&scored.total, g, self.config.scale_rewards);
+        rollout::rollout_metrics(&rollout, &scored, &mut metrics);
+        let group_stds: Vec<f32> = scored.total.chunks(g).map(|group| crate::algorithm::mean_std(group).1 as f32).collect();
+        metrics.insert("reward_std".to_string(), crate::algorithm::mean_std(&group_stds).0);
+        metrics.insert("frac_reward_zero_std".to_string(), zero_std.iter().filter(|z| **z).count() as f64 / zero_std.len() as f64);
+
+        let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let mut mask = rollout::loss_mask(&rollout, self.config.mask_truncated_completions, &device);
+        if self.config.zero_std_groups == ZeroStdGroups::Skip {
+            let keep: Vec<f32> = zero_std.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::<1>::from_data(TensorData::new(keep, [rollout.len()]), &device);
+            mask = mask * keep.reshape([rollout.len(), 1]);
+        }
+        let advantages = Tensor::<1>::from_data(TensorData::new(advantages, [rollout.len()]), &device);
+        let temperature = self.config.temperature;
+        // Old log-probs are needed only when the policy moves between passes over the rollout.
+        let old = (self.config.num_iterations > 1)
+            .then(|| Tensor::from_inner(completion_log_probs(&inference, &input, completion_len, temperature).0));
+        let reference = self
+            .reference
+            .as_ref()
+            .map(|reference| Tensor::from_inner(completion_log_probs(reference, &input, completion_len, temperature).0));
+        let schedule = self.optim.schedule();
+        for iteration in 0..self.config.num_iterations {
+            let (logps, entropies) = completion_log_probs(&policy, &input, completion_len, temperature);
+            let old_logps = old.clone().unwrap_or_else(|| logps.clone().detach());
+            let (loss, objective) = grpo_objective(logps, old_logps, reference.clone(), advantages.clone(), mask.clone(), &self.config);
+            let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+            if !loss_value.is_finite() {
+                self.policy = Some(policy);
+                return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &policy);
+            let grad_norm = match self.optim.max_grad_norm {
+                Some(max_norm) => clip_grad_norm(&policy, &mut grads, max_norm),
+                None => global_grad_norm(&policy, &grads),
+            };
+            if !grad_norm.is_finite() {
+                self.policy = Some(policy);
+                return Err(RlError::NotFinite { step: self.steps + 1, quantity: "gradient norm".to_string(), value: grad_norm });
+            }
+            let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
+            let (updated, update_norm) = self.optimizer.step(policy, grads, learning_rate);
+            policy = updated;
+            if iteration == 0 {
+                let mask_sum = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
+                let entropy = f64::from((entropies.detach() * mask.clone()).sum().into_scalar::<f32>()) / mask_sum;
+                metrics.insert("entropy".to_string(), entropy);
+                metrics.insert("kl".to_string(), objective.kl);
+                metrics.insert("clip_ratio/low_mean".to_string(), objective.clip_ratio_low_mean);
+                metrics.insert("clip_ratio/high_mean".to_string(), objective.clip_ratio_high_mean);
+                metrics.insert("clip_ratio/region_mean".to_string(), objective.clip_ratio_region_mean);
+            }
+            metrics.insert("loss".to_string(), loss_value);
+            metrics.insert("grad_norm".to_string(), grad_norm);
+            metrics.insert("update_norm".to_string(), update_norm);
+            metrics.insert("learning_rate".to_string(), learning_rate);
+        }
+        self.policy = Some(policy);
+        self.steps += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let generated: usize = rollout.lengths().iter().sum();
+        metrics.insert("step_time".to_string(), seconds);
+        metrics.insert("tokens_per_second".to_string(), generated as f64 / seconds.max(1e-9));
+        Ok(metrics)
+    }
+}

@@ -1,13 +1,23 @@
 //! GRPO and PPO for language models, rule-based rewards, and the trait through which the study
 //! runner drives any RL algorithm.
 //!
-//! In this build: the rule-based rewards ([`rewards`]). GRPO, PPO and the plug-in trait are
-//! still to come (rl-algos issue).
+//! - [`algorithm`]: the plug-in trait [`RlAlgorithm`], the registry entry type, shared settings.
+//! - [`grpo`]: GRPO (one file, rollout to update); [`advantages`]: group normalisation, GAE.
+//! - [`rewards`]: rule-based rewards; [`rollout`]: sampling and scoring layout shared by methods.
+//!
+//! Still to come (rl-algos issue): PPO, checkpoints and resume of RL runs.
 //!
 //! Architecture invariant: reward functions do no I/O.
 
 pub mod advantages;
+pub mod algorithm;
 pub mod grpo;
 pub mod rewards;
+pub mod rollout;
+
+pub use algorithm::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError};
+
+/// The algorithms this crate provides; the study runner adds those of other crates.
+pub const BUILTIN: &[AlgorithmEntry] = &[grpo::ENTRY];
 
 pub use policy_models::BackendKind;

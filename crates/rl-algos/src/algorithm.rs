@@ -1,0 +1,182 @@
+//! The plug-in point: the trait every RL method implements, what a training step is given, the
+//! optimisation settings they share, and a registry of algorithms by name.
+//!
+//! The study runner depends only on [`RlAlgorithm`] and [`AlgorithmEntry`]: adding a method is
+//! adding a crate that implements the trait and exposes an entry, plus one line in the runner's
+//! list of entries.
+
+use std::collections::BTreeMap;
+
+use policy_models::CausalLm;
+use policy_models::optim::{AdamWSettings, Schedule};
+use serde::{Deserialize, Serialize};
+
+use crate::rewards::WeightedRewards;
+
+/// One prompt to train on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptItem {
+    /// Its tokens.
+    pub prompt_ids: Vec<i64>,
+    /// Its text (reward functions may read it).
+    pub prompt_text: String,
+    /// The gold answer, normalised.
+    pub answer: String,
+}
+
+/// What a step needs from the outside world: how to turn ids into text, when generation stops,
+/// and the rewards.
+pub struct Environment<'a> {
+    /// Ids to text (the policy's tokenizer).
+    pub decode: &'a (dyn Fn(&[i64]) -> String + Sync),
+    /// Tokens that end a completion.
+    pub eos_token_ids: Vec<i64>,
+    /// The padding id.
+    pub pad_token_id: i64,
+    /// Strings that end a completion (the template's).
+    pub stop_strings: Vec<String>,
+    /// The reward functions and their weights.
+    pub rewards: &'a WeightedRewards,
+}
+
+/// Metrics of one step, by TRL's names (see the README's metric reference).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Errors of a training step.
+#[derive(Debug, thiserror::Error)]
+pub enum RlError {
+    #[error(
+        "step {step}: the {quantity} is {value}; the run stops here and the last checkpoint is kept. \
+         Lower the learning rate, raise beta, or set max_grad_norm"
+    )]
+    NotFinite { step: u64, quantity: String, value: f64 },
+
+    #[error("{0}")]
+    Config(String),
+
+    #[error(transparent)]
+    Load(#[from] policy_models::LoadError),
+}
+
+/// Optimisation settings shared by the algorithms; the defaults are PyTorch's and TRL's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSettings {
+    /// Peak learning rate. Default 1e-6 (TRL's GRPO default is 1e-6; tiny models want ~1e-3).
+    pub learning_rate: f64,
+    /// Linear warmup, as a fraction of the total steps. Default 0.
+    pub warmup_ratio: f64,
+    /// Floor of the cosine decay, as a fraction of the peak. Default 1 (constant after warmup,
+    /// TRL's `linear`/`constant` users set their own).
+    pub min_lr_ratio: f64,
+    /// AdamW settings.
+    pub adamw: AdamWSettings,
+    /// Global gradient-norm clip. Default 1.0 (TRL's `max_grad_norm`).
+    pub max_grad_norm: Option<f64>,
+    /// Optimizer steps of the whole run (for the schedule). Default 100.
+    pub total_steps: u64,
+}
+
+impl Default for OptimSettings {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-6,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 1.0,
+            adamw: AdamWSettings::default(),
+            max_grad_norm: Some(1.0),
+            total_steps: 100,
+        }
+    }
+}
+
+impl OptimSettings {
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            learning_rate: self.learning_rate,
+            warmup_steps: (self.warmup_ratio * self.total_steps as f64).round() as u64,
+            total_steps: self.total_steps,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!("learning_rate = {}: use a positive number such as 1e-5", self.learning_rate));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(format!("warmup_ratio = {}: use a fraction in [0, 1)", self.warmup_ratio));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(format!("min_lr_ratio = {}: use a fraction in [0, 1]", self.min_lr_ratio));
+        }
+        if self.max_grad_norm.is_some_and(|norm| !(norm > 0.0)) {
+            return Err("max_grad_norm must be positive (or absent for no clipping)".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// An RL method as the study runner drives it.
+pub trait RlAlgorithm: Send {
+    /// The registered name (`grpo`, `ppo`, `rloo`).
+    fn name(&self) -> &'static str;
+
+    /// One step: sample completions for `prompts`, reward them, compute advantages, update the
+    /// policy. Returns the step's metrics.
+    fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError>;
+
+    /// Steps taken.
+    fn steps(&self) -> u64;
+
+    /// The policy being trained (on an autodiff device).
+    fn policy(&self) -> &CausalLm;
+
+    /// Hands the trained policy back.
+    fn into_policy(self: Box<Self>) -> CausalLm;
+}
+
+/// How the runner builds an algorithm: the policy to train (on an autodiff device), its config
+/// block from the study file (JSON, whatever the file format), and the shared settings.
+pub struct AlgorithmInputs {
+    /// The policy.
+    pub policy: CausalLm,
+    /// The algorithm's own config block.
+    pub config: serde_json::Value,
+    /// Optimisation settings.
+    pub optim: OptimSettings,
+    /// Seed of sampling.
+    pub seed: u64,
+}
+
+/// A registry entry: a name and a constructor.
+#[derive(Clone, Copy)]
+pub struct AlgorithmEntry {
+    /// The name study files use.
+    pub name: &'static str,
+    /// Validates the config block without building anything (for `--dry-run` and config tests).
+    pub validate: fn(&serde_json::Value) -> Result<(), String>,
+    /// Builds the algorithm.
+    pub build: fn(AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError>,
+}
+
+/// Parses and validates a config block with serde, naming the algorithm in errors.
+pub fn parse_config<T: serde::de::DeserializeOwned>(name: &str, value: &serde_json::Value) -> Result<T, String> {
+    serde_json::from_value(value.clone()).map_err(|error| format!("[{name}] config: {error}"))
+}
+
+/// Mean and (Bessel-corrected) standard deviation.
+pub fn mean_std(values: &[f32]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let variance = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, variance.sqrt())
+}

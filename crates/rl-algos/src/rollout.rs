@@ -1,0 +1,182 @@
+//! Rollouts shared by the algorithms: sample completions on a non-autodiff copy of the policy
+//! (so no autodiff graph is built or leaked), decode and reward them, and lay prompt +
+//! completion out for scoring.
+//!
+//! Legend: `N` completions, `P` padded prompt length, `C` padded completion length.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use policy_models::generate::{GenerationConfig, Sampler, StopReason, generate};
+use policy_models::{CausalLm, StepInput};
+
+use crate::algorithm::{Environment, Metrics, PromptItem, mean_std};
+use crate::rewards::{RewardInput, ScoredBatch};
+
+/// Completions of a batch of prompts, each prompt repeated `repeats` times (group layout:
+/// prompt 0's completions first).
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Which prompt each completion answers.
+    pub prompt_index: Vec<usize>,
+    /// Completion ids, right-padded to C.
+    pub completion_ids: Vec<Vec<i64>>,
+    /// True at generated tokens.
+    pub completion_mask: Vec<Vec<bool>>,
+    /// Why each completion stopped.
+    pub stop_reasons: Vec<StopReason>,
+    /// Decoded completions.
+    pub texts: Vec<String>,
+}
+
+impl Rollout {
+    /// N.
+    pub fn len(&self) -> usize {
+        self.completion_ids.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.completion_ids.is_empty()
+    }
+
+    /// C.
+    pub fn completion_len(&self) -> usize {
+        self.completion_ids.first().map_or(0, Vec::len)
+    }
+
+    /// Generated tokens per completion.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.completion_mask.iter().map(|row| row.iter().filter(|m| **m).count()).collect()
+    }
+
+    /// Puts completion `source` of `other` in place of completion `target`, re-padding every
+    /// row to the longer width.
+    pub fn replace(&mut self, target: usize, other: &Rollout, source: usize) {
+        let width = self.completion_len().max(other.completion_len());
+        let pad = self.completion_ids.iter().flatten().next().copied().unwrap_or(0);
+        for (ids, mask) in self.completion_ids.iter_mut().zip(self.completion_mask.iter_mut()) {
+            let pad_id = ids.last().copied().unwrap_or(pad);
+            ids.resize(width, pad_id);
+            mask.resize(width, false);
+        }
+        let mut ids = other.completion_ids[source].clone();
+        let mut mask = other.completion_mask[source].clone();
+        ids.resize(width, *ids.last().unwrap_or(&pad));
+        mask.resize(width, false);
+        self.completion_ids[target] = ids;
+        self.completion_mask[target] = mask;
+        self.stop_reasons[target] = other.stop_reasons[source];
+        self.texts[target] = other.texts[source].clone();
+    }
+
+    /// Keeps the completions of `keep` (indices), in order.
+    pub fn select(&self, keep: &[usize]) -> Rollout {
+        Rollout {
+            prompt_index: keep.iter().map(|&i| self.prompt_index[i]).collect(),
+            completion_ids: keep.iter().map(|&i| self.completion_ids[i].clone()).collect(),
+            completion_mask: keep.iter().map(|&i| self.completion_mask[i].clone()).collect(),
+            stop_reasons: keep.iter().map(|&i| self.stop_reasons[i]).collect(),
+            texts: keep.iter().map(|&i| self.texts[i].clone()).collect(),
+        }
+    }
+}
+
+/// Samples `repeats` completions per prompt with the inference copy of the policy.
+pub fn sample(
+    policy: &CausalLm,
+    prompts: &[PromptItem],
+    repeats: usize,
+    max_new_tokens: usize,
+    sampler: Sampler,
+    environment: &Environment<'_>,
+    seed: u64,
+) -> Rollout {
+    let prompt_index: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, repeats)).collect();
+    let inputs: Vec<Vec<i64>> = prompt_index.iter().map(|&p| prompts[p].prompt_ids.clone()).collect();
+    let config = GenerationConfig {
+        max_new_tokens,
+        sampler,
+        eos_token_ids: environment.eos_token_ids.clone(),
+        pad_token_id: environment.pad_token_id,
+        seed,
+    };
+    let decode = |ids: &[i64]| (environment.decode)(ids);
+    let generation = generate(policy, &inputs, &config, &environment.stop_strings, Some(&decode));
+    let texts = generation
+        .completion_ids
+        .iter()
+        .zip(&generation.completion_mask)
+        .map(|(ids, mask)| {
+            let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
+            (environment.decode)(&kept)
+        })
+        .collect();
+    Rollout {
+        prompt_index,
+        completion_ids: generation.completion_ids,
+        completion_mask: generation.completion_mask,
+        stop_reasons: generation.stop_reasons,
+        texts,
+    }
+}
+
+/// Rewards of every completion.
+pub fn reward(rollout: &Rollout, prompts: &[PromptItem], environment: &Environment<'_>) -> ScoredBatch {
+    let inputs: Vec<RewardInput<'_>> = rollout
+        .texts
+        .iter()
+        .zip(&rollout.prompt_index)
+        .map(|(text, &p)| RewardInput { prompt: &prompts[p].prompt_text, completion: text, answer: &prompts[p].answer })
+        .collect();
+    environment.rewards.score(&inputs)
+}
+
+/// Prompt (left-padded) followed by completion (right-padded), for scoring the completion
+/// tokens; returns the input and C.
+pub fn scoring_input(rollout: &Rollout, prompts: &[PromptItem], pad_token_id: i64) -> (StepInput, usize) {
+    let prompt_len = rollout.prompt_index.iter().map(|&p| prompts[p].prompt_ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rollout.len());
+    let mut mask = Vec::with_capacity(rollout.len());
+    for (row, &p) in rollout.prompt_index.iter().enumerate() {
+        let prompt = &prompts[p].prompt_ids;
+        let mut row_ids = vec![pad_token_id; prompt_len - prompt.len()];
+        row_ids.extend_from_slice(prompt);
+        row_ids.extend_from_slice(&rollout.completion_ids[row]);
+        let mut row_mask = vec![false; prompt_len - prompt.len()];
+        row_mask.extend(std::iter::repeat_n(true, prompt.len()));
+        row_mask.extend_from_slice(&rollout.completion_mask[row]);
+        ids.push(row_ids);
+        mask.push(row_mask);
+    }
+    (StepInput::from_padded(&ids, &mask), rollout.completion_len())
+}
+
+/// The loss mask [N, C]: generated tokens, without the truncated completions when asked.
+pub fn loss_mask(rollout: &Rollout, mask_truncated: bool, device: &Device) -> Tensor<2> {
+    let width = rollout.completion_len();
+    let values: Vec<f32> = rollout
+        .completion_mask
+        .iter()
+        .zip(&rollout.stop_reasons)
+        .flat_map(|(row, reason)| {
+            let drop = mask_truncated && *reason == StopReason::Length;
+            row.iter().map(move |&m| if m && !drop { 1.0 } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rollout.len(), width]), device)
+}
+
+/// TRL's reward and completion metrics: `reward`, `rewards/<fn>/mean`, `rewards/<fn>/std`,
+/// `completions/mean_length`, `completions/clipped_ratio`.
+pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Metrics) {
+    let (reward_mean, _) = mean_std(&scored.total);
+    metrics.insert("reward".to_string(), reward_mean);
+    for (name, values) in &scored.per_function {
+        let (mean, std) = mean_std(values);
+        metrics.insert(format!("rewards/{name}/mean"), mean);
+        metrics.insert(format!("rewards/{name}/std"), std);
+    }
+    let lengths: Vec<f32> = rollout.lengths().into_iter().map(|l| l as f32).collect();
+    metrics.insert("completions/mean_length".to_string(), mean_std(&lengths).0);
+    let truncated = rollout.stop_reasons.iter().filter(|r| **r == StopReason::Length).count();
+    metrics.insert("completions/clipped_ratio".to_string(), truncated as f64 / rollout.len().max(1) as f64);
+}
