@@ -258,10 +258,19 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])
 pub fn completion_log_probs(model: &CausalLm, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+    let logits = model.forward(input, &mut model.new_cache()); // [B, P+N, V]
+    log_probs_from_logits(logits, input, completion_len, temperature)
+}
+
+/// As [`completion_log_probs`], from logits already computed for `input` ([B, P+N, V]) — for
+/// callers that also need the hidden states (a value head, say).
+///
+/// # Shapes
+/// - returns (log_probs [B, N], entropies [B, N])
+pub fn log_probs_from_logits(logits: Tensor<3>, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
     let batch = input.batch_size;
     let total = input.seq_len();
     assert!(completion_len < total, "the input must hold at least one prompt token before the completion");
-    let logits = model.forward(input, &mut model.new_cache()); // [B, P+N, V]
     let vocab = logits.dims()[2];
     // The logits at position t predict token t + 1.
     let predicting = logits.slice([0..batch, total - completion_len - 1..total - 1, 0..vocab]) / temperature;

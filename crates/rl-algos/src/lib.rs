@@ -5,19 +5,22 @@
 //! - [`grpo`]: GRPO (one file, rollout to update); [`advantages`]: group normalisation, GAE.
 //! - [`rewards`]: rule-based rewards; [`rollout`]: sampling and scoring layout shared by methods.
 //!
-//! Still to come (rl-algos issue): PPO, checkpoints and resume of RL runs.
+//! - [`ppo`]: PPO with a value head, GAE and the clipped policy and value losses.
+//!
+//! Still to come (rl-algos issue): checkpoints and resume of RL runs, gradient accumulation.
 //!
 //! Architecture invariant: reward functions do no I/O.
 
 pub mod advantages;
 pub mod algorithm;
 pub mod grpo;
+pub mod ppo;
 pub mod rewards;
 pub mod rollout;
 
 pub use algorithm::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError};
 
 /// The algorithms this crate provides; the study runner adds those of other crates.
-pub const BUILTIN: &[AlgorithmEntry] = &[grpo::ENTRY];
+pub const BUILTIN: &[AlgorithmEntry] = &[grpo::ENTRY, ppo::ENTRY];
 
 pub use policy_models::BackendKind;

@@ -1,0 +1,454 @@
+//! PPO for language models (Schulman et al., 2017; Ouyang et al., 2022), as TRL's PPOTrainer
+//! and cleanrl compute it, with a value head on the policy's last hidden state.
+//!
+//! Per step: sample one completion per prompt; score it (rule rewards, a reward model, or both:
+//! anything behind the reward-function trait); per-token rewards are -kl_coef x KL(policy ||
+//! reference) (k1 or k3) plus the score at the last completion token; GAE(gamma, lambda) gives
+//! advantages (whitened) and returns; then `num_ppo_epochs` passes over `num_mini_batches`
+//! minibatches minimise the clipped policy loss + vf_coef x the clipped value loss - entropy_coef
+//! x entropy.
+//!
+//! Legend: `N` completions, `T` padded completion length, `C` model width.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use policy_models::generate::{Sampler, log_probs_from_logits};
+use policy_models::optim::{AdamW, clip_grad_norm, global_grad_norm};
+use policy_models::{CausalLm, StepInput};
+use serde::{Deserialize, Serialize};
+
+use crate::advantages::{gae, whiten};
+use crate::algorithm::{
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, mean_std, parse_config,
+};
+use crate::grpo::step_seed;
+use crate::rollout;
+
+/// The KL estimator of the per-token penalty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// log pi - log ref: unbiased, can be negative per token (TRL's default).
+    K1,
+    /// exp(ref - logp) - (ref - logp) - 1: unbiased and never negative.
+    K3,
+}
+
+/// PPO settings, with TRL's names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoConfig {
+    /// Prompts (and completions) per step. Default 16.
+    pub prompts_per_step: usize,
+    /// Most tokens per completion. Default 128.
+    pub max_completion_length: usize,
+    /// Sampling temperature. Default 1.0.
+    pub temperature: f32,
+    /// Nucleus sampling. Default 1.0 (off).
+    pub top_p: f32,
+    /// Weight of the per-token KL penalty in the reward. Default 0.05.
+    pub kl_coef: f64,
+    /// KL estimator. Default k1.
+    pub kl_estimator: KlEstimator,
+    /// Policy clip range. Default 0.2.
+    pub cliprange: f64,
+    /// Value clip range. Default 0.2.
+    pub cliprange_value: f64,
+    /// Value loss weight. Default 0.1.
+    pub vf_coef: f64,
+    /// Entropy bonus weight. Default 0.0.
+    pub entropy_coef: f64,
+    /// Discount. Default 1.0 (episodic, one reward at the end).
+    pub gamma: f64,
+    /// GAE lambda. Default 0.95.
+    pub lam: f64,
+    /// Passes over each rollout. Default 4.
+    pub num_ppo_epochs: usize,
+    /// Minibatches per pass. Default 1.
+    pub num_mini_batches: usize,
+    /// Whiten advantages. Default true.
+    pub whiten_advantages: bool,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_step: 16,
+            max_completion_length: 128,
+            temperature: 1.0,
+            top_p: 1.0,
+            kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            entropy_coef: 0.0,
+            gamma: 1.0,
+            lam: 0.95,
+            num_ppo_epochs: 4,
+            num_mini_batches: 1,
+            whiten_advantages: true,
+        }
+    }
+}
+
+impl PpoConfig {
+    /// Checks the settings; each message names the value and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prompts_per_step == 0 || self.max_completion_length == 0 || self.num_ppo_epochs == 0 {
+            return Err("ppo.prompts_per_step, max_completion_length and num_ppo_epochs must be at least 1".to_string());
+        }
+        if self.num_mini_batches == 0 || self.prompts_per_step % self.num_mini_batches != 0 {
+            return Err(format!(
+                "ppo.num_mini_batches = {} must divide prompts_per_step = {}",
+                self.num_mini_batches, self.prompts_per_step
+            ));
+        }
+        if !(self.cliprange > 0.0 && self.cliprange < 1.0) || !(self.cliprange_value > 0.0) {
+            return Err(format!(
+                "ppo.cliprange = {} must be in (0, 1) and cliprange_value = {} positive",
+                self.cliprange, self.cliprange_value
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.gamma) || !(0.0..=1.0).contains(&self.lam) {
+            return Err(format!("ppo.gamma = {} and lam = {} must be in [0, 1]", self.gamma, self.lam));
+        }
+        if self.kl_coef < 0.0 || self.vf_coef < 0.0 || self.entropy_coef < 0.0 {
+            return Err("ppo.kl_coef, vf_coef and entropy_coef must be 0 or positive".to_string());
+        }
+        if !(self.temperature > 0.0) || !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("ppo.temperature = {} must be positive and top_p = {} in (0, 1]", self.temperature, self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Rewards, advantages and returns of a rollout, per token ([N][T], zero at padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PpoTargets {
+    /// Per-token rewards: -kl_coef x KL, plus the score at the last token.
+    pub rewards: Vec<Vec<f32>>,
+    /// (Whitened) advantages.
+    pub advantages: Vec<Vec<f32>>,
+    /// Value targets: advantages (before whitening) + values.
+    pub returns: Vec<Vec<f32>>,
+    /// Mean per-token KL over completion tokens.
+    pub kl: f64,
+}
+
+/// Computes PPO's per-token rewards, GAE advantages and returns from the rollout's log-probs,
+/// reference log-probs and values (each [N][T], only the first `lengths[i]` entries of row i
+/// are real) and the sequence scores.
+pub fn ppo_targets(
+    logprobs: &[Vec<f32>],
+    ref_logprobs: &[Vec<f32>],
+    values: &[Vec<f32>],
+    scores: &[f32],
+    lengths: &[usize],
+    config: &PpoConfig,
+) -> PpoTargets {
+    let width = logprobs.first().map_or(0, Vec::len);
+    let (mut rewards, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kl_sum, mut tokens) = (0.0f64, 0usize);
+    for row in 0..logprobs.len() {
+        let length = lengths[row];
+        let mut row_rewards = vec![0.0f32; width];
+        for t in 0..length {
+            let log_ratio = ref_logprobs[row][t] - logprobs[row][t];
+            let kl = match config.kl_estimator {
+                KlEstimator::K1 => -log_ratio,
+                KlEstimator::K3 => log_ratio.exp() - 1.0 - log_ratio,
+            };
+            kl_sum += f64::from(kl);
+            row_rewards[t] = -(config.kl_coef as f32) * kl;
+        }
+        tokens += length;
+        if length > 0 {
+            row_rewards[length - 1] += scores[row];
+        }
+        let (row_advantages, row_returns) = gae(&row_rewards[..length], &values[row][..length], config.gamma as f32, config.lam as f32);
+        let pad = |mut v: Vec<f32>| {
+            v.resize(width, 0.0);
+            v
+        };
+        rewards.push(row_rewards);
+        advantages.push(pad(row_advantages));
+        returns.push(pad(row_returns));
+    }
+    if config.whiten_advantages {
+        let real: Vec<f32> = advantages.iter().zip(lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect();
+        let mut whitened = whiten(&real).into_iter();
+        for (row, &length) in advantages.iter_mut().zip(lengths) {
+            for value in row.iter_mut().take(length) {
+                *value = whitened.next().expect("one whitened value per real token");
+            }
+        }
+    }
+    PpoTargets { rewards, advantages, returns, kl: kl_sum / tokens.max(1) as f64 }
+}
+
+/// Metrics of the PPO objective, with TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoLossMetrics {
+    /// The clipped policy loss (`loss/policy`).
+    pub policy_loss: f64,
+    /// The clipped value loss (`loss/value`).
+    pub value_loss: f64,
+    /// 0.5 x mean squared log-ratio (`policy/approxkl`).
+    pub approxkl: f64,
+    /// Share of tokens where clipping bound the policy loss (`policy/clipfrac`).
+    pub clipfrac: f64,
+}
+
+/// The PPO loss: clipped policy loss + vf_coef x clipped value loss.
+///
+/// # Shapes
+/// - `new_logprobs`, `old_logprobs`, `advantages`, `vpred`, `old_values`, `returns`, `mask`: [N, T]
+/// - returns a loss of shape [1]
+#[allow(clippy::too_many_arguments, reason = "the objective's inputs, named as in the papers")]
+pub fn ppo_objective(
+    new_logprobs: Tensor<2>,
+    old_logprobs: Tensor<2>,
+    advantages: Tensor<2>,
+    vpred: Tensor<2>,
+    old_values: Tensor<2>,
+    returns: Tensor<2>,
+    mask: Tensor<2>,
+    config: &PpoConfig,
+) -> (Tensor<1>, PpoLossMetrics) {
+    let tokens = mask.clone().sum().clamp_min(1.0);
+    let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum() / tokens.clone();
+    let value_clip = config.cliprange_value as f32;
+    let vpred_clipped = vpred.clone().max_pair(old_values.clone() - value_clip).min_pair(old_values + value_clip);
+    let value_losses = (vpred - returns.clone()).powi_scalar(2);
+    let value_losses_clipped = (vpred_clipped - returns).powi_scalar(2);
+    let value_loss = masked_mean(value_losses.max_pair(value_losses_clipped)) * 0.5;
+    let log_ratio = new_logprobs - old_logprobs;
+    let ratio = log_ratio.clone().exp();
+    let clip = config.cliprange as f32;
+    let policy_losses = -advantages.clone() * ratio.clone();
+    let policy_losses_clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip);
+    let clipped = policy_losses_clipped.clone().greater(policy_losses.clone()).float();
+    let policy_loss = masked_mean(policy_losses.max_pair(policy_losses_clipped));
+    let loss = policy_loss.clone() + value_loss.clone() * config.vf_coef as f32;
+    let scalar = |t: Tensor<1>| f64::from(t.detach().into_scalar::<f32>());
+    let metrics = PpoLossMetrics {
+        policy_loss: scalar(policy_loss),
+        value_loss: scalar(value_loss),
+        approxkl: scalar(masked_mean(log_ratio.detach().powi_scalar(2)) * 0.5),
+        clipfrac: scalar(masked_mean(clipped.detach())),
+    };
+    (loss.reshape([1]), metrics)
+}
+
+/// The policy with a scalar value head on its last hidden state.
+#[derive(Module, Debug)]
+pub struct PolicyWithValueHead {
+    /// The language model.
+    pub policy: CausalLm,
+    /// C -> 1.
+    pub value_head: Linear,
+}
+
+impl PolicyWithValueHead {
+    /// Log-probs, entropies and values of the completion tokens of `input`.
+    ///
+    /// # Shapes
+    /// - returns three [N, T] tensors
+    pub fn score(&self, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+        let hidden = self.policy.hidden_states(input, &mut self.policy.new_cache()); // [N, P+T, C]
+        let [batch, total, width] = hidden.dims();
+        let logits = self.policy.logits(hidden.clone());
+        let (logps, entropies) = log_probs_from_logits(logits, input, completion_len, temperature);
+        // The value of the state before each completion token: the same positions that predict it.
+        let states = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]);
+        let values = self.value_head.forward(states).reshape([batch, completion_len]);
+        (logps, entropies, values)
+    }
+}
+
+/// PPO training state.
+pub struct Ppo {
+    config: PpoConfig,
+    optim: OptimSettings,
+    model: Option<PolicyWithValueHead>,
+    reference: CausalLm,
+    optimizer: AdamW,
+    steps: u64,
+    seed: u64,
+}
+
+/// The registry entry.
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "ppo", validate: validate_entry, build: build_entry };
+
+fn validate_entry(value: &serde_json::Value) -> Result<(), String> {
+    parse_config::<PpoConfig>("ppo", value)?.validate()
+}
+
+fn build_entry(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {
+    let config = parse_config::<PpoConfig>("ppo", &inputs.config).map_err(RlError::Config)?;
+    Ok(Box::new(Ppo::new(inputs.policy, config, inputs.optim, inputs.seed)?))
+}
+
+fn rows(tensor: Tensor<2>) -> Vec<Vec<f32>> {
+    let [count, width] = tensor.dims();
+    let values = tensor.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+    (0..count).map(|row| values[row * width..(row + 1) * width].to_vec()).collect()
+}
+
+impl Ppo {
+    /// Starts PPO on `policy` (on an autodiff device): a value head initialised near zero, and a
+    /// frozen copy of the policy as the reference.
+    pub fn new(policy: CausalLm, config: PpoConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
+        config.validate().map_err(RlError::Config)?;
+        optim.validate().map_err(RlError::Config)?;
+        let device = policy.devices().into_iter().next().expect("the policy has parameters");
+        let width = match policy.config() {
+            policy_models::ModelConfig::GptNeo(c) => c.hidden_size,
+            policy_models::ModelConfig::Qwen2(c) => c.hidden_size,
+            policy_models::ModelConfig::Llama(c) => c.hidden_size,
+        };
+        let value_head = LinearConfig::new(width, 1)
+            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 1.0 / (width as f64 + 1.0) })
+            .init(&device);
+        let reference = policy.valid();
+        Ok(Self {
+            config,
+            optim: optim.clone(),
+            model: Some(PolicyWithValueHead { policy, value_head }),
+            reference,
+            optimizer: AdamW::new(optim.adamw),
+            steps: 0,
+            seed,
+        })
+    }
+}
+
+impl RlAlgorithm for Ppo {
+    fn name(&self) -> &'static str {
+        "ppo"
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn policy(&self) -> &CausalLm {
+        &self.model.as_ref().expect("the model is present between steps").policy
+    }
+
+    fn into_policy(self: Box<Self>) -> CausalLm {
+        self.model.expect("the model is present between steps").policy
+    }
+
+    fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
+        let started = Instant::now();
+        let mut model = self.model.take().expect("the model is present between steps");
+        let device = model.policy.devices().into_iter().next().expect("the policy has parameters");
+        let inference = model.valid();
+        let sampler = Sampler::Sample {
+            temperature: self.config.temperature,
+            top_k: None,
+            top_p: (self.config.top_p < 1.0).then_some(self.config.top_p),
+        };
+        let rollout = rollout::sample(&inference.policy, prompts, 1, self.config.max_completion_length, sampler, environment, step_seed(self.seed, self.steps, 0));
+        let scored = rollout::reward(&rollout, prompts, environment);
+        let mut metrics = Metrics::new();
+        rollout::rollout_metrics(&rollout, &scored, &mut metrics);
+        metrics.insert("reward_std".to_string(), mean_std(&scored.total).1);
+
+        let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let temperature = self.config.temperature;
+        let (old_logprobs, _, old_values) = inference.score(&input, completion_len, temperature);
+        let (ref_logprobs, _) = policy_models::generate::completion_log_probs(&self.reference, &input, completion_len, temperature);
+        let lengths = rollout.lengths();
+        let old_values_host = rows(old_values.clone());
+        let targets = ppo_targets(&rows(old_logprobs.clone()), &rows(ref_logprobs), &old_values_host, &scored.total, &lengths, &self.config);
+        metrics.insert("kl".to_string(), targets.kl);
+        // Explained variance of the rollout's values against the returns, over real tokens.
+        let real = |table: &[Vec<f32>]| -> Vec<f32> { table.iter().zip(&lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect() };
+        let returns_real = real(&targets.returns);
+        let residual: Vec<f32> = returns_real.iter().zip(real(&old_values_host)).map(|(r, v)| r - v).collect();
+        let variance = |values: &[f32]| mean_std(values).1.powi(2);
+        metrics.insert("val/explained_variance".to_string(), 1.0 - variance(&residual) / variance(&returns_real).max(1e-12));
+
+        let count = rollout.len();
+        let width = completion_len;
+        let table = |values: &[Vec<f32>]| {
+            Tensor::<2>::from_data(TensorData::new(values.iter().flatten().copied().collect::<Vec<f32>>(), [count, width]), &device)
+        };
+        let advantages = table(&targets.advantages);
+        let returns = table(&targets.returns);
+        let old_logprobs = Tensor::<2>::from_inner(old_logprobs);
+        let old_values = Tensor::<2>::from_inner(old_values);
+        let mask = rollout::loss_mask(&rollout, false, &device);
+        let schedule = self.optim.schedule();
+        let minibatch = count / self.config.num_mini_batches;
+        let mut sums = [0.0f64; 6]; // policy loss, value loss, approxkl, clipfrac, entropy, grad norm
+        let mut updates = 0usize;
+        let mut update_norm_sum = 0.0;
+        let mut learning_rate = 0.0;
+        for _epoch in 0..self.config.num_ppo_epochs {
+            for start in (0..count).step_by(minibatch.max(1)) {
+                let rows_range = start..(start + minibatch).min(count);
+                let keep: Vec<usize> = rows_range.clone().collect();
+                let sub = rollout.select(&keep);
+                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+                let pick = |t: &Tensor<2>| t.clone().slice([rows_range.clone(), 0..width]);
+                let (logps, entropies, vpred) = model.score(&sub_input, completion_len, temperature);
+                let sub_mask = pick(&mask);
+                let (mut loss, objective) = ppo_objective(logps, pick(&old_logprobs), pick(&advantages), vpred, pick(&old_values), pick(&returns), sub_mask.clone(), &self.config);
+                let tokens = sub_mask.clone().sum().clamp_min(1.0);
+                let entropy = (entropies * sub_mask).sum() / tokens;
+                if self.config.entropy_coef > 0.0 {
+                    loss = loss - entropy.clone().reshape([1]) * self.config.entropy_coef as f32;
+                }
+                let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+                if !loss_value.is_finite() {
+                    self.model = Some(model);
+                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
+                }
+                let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+                let grad_norm = match self.optim.max_grad_norm {
+                    Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
+                    None => global_grad_norm(&model, &grads),
+                };
+                if !grad_norm.is_finite() {
+                    self.model = Some(model);
+                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "gradient norm".to_string(), value: grad_norm });
+                }
+                learning_rate = schedule.learning_rate_at(self.optimizer.steps());
+                let (updated, update_norm) = self.optimizer.step(model, grads, learning_rate);
+                model = updated;
+                for (sum, value) in sums.iter_mut().zip([
+                    objective.policy_loss,
+                    objective.value_loss,
+                    objective.approxkl,
+                    objective.clipfrac,
+                    f64::from(entropy.detach().into_scalar::<f32>()),
+                    grad_norm,
+                ]) {
+                    *sum += value;
+                }
+                update_norm_sum += update_norm;
+                updates += 1;
+            }
+        }
+        let average = |sum: f64| sum / updates.max(1) as f64;
+        for (name, sum) in ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "entropy", "grad_norm"].iter().zip(sums) {
+            metrics.insert(name.to_string(), average(sum));
+        }
+        metrics.insert("update_norm".to_string(), average(update_norm_sum));
+        metrics.insert("learning_rate".to_string(), learning_rate);
+        self.model = Some(model);
+        self.steps += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        metrics.insert("step_time".to_string(), seconds);
+        metrics.insert("tokens_per_second".to_string(), lengths.iter().sum::<usize>() as f64 / seconds.max(1e-9));
+        Ok(metrics)
+    }
+}
