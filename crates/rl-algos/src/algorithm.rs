@@ -6,6 +6,7 @@
 //! list of entries.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use policy_models::CausalLm;
 use policy_models::optim::{AdamWSettings, Schedule};
@@ -136,6 +137,37 @@ pub trait RlAlgorithm: Send {
 
     /// Hands the trained policy back.
     fn into_policy(self: Box<Self>) -> CausalLm;
+
+    /// Writes everything a resumed run needs into `dir` (policy in the Hugging Face layout,
+    /// optimizer state, step count, any extra modules). Sampling seeds derive from (seed, step),
+    /// so no generator state needs saving.
+    fn save_checkpoint(&self, dir: &Path) -> Result<(), RlError>;
+}
+
+/// The step count and seed of an RL checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Algorithm steps completed.
+    pub steps: u64,
+    /// The run's seed.
+    pub seed: u64,
+}
+
+impl CheckpointState {
+    /// Writes `state.json`.
+    pub fn write(&self, dir: &Path) -> Result<(), RlError> {
+        let path = dir.join("state.json");
+        std::fs::write(&path, serde_json::to_string_pretty(self).expect("json"))
+            .map_err(|source| RlError::Load(policy_models::LoadError::Io { path, source }))
+    }
+
+    /// Reads `state.json`.
+    pub fn read(dir: &Path) -> Result<Self, RlError> {
+        let path = dir.join("state.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| RlError::Load(policy_models::LoadError::Io { path: path.clone(), source }))?;
+        serde_json::from_str(&text).map_err(|error| RlError::Config(format!("{}: {error}", path.display())))
+    }
 }
 
 /// How the runner builds an algorithm: the policy to train (on an autodiff device), its config
@@ -160,6 +192,9 @@ pub struct AlgorithmEntry {
     pub validate: fn(&serde_json::Value) -> Result<(), String>,
     /// Builds the algorithm.
     pub build: fn(AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError>,
+    /// Rebuilds it from a checkpoint written by [`RlAlgorithm::save_checkpoint`]; the inputs'
+    /// policy is the run's starting policy (the reference).
+    pub resume: fn(AlgorithmInputs, &Path) -> Result<Box<dyn RlAlgorithm>, RlError>,
 }
 
 /// Parses and validates a config block with serde, naming the algorithm in errors.

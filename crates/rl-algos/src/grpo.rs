@@ -263,7 +263,12 @@ pub struct Grpo {
 }
 
 /// The registry entry.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "grpo", validate: validate_entry, build: build_entry };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "grpo", validate: validate_entry, build: build_entry, resume: resume_entry };
+
+fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
+    let config = parse_config::<GrpoConfig>("grpo", &inputs.config).map_err(RlError::Config)?;
+    Ok(Box::new(Grpo::resume(inputs.policy, config, inputs.optim, dir)?))
+}
 
 fn validate_entry(value: &serde_json::Value) -> Result<(), String> {
     parse_config::<GrpoConfig>("grpo", value)?.validate()
@@ -288,6 +293,18 @@ impl Grpo {
         let reference = (config.beta > 0.0).then(|| policy.valid());
         let optimizer = AdamW::new(optim.adamw);
         Ok(Self { config, optim, policy: Some(policy), reference, optimizer, steps: 0, seed })
+    }
+
+    /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
+    pub fn resume(start: CausalLm, config: GrpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
+        let state = crate::algorithm::CheckpointState::read(dir)?;
+        let device = start.devices().into_iter().next().expect("the policy has parameters");
+        let policy = CausalLm::load_dir(&dir.join("policy"), &device)?;
+        let mut grpo = Self::new(start, config, optim, state.seed)?;
+        grpo.optimizer = AdamW::load(grpo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
+        grpo.policy = Some(policy);
+        grpo.steps = state.steps;
+        Ok(grpo)
     }
 
     /// Replaces completions of groups whose rewards are all equal with new samples, up to
@@ -348,6 +365,12 @@ impl RlAlgorithm for Grpo {
 
     fn into_policy(self: Box<Self>) -> CausalLm {
         self.policy.expect("the policy is present between steps")
+    }
+
+    fn save_checkpoint(&self, dir: &std::path::Path) -> Result<(), RlError> {
+        self.policy().save_dir(&dir.join("policy"), None)?;
+        self.optimizer.save(self.policy(), &dir.join("optimizer.safetensors"))?;
+        crate::algorithm::CheckpointState { steps: self.steps, seed: self.seed }.write(dir)
     }
 
     fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {

@@ -283,7 +283,12 @@ pub struct Ppo {
 }
 
 /// The registry entry.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "ppo", validate: validate_entry, build: build_entry };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "ppo", validate: validate_entry, build: build_entry, resume: resume_entry };
+
+fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
+    let config = parse_config::<PpoConfig>("ppo", &inputs.config).map_err(RlError::Config)?;
+    Ok(Box::new(Ppo::resume(inputs.policy, config, inputs.optim, dir)?))
+}
 
 fn validate_entry(value: &serde_json::Value) -> Result<(), String> {
     parse_config::<PpoConfig>("ppo", value)?.validate()
@@ -301,7 +306,7 @@ fn rows(tensor: Tensor<2>) -> Vec<Vec<f32>> {
 }
 
 impl Ppo {
-    /// Starts PPO on `policy` (on an autodiff device): a value head initialised near zero, and a
+    /// Starts PPO on `policy` (on an autodiff device): a zero-initialised value head, and a
     /// frozen copy of the policy as the reference.
     pub fn new(policy: CausalLm, config: PpoConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
         config.validate().map_err(RlError::Config)?;
@@ -312,9 +317,8 @@ impl Ppo {
             policy_models::ModelConfig::Qwen2(c) => c.hidden_size,
             policy_models::ModelConfig::Llama(c) => c.hidden_size,
         };
-        let value_head = LinearConfig::new(width, 1)
-            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 1.0 / (width as f64 + 1.0) })
-            .init(&device);
+        // Zero-initialised: deterministic, and the first value estimates are 0 rather than noise.
+        let value_head = LinearConfig::new(width, 1).with_initializer(burn::nn::Initializer::Zeros).init(&device);
         let reference = policy.valid();
         Ok(Self {
             config,
@@ -325,6 +329,25 @@ impl Ppo {
             steps: 0,
             seed,
         })
+    }
+}
+
+impl Ppo {
+    /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
+    pub fn resume(start: CausalLm, config: PpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
+        let state = crate::algorithm::CheckpointState::read(dir)?;
+        let device = start.devices().into_iter().next().expect("the policy has parameters");
+        let mut ppo = Self::new(start, config, optim, state.seed)?;
+        let policy = CausalLm::load_dir(&dir.join("policy"), &device)?;
+        let mut heads = policy_models::weights::WeightMap::open_files(dir, &[dir.join("value_head.safetensors")], &device)?;
+        let width = ppo.model.as_ref().expect("model").value_head.weight.dims()[0];
+        let value_head = heads.linear("value_head", width, 1, true)?;
+        heads.finish()?;
+        let model = PolicyWithValueHead { policy, value_head };
+        ppo.optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
+        ppo.model = Some(model);
+        ppo.steps = state.steps;
+        Ok(ppo)
     }
 }
 
@@ -343,6 +366,16 @@ impl RlAlgorithm for Ppo {
 
     fn into_policy(self: Box<Self>) -> CausalLm {
         self.model.expect("the model is present between steps").policy
+    }
+
+    fn save_checkpoint(&self, dir: &std::path::Path) -> Result<(), RlError> {
+        let model = self.model.as_ref().expect("the model is present between steps");
+        model.policy.save_dir(&dir.join("policy"), None)?;
+        let mut heads = policy_models::weights::WeightWriter::default();
+        heads.linear("value_head", &model.value_head);
+        heads.write(&dir.join("value_head.safetensors"))?;
+        self.optimizer.save(model, &dir.join("optimizer.safetensors"))?;
+        crate::algorithm::CheckpointState { steps: self.steps, seed: self.seed }.write(dir)
     }
 
     fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
