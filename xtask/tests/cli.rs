@@ -132,3 +132,15 @@ fn bench_smoke_run_reports_every_key() {
         assert!(report["config"][key].as_u64().unwrap() > 0, "config.{key}");
     }
 }
+
+#[test]
+fn logits_of_a_reward_model_is_its_score() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/reward-model/tests/fixtures/roberta_regressor");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
+    let output = xtask(&["logits", "--model", dir.to_str().unwrap(), "--ids", &ids.join(",")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let score = json["logits"][0][0].as_f64().unwrap();
+    assert!((score - reference["scores"][0].as_f64().unwrap()).abs() < 1e-4, "{json}");
+}

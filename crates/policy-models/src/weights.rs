@@ -73,6 +73,9 @@ pub struct WeightMap {
     /// Keys that are known buffers rather than weights (GPT-Neo's causal-mask `attn.bias`, old
     /// Llama checkpoints' `rotary_emb.inv_freq`): present in some checkpoints, never used.
     ignored_suffixes: Vec<&'static str>,
+    /// Keys under these prefixes belong to parts of a checkpoint this model does not have (a
+    /// masked-LM head, a pooler) and are skipped.
+    ignored_prefixes: Vec<&'static str>,
     device: Device,
 }
 
@@ -117,6 +120,7 @@ impl WeightMap {
             entries,
             taken: BTreeSet::new(),
             ignored_suffixes: Vec::new(),
+            ignored_prefixes: Vec::new(),
             device: device.clone(),
         })
     }
@@ -125,6 +129,13 @@ impl WeightMap {
     /// not reported as unused.
     pub fn ignore_suffixes(mut self, suffixes: &[&'static str]) -> Self {
         self.ignored_suffixes.extend_from_slice(suffixes);
+        self
+    }
+
+    /// Declares keys starting with these prefixes as parts of the checkpoint this model does not
+    /// use (a masked-LM head, say): they are not reported as unused.
+    pub fn ignore_prefixes(mut self, prefixes: &[&'static str]) -> Self {
+        self.ignored_prefixes.extend_from_slice(prefixes);
         self
     }
 
@@ -238,6 +249,7 @@ impl WeightMap {
             .keys()
             .filter(|key| !self.taken.contains(*key))
             .filter(|key| !self.ignored_suffixes.iter().any(|suffix| key.ends_with(suffix)))
+            .filter(|key| !self.ignored_prefixes.iter().any(|prefix| key.starts_with(prefix)))
             .collect();
         match unused.first() {
             None => Ok(()),
