@@ -1,0 +1,205 @@
+//! Comparison pairs for reward-model training: (prompt, chosen, rejected), where chosen is a
+//! correct worked solution and rejected is the same solution spoiled in one of three ways:
+//!
+//! - a corrupted step whose error propagates: one `a op b = c` line gets a wrong result, every
+//!   later line that used it is recomputed from the wrong value, and the final answer follows;
+//! - a wrong final answer after a correct derivation;
+//! - a broken format (the answer marker or tags removed).
+//!
+//! Pairs are built from whichever split is given: training pairs from train, held-out pairs from
+//! test only. Generation is deterministic for a seed.
+
+use std::sync::LazyLock;
+
+use prompting::Template;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use tasks::{Problem, SplitProblems};
+
+/// How the rejected completion was spoiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Corruption {
+    /// One step computed wrongly, the error carried to the answer.
+    CorruptedStep,
+    /// A correct derivation with a wrong final answer.
+    WrongAnswer,
+    /// The answer format broken.
+    BrokenFormat,
+    /// A policy sample judged wrong, against a policy sample judged right.
+    PolicySample,
+}
+
+/// One comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The question (what the reward model sees before the completion).
+    pub prompt: String,
+    /// The better completion.
+    pub chosen: String,
+    /// The worse completion.
+    pub rejected: String,
+    /// How `rejected` was made.
+    pub corruption: Corruption,
+}
+
+static STEP: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(-?\d+) ([+\-*]) (-?\d+) = (-?\d+)$").expect("valid regex"));
+
+/// A nearby wrong value: c + d with d in [-5, 5] \ {0}, scaled for large values.
+fn nearby(rng: &mut ChaCha8Rng, value: i64) -> i64 {
+    let scale = (value.abs() / 20).max(1);
+    loop {
+        let delta = rng.random_range(-5..=5i64) * scale;
+        if delta != 0 {
+            return value + delta;
+        }
+    }
+}
+
+/// Corrupts one step of an arithmetic solution (lines `a op b = c`) and propagates the error.
+/// Returns the new solution and answer, or `None` when no line has that form.
+pub fn corrupt_step(solution: &str, rng: &mut ChaCha8Rng) -> Option<(String, String)> {
+    let mut lines: Vec<String> = solution.lines().map(str::to_string).collect();
+    let steps: Vec<usize> = (0..lines.len()).filter(|&i| STEP.is_match(&lines[i])).collect();
+    if steps.is_empty() {
+        return None;
+    }
+    let chosen = steps[rng.random_range(0..steps.len())];
+    let captures = STEP.captures(&lines[chosen])?;
+    let old: i64 = captures[4].parse().ok()?;
+    let mut replacements = vec![(old, nearby(rng, old))];
+    lines[chosen] = format!("{} {} {} = {}", &captures[1], &captures[2], &captures[3], replacements[0].1);
+    for line in lines.iter_mut().skip(chosen + 1) {
+        let Some(captures) = STEP.captures(line) else { continue };
+        let operand = |text: &str| -> i64 {
+            let value: i64 = text.parse().unwrap_or(0);
+            replacements.iter().find(|(from, _)| *from == value).map_or(value, |(_, to)| *to)
+        };
+        let (left, right) = (operand(&captures[1]), operand(&captures[3]));
+        let result = match &captures[2] {
+            "+" => left + right,
+            "-" => left - right,
+            _ => left * right,
+        };
+        let previous: i64 = captures[4].parse().unwrap_or(result);
+        let op = captures[2].to_string();
+        *line = format!("{left} {op} {right} = {result}");
+        replacements.push((previous, result));
+    }
+    let answer = lines.iter().rev().find_map(|line| STEP.captures(line).map(|c| c[4].to_string()))?;
+    Some((lines.join("\n"), answer))
+}
+
+/// Removes what the template's strict scoring reads: GSM8K's `#### N` line, or the `<answer>`
+/// tags.
+fn break_format(template: Template, problem: &Problem) -> String {
+    match template {
+        Template::Plain => format!("{}\n{}", prompting::template::PLAIN_ANSWER_CUE, problem.solution),
+        Template::XmlReasoning | Template::ThinkAnswer => {
+            template.response(problem).replace("<answer>", "").replace("</answer>", "")
+        }
+    }
+}
+
+/// Builds `per_problem` comparisons for each problem of `split`, rotating through the three
+/// corruptions (a corrupted step falls back to a wrong answer when the solution has no
+/// `a op b = c` lines). The completions are written in `template`'s format.
+pub fn build_comparisons(split: &SplitProblems, template: Template, per_problem: usize, seed: u64) -> Vec<Comparison> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut pairs = Vec::with_capacity(split.len() * per_problem);
+    for (index, problem) in split.problems.iter().enumerate() {
+        let chosen = template.response(problem);
+        for k in 0..per_problem {
+            let kind = [Corruption::CorruptedStep, Corruption::WrongAnswer, Corruption::BrokenFormat][(index + k) % 3];
+            let spoiled = |answer: String, solution: String| Problem { answer, solution, ..problem.clone() };
+            let (rejected, corruption) = match kind {
+                Corruption::CorruptedStep => match corrupt_step(&problem.solution, &mut rng) {
+                    Some((solution, answer)) if answer != problem.answer => {
+                        (template.response(&spoiled(answer, solution)), Corruption::CorruptedStep)
+                    }
+                    _ => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
+                },
+                Corruption::WrongAnswer => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
+                _ => (break_format(template, problem), Corruption::BrokenFormat),
+            };
+            pairs.push(Comparison { prompt: problem.question.clone(), chosen: chosen.clone(), rejected, corruption });
+        }
+    }
+    pairs
+}
+
+fn wrong_answer(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> String {
+    let wrong = problem.answer.parse::<i64>().map(|value| nearby(rng, value).to_string()).unwrap_or_else(|_| format!("{}1", problem.answer));
+    template.response(&Problem { answer: wrong, ..problem.clone() })
+}
+
+/// Pairs of a policy's own samples for one prompt: every (correct, incorrect) combination, up
+/// to `max_pairs`.
+pub fn policy_sample_pairs(prompt: &str, correct: &[String], incorrect: &[String], max_pairs: usize) -> Vec<Comparison> {
+    correct
+        .iter()
+        .flat_map(|chosen| incorrect.iter().map(move |rejected| (chosen, rejected)))
+        .take(max_pairs)
+        .map(|(chosen, rejected)| Comparison {
+            prompt: prompt.to_string(),
+            chosen: chosen.clone(),
+            rejected: rejected.clone(),
+            corruption: Corruption::PolicySample,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tasks::synthetic::{SyntheticConfig, generate};
+
+    #[test]
+    fn a_corrupted_step_propagates_to_the_answer() {
+        for seed in 0..20 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let (solution, answer) = corrupt_step("3 + 4 = 7\n7 * 5 = 35\n35 - 2 = 33", &mut rng).unwrap();
+            // Exactly one step is computed wrongly; the others are consistent with it.
+            let mut wrong_steps = 0;
+            let mut last = None;
+            for line in solution.lines() {
+                let c = STEP.captures(line).unwrap();
+                let (a, b, r): (i64, i64, i64) = (c[1].parse().unwrap(), c[3].parse().unwrap(), c[4].parse().unwrap());
+                let computed = match &c[2] {
+                    "+" => a + b,
+                    "-" => a - b,
+                    _ => a * b,
+                };
+                wrong_steps += usize::from(computed != r);
+                last = Some(r);
+            }
+            assert_eq!(wrong_steps, 1, "{solution}");
+            assert_eq!(answer, last.unwrap().to_string());
+            assert_ne!(answer, "33", "{solution}");
+        }
+    }
+
+    #[test]
+    fn comparisons_cover_every_corruption_and_never_reject_the_truth() {
+        let task = generate(&SyntheticConfig { train_size: 60, test_size: 30, seed: 2, ..SyntheticConfig::default() }).unwrap();
+        let pairs = build_comparisons(&task.train, Template::XmlReasoning, 3, 0);
+        assert_eq!(pairs.len(), 180);
+        for kind in [Corruption::CorruptedStep, Corruption::WrongAnswer, Corruption::BrokenFormat] {
+            assert!(pairs.iter().any(|p| p.corruption == kind), "{kind:?}");
+        }
+        for (pair, problem) in pairs.iter().zip(task.train.problems.iter().flat_map(|p| std::iter::repeat_n(p, 3))) {
+            assert_ne!(pair.chosen, pair.rejected);
+            let chosen = eval::score_completion(&pair.chosen, &problem.answer, Template::XmlReasoning.answer_format());
+            let rejected = eval::score_completion(&pair.rejected, &problem.answer, Template::XmlReasoning.answer_format());
+            assert!(chosen.strict && !rejected.strict, "{pair:?}");
+        }
+        assert_eq!(pairs, build_comparisons(&task.train, Template::XmlReasoning, 3, 0), "deterministic");
+        // Held-out pairs come from the test split's questions only.
+        let held_out = build_comparisons(&task.test, Template::XmlReasoning, 1, 0);
+        let train_questions: std::collections::HashSet<_> = task.train.problems.iter().map(|p| &p.question).collect();
+        assert!(held_out.iter().all(|p| !train_questions.contains(&p.prompt)));
+    }
+}

@@ -1,0 +1,321 @@
+//! Reward-model training on comparisons: the pairwise Bradley-Terry loss
+//! -log sigmoid(r_chosen - r_rejected) by default, or MSE regression on scalar labels (chosen 1,
+//! rejected 0: the GPT-Neo seed's criterion); AdamW with PyTorch's semantics, warmup + cosine,
+//! global gradient clipping, checkpoints and exact resume. Metrics: loss, pairwise accuracy,
+//! mean score margin.
+
+use std::path::{Path, PathBuf};
+
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_sigmoid;
+use policy_models::PolicyTokenizer;
+use policy_models::optim::{AdamW, AdamWSettings, Schedule, clip_grad_norm, global_grad_norm};
+use policy_models::weights::LoadError;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::comparisons::Comparison;
+use crate::roberta::RobertaRegressor;
+
+/// Turns (prompt, completion) text into the reward model's input: `<cls> prompt \n completion
+/// <sep>`, keeping the end when too long (the answer is at the end).
+#[derive(Debug, Clone)]
+pub struct RewardTokenizer {
+    tokenizer: PolicyTokenizer,
+    cls_id: i64,
+    sep_id: i64,
+    pad_id: i64,
+    max_len: usize,
+}
+
+impl RewardTokenizer {
+    /// Uses `tokenizer`'s beginning-of-sequence token (else its end-of-sequence token) as the
+    /// first token, its end-of-sequence token last, and its padding token.
+    pub fn new(tokenizer: PolicyTokenizer, max_len: usize) -> Self {
+        let sep_id = i64::from(tokenizer.eos_ids.first().copied().unwrap_or(0));
+        let cls_id = tokenizer.bos_id.map_or(sep_id, i64::from);
+        let pad_id = tokenizer.pad_id.map_or(sep_id, i64::from);
+        Self { tokenizer, cls_id, sep_id, pad_id, max_len: max_len.max(3) }
+    }
+
+    /// The padding id (the model's `pad_token_id` must equal it).
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    /// Token ids of one text pair.
+    pub fn encode(&self, prompt: &str, completion: &str) -> Vec<i64> {
+        let body: Vec<i64> = self
+            .tokenizer
+            .encode(&format!("{prompt}\n{completion}"), false)
+            .map(|ids| ids.into_iter().map(i64::from).collect())
+            .unwrap_or_default();
+        let room = self.max_len - 2;
+        let kept = &body[body.len().saturating_sub(room)..];
+        let mut ids = Vec::with_capacity(kept.len() + 2);
+        ids.push(self.cls_id);
+        ids.extend_from_slice(kept);
+        ids.push(self.sep_id);
+        ids
+    }
+
+    /// Right-padded ids and masks of several pairs.
+    pub fn batch(&self, pairs: &[(&str, &str)]) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {
+        let encoded: Vec<Vec<i64>> = pairs.iter().map(|(prompt, completion)| self.encode(prompt, completion)).collect();
+        let width = encoded.iter().map(Vec::len).max().unwrap_or(0);
+        let masks = encoded.iter().map(|ids| (0..width).map(|i| i < ids.len()).collect()).collect();
+        let ids = encoded
+            .into_iter()
+            .map(|mut ids| {
+                ids.resize(width, self.pad_id);
+                ids
+            })
+            .collect();
+        (ids, masks)
+    }
+}
+
+/// The training criterion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairwiseLoss {
+    /// -log sigmoid(r_chosen - r_rejected) (Bradley-Terry; InstructGPT's reward model).
+    BradleyTerry,
+    /// (r_chosen - 1)^2 + (r_rejected - 0)^2, halved (regression on labels; the GPT-Neo seed).
+    Mse,
+}
+
+/// Settings of reward-model training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardTrainingConfig {
+    /// Optimizer steps. Default 300.
+    pub steps: u64,
+    /// Pairs per step. Default 16.
+    pub batch_size: usize,
+    /// Criterion. Default Bradley-Terry.
+    pub loss: PairwiseLoss,
+    /// Peak learning rate. Default 1e-3 (tiny models; ~1e-5 for DistilRoBERTa).
+    pub learning_rate: f64,
+    /// Warmup steps. Default 20.
+    pub warmup_steps: u64,
+    /// Cosine floor as a fraction of the peak. Default 0.1.
+    pub min_lr_ratio: f64,
+    /// AdamW settings.
+    pub adamw: AdamWSettings,
+    /// Global gradient-norm clip. Default 1.0.
+    pub max_grad_norm: Option<f64>,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Seed of the pair order.
+    pub seed: u64,
+}
+
+impl Default for RewardTrainingConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 16,
+            loss: PairwiseLoss::BradleyTerry,
+            learning_rate: 1e-3,
+            warmup_steps: 20,
+            min_lr_ratio: 0.1,
+            adamw: AdamWSettings::default(),
+            max_grad_norm: Some(1.0),
+            checkpoint_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// Pairwise accuracy and mean margin of a model on pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairMetrics {
+    /// Share of pairs where chosen scores above rejected.
+    pub accuracy: f64,
+    /// Mean of r_chosen - r_rejected.
+    pub mean_margin: f64,
+    /// Number of pairs.
+    pub pairs: usize,
+}
+
+/// Scores chosen and rejected of `pairs` in batches of `batch_size`.
+pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison], batch_size: usize) -> PairMetrics {
+    let (mut correct, mut margin_sum) = (0usize, 0.0f64);
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let (chosen, rejected) = score_pairs(model, tokenizer, chunk);
+        let chosen = chosen.into_data().try_to_vec::<f32>().expect("f32");
+        let rejected = rejected.into_data().try_to_vec::<f32>().expect("f32");
+        for (c, r) in chosen.iter().zip(&rejected) {
+            correct += usize::from(c > r);
+            margin_sum += f64::from(c - r);
+        }
+    }
+    PairMetrics { accuracy: correct as f64 / pairs.len().max(1) as f64, mean_margin: margin_sum / pairs.len().max(1) as f64, pairs: pairs.len() }
+}
+
+/// Scores of the chosen and rejected completions, [B] each.
+fn score_pairs(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison]) -> (Tensor<1>, Tensor<1>) {
+    let texts: Vec<(&str, &str)> = pairs
+        .iter()
+        .flat_map(|pair| [(pair.prompt.as_str(), pair.chosen.as_str()), (pair.prompt.as_str(), pair.rejected.as_str())])
+        .collect();
+    let (ids, masks) = tokenizer.batch(&texts);
+    let scores = model.score(&ids, &masks).reshape([pairs.len(), 2]);
+    let count = pairs.len();
+    (scores.clone().slice([0..count, 0..1]).reshape([count]), scores.slice([0..count, 1..2]).reshape([count]))
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardStep {
+    /// Steps completed.
+    pub step: u64,
+    /// The batch loss.
+    pub loss: f64,
+    /// Pairwise accuracy on the batch.
+    pub accuracy: f64,
+    /// Mean margin on the batch.
+    pub mean_margin: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub learning_rate: f64,
+}
+
+/// Errors of reward-model training.
+#[derive(Debug, thiserror::Error)]
+pub enum RewardTrainError {
+    #[error("step {step}: the {quantity} is {value}; stopping with the last checkpoint intact. Lower the learning rate")]
+    NotFinite { step: u64, quantity: &'static str, value: f64 },
+    #[error("no comparison pairs to train on")]
+    NoPairs,
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+}
+
+/// A reward model under training.
+pub struct RewardTrainer {
+    model: Option<RobertaRegressor>,
+    optimizer: AdamW,
+    config: RewardTrainingConfig,
+}
+
+impl RewardTrainer {
+    /// Starts training `model` (on an autodiff device).
+    pub fn new(model: RobertaRegressor, config: RewardTrainingConfig) -> Self {
+        Self { model: Some(model), optimizer: AdamW::new(config.adamw), config }
+    }
+
+    /// Resumes from a checkpoint written by [`RewardTrainer::save_checkpoint`].
+    pub fn resume(dir: &Path, config: RewardTrainingConfig, device: &burn::tensor::Device) -> Result<Self, RewardTrainError> {
+        let (model, _) = RobertaRegressor::load_dir(dir, device)?;
+        let optimizer = AdamW::load(config.adamw, &model, &dir.join("optimizer.safetensors"))?;
+        Ok(Self { model: Some(model), optimizer, config })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &RobertaRegressor {
+        self.model.as_ref().expect("present between steps")
+    }
+
+    /// Hands the model back.
+    pub fn into_model(self) -> RobertaRegressor {
+        self.model.expect("present between steps")
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    /// One optimizer step on the next batch of `pairs` (per-epoch permutations seeded by
+    /// (seed, epoch), so a resumed run sees the same batches).
+    pub fn train_step(&mut self, pairs: &[Comparison], tokenizer: &RewardTokenizer) -> Result<RewardStep, RewardTrainError> {
+        if pairs.is_empty() {
+            return Err(RewardTrainError::NoPairs);
+        }
+        let step = self.optimizer.steps();
+        let start = step as usize * self.config.batch_size;
+        let mut permutation: Option<(usize, Vec<usize>)> = None;
+        let batch: Vec<Comparison> = (start..start + self.config.batch_size)
+            .map(|position| {
+                let epoch = position / pairs.len();
+                if permutation.as_ref().is_none_or(|(cached, _)| *cached != epoch) {
+                    let mut order: Vec<usize> = (0..pairs.len()).collect();
+                    order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                    permutation = Some((epoch, order));
+                }
+                pairs[permutation.as_ref().expect("filled").1[position % pairs.len()]].clone()
+            })
+            .collect();
+        let model = self.model.take().expect("present between steps");
+        let (chosen, rejected) = score_pairs(&model, tokenizer, &batch);
+        let margin = chosen.clone() - rejected.clone();
+        let loss = match self.config.loss {
+            PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).mean(),
+            PairwiseLoss::Mse => ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).mean() * 0.5,
+        };
+        let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+        let margins = margin.detach().into_data().try_to_vec::<f32>().expect("f32");
+        if !loss_value.is_finite() {
+            self.model = Some(model);
+            return Err(RewardTrainError::NotFinite { step: step + 1, quantity: "loss", value: loss_value });
+        }
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grad_norm = match self.config.max_grad_norm {
+            Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
+            None => global_grad_norm(&model, &grads),
+        };
+        if !grad_norm.is_finite() {
+            self.model = Some(model);
+            return Err(RewardTrainError::NotFinite { step: step + 1, quantity: "gradient norm", value: grad_norm });
+        }
+        let schedule = Schedule {
+            learning_rate: self.config.learning_rate,
+            warmup_steps: self.config.warmup_steps,
+            total_steps: self.config.steps,
+            min_lr_ratio: self.config.min_lr_ratio,
+        };
+        let learning_rate = schedule.learning_rate_at(step);
+        let (model, _) = self.optimizer.step(model, grads, learning_rate);
+        self.model = Some(model);
+        Ok(RewardStep {
+            step: step + 1,
+            loss: loss_value,
+            accuracy: margins.iter().filter(|m| **m > 0.0).count() as f64 / margins.len() as f64,
+            mean_margin: margins.iter().map(|&m| f64::from(m)).sum::<f64>() / margins.len() as f64,
+            grad_norm,
+            learning_rate,
+        })
+    }
+
+    /// Writes the model (HF layout), optimizer state and step to `dir` through a temporary
+    /// directory and a rename.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), RewardTrainError> {
+        let temporary = dir.with_extension("tmp");
+        let fail = |path: &Path, error: std::io::Error| RewardTrainError::Checkpoint { path: path.to_path_buf(), message: error.to_string() };
+        if temporary.exists() {
+            std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
+        }
+        self.model().save_dir(&temporary)?;
+        self.optimizer.save(self.model(), &temporary.join("optimizer.safetensors"))?;
+        let state_path = temporary.join("trainer_state.json");
+        std::fs::write(&state_path, serde_json::to_string(&TrainerState { step: self.step() }).expect("json"))
+            .map_err(|error| fail(&state_path, error))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|error| fail(dir, error))?;
+        }
+        std::fs::rename(&temporary, dir).map_err(|error| fail(dir, error))
+    }
+}
