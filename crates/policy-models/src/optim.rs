@@ -253,3 +253,66 @@ impl AdamW {
         Ok(Self { settings, steps, moments })
     }
 }
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateStats {
+    /// The loss value.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// L2 norm of the parameter change.
+    pub update_norm: f64,
+}
+
+/// A quantity of an update that was NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NonFinite {
+    /// The loss.
+    Loss(f64),
+    /// The gradient norm.
+    GradNorm(f64),
+}
+
+impl NonFinite {
+    /// The quantity's name, for error messages.
+    pub fn quantity(self) -> &'static str {
+        match self {
+            NonFinite::Loss(_) => "loss",
+            NonFinite::GradNorm(_) => "gradient norm",
+        }
+    }
+
+    /// The offending value.
+    pub fn value(self) -> f64 {
+        match self {
+            NonFinite::Loss(value) | NonFinite::GradNorm(value) => value,
+        }
+    }
+}
+
+/// One training update shared by every trainer: checks the loss, backpropagates, clips by the
+/// global norm (when `max_grad_norm` is set), checks the norm, and steps AdamW. A non-finite loss
+/// or gradient norm leaves the model untouched and hands it back with the error.
+pub fn backward_and_step<M: Module>(
+    model: M,
+    loss: Tensor<1>,
+    optimizer: &mut AdamW,
+    max_grad_norm: Option<f64>,
+    learning_rate: f64,
+) -> Result<(M, UpdateStats), (M, NonFinite)> {
+    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+    if !loss_value.is_finite() {
+        return Err((model, NonFinite::Loss(loss_value)));
+    }
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grad_norm = match max_grad_norm {
+        Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
+        None => global_grad_norm(&model, &grads),
+    };
+    if !grad_norm.is_finite() {
+        return Err((model, NonFinite::GradNorm(grad_norm)));
+    }
+    let (model, update_norm) = optimizer.step(model, grads, learning_rate);
+    Ok((model, UpdateStats { loss: loss_value, grad_norm, update_norm }))
+}

@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -20,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::StepInput;
 use crate::model::CausalLm;
-use crate::optim::{AdamW, AdamWSettings, Schedule, clip_grad_norm};
+use crate::optim::{AdamW, AdamWSettings, Schedule, backward_and_step};
 use crate::tokenizer::PolicyTokenizer;
 use crate::weights::LoadError;
 
@@ -209,28 +208,20 @@ impl SftTrainer {
         let batch: Vec<&SftExample> = self.batch_indices(step, examples.len()).into_iter().map(|i| &examples[i]).collect();
         let model = self.model.take().expect("model present");
         let (loss, tokens) = sft_loss(&model, &batch, self.config.pad_token_id);
-        let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-        if !loss_value.is_finite() {
-            self.model = Some(model);
-            return Err(TrainError::NotFinite { step: step + 1, quantity: "loss", value: loss_value });
-        }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
-            None => crate::optim::global_grad_norm(&model, &grads),
-        };
-        if !grad_norm.is_finite() {
-            self.model = Some(model);
-            return Err(TrainError::NotFinite { step: step + 1, quantity: "gradient norm", value: grad_norm });
-        }
         let learning_rate = self.config.schedule.learning_rate_at(step);
-        let (model, update_norm) = self.optimizer.step(model, grads, learning_rate);
+        let (model, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
+            Ok(updated) => updated,
+            Err((model, bad)) => {
+                self.model = Some(model);
+                return Err(TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() });
+            }
+        };
         self.model = Some(model);
         Ok(SftStep {
             step: step + 1,
-            loss: loss_value,
-            grad_norm,
-            update_norm,
+            loss: stats.loss,
+            grad_norm: stats.grad_norm,
+            update_norm: stats.update_norm,
             learning_rate,
             tokens,
             step_time: started.elapsed().as_secs_f64(),

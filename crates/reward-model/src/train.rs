@@ -6,11 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
 use policy_models::PolicyTokenizer;
-use policy_models::optim::{AdamW, AdamWSettings, Schedule, clip_grad_norm, global_grad_norm};
+use policy_models::optim::{AdamW, AdamWSettings, Schedule, backward_and_step};
 use policy_models::weights::LoadError;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -266,21 +265,7 @@ impl RewardTrainer {
             PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).mean(),
             PairwiseLoss::Mse => ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).mean() * 0.5,
         };
-        let loss_value = f64::from(loss.clone().into_scalar::<f32>());
         let margins = margin.detach().into_data().try_to_vec::<f32>().expect("f32");
-        if !loss_value.is_finite() {
-            self.model = Some(model);
-            return Err(RewardTrainError::NotFinite { step: step + 1, quantity: "loss", value: loss_value });
-        }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
-            None => global_grad_norm(&model, &grads),
-        };
-        if !grad_norm.is_finite() {
-            self.model = Some(model);
-            return Err(RewardTrainError::NotFinite { step: step + 1, quantity: "gradient norm", value: grad_norm });
-        }
         let schedule = Schedule {
             learning_rate: self.config.learning_rate,
             warmup_steps: self.config.warmup_steps,
@@ -288,14 +273,20 @@ impl RewardTrainer {
             min_lr_ratio: self.config.min_lr_ratio,
         };
         let learning_rate = schedule.learning_rate_at(step);
-        let (model, _) = self.optimizer.step(model, grads, learning_rate);
+        let (model, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
+            Ok(updated) => updated,
+            Err((model, bad)) => {
+                self.model = Some(model);
+                return Err(RewardTrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() });
+            }
+        };
         self.model = Some(model);
         Ok(RewardStep {
             step: step + 1,
-            loss: loss_value,
+            loss: stats.loss,
             accuracy: margins.iter().filter(|m| **m > 0.0).count() as f64 / margins.len() as f64,
             mean_margin: margins.iter().map(|&m| f64::from(m)).sum::<f64>() / margins.len() as f64,
-            grad_norm,
+            grad_norm: stats.grad_norm,
             learning_rate,
         })
     }

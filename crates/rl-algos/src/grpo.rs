@@ -239,11 +239,10 @@ pub fn grpo_objective(
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::{Sampler, completion_log_probs};
-use policy_models::optim::{AdamW, clip_grad_norm, global_grad_norm};
+use policy_models::optim::{AdamW, backward_and_step};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -414,22 +413,14 @@ impl RlAlgorithm for Grpo {
             let (logps, entropies) = completion_log_probs(&policy, &input, completion_len, temperature);
             let old_logps = old.clone().unwrap_or_else(|| logps.clone().detach());
             let (loss, objective) = grpo_objective(logps, old_logps, reference.clone(), advantages.clone(), mask.clone(), &self.config);
-            let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-            if !loss_value.is_finite() {
-                self.policy = Some(policy);
-                return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
-            }
-            let mut grads = GradientsParams::from_grads(loss.backward(), &policy);
-            let grad_norm = match self.optim.max_grad_norm {
-                Some(max_norm) => clip_grad_norm(&policy, &mut grads, max_norm),
-                None => global_grad_norm(&policy, &grads),
-            };
-            if !grad_norm.is_finite() {
-                self.policy = Some(policy);
-                return Err(RlError::NotFinite { step: self.steps + 1, quantity: "gradient norm".to_string(), value: grad_norm });
-            }
             let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-            let (updated, update_norm) = self.optimizer.step(policy, grads, learning_rate);
+            let (updated, stats) = match backward_and_step(policy, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
+                Ok(updated) => updated,
+                Err((policy, bad)) => {
+                    self.policy = Some(policy);
+                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                }
+            };
             policy = updated;
             if iteration == 0 {
                 let mask_sum = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
@@ -440,9 +431,9 @@ impl RlAlgorithm for Grpo {
                 metrics.insert("clip_ratio/high_mean".to_string(), objective.clip_ratio_high_mean);
                 metrics.insert("clip_ratio/region_mean".to_string(), objective.clip_ratio_region_mean);
             }
-            metrics.insert("loss".to_string(), loss_value);
-            metrics.insert("grad_norm".to_string(), grad_norm);
-            metrics.insert("update_norm".to_string(), update_norm);
+            metrics.insert("loss".to_string(), stats.loss);
+            metrics.insert("grad_norm".to_string(), stats.grad_norm);
+            metrics.insert("update_norm".to_string(), stats.update_norm);
             metrics.insert("learning_rate".to_string(), learning_rate);
         }
         self.policy = Some(policy);

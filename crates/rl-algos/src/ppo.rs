@@ -14,10 +14,9 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::generate::{Sampler, log_probs_from_logits};
-use policy_models::optim::{AdamW, clip_grad_norm, global_grad_norm};
+use policy_models::optim::{AdamW, backward_and_step};
 use policy_models::{CausalLm, StepInput};
 use serde::{Deserialize, Serialize};
 
@@ -440,22 +439,14 @@ impl RlAlgorithm for Ppo {
                 if self.config.entropy_coef > 0.0 {
                     loss = loss - entropy.clone().reshape([1]) * self.config.entropy_coef as f32;
                 }
-                let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-                if !loss_value.is_finite() {
-                    self.model = Some(model);
-                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
-                }
-                let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-                let grad_norm = match self.optim.max_grad_norm {
-                    Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
-                    None => global_grad_norm(&model, &grads),
-                };
-                if !grad_norm.is_finite() {
-                    self.model = Some(model);
-                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "gradient norm".to_string(), value: grad_norm });
-                }
                 learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-                let (updated, update_norm) = self.optimizer.step(model, grads, learning_rate);
+                let (updated, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
+                    Ok(updated) => updated,
+                    Err((model, bad)) => {
+                        self.model = Some(model);
+                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                    }
+                };
                 model = updated;
                 for (sum, value) in sums.iter_mut().zip([
                     objective.policy_loss,
@@ -463,11 +454,11 @@ impl RlAlgorithm for Ppo {
                     objective.approxkl,
                     objective.clipfrac,
                     f64::from(entropy.detach().into_scalar::<f32>()),
-                    grad_norm,
+                    stats.grad_norm,
                 ]) {
                     *sum += value;
                 }
-                update_norm_sum += update_norm;
+                update_norm_sum += stats.update_norm;
                 updates += 1;
             }
         }
