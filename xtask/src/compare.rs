@@ -1,5 +1,5 @@
-//! `cargo xtask compare [study.toml]`: runs a comparison study. The study runner is the subject
-//! of its own issue; until it lands this entry point parses its arguments and says so.
+//! `cargo xtask compare [study.toml]`: runs a comparison study. Today it reads and validates the
+//! study file and, with `--dry-run`, prints the matrix; running the cells comes with the study issue.
 
 use std::path::PathBuf;
 
@@ -23,10 +23,20 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let study = args.study.unwrap_or_else(|| PathBuf::from("configs/default.toml"));
+    let path = args.study.clone().unwrap_or_else(|| PathBuf::from("configs/default.toml"));
+    let study = crate::study::config::Study::load(&path)?;
+    let matrix = study.matrix();
+    if args.dry_run {
+        println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
+        for cell in &matrix {
+            println!("  {:<40} method {:<20} reward source {:<14} seed {}", cell.id(), cell.method, cell.reward_source, cell.seed);
+        }
+        return Ok(());
+    }
     anyhow::bail!(
-        "`compare` cannot run {} yet: the study runner (models, algorithms, reward model) is not \
-         in this build of cotlab; `cargo xtask score` works today",
-        study.display()
+        "{}: the study file is valid ({} cells), but running a study is not in this build of cotlab yet; \
+         `--dry-run` shows the matrix",
+        path.display(),
+        matrix.len()
     )
 }

@@ -8,6 +8,7 @@ mod generate;
 mod logits;
 mod plot;
 mod score;
+mod study;
 
 use clap::{Parser, Subcommand};
 

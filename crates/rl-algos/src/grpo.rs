@@ -50,8 +50,6 @@ pub enum ZeroStdGroups {
 pub struct GrpoConfig {
     /// Completions per prompt (G). Default 8; at least 2, since advantages compare within a group.
     pub num_generations: usize,
-    /// Prompts per step. Default 4.
-    pub prompts_per_step: usize,
     /// Most tokens per completion. Default 128.
     pub max_completion_length: usize,
     /// Sampling temperature of rollouts (and of log-prob computation, as TRL). Default 1.0.
@@ -83,7 +81,6 @@ impl Default for GrpoConfig {
     fn default() -> Self {
         Self {
             num_generations: 8,
-            prompts_per_step: 4,
             max_completion_length: 128,
             temperature: 1.0,
             top_p: 1.0,
@@ -114,8 +111,8 @@ impl GrpoConfig {
                 self.num_generations
             ));
         }
-        if self.prompts_per_step == 0 || self.max_completion_length == 0 || self.num_iterations == 0 {
-            return Err("grpo.prompts_per_step, max_completion_length and num_iterations must be at least 1".to_string());
+        if self.max_completion_length == 0 || self.num_iterations == 0 {
+            return Err("grpo.max_completion_length and num_iterations must be at least 1".to_string());
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
             return Err(format!("grpo.epsilon = {}: use a value in (0, 1), typically 0.2", self.epsilon));

@@ -41,8 +41,6 @@ pub enum KlEstimator {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoConfig {
-    /// Prompts (and completions) per step. Default 16.
-    pub prompts_per_step: usize,
     /// Most tokens per completion. Default 128.
     pub max_completion_length: usize,
     /// Sampling temperature. Default 1.0.
@@ -76,7 +74,6 @@ pub struct PpoConfig {
 impl Default for PpoConfig {
     fn default() -> Self {
         Self {
-            prompts_per_step: 16,
             max_completion_length: 128,
             temperature: 1.0,
             top_p: 1.0,
@@ -98,14 +95,8 @@ impl Default for PpoConfig {
 impl PpoConfig {
     /// Checks the settings; each message names the value and the fix.
     pub fn validate(&self) -> Result<(), String> {
-        if self.prompts_per_step == 0 || self.max_completion_length == 0 || self.num_ppo_epochs == 0 {
-            return Err("ppo.prompts_per_step, max_completion_length and num_ppo_epochs must be at least 1".to_string());
-        }
-        if self.num_mini_batches == 0 || self.prompts_per_step % self.num_mini_batches != 0 {
-            return Err(format!(
-                "ppo.num_mini_batches = {} must divide prompts_per_step = {}",
-                self.num_mini_batches, self.prompts_per_step
-            ));
+        if self.max_completion_length == 0 || self.num_ppo_epochs == 0 || self.num_mini_batches == 0 {
+            return Err("ppo.max_completion_length, num_ppo_epochs and num_mini_batches must be at least 1".to_string());
         }
         if !(self.cliprange > 0.0 && self.cliprange < 1.0) || !(self.cliprange_value > 0.0) {
             return Err(format!(
@@ -419,7 +410,8 @@ impl RlAlgorithm for Ppo {
         let old_values = Tensor::<2>::from_inner(old_values);
         let mask = rollout::loss_mask(&rollout, false, &device);
         let schedule = self.optim.schedule();
-        let minibatch = count / self.config.num_mini_batches;
+        // The last minibatch takes the remainder when the prompts do not divide evenly.
+        let minibatch = count.div_ceil(self.config.num_mini_batches);
         let mut sums = [0.0f64; 6]; // policy loss, value loss, approxkl, clipfrac, entropy, grad norm
         let mut updates = 0usize;
         let mut update_norm_sum = 0.0;

@@ -81,7 +81,6 @@ fn grpo_raises_the_reward_well_above_chance() {
     let device = Device::flex().autodiff();
     let config = GrpoConfig {
         num_generations: 8,
-        prompts_per_step: 4,
         max_completion_length: 4,
         beta: 0.04,
         loss_type: LossType::Dapo,
@@ -107,7 +106,7 @@ fn grpo_raises_the_reward_well_above_chance() {
 fn ppo_raises_the_reward_well_above_chance() {
     use rl_algos::ppo::{Ppo, PpoConfig};
     let device = Device::flex().autodiff();
-    let config = PpoConfig { prompts_per_step: 16, max_completion_length: 4, num_ppo_epochs: 4, num_mini_batches: 2, ..PpoConfig::default() };
+    let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 4, num_mini_batches: 2, ..PpoConfig::default() };
     let ppo = Ppo::new(tiny_policy(&device), config, OptimSettings { learning_rate: 2e-2, ..optim(50) }, 0).unwrap();
     let (first, last, history) = run(Box::new(ppo), 50);
     println!("PPO toy reward: {first:.3} -> {last:.3} (chance {:.3})", 1.0 / VOCAB as f64);
@@ -158,6 +157,6 @@ fn grpo_and_ppo_resume_exactly() {
     );
     check_exact_resume(
         rl_algos::ppo::ENTRY,
-        serde_json::json!({"prompts_per_step": 4, "max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2}),
+        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2}),
     );
 }

@@ -1,0 +1,449 @@
+//! The study file: what `cargo xtask compare` runs. TOML; unknown fields are errors; every
+//! section has defaults so a study names only what it changes.
+//!
+//! A study is a matrix: method x reward source x seed (methods that train no policy with
+//! rewards, such as few-shot prompting, run once per seed).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use policy_models::BackendKind;
+use policy_models::LoraSettings;
+use policy_models::presets::Preset;
+use prompting::Template;
+use rl_algos::OptimSettings;
+use rl_algos::rewards::RewardKind;
+use serde::{Deserialize, Serialize};
+use tasks::gsm8k::{Gsm8kOptions, Gsm8kSource};
+use tasks::synthetic::SyntheticConfig;
+
+/// A whole study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Study {
+    /// Name; outputs go to `reports/<name>/`.
+    pub name: String,
+    /// burn backend. Default flex (CPU).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Seeds; every cell runs once per seed. Default [0, 1, 2].
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// The problems.
+    pub task: TaskSpec,
+    /// The base policy.
+    pub policy: PolicySpec,
+    /// The reward model, when a reward source uses one.
+    #[serde(default)]
+    pub reward_model: Option<RewardModelSpec>,
+    /// Named reward sources.
+    #[serde(default)]
+    pub reward_sources: BTreeMap<String, RewardSourceSpec>,
+    /// Named methods.
+    pub methods: BTreeMap<String, MethodSpec>,
+    /// How every cell is evaluated.
+    #[serde(default)]
+    pub evaluation: EvaluationSpec,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0, 1, 2]
+}
+
+/// Where problems come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskSpec {
+    /// Synthetic arithmetic.
+    Synthetic {
+        /// Generator settings.
+        #[serde(default)]
+        synthetic: SyntheticConfig,
+    },
+    /// GSM8K.
+    Gsm8k {
+        /// Hub repository or local path. Default the `openai/gsm8k` hub repository.
+        #[serde(default)]
+        source: Gsm8kSource,
+        /// Parsing options.
+        #[serde(default)]
+        options: Gsm8kOptions,
+        /// Use at most this many train problems (all when absent).
+        #[serde(default)]
+        train_limit: Option<usize>,
+    },
+}
+
+/// The base policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// A tiny preset trained here, or a checkpoint.
+    pub base: PolicyBase,
+    /// The prompt template (answer format) every method uses.
+    pub template: Template,
+    /// Render prompts with the checkpoint's chat template. Default false.
+    #[serde(default)]
+    pub chat_template: bool,
+    /// LoRA adapters for every training method (Minimal-GRPO uses rank 16, alpha 32).
+    #[serde(default)]
+    pub lora: Option<LoraSettings>,
+    /// Longest prompt + completion, in tokens. Default 256.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+}
+
+fn default_max_length() -> usize {
+    256
+}
+
+/// Where the base policy comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PolicyBase {
+    /// Trained here: a BPE tokenizer and a tiny model, supervised on worked problems.
+    Preset {
+        /// Architecture and size.
+        preset: Preset,
+        /// Tokenizer vocabulary. Default 512.
+        #[serde(default = "default_vocab")]
+        vocab_size: usize,
+        /// Supervised training of the base.
+        #[serde(default)]
+        sft: SftSpec,
+    },
+    /// A Hugging Face checkpoint: a local directory or a hub id `owner/name[@revision]`.
+    Checkpoint {
+        /// Directory or hub id.
+        model: String,
+    },
+}
+
+fn default_vocab() -> usize {
+    512
+}
+
+/// Supervised training of a preset base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftSpec {
+    /// Optimizer steps. Default 600.
+    pub steps: u64,
+    /// Examples per step. Default 16.
+    pub batch_size: usize,
+    /// Peak learning rate. Default 1e-3.
+    pub learning_rate: f64,
+    /// Train on only this share of the train split, leaving the rest unseen so that RL has
+    /// headroom. Default 1.0.
+    pub data_fraction: f64,
+}
+
+impl Default for SftSpec {
+    fn default() -> Self {
+        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0 }
+    }
+}
+
+/// The reward model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardModelSpec {
+    /// A tiny RoBERTa trained here on comparisons.
+    Train {
+        /// Width. Default 64.
+        #[serde(default = "default_rm_width")]
+        hidden_size: usize,
+        /// Layers. Default 2.
+        #[serde(default = "default_rm_layers")]
+        num_layers: usize,
+        /// Training settings.
+        #[serde(default)]
+        training: reward_model::train::RewardTrainingConfig,
+    },
+    /// A checkpoint (for example `distilbert/distilroberta-base`), fine-tuned on comparisons
+    /// when `fine_tune` is set.
+    Checkpoint {
+        /// Directory or hub id.
+        model: String,
+        /// Fine-tuning settings; absent: use the checkpoint's head as is.
+        #[serde(default)]
+        fine_tune: Option<reward_model::train::RewardTrainingConfig>,
+    },
+}
+
+fn default_rm_width() -> usize {
+    64
+}
+fn default_rm_layers() -> usize {
+    2
+}
+
+/// One reward function with its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightedReward {
+    /// The rule.
+    #[serde(flatten)]
+    pub kind: RewardKind,
+    /// Its weight in the total. Default 1. Weight 0 logs the function without training on it
+    /// (true correctness beside a reward model's score, so reward hacking shows).
+    #[serde(default = "one")]
+    pub weight: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// A reward source: rule functions, the reward model, or both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSourceSpec {
+    /// Rule-based functions.
+    #[serde(default)]
+    pub rules: Vec<WeightedReward>,
+    /// Weight of the reward model's score (absent: not used).
+    #[serde(default)]
+    pub reward_model_weight: Option<f32>,
+    /// Standardise the reward model's scores with running statistics. Default true.
+    #[serde(default = "yes")]
+    pub normalize_reward_model: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A method of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MethodSpec {
+    /// No training: k exemplars from train in every prompt.
+    FewShot {
+        /// Exemplars (0 allowed).
+        k: usize,
+    },
+    /// The base itself (after its supervised training, for presets), zero-shot.
+    Base,
+    /// An RL algorithm from the registry, trained with `steps` steps per cell.
+    Rl {
+        /// Registered name: grpo, ppo, rloo, ...
+        algorithm: String,
+        /// Reward sources (names of `[reward_sources.*]`); one cell per source.
+        reward_sources: Vec<String>,
+        /// Training steps.
+        steps: u64,
+        /// Prompts per step.
+        #[serde(default = "default_prompts_per_step")]
+        prompts_per_step: usize,
+        /// Exemplars in the training and evaluation prompts ("GRPO combined with CoT prompting").
+        #[serde(default)]
+        few_shot_k: usize,
+        /// Optimisation settings.
+        #[serde(default)]
+        optim: OptimSettings,
+        /// The algorithm's own settings (checked by its registry entry).
+        #[serde(default = "empty_table")]
+        config: serde_json::Value,
+    },
+}
+
+fn default_prompts_per_step() -> usize {
+    4
+}
+
+fn empty_table() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+/// Evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluationSpec {
+    /// Held-out problems evaluated (from the start of the test split). Default 200.
+    pub test_size: usize,
+    /// Tokens generated per answer. Default 96.
+    pub max_new_tokens: usize,
+    /// Prompts per generation batch. Default 32.
+    pub batch_size: usize,
+    /// Samples per problem for maj@k (0: greedy only). Default 0.
+    pub maj_k: usize,
+    /// Held-out evaluations during training, every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Test questions whose completions are saved before and after training. Default 8.
+    pub samples: usize,
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        Self { test_size: 200, max_new_tokens: 96, batch_size: 32, maj_k: 0, eval_every: 0, samples: 8 }
+    }
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Method name.
+    pub method: String,
+    /// Reward source name (`-` for methods without one).
+    pub reward_source: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl Cell {
+    /// A file-system-safe identifier.
+    pub fn id(&self) -> String {
+        format!("{}__{}__seed{}", self.method, self.reward_source, self.seed)
+    }
+}
+
+impl Study {
+    /// Reads and validates a study file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the study file {}", path.display()))?;
+        let study: Study = toml::from_str(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+        study.validate(registry()).with_context(|| format!("{}: invalid study", path.display()))?;
+        Ok(study)
+    }
+
+    /// Checks the study against itself and the algorithm registry.
+    pub fn validate(&self, registry: &[rl_algos::AlgorithmEntry]) -> anyhow::Result<()> {
+        if self.seeds.is_empty() {
+            bail!("seeds is empty; name at least one seed");
+        }
+        if self.methods.is_empty() {
+            bail!("no [methods.*]; name at least one method");
+        }
+        if let TaskSpec::Synthetic { synthetic } = &self.task {
+            synthetic.validate()?;
+        }
+        for (name, source) in &self.reward_sources {
+            if source.rules.is_empty() && source.reward_model_weight.is_none() {
+                bail!("reward_sources.{name}: no rules and no reward_model_weight; it rewards nothing");
+            }
+            if source.reward_model_weight.is_some() && self.reward_model.is_none() {
+                bail!("reward_sources.{name} uses the reward model but there is no [reward_model] section");
+            }
+        }
+        for (name, method) in &self.methods {
+            if let MethodSpec::Rl { algorithm, reward_sources, steps, config, optim, .. } = method {
+                let entry = registry.iter().find(|entry| entry.name == algorithm).ok_or_else(|| {
+                    let known: Vec<&str> = registry.iter().map(|entry| entry.name).collect();
+                    anyhow::anyhow!("methods.{name}.algorithm = {algorithm:?} is not registered; known: {}", known.join(", "))
+                })?;
+                (entry.validate)(config).map_err(|error| anyhow::anyhow!("methods.{name}.config: {error}"))?;
+                optim.validate().map_err(|error| anyhow::anyhow!("methods.{name}.optim: {error}"))?;
+                if *steps == 0 {
+                    bail!("methods.{name}.steps = 0; train for at least one step");
+                }
+                if reward_sources.is_empty() {
+                    bail!("methods.{name}.reward_sources is empty; name at least one of [reward_sources.*]");
+                }
+                for source in reward_sources {
+                    if !self.reward_sources.contains_key(source) {
+                        bail!("methods.{name}.reward_sources names {source:?}, which is not a [reward_sources.*] section");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every cell, methods in name order, then reward sources, then seeds.
+    pub fn matrix(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for (name, method) in &self.methods {
+            let sources: Vec<String> = match method {
+                MethodSpec::Rl { reward_sources, .. } => reward_sources.clone(),
+                MethodSpec::FewShot { .. } | MethodSpec::Base => vec!["-".to_string()],
+            };
+            for source in sources {
+                for &seed in &self.seeds {
+                    cells.push(Cell { method: name.clone(), reward_source: source.clone(), seed });
+                }
+            }
+        }
+        cells
+    }
+}
+
+/// The algorithms the study runner knows: rl-algos' own and those of algorithm crates.
+pub fn registry() -> &'static [rl_algos::AlgorithmEntry] {
+    rl_algos::BUILTIN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs_dir() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs")
+    }
+
+    #[test]
+    fn every_committed_study_parses_validates_and_resolves_its_matrix() {
+        let expected = [
+            ("default.toml", 5 * 3),
+            ("gsm8k-gpt-neo-125m.toml", 6 * 3),
+            ("gsm8k-gpt-neo-1.3b.toml", 6 * 3),
+            ("gsm8k-qwen2.5-1.5b-instruct.toml", 2),
+            ("synthetic-qwen2.5-0.5b-instruct.toml", 2),
+            ("gsm8k-llama-3.2-1b-instruct.toml", 3 * 2),
+        ];
+        for (file, cells) in expected {
+            let study = Study::load(&configs_dir().join(file)).unwrap_or_else(|error| panic!("{file}: {error:#}"));
+            let matrix = study.matrix();
+            assert_eq!(matrix.len(), cells, "{file}: {matrix:?}");
+            let ids: std::collections::HashSet<_> = matrix.iter().map(Cell::id).collect();
+            assert_eq!(ids.len(), matrix.len(), "{file}: cell ids are unique");
+        }
+    }
+
+    #[test]
+    fn the_default_study_is_cpu_only_and_offline() {
+        let study = Study::load(&configs_dir().join("default.toml")).unwrap();
+        assert_eq!(study.backend, BackendKind::Flex);
+        assert!(matches!(study.task, TaskSpec::Synthetic { .. }));
+        assert!(matches!(study.policy.base, PolicyBase::Preset { .. }));
+        assert!(matches!(study.reward_model, Some(RewardModelSpec::Train { .. })));
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Study> {
+        let study: Study = toml::from_str(text).map_err(|error| anyhow::anyhow!("{error}"))?;
+        study.validate(registry())?;
+        Ok(study)
+    }
+
+    const MINIMAL: &str = r#"
+name = "t"
+[task]
+kind = "synthetic"
+[policy]
+template = "plain"
+[policy.base]
+kind = "preset"
+preset = "tiny_gpt_neo"
+[reward_sources.rules]
+rules = [{ kind = "strict_correct", format = "gsm8k_marker" }]
+[methods.grpo]
+kind = "rl"
+algorithm = "grpo"
+reward_sources = ["rules"]
+steps = 2
+"#;
+
+    #[test]
+    fn mistakes_are_errors_that_name_the_field() {
+        parse(MINIMAL).unwrap();
+        let unknown = format!("{MINIMAL}\n[evaluation]\ntest_sizes = 3\n");
+        assert!(parse(&unknown).unwrap_err().to_string().contains("test_sizes"));
+        let bad_algorithm = MINIMAL.replace("algorithm = \"grpo\"", "algorithm = \"dpo\"");
+        let error = parse(&bad_algorithm).unwrap_err().to_string();
+        assert!(error.contains("dpo") && error.contains("grpo"), "{error}");
+        let bad_source = MINIMAL.replace("reward_sources = [\"rules\"]", "reward_sources = [\"rm\"]");
+        assert!(parse(&bad_source).unwrap_err().to_string().contains("\"rm\""));
+        let bad_config = format!("{MINIMAL}config = {{ num_generations = 1 }}\n");
+        assert!(parse(&bad_config).unwrap_err().to_string().contains("num_generations = 1"));
+    }
+}
