@@ -370,7 +370,13 @@ impl Study {
 
 /// The algorithms the study runner knows: rl-algos' own and those of algorithm crates.
 pub fn registry() -> &'static [rl_algos::AlgorithmEntry] {
-    rl_algos::BUILTIN
+    static REGISTRY: std::sync::LazyLock<Vec<rl_algos::AlgorithmEntry>> = std::sync::LazyLock::new(|| {
+        let mut entries = rl_algos::BUILTIN.to_vec();
+        // Algorithm crates: one line each.
+        entries.push(algo_rloo::ENTRY);
+        entries
+    });
+    &REGISTRY
 }
 
 #[cfg(test)]
@@ -384,7 +390,7 @@ mod tests {
     #[test]
     fn every_committed_study_parses_validates_and_resolves_its_matrix() {
         let expected = [
-            ("default.toml", 5 * 3),
+            ("default.toml", 6 * 3),
             ("gsm8k-gpt-neo-125m.toml", 6 * 3),
             ("gsm8k-gpt-neo-1.3b.toml", 6 * 3),
             ("gsm8k-qwen2.5-1.5b-instruct.toml", 2),
