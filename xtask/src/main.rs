@@ -7,6 +7,7 @@ mod compare;
 mod generate;
 mod logits;
 mod plot;
+mod reward_model;
 mod score;
 mod study;
 
@@ -34,6 +35,8 @@ enum Command {
     Generate(generate::Args),
     /// Measure training and generation throughput beside PyTorch (release build).
     Bench(bench::Args),
+    /// Train the tiny reward model on synthetic comparisons and report held-out accuracy.
+    RewardModel(reward_model::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::RewardModel(args) => reward_model::run(args),
     }
 }

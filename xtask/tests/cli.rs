@@ -144,3 +144,14 @@ fn logits_of_a_reward_model_is_its_score() {
     let score = json["logits"][0][0].as_f64().unwrap();
     assert!((score - reference["scores"][0].as_f64().unwrap()).abs() < 1e-4, "{json}");
 }
+
+#[test]
+fn reward_model_smoke_run_reports_held_out_accuracy_and_saves() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("rm");
+    let output = xtask(&["reward-model", "--steps", "2", "--train-size", "60", "--test-size", "10", "--hidden-size", "32", "--out", dir.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("held-out pairwise accuracy") && text.contains("over 10 pairs"), "{text}");
+    assert!(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
+}
