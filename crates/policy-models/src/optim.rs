@@ -291,9 +291,8 @@ impl NonFinite {
     }
 }
 
-/// One training update shared by every trainer: checks the loss, backpropagates, clips by the
-/// global norm (when `max_grad_norm` is set), checks the norm, and steps AdamW. A non-finite loss
-/// or gradient norm leaves the model untouched and hands it back with the error.
+/// One training update shared by every trainer: checks the loss, backpropagates, then
+/// [`apply_gradients`]. A non-finite loss leaves the model untouched and hands it back.
 pub fn backward_and_step<M: Module>(
     model: M,
     loss: Tensor<1>,
@@ -305,7 +304,20 @@ pub fn backward_and_step<M: Module>(
     if !loss_value.is_finite() {
         return Err((model, NonFinite::Loss(loss_value)));
     }
-    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    apply_gradients(model, grads, loss_value, optimizer, max_grad_norm, learning_rate)
+}
+
+/// Clips `grads` by the global norm (when `max_grad_norm` is set), checks the norm and steps
+/// AdamW; for gradients accumulated over micro-batches. `loss` is only reported.
+pub fn apply_gradients<M: Module>(
+    model: M,
+    mut grads: GradientsParams,
+    loss: f64,
+    optimizer: &mut AdamW,
+    max_grad_norm: Option<f64>,
+    learning_rate: f64,
+) -> Result<(M, UpdateStats), (M, NonFinite)> {
     let grad_norm = match max_grad_norm {
         Some(max_norm) => clip_grad_norm(&model, &mut grads, max_norm),
         None => global_grad_norm(&model, &grads),
@@ -314,5 +326,5 @@ pub fn backward_and_step<M: Module>(
         return Err((model, NonFinite::GradNorm(grad_norm)));
     }
     let (model, update_norm) = optimizer.step(model, grads, learning_rate);
-    Ok((model, UpdateStats { loss: loss_value, grad_norm, update_norm }))
+    Ok((model, UpdateStats { loss, grad_norm, update_norm }))
 }

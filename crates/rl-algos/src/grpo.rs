@@ -75,6 +75,10 @@ pub struct GrpoConfig {
     pub zero_std_groups: ZeroStdGroups,
     /// Bound on resampling rounds for `resample`. Default 3.
     pub max_resample_tries: usize,
+    /// Split each update's completions into this many micro-batches, accumulating gradients
+    /// before one optimizer step (bounds memory; the loss is normalised over the whole batch,
+    /// so the update is the same). Default 1.
+    pub gradient_accumulation_steps: usize,
 }
 
 impl Default for GrpoConfig {
@@ -93,6 +97,7 @@ impl Default for GrpoConfig {
             mask_truncated_completions: false,
             zero_std_groups: ZeroStdGroups::Keep,
             max_resample_tries: 3,
+            gradient_accumulation_steps: 1,
         }
     }
 }
@@ -111,8 +116,8 @@ impl GrpoConfig {
                 self.num_generations
             ));
         }
-        if self.max_completion_length == 0 || self.num_iterations == 0 {
-            return Err("grpo.max_completion_length and num_iterations must be at least 1".to_string());
+        if self.max_completion_length == 0 || self.num_iterations == 0 || self.gradient_accumulation_steps == 0 {
+            return Err("grpo.max_completion_length, num_iterations and gradient_accumulation_steps must be at least 1".to_string());
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
             return Err(format!("grpo.epsilon = {}: use a value in (0, 1), typically 0.2", self.epsilon));
@@ -156,7 +161,18 @@ pub struct ObjectiveMetrics {
     pub clip_ratio_region_mean: f64,
 }
 
-/// The GRPO loss and its metrics.
+/// Batch-wide counts a micro-batch's loss is normalised by, so that the sum of micro-batch
+/// losses equals the loss of the whole batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchTotals {
+    /// Completions in the whole batch.
+    pub sequences: usize,
+    /// Loss-mask tokens in the whole batch.
+    pub tokens: f32,
+}
+
+/// The GRPO loss and its metrics. With `totals`, the loss is this micro-batch's share of the
+/// whole batch's loss (see [`BatchTotals`]); without, the batch is all there is.
 ///
 /// # Shapes
 /// - `per_token_logps`, `old_per_token_logps`, `ref_per_token_logps`, `mask`: [N, T]
@@ -170,6 +186,7 @@ pub fn grpo_objective(
     advantages: Tensor<1>,
     mask: Tensor<2>,
     config: &GrpoConfig,
+    totals: Option<BatchTotals>,
 ) -> (Tensor<1>, ObjectiveMetrics) {
     let [count, length] = per_token_logps.dims();
     let advantages = advantages.reshape([count, 1]);
@@ -187,14 +204,17 @@ pub fn grpo_objective(
         per_token_loss = per_token_loss + kl.clone() * config.beta as f32;
     }
     let masked = per_token_loss * mask.clone();
-    let token_count = mask.clone().sum().clamp_min(1.0);
+    let (sequences, tokens) = match totals {
+        Some(totals) => (totals.sequences as f32, Tensor::<1>::from_floats([totals.tokens.max(1.0)], &masked.device())),
+        None => (count as f32, mask.clone().sum().clamp_min(1.0)),
+    };
     let loss = match config.loss_type {
         LossType::Grpo => {
             let per_sequence = masked.sum_dim(1).reshape([count]) / mask.clone().sum_dim(1).reshape([count]).clamp_min(1.0);
-            per_sequence.mean()
+            per_sequence.sum() / sequences
         }
-        LossType::Bnpo | LossType::Dapo => masked.sum() / token_count.clone(),
-        LossType::DrGrpo => masked.sum() / (count * config.max_completion_length) as f32,
+        LossType::Bnpo | LossType::Dapo => masked.sum() / tokens,
+        LossType::DrGrpo => masked.sum() / (sequences * config.max_completion_length as f32),
     };
     // Metrics, without gradients.
     let host = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
@@ -239,7 +259,8 @@ use burn::module::Module;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::{Sampler, completion_log_probs};
-use policy_models::optim::{AdamW, backward_and_step};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use policy_models::optim::{AdamW, apply_gradients};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -406,27 +427,66 @@ impl RlAlgorithm for Grpo {
             .as_ref()
             .map(|reference| Tensor::from_inner(completion_log_probs(reference, &input, completion_len, temperature).0));
         let schedule = self.optim.schedule();
+        let count = rollout.len();
+        let mask_host = mask.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        let totals = BatchTotals { sequences: count, tokens: mask_host.iter().sum::<f32>() };
+        let micro = count.div_ceil(self.config.gradient_accumulation_steps);
+        let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
         for iteration in 0..self.config.num_iterations {
-            let (logps, entropies) = completion_log_probs(&policy, &input, completion_len, temperature);
-            let old_logps = old.clone().unwrap_or_else(|| logps.clone().detach());
-            let (loss, objective) = grpo_objective(logps, old_logps, reference.clone(), advantages.clone(), mask.clone(), &self.config);
-            let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-            let (updated, stats) = match backward_and_step(policy, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
-                Ok(updated) => updated,
-                Err((policy, bad)) => {
+            let mut accumulator = GradientsAccumulator::new();
+            let mut loss_sum = 0.0;
+            // Token-weighted sums of the objective's metrics and of the entropy.
+            let mut weighted = [0.0f64; 5];
+            for start in (0..count).step_by(micro.max(1)) {
+                let rows = start..(start + micro).min(count);
+                let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
+                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+                let (logps, entropies) = completion_log_probs(&policy, &sub_input, completion_len, temperature);
+                let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
+                let sub_mask = slice_rows(&mask, rows.clone());
+                let (loss, objective) = grpo_objective(
+                    logps,
+                    old_logps,
+                    reference.as_ref().map(|reference| slice_rows(reference, rows.clone())),
+                    advantages.clone().slice([rows.clone()]),
+                    sub_mask.clone(),
+                    &self.config,
+                    Some(totals),
+                );
+                let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+                if !loss_value.is_finite() {
                     self.policy = Some(policy);
-                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
                 }
-            };
+                loss_sum += loss_value;
+                let sub_tokens = f64::from(sub_mask.clone().sum().into_scalar::<f32>());
+                let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
+                for (sum, value) in weighted.iter_mut().zip([
+                    objective.kl * sub_tokens,
+                    objective.clip_ratio_low_mean * sub_tokens,
+                    objective.clip_ratio_high_mean * sub_tokens,
+                    objective.clip_ratio_region_mean * sub_tokens,
+                    entropy_sum,
+                ]) {
+                    *sum += value;
+                }
+                accumulator.accumulate(&policy, GradientsParams::from_grads(loss.backward(), &policy));
+            }
+            let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
+            let (updated, stats) =
+                match apply_gradients(policy, accumulator.grads(), loss_sum, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
+                    Ok(updated) => updated,
+                    Err((policy, bad)) => {
+                        self.policy = Some(policy);
+                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                    }
+                };
             policy = updated;
             if iteration == 0 {
-                let mask_sum = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
-                let entropy = f64::from((entropies.detach() * mask.clone()).sum().into_scalar::<f32>()) / mask_sum;
-                metrics.insert("entropy".to_string(), entropy);
-                metrics.insert("kl".to_string(), objective.kl);
-                metrics.insert("clip_ratio/low_mean".to_string(), objective.clip_ratio_low_mean);
-                metrics.insert("clip_ratio/high_mean".to_string(), objective.clip_ratio_high_mean);
-                metrics.insert("clip_ratio/region_mean".to_string(), objective.clip_ratio_region_mean);
+                let tokens = f64::from(totals.tokens).max(1.0);
+                for (name, sum) in ["kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"].iter().zip(weighted) {
+                    metrics.insert(name.to_string(), sum / tokens);
+                }
             }
             metrics.insert("loss".to_string(), stats.loss);
             metrics.insert("grad_norm".to_string(), stats.grad_norm);

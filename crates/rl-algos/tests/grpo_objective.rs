@@ -74,6 +74,7 @@ fn losses_metrics_and_gradients_match_trl() {
             Tensor::from_inner(advantages),
             Tensor::from_inner(mask),
             &config,
+            None,
         );
         let label = format!("{loss_type:?}, beta {beta}");
         close(loss.clone().into_scalar::<f32>(), case["loss"].as_f64().unwrap() as f32, &format!("{label}: loss"));

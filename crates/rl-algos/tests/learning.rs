@@ -160,3 +160,29 @@ fn grpo_and_ppo_resume_exactly() {
         serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2}),
     );
 }
+
+#[test]
+fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let dir = tempfile::tempdir().unwrap();
+    tiny_policy(&device).save_dir(dir.path(), None).unwrap();
+    let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+    for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::Dapo, LossType::DrGrpo] {
+        let scale_rewards = if loss_type == LossType::DrGrpo { rl_algos::advantages::ScaleRewards::None } else { rl_algos::advantages::ScaleRewards::Group };
+        let after = |accumulation: usize| {
+            let config = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, loss_type, scale_rewards, gradient_accumulation_steps: accumulation, ..GrpoConfig::default() };
+            let mut grpo = Grpo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim(1), 5).unwrap();
+            let metrics = grpo.train_step(&prompts(), &environment).unwrap();
+            let logits = grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap();
+            (logits, metrics["loss"], metrics["kl"])
+        };
+        let (whole, loss_whole, kl_whole) = after(1);
+        let (split, loss_split, kl_split) = after(3);
+        let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{loss_type:?}: logits differ by {worst}");
+        assert!((loss_whole - loss_split).abs() < 1e-5 && (kl_whole - kl_split).abs() < 1e-6, "{loss_type:?}: {loss_whole} vs {loss_split}");
+    }
+}
