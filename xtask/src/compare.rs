@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-#[allow(dead_code, reason = "the options are read by the study runner, which is not here yet")]
 pub struct Args {
     /// The study file (TOML); `configs/default.toml` when none is named.
     study: Option<PathBuf>,
@@ -24,7 +23,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let path = args.study.clone().unwrap_or_else(|| PathBuf::from("configs/default.toml"));
-    let study = crate::study::config::Study::load(&path)?;
+    let mut study = crate::study::config::Study::load(&path)?;
+    match args.preset.as_deref() {
+        None => {}
+        Some("quick") => study.apply_quick_preset(),
+        Some(other) => anyhow::bail!("--preset {other}: the only preset is `quick`"),
+    }
     let matrix = study.matrix();
     if args.dry_run {
         println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
@@ -33,10 +37,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    anyhow::bail!(
-        "{}: the study file is valid ({} cells), but running a study is not in this build of cotlab yet; \
-         `--dry-run` shows the matrix",
-        path.display(),
-        matrix.len()
-    )
+    let options = crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };
+    let summaries = crate::study::run::run_study(&study, &options)?;
+    let failed = summaries.iter().filter(|s| s.error.is_some()).count();
+    println!("study {}: {} cells, {} failed; reports in reports/{}/", study.name, summaries.len(), failed, study.name);
+    Ok(())
 }

@@ -368,6 +368,32 @@ impl Study {
     }
 }
 
+impl Study {
+    /// The `quick` preset: the same pipeline with small sizes, one seed and a few steps, for a
+    /// smoke run in minutes.
+    pub fn apply_quick_preset(&mut self) {
+        self.name = format!("{}-quick", self.name);
+        self.seeds.truncate(1);
+        if let TaskSpec::Synthetic { synthetic } = &mut self.task {
+            synthetic.train_size = synthetic.train_size.min(300);
+            synthetic.test_size = synthetic.test_size.min(40);
+        }
+        if let PolicyBase::Preset { sft, .. } = &mut self.policy.base {
+            sft.steps = sft.steps.min(30);
+        }
+        for method in self.methods.values_mut() {
+            if let MethodSpec::Rl { steps, optim, prompts_per_step, .. } = method {
+                *steps = (*steps).min(3);
+                *prompts_per_step = (*prompts_per_step).min(2);
+                optim.total_steps = *steps;
+            }
+        }
+        self.evaluation.test_size = self.evaluation.test_size.min(16);
+        self.evaluation.max_new_tokens = self.evaluation.max_new_tokens.min(24);
+        self.evaluation.samples = self.evaluation.samples.min(4);
+    }
+}
+
 /// The algorithms the study runner knows: rl-algos' own and those of algorithm crates.
 pub fn registry() -> &'static [rl_algos::AlgorithmEntry] {
     static REGISTRY: std::sync::LazyLock<Vec<rl_algos::AlgorithmEntry>> = std::sync::LazyLock::new(|| {

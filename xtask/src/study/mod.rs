@@ -1,3 +1,4 @@
 //! The study runner: study files, the comparison matrix, and (to come) running it.
 
 pub mod config;
+pub mod run;
