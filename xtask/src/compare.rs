@@ -1,5 +1,5 @@
-//! `cargo xtask compare [study.toml]`: runs a comparison study. Today it reads and validates the
-//! study file and, with `--dry-run`, prints the matrix; running the cells comes with the study issue.
+//! `cargo xtask compare [study.toml]`: runs a comparison study (see `study::run`), or with
+//! `--dry-run` prints its matrix and an estimate of its cost.
 
 use std::path::PathBuf;
 
@@ -32,9 +32,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let matrix = study.matrix();
     if args.dry_run {
         println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
+        let mut total = crate::study::config::CellCost::default();
         for cell in &matrix {
-            println!("  {:<40} method {:<20} reward source {:<14} seed {}", cell.id(), cell.method, cell.reward_source, cell.seed);
+            let cost = study.cell_cost(cell);
+            total = total + cost;
+            println!(
+                "  {:<40} method {:<14} reward source {:<14} seed {:<3} ~{} generated + ~{} trained tokens",
+                cell.id(),
+                cell.method,
+                cell.reward_source,
+                cell.seed,
+                cost.generated_tokens,
+                cost.trained_tokens
+            );
         }
+        println!(
+            "total: ~{} generated and ~{} trained tokens in the cells, plus ~{} trained tokens for the base and reward model",
+            total.generated_tokens, total.trained_tokens, study.preparation_tokens()
+        );
+        println!("{}", study.time_estimate(total));
         return Ok(());
     }
     let options = crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };

@@ -54,20 +54,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = train_tokenizer(corpus.into_iter(), 384)?;
     let device = args.backend.device()?.autodiff();
     device.seed(args.seed);
-    let config = RobertaConfig {
-        vocab_size: tokenizer.vocab_size(),
-        hidden_size: args.hidden_size,
-        num_hidden_layers: args.layers,
-        num_attention_heads: 4,
-        intermediate_size: 2 * args.hidden_size,
-        max_position_embeddings: 160,
-        type_vocab_size: 1,
-        pad_token_id: tokenizer.pad_id.unwrap_or(1),
-        layer_norm_eps: 1e-5,
-        hidden_act: "gelu".into(),
-        initializer_range: 0.02,
-    };
-    let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), 120);
+    let config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120);
+    let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), config.max_tokens());
     let train = build_comparisons(&task.train, template, 2, args.seed);
     let held_out = build_comparisons(&task.test, template, 1, args.seed + 1);
     let training = RewardTrainingConfig {

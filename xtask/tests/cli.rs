@@ -155,3 +155,22 @@ fn reward_model_smoke_run_reports_held_out_accuracy_and_saves() {
     assert!(text.contains("held-out pairwise accuracy") && text.contains("over 10 pairs"), "{text}");
     assert!(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
 }
+
+#[test]
+fn dry_run_prints_the_matrix_and_a_cost_estimate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--dry-run"]).current_dir(&root).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("grpo__rules__seed0") && text.contains("ppo__reward_model__seed2"), "{text}");
+    assert!(text.contains("generated") && text.contains("time: at most ~"), "{text}");
+}
+
+#[test]
+fn plot_without_a_study_says_what_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/missing"]).current_dir(dir.path()).output().unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("reports/missing/summary.json") && error.contains("cargo xtask compare"), "{error}");
+}

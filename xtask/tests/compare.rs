@@ -1,5 +1,6 @@
-//! The quick preset of the default study, end to end, in a scratch directory: the files and
-//! their contents, and that a rerun skips finished cells.
+//! The quick preset of the default study, end to end, in a scratch directory: compare then plot,
+//! the files and their contents (CSV columns, JSON fields, PNG decodes, SVG parses), and that a
+//! rerun skips finished cells.
 
 use std::process::Command;
 
@@ -13,9 +14,22 @@ fn quick_study_writes_its_reports_and_resumes() {
     let first = run();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let reports = dir.path().join("reports/default-quick");
-    for file in ["config.json", "summary.csv", "summary.json", "report.md", "base/model.safetensors", "base/tokenizer.json"] {
+    for file in [
+        "config.json",
+        "summary.csv",
+        "summary.json",
+        "report.md",
+        "base/model.safetensors",
+        "base/tokenizer.json",
+        "reward_model/model.safetensors",
+        "reward_model/tokenizer.json",
+        "reward_model/metrics.json",
+    ] {
         assert!(reports.join(file).is_file(), "{file} missing");
     }
+    let rm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
+    let rm_accuracy = rm["held_out_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rm_accuracy) && rm["held_out_pairs"].as_u64().unwrap() > 0, "{rm}");
     let summaries: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(reports.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summaries.len(), 6, "method x reward source x seed cells of the quick default study");
     for summary in &summaries {
@@ -23,21 +37,58 @@ fn quick_study_writes_its_reports_and_resumes() {
             assert!(summary.get(key).is_some(), "{key} missing in {summary}");
         }
     }
+    for summary in &summaries {
+        assert!(summary["error"].is_null(), "every cell runs, PPO with the reward model included: {summary}");
+    }
     let grpo = summaries.iter().find(|s| s["method"] == "grpo").unwrap();
-    assert!(grpo["error"].is_null(), "{grpo}");
     assert!(grpo["accuracy_lenient_ci_high"].as_f64().unwrap() > 0.0);
     let metrics = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/metrics.csv")).unwrap();
     let header = metrics.lines().next().unwrap();
-    for column in ["step", "reward", "kl", "update_norm", "rewards/strict_correct/mean"] {
+    for column in ["step", "reward", "kl", "update_norm", "rewards/strict_correct/mean", "eval/accuracy_lenient"] {
         assert!(header.split(',').any(|c| c == column), "metrics.csv lacks {column}: {header}");
     }
     assert_eq!(metrics.lines().count(), 1 + 3, "a row per step");
+    let ppo = std::fs::read_to_string(reports.join("cells/ppo__reward_model__seed0/metrics.csv")).unwrap();
+    let ppo_header = ppo.lines().next().unwrap();
+    // The model's score and the true correctness side by side, so reward hacking would show.
+    for column in ["rewards/reward_model/mean", "rewards/strict_correct/mean", "val/explained_variance"] {
+        assert!(ppo_header.split(',').any(|c| c == column), "PPO metrics.csv lacks {column}: {ppo_header}");
+    }
+    // Samples before and after training for the same questions.
+    let samples = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/samples.jsonl")).unwrap();
+    let stages: Vec<String> = samples.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["stage"].as_str().unwrap().to_string()).collect();
+    assert!(stages.contains(&"before".to_string()) && stages.contains(&"after".to_string()), "{stages:?}");
+
+    // compare rendered the charts; `plot` renders them again from the files alone.
+    let plot = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/default-quick"]).current_dir(dir.path()).output().unwrap();
+    assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
+    for chart in ["accuracy", "stability", "convergence"] {
+        let png = reports.join(format!("charts/{chart}.png"));
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let reader = decoder.read_info().unwrap_or_else(|e| panic!("{} does not decode: {e}", png.display()));
+        assert!(reader.info().width >= 800 && reader.info().height >= 600);
+        let svg = std::fs::read_to_string(reports.join(format!("charts/{chart}.svg"))).unwrap();
+        let document = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{chart}.svg does not parse: {e}"));
+        assert_eq!(document.root_element().tag_name().name(), "svg");
+        let text: String = document.descendants().filter_map(|node| node.text()).collect::<Vec<_>>().join(" ");
+        assert!(text.len() > 20, "{chart}.svg has a title, axis labels and a legend: {text}");
+        if chart == "accuracy" {
+            for label in ["grpo (rules)", "ppo (reward_model)", "few_shot_0", "accuracy (%"] {
+                assert!(text.contains(label), "accuracy.svg lacks {label:?}: {text}");
+            }
+        }
+    }
+    let report = std::fs::read_to_string(reports.join("report.md")).unwrap();
+    assert!(report.contains("charts/accuracy.svg") && report.contains("charts/convergence.svg"), "{report}");
+    assert!(report.contains("| grpo | rules | 1 |"), "{report}");
     let csv_header = std::fs::read_to_string(reports.join("summary.csv")).unwrap().lines().next().unwrap().to_string();
     assert!(csv_header.starts_with("method,reward_source,seed,accuracy_strict"), "{csv_header}");
-    // A rerun skips the finished cells (and retries the one whose reward model is missing).
+    // A rerun skips the finished cells and reuses the base and the reward model.
     let second = run();
     assert!(second.status.success());
     let log = String::from_utf8_lossy(&second.stderr);
     assert!(log.contains("grpo__rules__seed0: done earlier, skipped"), "{log}");
+    assert!(log.contains("ppo__reward_model__seed0: done earlier, skipped"), "{log}");
     assert!(log.contains("base policy: ") && log.contains("trained earlier"), "{log}");
+    assert!(log.contains("reward model: ") && log.contains("trained earlier"), "{log}");
 }

@@ -116,7 +116,9 @@ pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Te
 
 /// transformers' `gelu_new` (the tanh approximation of GELU): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 pub fn gelu_new<const N: usize>(x: Tensor<N>) -> Tensor<N> {
-    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0f32 / std::f32::consts::PI).sqrt();
+    // x^3 as two products: powi_scalar goes through a scalar powf per element (3.5% of a step).
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube * 0.044715) * (2.0f32 / std::f32::consts::PI).sqrt();
     x * (inner.tanh() + 1.0) * 0.5
 }
 

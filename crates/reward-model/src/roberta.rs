@@ -64,6 +64,32 @@ pub struct RobertaConfig {
     pub initializer_range: f64,
 }
 
+impl RobertaConfig {
+    /// A small from-scratch configuration: `layers` layers of width `hidden_size` (4 heads, MLP
+    /// twice as wide), for inputs of up to `max_tokens` tokens.
+    pub fn tiny(vocab_size: usize, pad_token_id: u32, hidden_size: usize, layers: usize, max_tokens: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            intermediate_size: 2 * hidden_size,
+            // Positions run from pad_token_id + 1 to pad_token_id + max_tokens.
+            max_position_embeddings: max_tokens + pad_token_id as usize + 1,
+            type_vocab_size: 1,
+            pad_token_id,
+            layer_norm_eps: 1e-5,
+            hidden_act: "gelu".into(),
+            initializer_range: 0.02,
+        }
+    }
+
+    /// The longest input (in tokens, special tokens included) the position table holds.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.pad_token_id as usize + 1)
+    }
+}
+
 fn one() -> usize {
     1
 }

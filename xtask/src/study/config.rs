@@ -137,11 +137,16 @@ pub struct SftSpec {
     /// Train on only this share of the train split, leaving the rest unseen so that RL has
     /// headroom. Default 1.0.
     pub data_fraction: f64,
+    /// 0 (default): one problem per sequence, the prompt masked (fine-tuning on completions).
+    /// n > 0: documents of 1 to n worked problems back to back, every token trained (as in
+    /// pretraining): each step sees several times more solved problems, and a few-shot prompt is
+    /// a natural continuation of what the base has read.
+    pub problems_per_document: usize,
 }
 
 impl Default for SftSpec {
     fn default() -> Self {
-        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0 }
+        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0, problems_per_document: 0 }
     }
 }
 
@@ -268,15 +273,19 @@ pub struct EvaluationSpec {
     pub batch_size: usize,
     /// Samples per problem for maj@k (0: greedy only). Default 0.
     pub maj_k: usize,
+    /// Sampling temperature of the maj@k samples. Default 0.7.
+    pub maj_temperature: f32,
     /// Held-out evaluations during training, every this many steps (0: only at the end).
     pub eval_every: u64,
+    /// Problems of those evaluations during training (the first of the test split). Default 64.
+    pub train_eval_size: usize,
     /// Test questions whose completions are saved before and after training. Default 8.
     pub samples: usize,
 }
 
 impl Default for EvaluationSpec {
     fn default() -> Self {
-        Self { test_size: 200, max_new_tokens: 96, batch_size: 32, maj_k: 0, eval_every: 0, samples: 8 }
+        Self { test_size: 200, max_new_tokens: 96, batch_size: 32, maj_k: 0, maj_temperature: 0.7, eval_every: 0, train_eval_size: 64, samples: 8 }
     }
 }
 
@@ -317,6 +326,19 @@ impl Study {
         }
         if let TaskSpec::Synthetic { synthetic } = &self.task {
             synthetic.validate()?;
+        }
+        let evaluation = &self.evaluation;
+        if evaluation.test_size == 0 || evaluation.batch_size == 0 || evaluation.max_new_tokens == 0 {
+            bail!("evaluation.test_size, batch_size and max_new_tokens must be at least 1");
+        }
+        if evaluation.maj_k == 1 {
+            bail!("evaluation.maj_k = 1 is one sample, not a vote; use 0 (greedy only) or at least 3");
+        }
+        if evaluation.maj_k > 0 && !(evaluation.maj_temperature > 0.0) {
+            bail!("evaluation.maj_temperature = {} must be above 0 when maj_k > 0", evaluation.maj_temperature);
+        }
+        if evaluation.eval_every > 0 && evaluation.train_eval_size == 0 {
+            bail!("evaluation.train_eval_size = 0 with eval_every = {}; evaluate at least one problem", evaluation.eval_every);
         }
         for (name, source) in &self.reward_sources {
             if source.rules.is_empty() && source.reward_model_weight.is_none() {
@@ -381,6 +403,9 @@ impl Study {
         if let PolicyBase::Preset { sft, .. } = &mut self.policy.base {
             sft.steps = sft.steps.min(30);
         }
+        if let Some(RewardModelSpec::Train { training, .. }) = &mut self.reward_model {
+            training.steps = training.steps.min(20);
+        }
         for method in self.methods.values_mut() {
             if let MethodSpec::Rl { steps, optim, prompts_per_step, .. } = method {
                 *steps = (*steps).min(3);
@@ -391,6 +416,81 @@ impl Study {
         self.evaluation.test_size = self.evaluation.test_size.min(16);
         self.evaluation.max_new_tokens = self.evaluation.max_new_tokens.min(24);
         self.evaluation.samples = self.evaluation.samples.min(4);
+        if self.evaluation.eval_every > 0 {
+            self.evaluation.eval_every = 2;
+            self.evaluation.train_eval_size = self.evaluation.train_eval_size.min(8);
+        }
+    }
+}
+
+/// Upper bounds on the tokens a cell generates and trains on (completions at their maximum
+/// length), for `--dry-run`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellCost {
+    /// Tokens sampled: rollouts, evaluations during training and the final evaluation.
+    pub generated_tokens: u64,
+    /// Completion tokens passed through forward and backward.
+    pub trained_tokens: u64,
+}
+
+impl std::ops::Add for CellCost {
+    type Output = CellCost;
+    fn add(self, other: CellCost) -> CellCost {
+        CellCost { generated_tokens: self.generated_tokens + other.generated_tokens, trained_tokens: self.trained_tokens + other.trained_tokens }
+    }
+}
+
+/// Throughput of the tiny preset on the flex CPU backend on a 2-core machine (release build,
+/// `cargo xtask bench`), the basis of the time estimate: tokens per second.
+const CPU_GENERATED_PER_SECOND: f64 = 1500.0;
+const CPU_TRAINED_PER_SECOND: f64 = 2000.0;
+
+impl Study {
+    /// What `cell` costs at most.
+    pub fn cell_cost(&self, cell: &Cell) -> CellCost {
+        let evaluation = &self.evaluation;
+        let final_eval = (evaluation.test_size as u64) * (evaluation.max_new_tokens as u64) * (1 + evaluation.maj_k as u64);
+        match &self.methods[&cell.method] {
+            MethodSpec::FewShot { .. } | MethodSpec::Base => CellCost { generated_tokens: final_eval, trained_tokens: 0 },
+            MethodSpec::Rl { steps, prompts_per_step, config, .. } => {
+                let field = |name: &str, default: u64| config.get(name).and_then(|v| v.as_u64()).unwrap_or(default);
+                let completions = (*prompts_per_step as u64) * field("num_generations", 1);
+                let length = field("max_completion_length", 128);
+                let epochs = field("num_iterations", 1).max(field("num_ppo_epochs", 1));
+                let rollouts = steps * completions * length;
+                let evals = if evaluation.eval_every > 0 { steps.div_ceil(evaluation.eval_every) * (evaluation.train_eval_size as u64) * (evaluation.max_new_tokens as u64) } else { 0 };
+                CellCost { generated_tokens: rollouts + evals + final_eval, trained_tokens: rollouts * epochs }
+            }
+        }
+    }
+
+    /// Tokens the base policy's and the tiny reward model's training pass through.
+    pub fn preparation_tokens(&self) -> u64 {
+        let base = match &self.policy.base {
+            PolicyBase::Preset { sft, .. } => sft.steps * (sft.batch_size as u64) * (self.policy.max_length as u64 / 2),
+            PolicyBase::Checkpoint { .. } => 0,
+        };
+        let reward_model = match &self.reward_model {
+            Some(RewardModelSpec::Train { training, .. }) | Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => {
+                training.steps * (training.batch_size as u64) * 2 * 64
+            }
+            _ => 0,
+        };
+        base + reward_model
+    }
+
+    /// A rough wall-clock estimate on the CPU backend; other backends are not estimated.
+    pub fn time_estimate(&self, cells: CellCost) -> String {
+        if self.backend != BackendKind::Flex {
+            return format!("time: not estimated for the {} backend (the estimate is calibrated on the flex CPU backend)", self.backend);
+        }
+        let preset = matches!(self.policy.base, PolicyBase::Preset { .. });
+        let seconds = cells.generated_tokens as f64 / CPU_GENERATED_PER_SECOND + (cells.trained_tokens + self.preparation_tokens()) as f64 / CPU_TRAINED_PER_SECOND;
+        if preset {
+            format!("time: at most ~{:.0} minutes on 2 CPU cores (tiny preset; completions that stop early take less)", seconds / 60.0)
+        } else {
+            format!("time: ~{:.0} minutes at tiny-preset CPU speed; a real checkpoint is orders of magnitude slower on the CPU: use a GPU backend", seconds / 60.0)
+        }
     }
 }
 

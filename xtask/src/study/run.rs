@@ -1,11 +1,10 @@
 //! Running a study: the base policy, the reward model, then every cell of the matrix, each
 //! written atomically under `reports/<study>/` so that a rerun skips what is done.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use burn::module::Module;
 use burn::tensor::Device;
 use eval::{AccuracySummary, score_completion};
@@ -18,6 +17,10 @@ use policy_models::{CausalLm, ModelSource, PolicyTokenizer};
 use prompting::{PromptBuilder, sample_exemplars};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use reward_model::comparisons::{Comparison, build_comparisons};
+use reward_model::reward::RewardModelFunction;
+use reward_model::train::{RewardTokenizer, RewardTrainer};
+use reward_model::{RobertaConfig, RobertaRegressor};
 use rl_algos::rewards::{RewardFunction, WeightedRewards};
 use rl_algos::{AlgorithmInputs, Environment, PromptItem};
 use serde::{Deserialize, Serialize};
@@ -66,6 +69,15 @@ pub struct CellSummary {
     pub steps_to_convergence: Option<u64>,
     /// Variance of `update_norm` over steps.
     pub update_norm_variance: Option<f64>,
+    /// Mean of `update_norm` over steps.
+    #[serde(default)]
+    pub update_norm_mean: Option<f64>,
+    /// Mean of the training reward over the last quarter of the steps.
+    #[serde(default)]
+    pub final_reward: Option<f64>,
+    /// maj@k accuracy (lenient answers, majority of k samples), when `evaluation.maj_k > 0`.
+    #[serde(default)]
+    pub accuracy_maj: Option<f64>,
     /// Error, when the cell failed.
     pub error: Option<String>,
 }
@@ -88,7 +100,7 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     let task = load_task(study)?;
     let base_dir = prepare_base(study, &task, &dir, &device, options, &progress)?;
     let tokenizer = PolicyTokenizer::load_dir(&base_dir).with_context(|| format!("the base policy in {} has no tokenizer", base_dir.display()))?;
-    let reward_model = prepare_reward_model(study, &dir, options, &progress)?;
+    let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, options, &progress)?;
     let matrix = study.matrix();
     let overall = progress.add(ProgressBar::new(matrix.len() as u64));
     overall.set_style(ProgressStyle::with_template("cells {bar:30} {pos}/{len} eta {eta} {msg}")?);
@@ -139,7 +151,13 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         overall.inc(1);
     }
     overall.finish_and_clear();
-    write_reports(&dir, &matrix, &summaries)?;
+    write_reports(&dir, &summaries)?;
+    // Charts last: a plotting problem must not cost the results above.
+    match crate::plot::render(&dir) {
+        Ok(_) => {}
+        Err(error) => log(options.quiet, &progress, format!("charts not rendered: {error:#}")),
+    }
+    write_reports(&dir, &summaries)?;
     Ok(summaries)
 }
 
@@ -158,6 +176,9 @@ fn failed_summary(cell: &Cell, error: String) -> CellSummary {
         train_seconds: 0.0,
         steps_to_convergence: None,
         update_norm_variance: None,
+        update_norm_mean: None,
+        final_reward: None,
+        accuracy_maj: None,
         error: Some(error),
     }
 }
@@ -221,22 +242,46 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     let eos = tokenizer.eos_ids[0];
     let pad = i64::from(tokenizer.pad_id.unwrap_or(eos));
     let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
+    let pool = &task.train.problems[..train_count.min(task.train.len())];
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut examples = Vec::with_capacity(train_count);
-    for problem in &task.train.problems[..train_count] {
-        // Some examples carry 1-2 exemplars, so few-shot prompts are a natural continuation.
-        let k = rng.random_range(0..=2usize);
-        let exemplars = sample_exemplars(&task.train, k, rng.random())?;
-        let builder = PromptBuilder::new(template).with_exemplars(exemplars);
-        let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?)?;
-        let mut completion_ids = encode(&tokenizer, &builder.target(problem))?;
-        completion_ids.push(i64::from(eos));
-        let room = study.policy.max_length.saturating_sub(completion_ids.len());
-        if prompt_ids.len() > room {
-            prompt_ids.drain(..prompt_ids.len() - room);
+    let mut examples = Vec::new();
+    if sft.problems_per_document > 0 {
+        // Documents of 1..=n worked problems, each closed by the end-of-sequence token, packed
+        // whole into sequences of at most max_length tokens (nanoGPT-style packing: no padding
+        // is trained or computed). Every token after a sequence's first is trained. Enough
+        // sequences that no batch repeats one.
+        let sequences = (sft.steps as usize).saturating_mul(sft.batch_size).max(1);
+        let mut current: Vec<i64> = Vec::new();
+        while examples.len() < sequences {
+            let count = rng.random_range(1..=sft.problems_per_document);
+            let picks: Vec<Problem> = (0..count).map(|_| pool[rng.random_range(0..pool.len())].clone()).collect();
+            let (last, context) = picks.split_last().expect("at least one problem");
+            let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
+            let mut document = encode(&tokenizer, &format!("{}{}", builder.render(&last.question)?, builder.target(last)))?;
+            document.push(i64::from(eos));
+            document.truncate(study.policy.max_length);
+            if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
+                let completion_ids = current.split_off(1);
+                examples.push(SftExample { prompt_ids: std::mem::take(&mut current), completion_ids });
+            }
+            current.extend(document);
         }
-        completion_ids.truncate(study.policy.max_length - prompt_ids.len().min(study.policy.max_length - 1));
-        examples.push(SftExample { prompt_ids, completion_ids });
+    } else {
+        for problem in pool {
+            // Some examples carry 1-2 exemplars, so few-shot prompts are a natural continuation.
+            let k = rng.random_range(0..=2usize);
+            let exemplars = sample_exemplars(&task.train, k, rng.random())?;
+            let builder = PromptBuilder::new(template).with_exemplars(exemplars);
+            let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?)?;
+            let mut completion_ids = encode(&tokenizer, &builder.target(problem))?;
+            completion_ids.push(i64::from(eos));
+            let room = study.policy.max_length.saturating_sub(completion_ids.len());
+            if prompt_ids.len() > room {
+                prompt_ids.drain(..prompt_ids.len() - room);
+            }
+            completion_ids.truncate(study.policy.max_length - prompt_ids.len().min(study.policy.max_length - 1));
+            examples.push(SftExample { prompt_ids, completion_ids });
+        }
     }
     let autodiff = device.clone().autodiff();
     autodiff.seed(0);
@@ -254,9 +299,13 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     let bar = progress.add(ProgressBar::new(sft.steps));
     bar.set_style(ProgressStyle::with_template("base policy (supervised) {bar:30} {pos}/{len} {msg} eta {eta}")?);
     let mut trainer = SftTrainer::new(model, config);
+    let started = Instant::now();
     let history = trainer.run(&examples, None, None, |step| {
         bar.set_message(format!("loss {:.3}", step.loss));
         bar.inc(1);
+        if options.quiet && (step.step % 50 == 0 || step.step == sft.steps) {
+            eprintln!("base policy: step {}/{} loss {:.3} ({:.0} s)", step.step, sft.steps, step.loss, started.elapsed().as_secs_f64());
+        }
     })?;
     bar.finish_and_clear();
     let last = history.last().map_or(f64::NAN, |s| s.loss);
@@ -265,18 +314,132 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     Ok(base_dir)
 }
 
-/// Trains (or loads) the reward model when a reward source uses one.
-fn prepare_reward_model(study: &Study, _dir: &Path, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<Option<PathBuf>> {
+/// Comparisons as the policy's rollouts present them to the reward model: the prompt the
+/// policy is given (zero-shot) and the completion it writes after it.
+fn as_rollouts(pairs: Vec<Comparison>, builder: &PromptBuilder) -> anyhow::Result<Vec<Comparison>> {
+    let prefix = builder.template().response_prefix();
+    let strip = |text: String| text.strip_prefix(prefix).map(str::to_string).unwrap_or(text);
+    pairs
+        .into_iter()
+        .map(|pair| {
+            Ok(Comparison {
+                prompt: builder.render(&pair.prompt)?,
+                chosen: strip(pair.chosen),
+                rejected: strip(pair.rejected),
+                corruption: pair.corruption,
+            })
+        })
+        .collect()
+}
+
+/// The reward model's held-out figures, written beside it as `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardModelReport {
+    /// Pairwise accuracy on comparisons built from the test split only.
+    pub held_out_accuracy: f64,
+    /// Mean score margin (chosen - rejected) on those pairs.
+    pub held_out_mean_margin: f64,
+    /// Held-out pairs.
+    pub held_out_pairs: usize,
+    /// Loss of the last training step.
+    pub final_loss: f64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Training seconds.
+    pub train_seconds: f64,
+}
+
+/// Trains (or locates) the reward model when a reward source uses one; returns its directory
+/// (config.json, model.safetensors, tokenizer.json).
+fn prepare_reward_model(
+    study: &Study,
+    task: &TaskData,
+    dir: &Path,
+    base_dir: &Path,
+    device: &Device,
+    options: &RunOptions,
+    progress: &MultiProgress,
+) -> anyhow::Result<Option<PathBuf>> {
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
-    match spec {
-        RewardModelSpec::Checkpoint { model, fine_tune: None } => Ok(Some(ModelSource::parse(model).resolve()?)),
-        RewardModelSpec::Checkpoint { fine_tune: Some(_), .. } | RewardModelSpec::Train { .. } => {
-            // The cells that need it fail with their own error; the others run.
-            log(options.quiet, progress, "reward model: training one inside a study is not in this build yet; cells that use it will fail (see `cargo xtask reward-model`)".to_string());
-            Ok(None)
-        }
+    let (checkpoint, training) = match spec {
+        RewardModelSpec::Checkpoint { model, fine_tune: None } => return Ok(Some(ModelSource::parse(model).resolve()?)),
+        RewardModelSpec::Checkpoint { model, fine_tune: Some(training) } => (Some(ModelSource::parse(model).resolve()?), training),
+        RewardModelSpec::Train { training, .. } => (None, training),
+    };
+    let rm_dir = dir.join("reward_model");
+    if rm_dir.join("model.safetensors").is_file() && rm_dir.join("metrics.json").is_file() && !options.force {
+        log(options.quiet, progress, format!("reward model: {} (trained earlier)", rm_dir.display()));
+        return Ok(Some(rm_dir));
     }
+    let autodiff = device.clone().autodiff();
+    autodiff.seed(training.seed);
+    let (tokenizer, model) = match (&checkpoint, spec) {
+        (Some(checkpoint), _) => {
+            let tokenizer = PolicyTokenizer::load_dir(checkpoint).with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
+            let (model, head) = RobertaRegressor::load_dir(checkpoint, &autodiff)?;
+            log(options.quiet, progress, format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
+            (tokenizer, model)
+        }
+        (None, RewardModelSpec::Train { hidden_size, num_layers, .. }) => {
+            // The tiny reward model reads text with the base policy's tokenizer (trained on the
+            // same problems).
+            let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
+            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192);
+            (tokenizer, RobertaRegressor::init(&config, &autodiff))
+        }
+        (None, RewardModelSpec::Checkpoint { .. }) => unreachable!("a checkpoint spec has a checkpoint"),
+    };
+    let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
+    let builder = PromptBuilder::new(study.policy.template);
+    let train = as_rollouts(build_comparisons(&task.train, study.policy.template, 2, training.seed), &builder)?;
+    let held_out = as_rollouts(build_comparisons(&task.test, study.policy.template, 1, training.seed + 1), &builder)?;
+    let bar = progress.add(ProgressBar::new(training.steps));
+    bar.set_style(ProgressStyle::with_template("reward model {bar:30} {pos}/{len} {msg} eta {eta}")?);
+    let started = Instant::now();
+    let mut trainer = RewardTrainer::new(model, training.clone());
+    let mut final_loss = f64::NAN;
+    for _ in 0..training.steps {
+        let step = trainer.train_step(&train, &reward_tokenizer)?;
+        final_loss = step.loss;
+        bar.set_message(format!("loss {:.3} acc {:.2}", step.loss, step.accuracy));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let metrics = reward_model::train::evaluate(trainer.model(), &reward_tokenizer, &held_out, 64);
+    let report = RewardModelReport {
+        held_out_accuracy: metrics.accuracy,
+        held_out_mean_margin: metrics.mean_margin,
+        held_out_pairs: metrics.pairs,
+        final_loss,
+        steps: training.steps,
+        train_seconds: started.elapsed().as_secs_f64(),
+    };
+    trainer.model().save_dir(&rm_dir)?;
+    tokenizer.save(&rm_dir.join("tokenizer.json"))?;
+    // metrics.json last: its presence marks a finished reward model.
+    write_atomically(&rm_dir.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    log(
+        options.quiet,
+        progress,
+        format!(
+            "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split), margin {:.3}, {:.0} s",
+            report.held_out_accuracy * 100.0,
+            report.held_out_pairs,
+            report.held_out_mean_margin,
+            report.train_seconds
+        ),
+    );
+    Ok(Some(rm_dir))
+}
+
+/// The reward model of `rm_dir` as a reward function.
+fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bool) -> anyhow::Result<RewardModelFunction> {
+    let (model, _) = RobertaRegressor::load_dir(rm_dir, device)?;
+    let tokenizer = PolicyTokenizer::load_dir(rm_dir).with_context(|| format!("the reward model in {} has no tokenizer", rm_dir.display()))?;
+    let reward_tokenizer = RewardTokenizer::new(tokenizer, model.config().max_tokens());
+    Ok(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize))
 }
 
 #[allow(clippy::too_many_arguments, reason = "the cell's whole context")]
@@ -294,18 +457,20 @@ fn run_cell(
 ) -> anyhow::Result<CellSummary> {
     let method = &study.methods[&cell.method];
     let test: &[Problem] = &task.test.problems[..study.evaluation.test_size.min(task.test.len())];
+    let sample_questions = &test[..study.evaluation.samples.min(test.len())];
+    let mut samples_before = Vec::new();
     let (policy, k, train_seconds, metrics) = match method {
         MethodSpec::FewShot { k } => (CausalLm::load_dir(base_dir, device)?, *k, 0.0, Vec::new()),
         MethodSpec::Base => (CausalLm::load_dir(base_dir, device)?, 0, 0.0, Vec::new()),
         MethodSpec::Rl { algorithm, steps, prompts_per_step, few_shot_k, optim, config, .. } => {
-            let _ = reward_model;
             let source = &study.reward_sources[&cell.reward_source];
-            if source.reward_model_weight.is_some() {
-                bail!("reward source {}: the reward model is not available in this build yet", cell.reward_source);
+            let mut functions: Vec<(Box<dyn RewardFunction>, f32)> =
+                source.rules.iter().map(|rule| (Box::new(rule.kind) as Box<dyn RewardFunction>, rule.weight)).collect();
+            if let Some(weight) = source.reward_model_weight {
+                let rm_dir = reward_model.with_context(|| format!("reward source {} needs the reward model, which was not prepared", cell.reward_source))?;
+                functions.push((Box::new(load_reward_function(rm_dir, device, source.normalize_reward_model)?), weight));
             }
-            let rewards = WeightedRewards::new(
-                source.rules.iter().map(|rule| (Box::new(rule.kind) as Box<dyn RewardFunction>, rule.weight)).collect(),
-            );
+            let rewards = WeightedRewards::new(functions);
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let mut optim = optim.clone();
@@ -313,6 +478,8 @@ fn run_cell(
             let inputs = AlgorithmInputs { policy: CausalLm::load_dir(base_dir, &autodiff)?, config: config.clone(), optim, seed: cell.seed };
             let mut algorithm = (entry.build)(inputs)?;
             let builder = prompt_builder(study, task, base_dir, *few_shot_k, cell.seed)?;
+            // What the policy wrote before training, for samples.jsonl.
+            samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions)?.samples;
             let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
             let environment = Environment {
                 decode: &decode,
@@ -322,14 +489,17 @@ fn run_cell(
                 rewards: &rewards,
             };
             let bar = progress.add(ProgressBar::new(*steps));
-            bar.set_style(ProgressStyle::with_template("  {msg:30} {bar:30} {pos}/{len} eta {eta}")?);
-            bar.set_message(cell.id());
+            bar.set_style(ProgressStyle::with_template("  {prefix:30} {bar:30} {pos}/{len} {msg} eta {eta}")?);
+            bar.set_prefix(cell.id());
             let started = Instant::now();
             let mut rng = ChaCha8Rng::seed_from_u64(cell.seed);
             let completion_limit = config.get("max_completion_length").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
             let rl_prompt_limit = study.policy.max_length.saturating_sub(completion_limit).max(8);
+            let eval_every = study.evaluation.eval_every;
+            let eval_problems = &test[..study.evaluation.train_eval_size.min(test.len())];
             let mut history = Vec::new();
-            for _ in 0..*steps {
+            let mut eval_seconds = 0.0;
+            for step in 1..=*steps {
                 let prompts: Vec<PromptItem> = (0..*prompts_per_step)
                     .map(|_| {
                         let problem = &task.train.problems[rng.random_range(0..task.train.len())];
@@ -338,26 +508,45 @@ fn run_cell(
                         Ok(PromptItem { prompt_ids, prompt_text: text, answer: problem.answer.clone() })
                     })
                     .collect::<anyhow::Result<_>>()?;
-                history.push(algorithm.train_step(&prompts, &environment)?);
+                let mut row = algorithm.train_step(&prompts, &environment).with_context(|| format!("step {step}"))?;
+                if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
+                    // Held-out accuracy during training (not counted as training time).
+                    let eval_started = Instant::now();
+                    let during = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems)?;
+                    row.insert("eval/accuracy_lenient".to_string(), during.accuracy.lenient.accuracy);
+                    row.insert("eval/accuracy_strict".to_string(), during.accuracy.strict.accuracy);
+                    eval_seconds += eval_started.elapsed().as_secs_f64();
+                }
+                let reward = row.get("reward").copied().unwrap_or(f64::NAN);
+                if quiet && (step % 10 == 0 || step == *steps) {
+                    eprintln!("{}: step {step}/{steps} reward {reward:.3}", cell.id());
+                }
+                bar.set_message(format!("reward {reward:.3}"));
+                history.push(row);
                 bar.inc(1);
             }
             bar.finish_and_clear();
-            let seconds = started.elapsed().as_secs_f64();
-            let _ = quiet;
+            let seconds = started.elapsed().as_secs_f64() - eval_seconds;
             (algorithm.into_policy().valid(), *few_shot_k, seconds, history)
         }
     };
     write_metrics(cell, cell_dir, &metrics)?;
     let builder = prompt_builder(study, task, base_dir, k, cell.seed)?;
-    let (summary, samples) = evaluate(study, &policy, tokenizer, &builder, test)?;
-    let mut file = std::fs::File::create(cell_dir.join("samples.jsonl.tmp"))?;
-    for sample in samples.iter().take(study.evaluation.samples) {
-        writeln!(file, "{}", serde_json::to_string(sample)?)?;
+    let evaluation = evaluate(study, &policy, tokenizer, &builder, test)?;
+    let accuracy_maj = if study.evaluation.maj_k > 0 { Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed)?) } else { None };
+    let mut lines = String::new();
+    for (stage, sample) in samples_before.iter().map(|s| ("before", s)).chain(evaluation.samples.iter().take(sample_questions.len()).map(|s| ("after", s))) {
+        let mut value = serde_json::to_value(sample)?;
+        value["stage"] = serde_json::Value::from(stage);
+        lines.push_str(&serde_json::to_string(&value)?);
+        lines.push('\n');
     }
-    std::fs::rename(cell_dir.join("samples.jsonl.tmp"), cell_dir.join("samples.jsonl"))?;
+    write_atomically(&cell_dir.join("samples.jsonl"), lines.as_bytes())?;
     let rewards: Vec<f64> = metrics.iter().map(|m| m.get("reward").copied().unwrap_or(f64::NAN)).collect();
     let steps: Vec<u64> = (1..=rewards.len() as u64).collect();
     let update_norms: Vec<f64> = metrics.iter().filter_map(|m| m.get("update_norm").copied()).collect();
+    let tail = &rewards[rewards.len() - rewards.len().div_ceil(4)..];
+    let summary = evaluation.accuracy;
     Ok(CellSummary {
         method: cell.method.clone(),
         reward_source: cell.reward_source.clone(),
@@ -372,11 +561,14 @@ fn run_cell(
         train_seconds,
         steps_to_convergence: eval::stats::steps_to_convergence(&steps, &rewards, 0.6, 0.9),
         update_norm_variance: (!update_norms.is_empty()).then(|| eval::stats::sample_variance(&update_norms)),
+        update_norm_mean: (!update_norms.is_empty()).then(|| eval::stats::mean_std(&update_norms).mean),
+        final_reward: (!tail.is_empty()).then(|| eval::stats::mean_std(tail).mean),
+        accuracy_maj,
         error: None,
     })
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Sample {
     question: String,
     answer: String,
@@ -391,38 +583,71 @@ fn prompt_limit(study: &Study, policy: &CausalLm) -> usize {
     positions.min(study.policy.max_length).saturating_sub(study.evaluation.max_new_tokens).max(8)
 }
 
-/// Greedy answers to the held-out problems, scored.
-fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem]) -> anyhow::Result<(AccuracySummary, Vec<Sample>)> {
-    let template = study.policy.template;
-    let stops: Vec<String> = template.stop_sequences().iter().map(|s| s.to_string()).collect();
+struct Evaluation {
+    accuracy: AccuracySummary,
+    samples: Vec<Sample>,
+}
+
+/// Completions of `policy` for `problems` with `sampler`, cut at the template's stop strings.
+fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, problems: &[Problem], sampler: Sampler, seed: u64) -> anyhow::Result<Vec<String>> {
+    let stops: Vec<String> = study.policy.template.stop_sequences().iter().map(|s| s.to_string()).collect();
     let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
     let config = GenerationConfig {
         max_new_tokens: study.evaluation.max_new_tokens,
-        sampler: Sampler::Greedy,
+        sampler,
         eos_token_ids: tokenizer.eos_ids.iter().map(|&id| i64::from(id)).collect(),
         pad_token_id: tokenizer.pad_id.map_or(0, i64::from),
-        seed: 0,
+        seed,
     };
-    let mut scores = Vec::with_capacity(test.len());
-    let mut samples = Vec::new();
-    for chunk in test.chunks(study.evaluation.batch_size.max(1)) {
-        let limit = prompt_limit(study, policy);
-        let prompts: Vec<Vec<i64>> =
-            chunk.iter().map(|p| Ok(fit(encode(tokenizer, &builder.render(&p.question)?)?, limit))).collect::<anyhow::Result<_>>()?;
+    let limit = prompt_limit(study, policy);
+    let mut completions = Vec::with_capacity(problems.len());
+    for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode(tokenizer, &builder.render(&p.question)?)?, limit))).collect::<anyhow::Result<_>>()?;
         let generation = generate(policy, &prompts, &config, &stops, Some(&decode));
-        for ((problem, ids), mask) in chunk.iter().zip(&generation.completion_ids).zip(&generation.completion_mask) {
+        for (ids, mask) in generation.completion_ids.iter().zip(&generation.completion_mask) {
             let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
             let mut completion = decode(&kept);
             // Cut at a stop string, as a user of the completion would.
             if let Some(cut) = stops.iter().filter_map(|stop| completion.find(stop.as_str())).min() {
                 completion.truncate(cut);
             }
-            let score = score_completion(&completion, &problem.answer, template.answer_format());
-            samples.push(Sample { question: problem.question.clone(), answer: problem.answer.clone(), completion, strict: score.strict, lenient: score.lenient });
-            scores.push(score);
+            completions.push(completion);
         }
     }
-    Ok((AccuracySummary::from_scores(&scores), samples))
+    Ok(completions)
+}
+
+/// Greedy answers to the held-out problems, scored.
+fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem]) -> anyhow::Result<Evaluation> {
+    let format = study.policy.template.answer_format();
+    let completions = complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0)?;
+    let mut scores = Vec::with_capacity(test.len());
+    let mut samples = Vec::with_capacity(test.len());
+    for (problem, completion) in test.iter().zip(completions) {
+        let score = score_completion(&completion, &problem.answer, format);
+        samples.push(Sample { question: problem.question.clone(), answer: problem.answer.clone(), completion, strict: score.strict, lenient: score.lenient });
+        scores.push(score);
+    }
+    Ok(Evaluation { accuracy: AccuracySummary::from_scores(&scores), samples })
+}
+
+/// maj@k: `maj_k` sampled completions per problem, the most common lenient answer wins.
+fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], seed: u64) -> anyhow::Result<f64> {
+    let format = study.policy.template.answer_format();
+    let sampler = Sampler::Sample { temperature: study.evaluation.maj_temperature, top_k: None, top_p: None };
+    let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(); test.len()];
+    for draw in 0..study.evaluation.maj_k {
+        let completions = complete(study, policy, tokenizer, builder, test, sampler, seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1))?;
+        for (slot, completion) in answers.iter_mut().zip(completions) {
+            slot.push(eval::extract::lenient(&completion, format).as_deref().and_then(tasks::normalize_number));
+        }
+    }
+    let correct = test
+        .iter()
+        .zip(&answers)
+        .filter(|(problem, votes)| eval::stats::majority_answer(votes.iter().map(Option::as_deref)) == Some(problem.answer.as_str()))
+        .count();
+    Ok(correct as f64 / test.len().max(1) as f64)
 }
 
 /// `cells/<id>/metrics.csv`: one row per step, the algorithm's metric names as columns.
@@ -441,28 +666,86 @@ fn write_metrics(cell: &Cell, cell_dir: &Path, metrics: &[rl_algos::Metrics]) ->
 }
 
 /// `summary.csv`, `summary.json` and `report.md` over all cells.
-fn write_reports(dir: &Path, matrix: &[Cell], summaries: &[CellSummary]) -> anyhow::Result<()> {
+fn write_reports(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     for summary in summaries {
         writer.serialize(summary)?;
     }
     write_atomically(&dir.join("summary.csv"), &writer.into_inner()?)?;
     write_atomically(&dir.join("summary.json"), serde_json::to_string_pretty(summaries)?.as_bytes())?;
-    let mut report = String::from("# Study results\n\n| method | reward source | seeds | lenient accuracy (mean ± sd) | strict accuracy (mean ± sd) |\n|---|---|---|---|---|\n");
-    let mut groups: Vec<(String, String)> = matrix.iter().map(|c| (c.method.clone(), c.reward_source.clone())).collect();
-    groups.dedup();
-    for (method, source) in groups {
-        let cells: Vec<&CellSummary> = summaries.iter().filter(|s| s.method == method && s.reward_source == source && s.error.is_none()).collect();
-        let lenient = eval::stats::mean_std(&cells.iter().map(|s| s.accuracy_lenient * 100.0).collect::<Vec<_>>());
-        let strict = eval::stats::mean_std(&cells.iter().map(|s| s.accuracy_strict * 100.0).collect::<Vec<_>>());
+    write_atomically(&dir.join("report.md"), report_markdown(dir, summaries).as_bytes())
+}
+
+/// `report.md`: per (method, reward source), the mean over seeds with its 95% interval (the
+/// wider of the across-seed t interval and the test-set Wilson interval, as the charts draw),
+/// training cost and stability, then the reward model, the charts and any failed cells.
+pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let mut report = format!("# Study `{name}`\n\n");
+    report.push_str("Accuracy on held-out problems (greedy decoding): mean over seeds, 95% CI in brackets (the wider of the across-seed Student-t interval and the test-set Wilson interval). Strict reads only the template's official answer format; lenient takes the last number.\n\n");
+    report.push_str("| method | reward source | seeds | lenient accuracy | strict accuracy | maj@k | final reward | train s | steps to convergence | update_norm mean (var) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for summary in summaries {
+        let key = (summary.method.clone(), summary.reward_source.clone());
+        if !groups.contains(&key) {
+            groups.push(key);
+        }
+    }
+    let fmt_opt = |values: Vec<f64>, digits: usize| if values.is_empty() { "-".to_string() } else { format!("{:.*}", digits, eval::stats::mean_std(&values).mean) };
+    for (method, source) in &groups {
+        let cells: Vec<&CellSummary> = summaries.iter().filter(|s| &s.method == method && &s.reward_source == source && s.error.is_none()).collect();
+        if cells.is_empty() {
+            report.push_str(&format!("| {method} | {source} | 0 | failed | failed | - | - | - | - | - |\n"));
+            continue;
+        }
+        let interval = |mean: fn(&CellSummary) -> f64, low: fn(&CellSummary) -> f64, high: fn(&CellSummary) -> f64| {
+            let take = |f: fn(&CellSummary) -> f64| cells.iter().map(|c| f(c)).collect::<Vec<f64>>();
+            let (m, l, h) = crate::plot::accuracy_interval(&take(mean), &take(low), &take(high));
+            format!("{:.1}% [{:.1}, {:.1}]", 100.0 * m, 100.0 * l, 100.0 * h)
+        };
+        let lenient = interval(|c| c.accuracy_lenient, |c| c.accuracy_lenient_ci_low, |c| c.accuracy_lenient_ci_high);
+        let strict = interval(|c| c.accuracy_strict, |c| c.accuracy_strict_ci_low, |c| c.accuracy_strict_ci_high);
+        let maj: Vec<f64> = cells.iter().filter_map(|c| c.accuracy_maj.map(|v| 100.0 * v)).collect();
+        let maj = if maj.is_empty() { "-".to_string() } else { format!("{:.1}%", eval::stats::mean_std(&maj).mean) };
+        let mut convergence: Vec<u64> = cells.iter().filter_map(|c| c.steps_to_convergence).collect();
+        convergence.sort_unstable();
+        let convergence = convergence.get(convergence.len() / 2).map_or("-".to_string(), |v| format!("{v} (median)"));
+        let norms = fmt_opt(cells.iter().filter_map(|c| c.update_norm_mean).collect(), 4);
+        let norm_var = fmt_opt(cells.iter().filter_map(|c| c.update_norm_variance).collect(), 6);
         report.push_str(&format!(
-            "| {method} | {source} | {} | {:.1}% ± {:.1} | {:.1}% ± {:.1} |\n",
+            "| {method} | {source} | {} | {lenient} | {strict} | {maj} | {} | {} | {convergence} | {} |\n",
             cells.len(),
-            lenient.mean,
-            lenient.std,
-            strict.mean,
-            strict.std
+            fmt_opt(cells.iter().filter_map(|c| c.final_reward).collect(), 3),
+            fmt_opt(cells.iter().map(|c| c.train_seconds).filter(|s| *s > 0.0).collect(), 0),
+            if norms == "-" { norms } else { format!("{norms} ({norm_var})") },
         ));
     }
-    write_atomically(&dir.join("report.md"), report.as_bytes())
+    if let Ok(text) = std::fs::read_to_string(dir.join("reward_model/metrics.json"))
+        && let Ok(rm) = serde_json::from_str::<RewardModelReport>(&text)
+    {
+        report.push_str(&format!(
+            "\nReward model: held-out pairwise accuracy {:.1}% over {} pairs from the test split, mean margin {:.3}, {} steps in {:.0} s.\n",
+            100.0 * rm.held_out_accuracy,
+            rm.held_out_pairs,
+            rm.held_out_mean_margin,
+            rm.steps,
+            rm.train_seconds
+        ));
+    }
+    let charts = [("accuracy", "Accuracy per method"), ("stability", "Training stability"), ("convergence", "Convergence")];
+    let drawn: Vec<_> = charts.iter().filter(|(file, _)| dir.join("charts").join(format!("{file}.svg")).is_file()).collect();
+    if !drawn.is_empty() {
+        report.push_str("\n## Charts\n\n");
+        for (file, title) in drawn {
+            report.push_str(&format!("### {title}\n\n![{title}](charts/{file}.svg)\n\n"));
+        }
+    }
+    let failed: Vec<&CellSummary> = summaries.iter().filter(|s| s.error.is_some()).collect();
+    if !failed.is_empty() {
+        report.push_str("\n## Failed cells\n\nRerun `cargo xtask compare` to retry them (finished cells are skipped).\n\n");
+        for cell in failed {
+            report.push_str(&format!("- {} / {} / seed {}: {}\n", cell.method, cell.reward_source, cell.seed, cell.error.as_deref().unwrap_or("")));
+        }
+    }
+    report
 }
