@@ -5,7 +5,7 @@
 //! Legend: `B` batch, `T` new positions in this step, `S` all key positions (cache + new),
 //! `H` query heads, `K` key/value heads, `D` head dimension, `C` model width.
 
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// One forward step's inputs, on the host. Sequences are left-padded: padding comes first and
@@ -114,12 +114,15 @@ pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Te
     weights.matmul(value).reshape([batch, heads, queries, head_dim])
 }
 
-/// transformers' `gelu_new` (the tanh approximation of GELU): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+/// transformers' `gelu_new` (the tanh approximation of GELU): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+/// computed as x · sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), the same function (0.5 (1 + tanh y) =
+/// sigmoid(2y)): flex evaluates tanh with a scalar libm call per element (17% of a supervised
+/// step in a perf profile), sigmoid with one exp.
 pub fn gelu_new<const N: usize>(x: Tensor<N>) -> Tensor<N> {
-    // x^3 as two products: powi_scalar goes through a scalar powf per element (3.5% of a step).
+    // x^3 as two products: powi_scalar goes through a scalar powf per element.
     let cube = x.clone() * x.clone() * x.clone();
-    let inner = (x.clone() + cube * 0.044715) * (2.0f32 / std::f32::consts::PI).sqrt();
-    x * (inner.tanh() + 1.0) * 0.5
+    let inner = (x.clone() + cube * 0.044715) * (2.0 * (2.0f32 / std::f32::consts::PI).sqrt());
+    x * sigmoid(inner)
 }
 
 /// Rotary position embeddings in the rotate-half layout of Hugging Face checkpoints (the first
@@ -256,6 +259,18 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_new_is_the_tanh_formula() {
+        let device = Device::flex();
+        let xs: Vec<f32> = (0..=400).map(|i| -10.0 + i as f32 * 0.05).collect();
+        let got = gelu_new(Tensor::<1>::from_floats(xs.as_slice(), &device)).into_data().try_to_vec::<f32>().unwrap();
+        for (x, got) in xs.iter().zip(got) {
+            let x = f64::from(*x);
+            let expected = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            assert!((f64::from(got) - expected).abs() < 1e-6 * (1.0 + expected.abs()), "gelu_new({x}) = {got}, expected {expected}");
+        }
+    }
 
     #[test]
     fn masks_block_padding_the_future_and_outside_the_window() {
