@@ -102,12 +102,13 @@ fn read_metrics(dir: &Path) -> anyhow::Result<Vec<MetricRow>> {
 /// The 95% interval drawn for a group's accuracy: the wider of the across-seed Student-t
 /// interval of the mean and the mean of the cells' Wilson (test-set) intervals. With one seed,
 /// or methods that give the same answers at every seed, the t interval collapses and the
-/// test-set uncertainty is what remains.
+/// test-set uncertainty is what remains. Clamped to [0, 1].
 pub fn accuracy_interval(means: &[f64], wilson_lows: &[f64], wilson_highs: &[f64]) -> (f64, f64, f64) {
     let seeds = mean_ci95(means);
     let low = mean_std(wilson_lows).mean;
     let high = mean_std(wilson_highs).mean;
-    (seeds.mean, seeds.low.min(low), seeds.high.max(high))
+    // An accuracy lies in [0, 1]; a t interval over few seeds can reach past either end.
+    (seeds.mean, seeds.low.min(low).max(0.0), seeds.high.max(high).min(1.0))
 }
 
 /// Accuracy of one (method, reward source) group over its seeds.
@@ -502,6 +503,6 @@ mod tests {
         assert!((mean - 0.3).abs() < 1e-12 && (low - 0.25).abs() < 1e-12 && (high - 0.36).abs() < 1e-12, "{mean} {low} {high}");
         // Seeds that disagree widely: the t interval is the wider one.
         let (_, low, high) = accuracy_interval(&[0.1, 0.3, 0.5], &[0.08, 0.26, 0.45], &[0.13, 0.34, 0.55]);
-        assert!(low < 0.0 && high > 0.7, "{low} {high}");
+        assert!(low == 0.0 && high > 0.7, "clamped below at 0: {low} {high}");
     }
 }

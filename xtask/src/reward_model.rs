@@ -45,10 +45,22 @@ pub struct Args {
     /// The burn backend.
     #[arg(long, default_value = "flex")]
     backend: BackendKind,
+    /// The study whose synthetic task (operators, operand range, operations) the comparisons
+    /// come from; `configs/default.toml` when it exists, else the generator's defaults.
+    #[arg(long)]
+    study: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let task = generate(&SyntheticConfig { train_size: args.train_size, test_size: args.test_size, max_operations: 2, seed: args.seed, ..SyntheticConfig::default() })?;
+    let study_path = args.study.clone().or_else(|| Some(PathBuf::from("configs/default.toml")).filter(|p| p.is_file()));
+    let base_task = match &study_path {
+        Some(path) => match crate::study::config::Study::load(path)?.task {
+            crate::study::config::TaskSpec::Synthetic { synthetic } => synthetic,
+            crate::study::config::TaskSpec::Gsm8k { .. } => anyhow::bail!("{}: the reward-model command trains on synthetic arithmetic; this study uses GSM8K", path.display()),
+        },
+        None => SyntheticConfig { max_operations: 2, ..SyntheticConfig::default() },
+    };
+    let task = generate(&SyntheticConfig { train_size: args.train_size, test_size: args.test_size, seed: args.seed, ..base_task })?;
     let template = Template::Plain;
     let corpus: Vec<String> = task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p))).collect();
     let tokenizer = train_tokenizer(corpus.into_iter(), 384)?;

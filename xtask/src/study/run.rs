@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::tensor::Device;
 use eval::{AccuracySummary, score_completion};
@@ -238,8 +238,13 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
         let builder = PromptBuilder::new(template);
         format!("{}{}", builder.render(&p.question).unwrap_or_default(), builder.target(p))
     });
-    let tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), vocab_size)?;
+    let mut tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), vocab_size)?;
     let eos = tokenizer.eos_ids[0];
+    // The saved base declares bos_token_id = eos (GPT-Neo's convention) and every prompt the
+    // study encodes starts with it: the base must be trained on sequences that start the same
+    // way. (Without this the base was trained without a leading BOS and evaluated with one,
+    // and answered garbage at position 0.)
+    tokenizer.bos_id = Some(tokenizer.bos_id.unwrap_or(eos));
     let pad = i64::from(tokenizer.pad_id.unwrap_or(eos));
     let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
     let pool = &task.train.problems[..train_count.min(task.train.len())];
@@ -311,6 +316,12 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     let last = history.last().map_or(f64::NAN, |s| s.loss);
     log(options.quiet, progress, format!("base policy: {} supervised steps, final loss {last:.3}", history.len()));
     trainer.model().save_dir(&base_dir, Some(&tokenizer))?;
+    // What the cells will read must encode prompts exactly as training did.
+    let reloaded = PolicyTokenizer::load_dir(&base_dir)?;
+    let probe = PromptBuilder::new(template).render(&task.test.problems[0].question)?;
+    if encode(&reloaded, &probe)? != encode(&tokenizer, &probe)? {
+        bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", base_dir.display());
+    }
     Ok(base_dir)
 }
 
