@@ -206,10 +206,14 @@ fn prompt_builder(study: &Study, task: &TaskData, base_dir: &Path, k: usize, see
     Ok(builder)
 }
 
-/// Keeps the last `limit` tokens of a prompt (the question is at the end; exemplars go first).
-fn fit(mut ids: Vec<i64>, limit: usize) -> Vec<i64> {
+/// Keeps the last `limit` tokens of a prompt (the question is at the end; exemplars go first),
+/// and its first token when that is the beginning-of-sequence token `bos`: every training
+/// sequence starts with it, and a prompt cut without it reads as nothing the model has seen.
+fn fit(mut ids: Vec<i64>, limit: usize, bos: Option<i64>) -> Vec<i64> {
     if ids.len() > limit {
-        ids.drain(..ids.len() - limit);
+        let keep_first = bos.is_some() && ids.first().copied() == bos && limit > 1;
+        let start = usize::from(keep_first);
+        ids.drain(start..start + ids.len() - limit);
     }
     ids
 }
@@ -515,7 +519,7 @@ fn run_cell(
                     .map(|_| {
                         let problem = &task.train.problems[rng.random_range(0..task.train.len())];
                         let text = builder.render(&problem.question)?;
-                        let prompt_ids = fit(encode(tokenizer, &text)?, rl_prompt_limit);
+                        let prompt_ids = fit(encode(tokenizer, &text)?, rl_prompt_limit, tokenizer.bos_id.map(i64::from));
                         Ok(PromptItem { prompt_ids, prompt_text: text, answer: problem.answer.clone() })
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -613,7 +617,7 @@ fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, build
     let limit = prompt_limit(study, policy);
     let mut completions = Vec::with_capacity(problems.len());
     for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode(tokenizer, &builder.render(&p.question)?)?, limit))).collect::<anyhow::Result<_>>()?;
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode(tokenizer, &builder.render(&p.question)?)?, limit, tokenizer.bos_id.map(i64::from)))).collect::<anyhow::Result<_>>()?;
         let generation = generate(policy, &prompts, &config, &stops, Some(&decode));
         for (ids, mask) in generation.completion_ids.iter().zip(&generation.completion_mask) {
             let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
