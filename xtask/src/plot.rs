@@ -56,7 +56,6 @@ fn newest_study(reports: &Path) -> anyhow::Result<PathBuf> {
 #[derive(Debug, Clone)]
 struct MetricRow {
     group: String,
-    seed: u64,
     step: u64,
     values: BTreeMap<String, f64>,
 }
@@ -93,7 +92,7 @@ fn read_metrics(dir: &Path) -> anyhow::Result<Vec<MetricRow>> {
                     values.insert(header.to_string(), number);
                 }
             }
-            rows.push(MetricRow { group: group_name(field("method"), field("reward_source")), seed: parse_u64("seed")?, step: parse_u64("step")?, values });
+            rows.push(MetricRow { group: group_name(field("method"), field("reward_source")), step: parse_u64("step")?, values });
         }
     }
     Ok(rows)
@@ -383,7 +382,6 @@ fn curves(metrics: &[MetricRow], metric: &str) -> Vec<(String, Vec<(f64, f64, f6
                 order.push(row.group.clone());
             }
             by_group.entry(row.group.clone()).or_default().entry(row.step).or_default().push(*value);
-            let _ = row.seed;
         }
     }
     order
