@@ -4,7 +4,11 @@
 //! added tokens of `tokenizer_config.json`. Special ids come from `config.json`,
 //! `generation_config.json` and `tokenizer_config.json`, in that order of preference.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 use serde_json::Value;
 use tokenizers::models::bpe::BPE;
@@ -13,7 +17,12 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::processors::sequence::Sequence as ProcessorSequence;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Llama 3's pre-tokenization pattern (Meta's `tokenizer.py`; transformers' `TikTokenConverter`).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen2's pre-tokenization pattern (transformers' `PRETOKENIZE_REGEX`).
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -25,7 +34,7 @@ pub enum TokenizerError {
     Load { path: PathBuf, message: String },
 
     #[error(
-        "{dir}: no tokenizer found; expected tokenizer.json, or vocab.json with merges.txt"
+        "{dir}: no tokenizer found; expected tokenizer.json, vocab.json with merges.txt, or Meta's tiktoken ranks (original_tokenizer.model or original/tokenizer.model)"
     )]
     NotFound { dir: PathBuf },
 
@@ -83,6 +92,8 @@ impl PolicyTokenizer {
             Tokenizer::from_file(&path).map_err(|error| TokenizerError::Load { path, message: error.to_string() })?
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             from_vocab_and_merges(dir, &tokenizer_config)?
+        } else if let Some(ranks) = tiktoken_file(dir) {
+            from_tiktoken(&ranks, &tokenizer_config)?
         } else {
             return Err(TokenizerError::NotFound { dir: dir.to_path_buf() });
         };
@@ -147,6 +158,95 @@ impl PolicyTokenizer {
     }
 }
 
+/// Meta's tiktoken rank file in a checkpoint directory (Llama 3 repositories ship it as
+/// `original/tokenizer.model`; a file of `base64-token rank` lines, unlike SentencePiece's
+/// binary `tokenizer.model`).
+fn tiktoken_file(dir: &Path) -> Option<PathBuf> {
+    ["original_tokenizer.model", "original/tokenizer.model", "tokenizer.model"].iter().map(|name| dir.join(name)).find(|path| {
+        let Ok(bytes) = std::fs::read(path) else { return false };
+        let first = bytes.split(|&byte| byte == b'\n').next().unwrap_or_default();
+        std::str::from_utf8(first).is_ok_and(|line| {
+            line.split_once(' ').is_some_and(|(token, rank)| rank.parse::<u32>().is_ok() && BASE64.decode(token).is_ok())
+        })
+    })
+}
+
+/// GPT-2's map from bytes to printable characters (byte-level BPE spells tokens with it).
+fn byte_to_char() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for byte in 0..=255u8 {
+        let printable = matches!(byte, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        table[usize::from(byte)] = if printable {
+            char::from(byte)
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("below the surrogates")
+        };
+    }
+    table
+}
+
+/// Builds the tokenizer of Meta's tiktoken ranks as transformers' `TikTokenConverter` does (the
+/// conversion behind the hub's Llama 3 `tokenizer.json`): vocabulary = ranks in byte-level
+/// spelling; merges = every split of a token into two tokens, ordered by the merged token's rank
+/// and then the parts' ranks; `ignore_merges` (a whole pre-token in the vocabulary is one
+/// token, as tiktoken does); Llama 3's split pattern; the config's added tokens; and the BOS
+/// template of the hub's `tokenizer.json` when the config names a BOS token.
+fn from_tiktoken(path: &Path, tokenizer_config: &Value) -> Result<Tokenizer, TokenizerError> {
+    let load_error = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|error| load_error(error.to_string()))?;
+    let mut ranks: HashMap<Vec<u8>, u32> = HashMap::new();
+    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.is_empty()) {
+        let parsed = line.split_once(' ').and_then(|(token, rank)| Some((BASE64.decode(token).ok()?, rank.parse::<u32>().ok()?)));
+        let Some((token, rank)) = parsed else {
+            return Err(load_error(format!("line {}: expected `<base64 token> <rank>`, found {line:?}", number + 1)));
+        };
+        ranks.insert(token, rank);
+    }
+    let table = byte_to_char();
+    let spell = |bytes: &[u8]| bytes.iter().map(|&byte| table[usize::from(byte)]).collect::<String>();
+    let mut merges: Vec<(u32, u32, u32, String, String)> = Vec::new();
+    for (token, &rank) in &ranks {
+        for split in 1..token.len() {
+            let (left, right) = token.split_at(split);
+            if let (Some(&left_rank), Some(&right_rank)) = (ranks.get(left), ranks.get(right)) {
+                merges.push((rank, left_rank, right_rank, spell(left), spell(right)));
+            }
+        }
+    }
+    merges.sort_unstable_by_key(|&(rank, left, right, _, _)| (rank, left, right));
+    let vocab: tokenizers::models::bpe::Vocab = ranks.iter().map(|(token, &rank)| (spell(token), rank)).collect();
+    let merges = merges.into_iter().map(|(_, _, _, left, right)| (left, right)).collect();
+    let model = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(true)
+        .build()
+        .map_err(|error| load_error(error.to_string()))?;
+    let mut tokenizer = Tokenizer::new(model);
+    let split = Split::new(SplitPattern::Regex(LLAMA3_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|error| load_error(error.to_string()))?;
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    add_config_tokens(&mut tokenizer, tokenizer_config, path)?;
+    let byte_level = ByteLevel::new(false, false, false);
+    match token_text(tokenizer_config.get("bos_token")) {
+        Some(bos) => {
+            let id = tokenizer.token_to_id(&bos).ok_or_else(|| load_error(format!("the BOS token {bos:?} is not in the vocabulary")))?;
+            let mut template = TemplateProcessing::builder();
+            template.try_single(format!("{bos} $A")).map_err(load_error)?;
+            template.try_pair(format!("{bos} $A {bos} $B")).map_err(load_error)?;
+            template.special_tokens(vec![(bos, id)]);
+            let template = template.build().map_err(|error| load_error(error.to_string()))?;
+            tokenizer.with_post_processor(Some(ProcessorSequence::new(vec![byte_level.into(), template.into()])));
+        }
+        None => {
+            tokenizer.with_post_processor(Some(byte_level));
+        }
+    }
+    Ok(tokenizer)
+}
+
 /// Builds a byte-level BPE tokenizer from `vocab.json` + `merges.txt` the way transformers'
 /// converters do for the tokenizer class named in `tokenizer_config.json`.
 fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokenizer, TokenizerError> {
@@ -175,7 +275,42 @@ fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokeniz
         tokenizer.with_post_processor(Some(ByteLevel::new(add_prefix_space, true, true)));
     }
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    // Added tokens in id order, so each lands on the id the config gives it.
+    add_config_tokens(&mut tokenizer, tokenizer_config, &vocab)?;
+    // Named special tokens already in the vocabulary (GPT-2's `<|endoftext|>`, RoBERTa's `<s>`,
+    // `</s>`, `<pad>`, `<unk>`, `<mask>`) must be matched whole, as transformers registers them.
+    let class_defaults: &[&str] = if class.starts_with("Roberta") {
+        &["<s>", "</s>", "<unk>", "<pad>", "<mask>"]
+    } else if class.starts_with("GPT2") {
+        &["<|endoftext|>"]
+    } else {
+        &[]
+    };
+    let named = ["bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token"]
+        .iter()
+        .filter_map(|field| token_text(tokenizer_config.get(*field)));
+    for content in class_defaults.iter().map(|text| text.to_string()).chain(named) {
+        if tokenizer.token_to_id(&content).is_some()
+            && tokenizer.get_added_tokens_decoder().values().all(|token| token.content != content)
+        {
+            // RoBERTa's `<mask>` swallows the space before it.
+            let token = AddedToken::from(content.clone(), true).lstrip(content == "<mask>");
+            tokenizer.add_special_tokens([token]).map_err(|error| load_error(error.to_string()))?;
+        }
+    }
+    if class.starts_with("Roberta") {
+        let id = |text: &str| tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")));
+        let processing = RobertaProcessing::new(("</s>".to_string(), id("</s>")?), ("<s>".to_string(), id("<s>")?))
+            .trim_offsets(true)
+            .add_prefix_space(add_prefix_space);
+        tokenizer.with_post_processor(Some(processing));
+    }
+    Ok(tokenizer)
+}
+
+/// Adds the tokens of `tokenizer_config.json`'s `added_tokens_decoder` in id order, so each lands
+/// on the id the config gives it (an error when it does not: vocabulary and config disagree).
+fn add_config_tokens(tokenizer: &mut Tokenizer, tokenizer_config: &Value, source: &Path) -> Result<(), TokenizerError> {
+    let load_error = |message: String| TokenizerError::Load { path: source.to_path_buf(), message };
     let mut added: Vec<(u32, AddedToken)> = Vec::new();
     if let Some(Value::Object(decoder)) = tokenizer_config.get("added_tokens_decoder") {
         for (id, token) in decoder {
@@ -206,33 +341,5 @@ fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokeniz
             )));
         }
     }
-    // Named special tokens already in the vocabulary (GPT-2's `<|endoftext|>`, RoBERTa's `<s>`,
-    // `</s>`, `<pad>`, `<unk>`, `<mask>`) must be matched whole, as transformers registers them.
-    let class_defaults: &[&str] = if class.starts_with("Roberta") {
-        &["<s>", "</s>", "<unk>", "<pad>", "<mask>"]
-    } else if class.starts_with("GPT2") {
-        &["<|endoftext|>"]
-    } else {
-        &[]
-    };
-    let named = ["bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token"]
-        .iter()
-        .filter_map(|field| token_text(tokenizer_config.get(*field)));
-    for content in class_defaults.iter().map(|text| text.to_string()).chain(named) {
-        if tokenizer.token_to_id(&content).is_some()
-            && tokenizer.get_added_tokens_decoder().values().all(|token| token.content != content)
-        {
-            // RoBERTa's `<mask>` swallows the space before it.
-            let token = AddedToken::from(content.clone(), true).lstrip(content == "<mask>");
-            tokenizer.add_special_tokens([token]).map_err(|error| load_error(error.to_string()))?;
-        }
-    }
-    if class.starts_with("Roberta") {
-        let id = |text: &str| tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")));
-        let processing = RobertaProcessing::new(("</s>".to_string(), id("</s>")?), ("<s>".to_string(), id("<s>")?))
-            .trim_offsets(true)
-            .add_prefix_space(add_prefix_space);
-        tokenizer.with_post_processor(Some(processing));
-    }
-    Ok(tokenizer)
+    Ok(())
 }

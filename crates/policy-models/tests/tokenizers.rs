@@ -40,9 +40,10 @@ fn check(tokenizer: &PolicyTokenizer, case: &Case, how: &str) {
 #[test]
 fn encodings_and_decodings_equal_transformers() {
     let fixture = fixture();
-    for name in ["gpt2", "distilroberta-base", "qwen2.5-instruct"] {
+    for name in ["gpt2", "distilroberta-base", "qwen2.5-instruct", "llama-3.2-instruct"] {
         // Each folder as shipped: tokenizer.json for GPT-2 and DistilRoBERTa, vocab.json +
-        // merges.txt + tokenizer_config.json for Qwen2.5.
+        // merges.txt + tokenizer_config.json for Qwen2.5, Meta's tiktoken ranks +
+        // tokenizer_config.json for Llama 3.2.
         let tokenizer = PolicyTokenizer::load_dir(&shared_tokenizers().join(name)).unwrap();
         let cases: Vec<&Case> = fixture.cases.iter().filter(|case| case.tokenizer == name).collect();
         assert!(cases.len() >= 8, "{name}");
@@ -75,7 +76,20 @@ fn special_ids_come_from_the_configs() {
     assert_eq!(qwen.eos_ids, vec![151645]);
     assert_eq!(qwen.pad_id, Some(151643));
     assert_eq!(qwen.bos_id, None);
+    let llama = PolicyTokenizer::load_dir(&shared_tokenizers().join("llama-3.2-instruct")).unwrap();
+    assert_eq!(llama.vocab_size(), 128_256);
+    assert_eq!(llama.bos_id, Some(128000));
+    // generation_config.json lists <|end_of_text|>, <|eom_id|> and <|eot_id|>.
+    assert_eq!(llama.eos_ids, vec![128001, 128008, 128009]);
     let roberta = PolicyTokenizer::load_dir(&shared_tokenizers().join("distilroberta-base")).unwrap();
     assert_eq!((roberta.bos_id, roberta.pad_id), (Some(0), Some(1)));
     assert_eq!(roberta.eos_ids, vec![2]);
+}
+
+#[test]
+fn a_corrupt_tiktoken_file_is_an_error_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("original_tokenizer.model"), "IQ== 0\nIg== 1\nnot base64!\n").unwrap();
+    let error = PolicyTokenizer::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("original_tokenizer.model") && error.contains("line 3"), "{error}");
 }
