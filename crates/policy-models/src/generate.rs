@@ -74,11 +74,20 @@ pub struct Generation {
 }
 
 /// Turns completion ids into text, to check stop strings.
-pub type Decode<'a> = &'a dyn Fn(&[i64]) -> String;
+pub type Decode<'a> = &'a (dyn Fn(&[i64]) -> String + Sync);
+
+/// Rows below which a batch is not split across threads: a decode step over fewer rows is too
+/// small to gain from a thread of its own.
+const MIN_ROWS_PER_THREAD: usize = 8;
 
 /// Generates continuations of `prompts` (unpadded token ids), left-padding them into one batch.
 /// `stop_strings` end a row once its decoded completion contains one (`decode` turns ids into
 /// text; with no stop strings it is not called).
+///
+/// Row `i` samples from its own random stream (the seed's ChaCha stream `i`), so a row's
+/// completion depends on the seed, its prompt and its index, not on the rest of the batch. That
+/// lets a large batch run as one sub-batch per thread: the per-step work of a small model is too
+/// fine-grained for the tensor ops to keep several cores busy on their own.
 pub fn generate(
     model: &CausalLm,
     prompts: &[Vec<i64>],
@@ -86,10 +95,53 @@ pub fn generate(
     stop_strings: &[String],
     decode: Option<Decode<'_>>,
 ) -> Generation {
+    use burn::module::Module;
+    use rayon::prelude::*;
+    let batch = prompts.len();
+    let parts = rayon::current_num_threads().min(batch / MIN_ROWS_PER_THREAD).max(1);
+    // GPU backends batch rows themselves: only the CPU backend gets one sub-batch per thread.
+    if parts == 1 || model.devices().first().is_some_and(|device| *device != burn::tensor::Device::flex()) {
+        return generate_rows(model, prompts, 0, config, stop_strings, decode);
+    }
+    let size = batch.div_ceil(parts);
+    let pieces: Vec<Generation> = prompts
+        .par_chunks(size)
+        .enumerate()
+        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode))
+        .collect();
+    let mut completion_ids = Vec::with_capacity(batch);
+    let mut log_probs = Vec::with_capacity(batch);
+    let mut stop_reasons = Vec::with_capacity(batch);
+    for piece in pieces {
+        for ((ids, mask), (logs, reason)) in piece.completion_ids.into_iter().zip(piece.completion_mask).zip(piece.log_probs.into_iter().zip(piece.stop_reasons)) {
+            let length = mask.iter().filter(|m| **m).count();
+            completion_ids.push(ids[..length].to_vec());
+            log_probs.push(logs[..length].to_vec());
+            stop_reasons.push(Some(reason));
+        }
+    }
+    finish(completion_ids, log_probs, stop_reasons, config.pad_token_id)
+}
+
+/// [`generate`] on one sub-batch whose first row is row `first_row` of the whole batch.
+fn generate_rows(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    first_row: usize,
+    config: &GenerationConfig,
+    stop_strings: &[String],
+    decode: Option<Decode<'_>>,
+) -> Generation {
     let batch = prompts.len();
     let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     assert!(prompt_len > 0, "generate needs at least one non-empty prompt");
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut rngs: Vec<ChaCha8Rng> = (0..batch)
+        .map(|row| {
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+            rng.set_stream((first_row + row) as u64);
+            rng
+        })
+        .collect();
 
     // The prompt step: left-padded ids and their mask.
     let padded: Vec<Vec<i64>> = prompts
@@ -123,7 +175,7 @@ pub fn generate(
                 next_ids.push(config.pad_token_id);
                 continue;
             }
-            let (token, log_prob) = choose(&host[row * vocab..(row + 1) * vocab], config.sampler, &mut rng);
+            let (token, log_prob) = choose(&host[row * vocab..(row + 1) * vocab], config.sampler, &mut rngs[row]);
             completion_ids[row].push(token);
             log_probs[row].push(log_prob);
             next_ids.push(token);

@@ -81,6 +81,26 @@ fn sampling_is_reproducible_for_a_seed() {
     assert_ne!(first.completion_ids, generate(&model, &prompts(&reference), &config(4), &[], None).completion_ids);
 }
 
+
+#[test]
+fn a_row_samples_the_same_completion_alone_or_in_a_batch_split_across_threads() {
+    // Row i draws from the seed's stream i: a 24-row batch (split into one sub-batch per rayon
+    // thread) gives each row what generating that row alone, at the same index, gives.
+    let device = Device::flex();
+    let (dir, reference) = fixture("gpt_neo");
+    let model = CausalLm::load_dir(&dir, &device).unwrap();
+    let base = prompts(&reference);
+    let rows: Vec<Vec<i64>> = (0..24).map(|i| base[i % base.len()].clone()).collect();
+    let sampler = Sampler::Sample { temperature: 1.0, top_k: None, top_p: None };
+    let config = GenerationConfig { max_new_tokens: 8, sampler, eos_token_ids: vec![3], pad_token_id: 0, seed: 11 };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let batched = pool.install(|| generate(&model, &rows, &config, &[], None));
+    let serial = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one_batch = serial.install(|| generate(&model, &rows, &config, &[], None));
+    assert_eq!(batched, one_batch);
+    // Identical prompts at different indices draw different completions.
+    assert_ne!(batched.completion_ids[0], batched.completion_ids[base.len()]);
+}
 #[test]
 fn eos_and_stop_strings_end_rows_and_mask_the_rest() {
     let device = Device::flex();

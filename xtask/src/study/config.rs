@@ -142,11 +142,18 @@ pub struct SftSpec {
     /// pretraining): each step sees several times more solved problems, and a few-shot prompt is
     /// a natural continuation of what the base has read.
     pub problems_per_document: usize,
+    /// Share of the supervised solutions that end in the template's answer marker (`#### N`,
+    /// plain template only); the others end in free text, `The answer is N.`, as solutions in
+    /// pretraining data do. Default 1 (always the marker). Below 1/2 the greedy base writes the
+    /// free-text ending: strict accuracy (the marker) then starts low while lenient accuracy (the
+    /// last number) does not, which is the format gap few-shot exemplars and RL rewards close in
+    /// the GPT-Neo GSM8K study.
+    pub answer_marker_fraction: f64,
 }
 
 impl Default for SftSpec {
     fn default() -> Self {
-        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0, problems_per_document: 0 }
+        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0, problems_per_document: 0, answer_marker_fraction: 1.0 }
     }
 }
 
@@ -326,6 +333,17 @@ impl Study {
         }
         if let TaskSpec::Synthetic { synthetic } = &self.task {
             synthetic.validate()?;
+        }
+        if let PolicyBase::Preset { sft, .. } = &self.policy.base {
+            if !(0.0..=1.0).contains(&sft.answer_marker_fraction) {
+                bail!("policy.base.sft.answer_marker_fraction = {} must be within [0, 1]", sft.answer_marker_fraction);
+            }
+            if sft.answer_marker_fraction < 1.0 && self.policy.template != Template::Plain {
+                bail!(
+                    "policy.base.sft.answer_marker_fraction = {} needs template = \"plain\" (the `#### N` marker); remove it or use the plain template",
+                    sft.answer_marker_fraction
+                );
+            }
         }
         let evaluation = &self.evaluation;
         if evaluation.test_size == 0 || evaluation.batch_size == 0 || evaluation.max_new_tokens == 0 {

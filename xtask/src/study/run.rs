@@ -226,6 +226,23 @@ fn encode(tokenizer: &PolicyTokenizer, text: &str) -> anyhow::Result<Vec<i64>> {
     Ok(ids)
 }
 
+/// Each `#### N` line of `text` stays with probability `keep`, else becomes `The answer is N.`
+/// (see `SftSpec::answer_marker_fraction`).
+fn vary_answer_endings(text: &str, keep: f64, rng: &mut ChaCha8Rng) -> String {
+    if keep >= 1.0 {
+        return text.to_string();
+    }
+    text.split_inclusive('\n')
+        .map(|line| match line.strip_prefix("#### ") {
+            Some(rest) if !rng.random_bool(keep) => {
+                let (answer, newline) = rest.split_at(rest.trim_end_matches('\n').len());
+                format!("The answer is {answer}.{newline}")
+            }
+            _ => line.to_string(),
+        })
+        .collect()
+}
+
 /// Trains (or locates) the base policy; returns its checkpoint directory.
 fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
@@ -238,9 +255,11 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
         return Ok(base_dir);
     }
     let template = study.policy.template;
+    let mut corpus_rng = ChaCha8Rng::seed_from_u64(1);
     let corpus = task.train.problems.iter().map(|p| {
         let builder = PromptBuilder::new(template);
-        format!("{}{}", builder.render(&p.question).unwrap_or_default(), builder.target(p))
+        let text = format!("{}{}", builder.render(&p.question).unwrap_or_default(), builder.target(p));
+        vary_answer_endings(&text, sft.answer_marker_fraction, &mut corpus_rng)
     });
     let mut tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), vocab_size)?;
     let eos = tokenizer.eos_ids[0];
@@ -266,7 +285,8 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
             let picks: Vec<Problem> = (0..count).map(|_| pool[rng.random_range(0..pool.len())].clone()).collect();
             let (last, context) = picks.split_last().expect("at least one problem");
             let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
-            let mut document = encode(&tokenizer, &format!("{}{}", builder.render(&last.question)?, builder.target(last)))?;
+            let text = format!("{}{}", builder.render(&last.question)?, builder.target(last));
+            let mut document = encode(&tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng))?;
             document.push(i64::from(eos));
             document.truncate(study.policy.max_length);
             if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
@@ -282,7 +302,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
             let exemplars = sample_exemplars(&task.train, k, rng.random())?;
             let builder = PromptBuilder::new(template).with_exemplars(exemplars);
             let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?)?;
-            let mut completion_ids = encode(&tokenizer, &builder.target(problem))?;
+            let mut completion_ids = encode(&tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng))?;
             completion_ids.push(i64::from(eos));
             let room = study.policy.max_length.saturating_sub(completion_ids.len());
             if prompt_ids.len() > room {
@@ -763,4 +783,20 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_endings_vary_line_by_line_at_the_given_share() {
+        let text = "Q: What is 2 + 3?\nA: Let's break it down.\n2 + 3 = 5\n#### 5\nQ: What is 1 - 4?\nA: Let's break it down.\n1 - 4 = -3\n#### -3";
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(vary_answer_endings(text, 1.0, &mut rng), text);
+        let free = vary_answer_endings(text, 0.0, &mut rng);
+        assert!(free.ends_with("1 - 4 = -3\nThe answer is -3.") && free.contains("2 + 3 = 5\nThe answer is 5.\nQ:"), "{free}");
+        let kept = (0..1000).filter(|_| vary_answer_endings("#### 7\n", 0.3, &mut rng) == "#### 7\n").count();
+        assert!((250..350).contains(&kept), "{kept}");
+    }
 }
