@@ -5,12 +5,26 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use policy_models::{BackendKind, CausalLm, ModelSource};
 
-/// Loads a policy checkpoint named by a directory or hub id on `backend`; returns its local
-/// directory too (where the tokenizer lives).
-pub fn load_policy(model: &str, backend: BackendKind) -> anyhow::Result<(PathBuf, CausalLm)> {
+/// The dtype a policy computes in (`--dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDtype {
+    /// f32 (the CPU default).
+    #[default]
+    F32,
+    /// bfloat16 weights and activations, f32 logits (for GPU backends; flex runs it too).
+    Bf16,
+}
+
+/// Loads a policy checkpoint named by a directory or hub id on `backend`, computing in `dtype`;
+/// returns its local directory too (where the tokenizer lives).
+pub fn load_policy(model: &str, backend: BackendKind, dtype: ComputeDtype) -> anyhow::Result<(PathBuf, CausalLm)> {
     let device = backend.device()?;
     let dir = ModelSource::parse(model).resolve()?;
     let policy = CausalLm::load_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    let policy = match dtype {
+        ComputeDtype::F32 => policy,
+        ComputeDtype::Bf16 => policy.with_compute_dtype(burn::tensor::FloatDType::BF16),
+    };
     Ok((dir, policy))
 }
 

@@ -41,10 +41,13 @@ pub struct Args {
     /// The burn backend.
     #[arg(long, default_value = "flex")]
     backend: BackendKind,
+    /// Compute in this dtype (bf16: weights and activations in bfloat16, logits in f32).
+    #[arg(long, value_enum, default_value_t)]
+    dtype: crate::common::ComputeDtype,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (dir, model) = crate::common::load_policy(&args.model, args.backend)?;
+    let (dir, model) = crate::common::load_policy(&args.model, args.backend, args.dtype)?;
     let tokenizer = PolicyTokenizer::load_dir(&dir).ok();
     let prompt: Vec<i64> = match (&args.prompt, &args.ids) {
         (Some(text), _) => {

@@ -20,6 +20,9 @@ pub struct Args {
     /// The burn backend.
     #[arg(long, default_value = "flex")]
     backend: BackendKind,
+    /// Compute in this dtype (bf16: weights and activations in bfloat16, logits in f32).
+    #[arg(long, value_enum, default_value_t)]
+    dtype: crate::common::ComputeDtype,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -50,7 +53,7 @@ fn reward_model_score(dir: &std::path::Path, args: &Args) -> anyhow::Result<Stri
 }
 
 fn policy_logits(args: &Args) -> anyhow::Result<String> {
-    let (_, model) = crate::common::load_policy(&args.model, args.backend)?;
+    let (_, model) = crate::common::load_policy(&args.model, args.backend, args.dtype)?;
     let vocab = model.config().vocab_size();
     if let Some(bad) = args.ids.iter().find(|id| **id < 0 || **id as usize >= vocab) {
         anyhow::bail!("--ids: {bad} is outside the vocabulary (0..{vocab})");

@@ -199,7 +199,9 @@ impl Rope {
         let first = x.clone().slice([0..batch, 0..heads, 0..length, 0..half]);
         let second = x.clone().slice([0..batch, 0..heads, 0..length, half..head_dim]);
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * cos + rotated * sin
+        // The tables are f32; a model computing in bf16 rotates in bf16.
+        let dtype = x.dtype();
+        x * cos.cast(dtype) + rotated * sin.cast(dtype)
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::decoder::Decoder;
@@ -89,6 +89,9 @@ pub struct CausalLm {
     body: Body,
     #[module(skip)]
     config: ModelConfig,
+    /// The dtype of the weights and activations (f32 unless [`CausalLm::with_compute_dtype`]).
+    #[module(skip)]
+    compute_dtype: FloatDType,
 }
 
 impl CausalLm {
@@ -100,7 +103,7 @@ impl CausalLm {
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::init(&qwen.spec()?, device)),
             ModelConfig::Llama(llama) => Body::Decoder(Decoder::init(&llama.spec()?, device)),
         };
-        Ok(Self { body, config: config.clone() })
+        Ok(Self { body, config: config.clone(), compute_dtype: FloatDType::F32 })
     }
 
     /// Loads `config.json` and the safetensors weights of a checkpoint directory.
@@ -118,7 +121,7 @@ impl CausalLm {
             ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
         };
         weights.finish()?;
-        Ok(Self { body, config })
+        Ok(Self { body, config, compute_dtype: FloatDType::F32 })
     }
 
     /// Saves the model in the Hugging Face layout (`config.json`, `model.safetensors` in f32,
@@ -181,6 +184,29 @@ impl CausalLm {
         Ok(self.apply_lora(burn::module::Lora::new(settings.rank, settings.alpha).set_param_group(group)))
     }
 
+    /// Computes in `dtype` from now on: every weight is cast to it, and so is every activation
+    /// (bf16 halves memory and runs on GPU tensor cores; transformers' `torch_dtype=bfloat16`).
+    /// Logits and hidden states are returned in f32, so sampling, log-probs and losses keep f32
+    /// precision (as TRL upcasts logits). The CPU default stays f32; flex computes bf16 too, which
+    /// is how the option is tested without a GPU.
+    pub fn with_compute_dtype(self, dtype: FloatDType) -> Self {
+        struct CastParams(FloatDType);
+        impl ModuleMapper for CastParams {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let dtype = self.0;
+                param.map(|tensor| tensor.cast(dtype))
+            }
+        }
+        let mut model = self.map(&mut CastParams(dtype));
+        model.compute_dtype = dtype;
+        model
+    }
+
+    /// The dtype weights and activations are computed in.
+    pub fn compute_dtype(&self) -> FloatDType {
+        self.compute_dtype
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -196,10 +222,15 @@ impl CausalLm {
     /// # Shapes
     /// - returns [B, T, C]
     pub fn hidden_states(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
-        match &self.body {
+        let hidden = match &self.body {
             Body::GptNeo(model) => model.hidden_states(input, cache),
             Body::Decoder(model) => model.hidden_states(input, cache),
-        }
+        };
+        self.to_f32(hidden)
+    }
+
+    fn to_f32<const D: usize>(&self, tensor: Tensor<D>) -> Tensor<D> {
+        if self.compute_dtype == FloatDType::F32 { tensor } else { tensor.cast(FloatDType::F32) }
     }
 
     /// Logits from hidden states.
@@ -207,10 +238,12 @@ impl CausalLm {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T, V]
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.body {
+        let hidden = if self.compute_dtype == FloatDType::F32 { hidden } else { hidden.cast(self.compute_dtype) };
+        let logits = match &self.body {
             Body::GptNeo(model) => model.logits(hidden),
             Body::Decoder(model) => model.logits(hidden),
-        }
+        };
+        self.to_f32(logits)
     }
 
     /// Logits of the new positions of `input`.
