@@ -6,8 +6,9 @@
 //!   with 95% CI whiskers (see [`accuracy_interval`]).
 //! - `stability`: box plots over steps and seeds of `update_norm`, `kl` and `reward_std` per
 //!   trained method, and the across-seed standard deviation of final lenient accuracy.
-//! - `convergence`: training reward and held-out accuracy against step, mean and a band of one
-//!   standard deviation over seeds, with each method's median steps-to-convergence marked.
+//! - `convergence`: training reward and held-out accuracy (strict and lenient) against step, mean
+//!   and a band of one standard deviation over seeds, with each method's median
+//!   steps-to-convergence marked.
 //!
 //! Fonts come from the `dejavu` crate (DejaVu Sans, embedded), so charts render the same on any
 //! machine without system fonts.
@@ -188,7 +189,7 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     written.extend(both_formats!(&charts, "accuracy", (1200, 700), |root| draw_accuracy(&root, &accuracies)));
     written.extend(both_formats!(&charts, "stability", (1200, 900), |root| draw_stability(&root, &metrics, &accuracies)));
-    written.extend(both_formats!(&charts, "convergence", (1200, 900), |root| draw_convergence(&root, &metrics, &summaries)));
+    written.extend(both_formats!(&charts, "convergence", (1200, 1200), |root| draw_convergence(&root, &metrics, &summaries)));
     Ok(written)
 }
 
@@ -406,7 +407,9 @@ where
 {
     let (title, body) = root.split_vertically(50);
     title.titled("Convergence: mean over seeds, band = ±1 std; ◆ = median steps to convergence", ("sans-serif", TITLE))?;
-    let (upper, lower) = body.split_vertically(body.dim_in_pixel().1 / 2);
+    let third = body.dim_in_pixel().1 / 3;
+    let (upper, rest) = body.split_vertically(third);
+    let (middle, lower) = rest.split_vertically(third);
     let all_groups: Vec<String> = {
         let mut names: Vec<String> = Vec::new();
         for row in metrics {
@@ -430,7 +433,8 @@ where
         .collect();
     let panels = [
         (&upper, "reward", "Training reward (mean of the step's completions)", "reward", true),
-        (&lower, "eval/accuracy_lenient", "Held-out accuracy during training (lenient, greedy)", "accuracy (%)", false),
+        (&middle, "eval/accuracy_strict", "Held-out accuracy during training (strict: the official answer format, greedy)", "accuracy (%)", false),
+        (&lower, "eval/accuracy_lenient", "Held-out accuracy during training (lenient: the last number, greedy)", "accuracy (%)", false),
     ];
     for (panel, metric, caption, unit, mark) in panels {
         let series = curves(metrics, metric);

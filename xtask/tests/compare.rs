@@ -54,6 +54,16 @@ fn quick_study_writes_its_reports_and_resumes() {
     for column in ["rewards/reward_model/mean", "rewards/strict_correct/mean", "val/explained_variance"] {
         assert!(ppo_header.split(',').any(|c| c == column), "PPO metrics.csv lacks {column}: {ppo_header}");
     }
+    // The study's metrics.csv: every cell's step rows in one file, under the union of columns.
+    let combined = std::fs::read_to_string(reports.join("metrics.csv")).unwrap();
+    let combined_header: Vec<&str> = combined.lines().next().unwrap().split(',').collect();
+    assert_eq!(&combined_header[..4], &["method", "reward_source", "seed", "step"]);
+    for column in ["reward", "rewards/reward_model/mean", "val/explained_variance", "eval/accuracy_lenient"] {
+        assert!(combined_header.contains(&column), "the study's metrics.csv lacks {column}");
+    }
+    let rl_cells = summaries.iter().filter(|s| ["grpo", "ppo", "rloo"].contains(&s["method"].as_str().unwrap())).count();
+    assert_eq!(combined.lines().count(), 1 + 3 * rl_cells, "a row per step of every RL cell");
+    assert!(combined.lines().any(|line| line.starts_with("ppo,reward_model,0,3,")), "{combined}");
     // Samples before and after training for the same questions.
     let samples = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/samples.jsonl")).unwrap();
     let stages: Vec<String> = samples.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["stage"].as_str().unwrap().to_string()).collect();

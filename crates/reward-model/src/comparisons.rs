@@ -4,7 +4,8 @@
 //! - a corrupted step whose error propagates: one `a op b = c` line gets a wrong result, every
 //!   later line that used it is recomputed from the wrong value, and the final answer follows;
 //! - a wrong final answer after a correct derivation;
-//! - a broken format (the answer marker or tags removed).
+//! - a broken format (the answer marker or tags removed; in plain text, half the time the answer
+//!   is given as `The answer is N.` instead of GSM8K's `#### N`).
 //!
 //! Pairs are built from whichever split is given: training pairs from train, held-out pairs from
 //! test only. Generation is deterministic for a seed.
@@ -93,10 +94,14 @@ pub fn corrupt_step(solution: &str, rng: &mut ChaCha8Rng) -> Option<(String, Str
     Some((lines.join("\n"), answer))
 }
 
-/// Removes what the template's strict scoring reads: GSM8K's `#### N` line, or the `<answer>`
-/// tags.
-fn break_format(template: Template, problem: &Problem) -> String {
+/// Removes what the template's strict scoring reads: GSM8K's `#### N` line (dropped, or, every
+/// other time, replaced by the free-text `The answer is N.` that a base model writes instead),
+/// or the `<answer>` tags.
+fn break_format(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> String {
     match template {
+        Template::Plain if rng.random_bool(0.5) => {
+            format!("{}\n{}\nThe answer is {}.", prompting::template::PLAIN_ANSWER_CUE, problem.solution, problem.answer)
+        }
         Template::Plain => format!("{}\n{}", prompting::template::PLAIN_ANSWER_CUE, problem.solution),
         Template::XmlReasoning | Template::ThinkAnswer => {
             template.response(problem).replace("<answer>", "").replace("</answer>", "")
@@ -123,7 +128,7 @@ pub fn build_comparisons(split: &SplitProblems, template: Template, per_problem:
                     _ => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
                 },
                 Corruption::WrongAnswer => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
-                _ => (break_format(template, problem), Corruption::BrokenFormat),
+                _ => (break_format(template, problem, &mut rng), Corruption::BrokenFormat),
             };
             pairs.push(Comparison { prompt: problem.question.clone(), chosen: chosen.clone(), rejected, corruption });
         }

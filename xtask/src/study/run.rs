@@ -700,15 +700,45 @@ fn write_metrics(cell: &Cell, cell_dir: &Path, metrics: &[rl_algos::Metrics]) ->
     write_atomically(&cell_dir.join("metrics.csv"), &writer.into_inner()?)
 }
 
-/// `summary.csv`, `summary.json` and `report.md` over all cells.
+/// `summary.csv`, `summary.json`, `metrics.csv` and `report.md` over all cells.
 fn write_reports(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     for summary in summaries {
         writer.serialize(summary)?;
     }
     write_atomically(&dir.join("summary.csv"), &writer.into_inner()?)?;
+    write_combined_metrics(dir, summaries)?;
     write_atomically(&dir.join("summary.json"), serde_json::to_string_pretty(summaries)?.as_bytes())?;
     write_atomically(&dir.join("report.md"), report_markdown(dir, summaries).as_bytes())
+}
+
+/// The study's `metrics.csv`: every cell's rows (one per training step) in one file, under the
+/// union of the cells' columns (a column a cell does not report is empty in its rows).
+fn write_combined_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
+    let fixed = ["method", "reward_source", "seed", "step"];
+    let mut columns: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut tables = Vec::new();
+    for summary in summaries {
+        let cell = Cell { method: summary.method.clone(), reward_source: summary.reward_source.clone(), seed: summary.seed };
+        let path = dir.join("cells").join(cell.id()).join("metrics.csv");
+        if !path.is_file() {
+            continue;
+        }
+        let mut reader = csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
+        let header: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
+        let rows: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>().with_context(|| format!("reading {}", path.display()))?;
+        columns.extend(header.iter().filter(|name| !fixed.contains(&name.as_str())).cloned());
+        tables.push((header, rows));
+    }
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(fixed.iter().map(|name| name.to_string()).chain(columns.iter().cloned()))?;
+    for (header, rows) in &tables {
+        for row in rows {
+            let value = |name: &str| header.iter().position(|h| h == name).and_then(|i| row.get(i)).unwrap_or("").to_string();
+            writer.write_record(fixed.iter().map(|name| value(name)).chain(columns.iter().map(|name| value(name))))?;
+        }
+    }
+    write_atomically(&dir.join("metrics.csv"), &writer.into_inner()?)
 }
 
 /// `report.md`: per (method, reward source), the mean over seeds with its 95% interval (the
