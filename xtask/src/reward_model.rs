@@ -93,6 +93,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics.pairs,
         metrics.mean_margin
     );
+    for (kind, by_kind) in reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64) {
+        println!("  {kind:?}: {:.1}% of {} pairs", by_kind.accuracy * 100.0, by_kind.pairs);
+    }
     if let Some(out) = args.out {
         trainer.model().save_dir(&out)?;
         tokenizer.save(&out.join("tokenizer.json"))?;

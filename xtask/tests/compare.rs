@@ -30,6 +30,14 @@ fn quick_study_writes_its_reports_and_resumes() {
     let rm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
     let rm_accuracy = rm["held_out_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rm_accuracy) && rm["held_out_pairs"].as_u64().unwrap() > 0, "{rm}");
+    // Per kind of rejected answer; the pairs rotate through the three kinds, so the overall
+    // accuracy lies within the range of the three.
+    let by_kind = rm["held_out_accuracy_by_corruption"].as_object().unwrap();
+    let kinds: Vec<&str> = by_kind.keys().map(String::as_str).collect();
+    assert_eq!(kinds, ["broken_format", "corrupted_step", "wrong_answer"], "{rm}");
+    let values: Vec<f64> = by_kind.values().map(|v| v.as_f64().unwrap()).collect();
+    let (low, high) = (values.iter().copied().fold(1.0, f64::min), values.iter().copied().fold(0.0, f64::max));
+    assert!(low - 1e-9 <= rm_accuracy && rm_accuracy <= high + 1e-9, "{rm}");
     let summaries: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(reports.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summaries.len(), 6, "method x reward source x seed cells of the quick default study");
     for summary in &summaries {

@@ -156,6 +156,29 @@ pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[
     PairMetrics { accuracy: correct as f64 / pairs.len().max(1) as f64, mean_margin: margin_sum / pairs.len().max(1) as f64, pairs: pairs.len() }
 }
 
+/// [`evaluate`] per kind of corruption (the kinds present in `pairs`, in order of appearance):
+/// which spoiled answers the model tells apart and which it does not.
+pub fn evaluate_by_corruption(
+    model: &RobertaRegressor,
+    tokenizer: &RewardTokenizer,
+    pairs: &[Comparison],
+    batch_size: usize,
+) -> Vec<(crate::comparisons::Corruption, PairMetrics)> {
+    let mut kinds = Vec::new();
+    for pair in pairs {
+        if !kinds.contains(&pair.corruption) {
+            kinds.push(pair.corruption);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let subset: Vec<Comparison> = pairs.iter().filter(|pair| pair.corruption == kind).cloned().collect();
+            (kind, evaluate(model, tokenizer, &subset, batch_size))
+        })
+        .collect()
+}
+
 /// Scores of the chosen and rejected completions, [B] each.
 fn score_pairs(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison]) -> (Tensor<1>, Tensor<1>) {
     let texts: Vec<(&str, &str)> = pairs

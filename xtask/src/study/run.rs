@@ -376,6 +376,10 @@ pub struct RewardModelReport {
     pub held_out_mean_margin: f64,
     /// Held-out pairs.
     pub held_out_pairs: usize,
+    /// Held-out pairwise accuracy per kind of rejected answer (`corrupted_step`, `wrong_answer`,
+    /// `broken_format`).
+    #[serde(default)]
+    pub held_out_accuracy_by_corruption: std::collections::BTreeMap<String, f64>,
     /// Loss of the last training step.
     pub final_loss: f64,
     /// Optimizer steps.
@@ -443,10 +447,15 @@ fn prepare_reward_model(
     }
     bar.finish_and_clear();
     let metrics = reward_model::train::evaluate(trainer.model(), &reward_tokenizer, &held_out, 64);
+    let by_corruption = reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64)
+        .into_iter()
+        .map(|(kind, metrics)| (serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), metrics.accuracy))
+        .collect();
     let report = RewardModelReport {
         held_out_accuracy: metrics.accuracy,
         held_out_mean_margin: metrics.mean_margin,
         held_out_pairs: metrics.pairs,
+        held_out_accuracy_by_corruption: by_corruption,
         final_loss,
         steps: training.steps,
         train_seconds: started.elapsed().as_secs_f64(),
@@ -459,9 +468,10 @@ fn prepare_reward_model(
         options.quiet,
         progress,
         format!(
-            "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split), margin {:.3}, {:.0} s",
+            "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split; {}), margin {:.3}, {:.0} s",
             report.held_out_accuracy * 100.0,
             report.held_out_pairs,
+            report.held_out_accuracy_by_corruption.iter().map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0)).collect::<Vec<_>>().join(", "),
             report.held_out_mean_margin,
             report.train_seconds
         ),
@@ -789,9 +799,10 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
         && let Ok(rm) = serde_json::from_str::<RewardModelReport>(&text)
     {
         report.push_str(&format!(
-            "\nReward model: held-out pairwise accuracy {:.1}% over {} pairs from the test split, mean margin {:.3}, {} steps in {:.0} s.\n",
+            "\nReward model: held-out pairwise accuracy {:.1}% over {} pairs from the test split ({}), mean margin {:.3}, {} steps in {:.0} s.\n",
             100.0 * rm.held_out_accuracy,
             rm.held_out_pairs,
+            rm.held_out_accuracy_by_corruption.iter().map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0)).collect::<Vec<_>>().join(", "),
             rm.held_out_mean_margin,
             rm.steps,
             rm.train_seconds
