@@ -1,8 +1,10 @@
 //! Tokenizers of checkpoints: `tokenizer.json` through the tokenizers crate, or `vocab.json` +
 //! `merges.txt` when a checkpoint has no `tokenizer.json`, assembled as transformers assembles
 //! them (byte-level BPE; Qwen2's split pattern and NFC; RoBERTa's `<s> ... </s>`), with the
-//! added tokens of `tokenizer_config.json`. Special ids come from `config.json`,
-//! `generation_config.json` and `tokenizer_config.json`, in that order of preference.
+//! added tokens of `tokenizer_config.json`; or, with neither, Meta's tiktoken ranks (Llama 3's
+//! `original/tokenizer.model`) converted as transformers' `TikTokenConverter` does. Special ids
+//! come from `config.json`, `generation_config.json` and `tokenizer_config.json`, in that order
+//! of preference.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
