@@ -55,7 +55,13 @@ fn quick_study_writes_its_reports_and_resumes() {
     for column in ["step", "reward", "kl", "update_norm", "rewards/strict_correct/mean", "eval/accuracy_lenient"] {
         assert!(header.split(',').any(|c| c == column), "metrics.csv lacks {column}: {header}");
     }
-    assert_eq!(metrics.lines().count(), 1 + 3, "a row per step");
+    assert_eq!(metrics.lines().count(), 1 + 1 + 3, "the held-out evaluation before training (step 0), then a row per step");
+    let step_zero = metrics.lines().nth(1).unwrap();
+    assert!(step_zero.starts_with("grpo,rules,0,0,"), "{step_zero}");
+    let eval_column = header.split(',').position(|c| c == "eval/accuracy_strict").unwrap();
+    let reward_column = header.split(',').position(|c| c == "reward").unwrap();
+    let fields: Vec<&str> = step_zero.split(',').collect();
+    assert!(!fields[eval_column].is_empty() && fields[reward_column].is_empty(), "step 0 has an evaluation and no training: {step_zero}");
     let ppo = std::fs::read_to_string(reports.join("cells/ppo__reward_model__seed0/metrics.csv")).unwrap();
     let ppo_header = ppo.lines().next().unwrap();
     // The model's score and the true correctness side by side, so reward hacking would show.
@@ -70,7 +76,7 @@ fn quick_study_writes_its_reports_and_resumes() {
         assert!(combined_header.contains(&column), "the study's metrics.csv lacks {column}");
     }
     let rl_cells = summaries.iter().filter(|s| ["grpo", "ppo", "rloo"].contains(&s["method"].as_str().unwrap())).count();
-    assert_eq!(combined.lines().count(), 1 + 3 * rl_cells, "a row per step of every RL cell");
+    assert_eq!(combined.lines().count(), 1 + 4 * rl_cells, "step 0 and a row per step of every RL cell");
     assert!(combined.lines().any(|line| line.starts_with("ppo,reward_model,0,3,")), "{combined}");
     // Samples before and after training for the same questions.
     let samples = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/samples.jsonl")).unwrap();

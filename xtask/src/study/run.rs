@@ -544,6 +544,17 @@ fn run_cell(
             let eval_problems = &test[..study.evaluation.train_eval_size.min(test.len())];
             let mut history = Vec::new();
             let mut eval_seconds = 0.0;
+            if eval_every > 0 {
+                // Step 0: the held-out accuracy the training starts from, so curves begin at the base.
+                let eval_started = Instant::now();
+                let before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems)?;
+                let mut row = rl_algos::Metrics::new();
+                row.insert("step".to_string(), 0.0);
+                row.insert("eval/accuracy_lenient".to_string(), before.accuracy.lenient.accuracy);
+                row.insert("eval/accuracy_strict".to_string(), before.accuracy.strict.accuracy);
+                history.push(row);
+                eval_seconds += eval_started.elapsed().as_secs_f64();
+            }
             for step in 1..=*steps {
                 let prompts: Vec<PromptItem> = (0..*prompts_per_step)
                     .map(|_| {
@@ -554,6 +565,7 @@ fn run_cell(
                     })
                     .collect::<anyhow::Result<_>>()?;
                 let mut row = algorithm.train_step(&prompts, &environment).with_context(|| format!("step {step}"))?;
+                row.insert("step".to_string(), step as f64);
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
                     // Held-out accuracy during training (not counted as training time).
                     let eval_started = Instant::now();
@@ -587,8 +599,10 @@ fn run_cell(
         lines.push('\n');
     }
     write_atomically(&cell_dir.join("samples.jsonl"), lines.as_bytes())?;
-    let rewards: Vec<f64> = metrics.iter().map(|m| m.get("reward").copied().unwrap_or(f64::NAN)).collect();
-    let steps: Vec<u64> = (1..=rewards.len() as u64).collect();
+    // Training steps only (the step-0 row holds the held-out accuracy before training).
+    let trained: Vec<&rl_algos::Metrics> = metrics.iter().filter(|m| m.get("step").is_none_or(|step| *step >= 1.0)).collect();
+    let rewards: Vec<f64> = trained.iter().map(|m| m.get("reward").copied().unwrap_or(f64::NAN)).collect();
+    let steps: Vec<u64> = trained.iter().enumerate().map(|(index, m)| m.get("step").map_or(index as u64 + 1, |step| *step as u64)).collect();
     let update_norms: Vec<f64> = metrics.iter().filter_map(|m| m.get("update_norm").copied()).collect();
     let tail = &rewards[rewards.len() - rewards.len().div_ceil(4)..];
     let summary = evaluation.accuracy;
@@ -697,13 +711,16 @@ fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokeniz
 
 /// `cells/<id>/metrics.csv`: one row per step, the algorithm's metric names as columns.
 fn write_metrics(cell: &Cell, cell_dir: &Path, metrics: &[rl_algos::Metrics]) -> anyhow::Result<()> {
-    let columns: Vec<String> = metrics.iter().flat_map(|m| m.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let columns: Vec<String> =
+        metrics.iter().flat_map(|m| m.keys().filter(|key| *key != "step").cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let mut writer = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["method".to_string(), "reward_source".to_string(), "seed".to_string(), "step".to_string()];
     header.extend(columns.iter().cloned());
     writer.write_record(&header)?;
     for (index, row) in metrics.iter().enumerate() {
-        let mut record = vec![cell.method.clone(), cell.reward_source.clone(), cell.seed.to_string(), (index + 1).to_string()];
+        // Rows name their step (0: the evaluation before training); otherwise they count from 1.
+        let step = row.get("step").map_or(index as u64 + 1, |step| *step as u64);
+        let mut record = vec![cell.method.clone(), cell.reward_source.clone(), cell.seed.to_string(), step.to_string()];
         record.extend(columns.iter().map(|column| row.get(column).map_or(String::new(), |v| v.to_string())));
         writer.write_record(&record)?;
     }
