@@ -9,7 +9,7 @@ use policy_models::BackendKind;
 use policy_models::presets::train_tokenizer;
 use prompting::Template;
 use reward_model::comparisons::build_comparisons;
-use reward_model::train::{RewardTokenizer, RewardTrainer, RewardTrainingConfig, evaluate};
+use reward_model::train::{PairMetrics, RewardTokenizer, RewardTrainer, RewardTrainingConfig, evaluate_by_corruption};
 use reward_model::{RobertaConfig, RobertaRegressor};
 use tasks::synthetic::{SyntheticConfig, generate};
 
@@ -86,14 +86,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let metrics = evaluate(trainer.model(), &reward_tokenizer, &held_out, 64);
+    let per_kind = evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64);
+    let metrics = PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
     println!(
         "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split only), mean margin {:.3}",
         metrics.accuracy * 100.0,
         metrics.pairs,
         metrics.mean_margin
     );
-    for (kind, by_kind) in reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64) {
+    for (kind, by_kind) in per_kind {
         println!("  {kind:?}: {:.1}% of {} pairs", by_kind.accuracy * 100.0, by_kind.pairs);
     }
     if let Some(out) = args.out {

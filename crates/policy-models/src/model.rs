@@ -226,11 +226,8 @@ impl CausalLm {
             Body::GptNeo(model) => model.hidden_states(input, cache),
             Body::Decoder(model) => model.hidden_states(input, cache),
         };
-        self.to_f32(hidden)
-    }
-
-    fn to_f32<const D: usize>(&self, tensor: Tensor<D>) -> Tensor<D> {
-        if self.compute_dtype == FloatDType::F32 { tensor } else { tensor.cast(FloatDType::F32) }
+        // A cast to the dtype a tensor already has returns it unchanged.
+        hidden.cast(FloatDType::F32)
     }
 
     /// Logits from hidden states.
@@ -238,12 +235,12 @@ impl CausalLm {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T, V]
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let hidden = if self.compute_dtype == FloatDType::F32 { hidden } else { hidden.cast(self.compute_dtype) };
+        let hidden = hidden.cast(self.compute_dtype);
         let logits = match &self.body {
             Body::GptNeo(model) => model.logits(hidden),
             Body::Decoder(model) => model.logits(hidden),
         };
-        self.to_f32(logits)
+        logits.cast(FloatDType::F32)
     }
 
     /// Logits of the new positions of `input`.

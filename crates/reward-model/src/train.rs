@@ -141,6 +141,15 @@ pub struct PairMetrics {
     pub pairs: usize,
 }
 
+impl PairMetrics {
+    /// The metrics of the union of disjoint pair sets, from each set's metrics.
+    pub fn pooled(parts: &[PairMetrics]) -> PairMetrics {
+        let pairs: usize = parts.iter().map(|part| part.pairs).sum();
+        let weighted = |value: fn(&PairMetrics) -> f64| parts.iter().map(|part| value(part) * part.pairs as f64).sum::<f64>() / pairs.max(1) as f64;
+        PairMetrics { accuracy: weighted(|part| part.accuracy), mean_margin: weighted(|part| part.mean_margin), pairs }
+    }
+}
+
 /// Scores chosen and rejected of `pairs` in batches of `batch_size`.
 pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison], batch_size: usize) -> PairMetrics {
     let (mut correct, mut margin_sum) = (0usize, 0.0f64);
@@ -157,7 +166,8 @@ pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[
 }
 
 /// [`evaluate`] per kind of corruption (the kinds present in `pairs`, in order of appearance):
-/// which spoiled answers the model tells apart and which it does not.
+/// which spoiled answers the model tells apart and which it does not. [`PairMetrics::pooled`]
+/// of the parts gives the figures over all pairs without scoring them again.
 pub fn evaluate_by_corruption(
     model: &RobertaRegressor,
     tokenizer: &RewardTokenizer,

@@ -446,8 +446,9 @@ fn prepare_reward_model(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let metrics = reward_model::train::evaluate(trainer.model(), &reward_tokenizer, &held_out, 64);
-    let by_corruption = reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64)
+    let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64);
+    let metrics = reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
+    let by_corruption = per_kind
         .into_iter()
         .map(|(kind, metrics)| (serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), metrics.accuracy))
         .collect();
