@@ -308,6 +308,75 @@ pub fn backward_and_step<M: Module>(
     apply_gradients(model, grads, loss_value, optimizer, max_grad_norm, learning_rate)
 }
 
+/// Rows per shard below which a batch is not split across threads.
+pub const MIN_ROWS_PER_SHARD: usize = 2;
+
+/// How [`sharded_backward`] splits `rows` rows: one contiguous range per rayon thread when the
+/// model lives on the CPU backend (at least [`MIN_ROWS_PER_SHARD`] rows each), else one range.
+pub fn shard_ranges<M: Module>(model: &M, rows: usize) -> Vec<std::ops::Range<usize>> {
+    let on_cpu = model.devices().first().is_none_or(|device| *device == burn::tensor::Device::flex());
+    let parts = if on_cpu { rayon::current_num_threads().min(rows / MIN_ROWS_PER_SHARD).max(1) } else { 1 };
+    let size = rows.div_ceil(parts).max(1);
+    (0..rows).step_by(size).map(|start| start..(start + size).min(rows)).collect()
+}
+
+/// Gradients of a loss that is a sum over row shards, the shards computed concurrently on the
+/// CPU backend (one autodiff graph per rayon thread, the parameters shared).
+///
+/// A small model's ops are too fine-grained to keep several cores busy on their own (flex ran a
+/// training step as fast on one thread as on two); data parallelism over rows does. `shard_loss`
+/// gets the model and a row range and returns that shard's *share* of the loss (normalised by
+/// whole-batch totals, so the shares add up to the batch loss) and any per-shard statistics.
+/// Returns the loss, the summed gradients and the statistics in row order; a non-finite shard
+/// loss is reported before any backward pass.
+pub fn sharded_backward<M, T, F>(model: &M, rows: usize, shard_loss: F) -> Result<(f64, GradientsParams, Vec<T>), NonFinite>
+where
+    M: Module + Sync,
+    T: Send,
+    F: Fn(&M, std::ops::Range<usize>) -> (Tensor<1>, T) + Sync,
+{
+    use rayon::prelude::*;
+    let ranges = shard_ranges(model, rows);
+    let parallel = ranges.len() > 1;
+    let shard = |range: std::ops::Range<usize>| {
+        // Each shard differentiates its own leaves (same parameter ids and values): burn's
+        // autodiff merges graphs that share a leaf under one lock, which would run the
+        // shards' backward passes one after the other.
+        let local = parallel.then(|| model.clone().map(&mut FreshLeaves));
+        let local = local.as_ref().unwrap_or(model);
+        let (loss, extra) = shard_loss(local, range);
+        let value = f64::from(loss.clone().into_scalar::<f32>());
+        if !value.is_finite() {
+            return Err(NonFinite::Loss(value));
+        }
+        Ok((value, GradientsParams::from_grads(loss.backward(), local), extra))
+    };
+    let results: Vec<Result<_, NonFinite>> =
+        if !parallel { ranges.into_iter().map(shard).collect() } else { ranges.into_par_iter().map(shard).collect() };
+    let mut accumulator = burn::optim::GradientsAccumulator::new();
+    let mut total = 0.0;
+    let mut extras = Vec::with_capacity(results.len());
+    for result in results {
+        let (value, grads, extra) = result?;
+        total += value;
+        accumulator.accumulate(model, grads);
+        extras.push(extra);
+    }
+    Ok((total, accumulator.grads(), extras))
+}
+
+/// Replaces every trained parameter by a new autodiff leaf over the same values and id.
+struct FreshLeaves;
+
+impl ModuleMapper for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !param.is_require_grad() {
+            return param;
+        }
+        param.map(|tensor| tensor.detach().require_grad())
+    }
+}
+
 /// Clips `grads` by the global norm (when `max_grad_norm` is set), checks the norm and steps
 /// AdamW; for gradients accumulated over micro-batches. `loss` is only reported.
 pub fn apply_gradients<M: Module>(

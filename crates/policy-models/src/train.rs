@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::StepInput;
 use crate::model::CausalLm;
-use crate::optim::{AdamW, AdamWSettings, Schedule, backward_and_step};
+use crate::optim::{AdamW, AdamWSettings, NonFinite, Schedule, apply_gradients, sharded_backward};
 use crate::tokenizer::PolicyTokenizer;
 use crate::weights::LoadError;
 
@@ -30,6 +30,13 @@ pub struct SftExample {
     pub prompt_ids: Vec<i64>,
     /// Target tokens (end-of-sequence included when the model should learn to stop).
     pub completion_ids: Vec<i64>,
+}
+
+impl SftExample {
+    /// Tokens the loss averages over: every completion token that has a predecessor.
+    pub fn target_tokens(&self) -> usize {
+        self.completion_ids.len().min((self.prompt_ids.len() + self.completion_ids.len()).saturating_sub(1))
+    }
 }
 
 /// Settings of a supervised run.
@@ -96,6 +103,13 @@ pub enum TrainError {
 /// # Shapes
 /// - returns a loss of shape [1]
 pub fn sft_loss(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64) -> (Tensor<1>, usize) {
+    let tokens = batch.iter().map(|example| example.target_tokens()).sum::<usize>();
+    (sft_loss_share(model, batch, pad_token_id, tokens), tokens)
+}
+
+/// The summed next-token loss of `batch`'s completion tokens divided by `total_tokens` (the
+/// whole batch's count): `batch`'s share of the batch loss when the batch is split into shards.
+pub fn sft_loss_share(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64, total_tokens: usize) -> Tensor<1> {
     let length = batch.iter().map(|e| e.prompt_ids.len() + e.completion_ids.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(batch.len());
     let mut mask = Vec::with_capacity(batch.len());
@@ -107,11 +121,11 @@ pub fn sft_loss(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64) -> (
         row.extend_from_slice(&example.completion_ids);
         // Position t predicts token t + 1: it is trained when token t + 1 is a completion token.
         let first_target = length - example.completion_ids.len();
-        target_mask.extend((0..length).map(|t| t + 1 >= first_target && t + 1 < length));
+        // (The first real token has no predecessor: it is never a target, padded or not.)
+        target_mask.extend((0..length).map(|t| t + 1 >= first_target && t + 1 < length && t + real >= length));
         mask.push((0..length).map(|t| t >= length - real).collect::<Vec<bool>>());
         ids.push(row);
     }
-    let tokens = target_mask.iter().filter(|m| **m).count();
     let input = StepInput::from_padded(&ids, &mask);
     let logits = model.forward(&input, &mut model.new_cache()); // [B, T, V]
     let device = logits.device();
@@ -122,8 +136,7 @@ pub fn sft_loss(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64) -> (
     let weights: Vec<f32> = target_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
     let weights: Tensor<2> = Tensor::from_data(TensorData::new(weights, [batch_size, length]), &device);
     let log_probs = log_softmax(logits, 2).gather(2, targets).reshape([batch_size, length]);
-    let loss = -(log_probs * weights).sum() / tokens.max(1) as f32;
-    (loss, tokens)
+    -(log_probs * weights).sum() / total_tokens.max(1) as f32
 }
 
 /// A model under supervised training with its optimizer and step count.
@@ -207,13 +220,23 @@ impl SftTrainer {
         let step = self.optimizer.steps();
         let batch: Vec<&SftExample> = self.batch_indices(step, examples.len()).into_iter().map(|i| &examples[i]).collect();
         let model = self.model.take().expect("model present");
-        let (loss, tokens) = sft_loss(&model, &batch, self.config.pad_token_id);
+        let tokens = batch.iter().map(|example| example.target_tokens()).sum::<usize>();
+        let pad = self.config.pad_token_id;
         let learning_rate = self.config.schedule.learning_rate_at(step);
-        let (model, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
+        // One shard of rows per thread on the CPU: see `sharded_backward`.
+        let not_finite = |bad: NonFinite| TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
+        let (loss, grads, _) = match sharded_backward(&model, batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ())) {
+            Ok(computed) => computed,
+            Err(bad) => {
+                self.model = Some(model);
+                return Err(not_finite(bad));
+            }
+        };
+        let (model, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
             Ok(updated) => updated,
             Err((model, bad)) => {
                 self.model = Some(model);
-                return Err(TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() });
+                return Err(not_finite(bad));
             }
         };
         self.model = Some(model);

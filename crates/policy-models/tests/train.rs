@@ -155,3 +155,52 @@ fn lora_trains_only_adapters_and_saves_merged_weights() {
     let worst = after.iter().zip(&reloaded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "merged checkpoint differs by {worst}");
 }
+
+/// Data parallelism over rows changes nothing but the speed: the gradients of a batch split
+/// into one shard per thread (each with its own autodiff graph) equal the whole batch's.
+#[test]
+fn sharded_gradients_equal_the_whole_batch_gradients() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use policy_models::optim::{shard_ranges, sharded_backward};
+    use policy_models::train::{sft_loss, sft_loss_share};
+
+    struct Flatten<'a>(&'a GradientsParams, Vec<f32>);
+    impl ModuleVisitor for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
+            let grad = self.0.get::<D>(param.id).expect("every parameter has a gradient");
+            self.1.extend(grad.into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+        }
+    }
+    let flatten = |model: &CausalLm, grads: &GradientsParams| {
+        let mut visitor = Flatten(grads, Vec::new());
+        model.visit(&mut visitor);
+        visitor.1
+    };
+
+    let device = Device::flex().autodiff();
+    let (tokenizer, examples) = data();
+    // Rows of different lengths, so each shard pads differently from the whole batch.
+    let batch: Vec<&SftExample> = examples.iter().take(6).collect();
+    let model = small_model(tokenizer.vocab_size(), &device);
+    let (loss, tokens) = sft_loss(&model, &batch, 1);
+    let whole_loss = f64::from(loss.clone().into_scalar::<f32>());
+    let whole = flatten(&model, &GradientsParams::from_grads(loss.backward(), &model));
+
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let (sharded_loss, sharded, shards) = pool.install(|| {
+        let (loss, grads, shards) = sharded_backward(&model, batch.len(), |model, rows| {
+            let count = rows.len();
+            (sft_loss_share(model, &batch[rows], 1, tokens), count)
+        })
+        .unwrap();
+        assert_eq!(shard_ranges(&model, batch.len()).len(), 3);
+        (loss, flatten(&model, &grads), shards)
+    });
+    assert_eq!(shards, vec![2, 2, 2], "one shard per thread, in row order");
+    assert!((sharded_loss - whole_loss).abs() < 1e-5 * whole_loss.abs(), "{sharded_loss} vs {whole_loss}");
+    assert_eq!(whole.len(), sharded.len());
+    let scale = whole.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let worst = whole.iter().zip(&sharded).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(scale > 0.0 && worst < 1e-5 * scale.max(1.0), "largest gradient difference {worst} (largest gradient {scale})");
+}
