@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::CausalLm;
 use policy_models::generate::{Sampler, completion_log_probs};
-use policy_models::optim::{AdamW, backward_and_step};
+use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 use rl_algos::algorithm::{CheckpointState, mean_std, parse_config};
 use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, rollout};
 use serde::{Deserialize, Serialize};
@@ -151,27 +151,45 @@ impl RlAlgorithm for Rloo {
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
         metrics.insert("reward_std".to_string(), mean_std(&scored.total).1);
         // 3. The REINFORCE loss over completion tokens, with the optional KL penalty.
-        let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let (_, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
         let mask = rollout::loss_mask(&rollout, false, &device);
         let count = rollout.len();
         let advantages = Tensor::<1>::from_data(TensorData::new(advantages, [count]), &device).reshape([count, 1]);
-        let (logps, entropies) = completion_log_probs(&policy, &input, completion_len, self.config.temperature);
-        let mut per_token = -(logps.clone() * advantages);
-        let mut kl_mean = 0.0;
-        if let Some(reference) = &self.reference {
-            let reference_logps = Tensor::from_inner(completion_log_probs(reference, &input, completion_len, self.config.temperature).0);
-            let difference = reference_logps - logps;
-            let kl = difference.clone().exp() - difference - 1.0;
-            let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
-            kl_mean = f64::from((kl.clone().detach() * mask.clone()).sum().into_scalar::<f32>()) / tokens;
-            per_token = per_token + kl * self.config.beta as f32;
-        }
-        let tokens = mask.clone().sum().clamp_min(1.0);
-        let loss = ((per_token * mask.clone()).sum() / tokens.clone()).reshape([1]);
-        let entropy = f64::from(((entropies.detach() * mask).sum() / tokens).into_scalar::<f32>());
+        let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
+        let (temperature, beta) = (self.config.temperature, self.config.beta as f32);
+        let reference = self.reference.as_ref();
+        // One shard of rows per thread on the CPU; each loss is its share of the token mean.
+        let shard = |policy: &CausalLm, rows: std::ops::Range<usize>| {
+            let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
+            let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+            let pick = |t: &Tensor<2>| t.clone().slice([rows.clone(), 0..completion_len]);
+            let sub_mask = pick(&mask);
+            let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+            let mut per_token = -(logps.clone() * advantages.clone().slice([rows.clone(), 0..1]));
+            let mut kl_sum = 0.0;
+            if let Some(reference) = reference {
+                let reference_logps = Tensor::from_inner(completion_log_probs(reference, &sub_input, completion_len, temperature).0);
+                let difference = reference_logps - logps;
+                let kl = difference.clone().exp() - difference - 1.0;
+                kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());
+                per_token = per_token + kl * beta;
+            }
+            let loss = ((per_token * sub_mask.clone()).sum() / tokens as f32).reshape([1]);
+            let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
+            (loss, (kl_sum, entropy_sum))
+        };
+        let (loss, grads, shards) = match sharded_backward(&policy, count, shard) {
+            Ok(computed) => computed,
+            Err(bad) => {
+                self.policy = Some(policy);
+                return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+            }
+        };
+        let kl_mean = shards.iter().map(|(kl, _)| kl).sum::<f64>() / tokens;
+        let entropy = shards.iter().map(|(_, entropy)| entropy).sum::<f64>() / tokens;
         // 4. The update.
         let learning_rate = self.optim.schedule().learning_rate_at(self.optimizer.steps());
-        let (policy, stats) = match backward_and_step(policy, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
+        let (policy, stats) = match apply_gradients(policy, grads, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
             Ok(updated) => updated,
             Err((policy, bad)) => {
                 self.policy = Some(policy);

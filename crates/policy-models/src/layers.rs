@@ -71,7 +71,8 @@ impl StepInput {
 
     /// Which scores to block, [B, 1, T, S] (true = blocked): keys that are padding, keys after
     /// the query (causal), and with `window`, keys `window` or more positions before the query
-    /// (GPT-Neo's local attention).
+    /// (GPT-Neo's local attention). A padding query, which would see nothing, sees itself: no row
+    /// is fully blocked, so blocked scores can be -inf (its outputs are never read).
     pub fn blocked_mask(&self, window: Option<usize>, device: &Device) -> Tensor<4, Bool> {
         let (batch, queries, keys) = (self.batch_size, self.seq_len(), self.key_len());
         let past = keys - queries;
@@ -80,9 +81,10 @@ impl StepInput {
             for t in 0..queries {
                 let query_index = past + t;
                 for j in 0..keys {
-                    let visible = self.key_mask[b * keys + j]
+                    let visible = (self.key_mask[b * keys + j]
                         && j <= query_index
-                        && window.is_none_or(|window| query_index - j < window);
+                        && window.is_none_or(|window| query_index - j < window))
+                        || j == query_index;
                     blocked.push(!visible);
                 }
             }
@@ -108,8 +110,9 @@ pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Te
     let scores = query.matmul(key.swap_dims(2, 3)) * scale; // [B, K, G*T, S]
     let keys = scores.dims()[3];
     let blocked = if group > 1 { blocked.repeat_dim(2, group) } else { blocked }; // [B, 1, G*T, S]
-    // A large finite value rather than -inf: rows that are all padding stay finite.
-    let scores = scores.mask_fill(blocked.expand([batch, kv_heads, group * queries, keys]), -1.0e9);
+    // -inf, as no row is fully blocked: exp(-inf) is libm's fast path, where a large finite
+    // value took its underflow path (errno and all) on half the scores of a causal mask.
+    let scores = scores.mask_fill(blocked.expand([batch, kv_heads, group * queries, keys]), f32::NEG_INFINITY);
     let weights = softmax(scores, 3);
     weights.matmul(value).reshape([batch, heads, queries, head_dim])
 }
@@ -285,6 +288,9 @@ mod tests {
         assert_eq!(&blocked[4 * 5..5 * 5], &[true, true, true, false, false]);
         let global = input.blocked_mask(None, &device).into_data().try_to_vec::<bool>().unwrap();
         assert_eq!(&global[4 * 5..5 * 5], &[true, true, false, false, false]);
+        // A padding query sees only itself; every row keeps at least one visible key.
+        assert_eq!(&global[1 * 5..2 * 5], &[true, false, true, true, true]);
+        assert!(global.chunks(5).all(|row| row.contains(&false)));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
 use policy_models::PolicyTokenizer;
-use policy_models::optim::{AdamW, AdamWSettings, Schedule, backward_and_step};
+use policy_models::optim::{AdamW, AdamWSettings, NonFinite, Schedule, apply_gradients, sharded_backward};
 use policy_models::weights::LoadError;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -292,13 +292,6 @@ impl RewardTrainer {
             })
             .collect();
         let model = self.model.take().expect("present between steps");
-        let (chosen, rejected) = score_pairs(&model, tokenizer, &batch);
-        let margin = chosen.clone() - rejected.clone();
-        let loss = match self.config.loss {
-            PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).mean(),
-            PairwiseLoss::Mse => ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).mean() * 0.5,
-        };
-        let margins = margin.detach().into_data().try_to_vec::<f32>().expect("f32");
         let schedule = Schedule {
             learning_rate: self.config.learning_rate,
             warmup_steps: self.config.warmup_steps,
@@ -306,11 +299,32 @@ impl RewardTrainer {
             min_lr_ratio: self.config.min_lr_ratio,
         };
         let learning_rate = schedule.learning_rate_at(step);
-        let (model, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
+        let pair_count = batch.len() as f32;
+        let loss_kind = self.config.loss;
+        // One shard of pairs per thread on the CPU; each shard's loss is its share of the mean.
+        let sharded = sharded_backward(&model, batch.len(), |model, rows| {
+            let (chosen, rejected) = score_pairs(model, tokenizer, &batch[rows]);
+            let margin = chosen.clone() - rejected.clone();
+            let loss = match loss_kind {
+                PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).sum() / pair_count,
+                PairwiseLoss::Mse => ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).sum() * (0.5 / pair_count),
+            };
+            (loss, margin.detach().into_data().try_to_vec::<f32>().expect("f32"))
+        });
+        let not_finite = |bad: NonFinite| RewardTrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
+        let (loss, grads, margins) = match sharded {
+            Ok(computed) => computed,
+            Err(bad) => {
+                self.model = Some(model);
+                return Err(not_finite(bad));
+            }
+        };
+        let margins: Vec<f32> = margins.concat();
+        let (model, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
             Ok(updated) => updated,
             Err((model, bad)) => {
                 self.model = Some(model);
-                return Err(RewardTrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() });
+                return Err(not_finite(bad));
             }
         };
         self.model = Some(model);

@@ -259,8 +259,8 @@ use burn::module::Module;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::{Sampler, completion_log_probs};
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use policy_models::optim::{AdamW, apply_gradients};
+use burn::optim::GradientsAccumulator;
+use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -438,39 +438,50 @@ impl RlAlgorithm for Grpo {
             // Token-weighted sums of the objective's metrics and of the entropy.
             let mut weighted = [0.0f64; 5];
             for start in (0..count).step_by(micro.max(1)) {
-                let rows = start..(start + micro).min(count);
-                let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
-                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-                let (logps, entropies) = completion_log_probs(&policy, &sub_input, completion_len, temperature);
-                let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
-                let sub_mask = slice_rows(&mask, rows.clone());
-                let (loss, objective) = grpo_objective(
-                    logps,
-                    old_logps,
-                    reference.as_ref().map(|reference| slice_rows(reference, rows.clone())),
-                    advantages.clone().slice([rows.clone()]),
-                    sub_mask.clone(),
-                    &self.config,
-                    Some(totals),
-                );
-                let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-                if !loss_value.is_finite() {
-                    self.policy = Some(policy);
-                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: "loss".to_string(), value: loss_value });
+                // Each micro-batch runs as one shard of rows per thread on the CPU; a shard's
+                // loss is its share of the batch loss (normalised by the batch totals).
+                let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
+                    let rows = start + shard_rows.start..start + shard_rows.end;
+                    let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
+                    let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+                    let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                    let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
+                    let sub_mask = slice_rows(&mask, rows.clone());
+                    let (loss, objective) = grpo_objective(
+                        logps,
+                        old_logps,
+                        reference.as_ref().map(|reference| slice_rows(reference, rows.clone())),
+                        advantages.clone().slice([rows.clone()]),
+                        sub_mask.clone(),
+                        &self.config,
+                        Some(totals),
+                    );
+                    let sub_tokens = f64::from(sub_mask.clone().sum().into_scalar::<f32>());
+                    let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
+                    let sums = [
+                        objective.kl * sub_tokens,
+                        objective.clip_ratio_low_mean * sub_tokens,
+                        objective.clip_ratio_high_mean * sub_tokens,
+                        objective.clip_ratio_region_mean * sub_tokens,
+                        entropy_sum,
+                    ];
+                    (loss, sums)
+                };
+                let rows = (start + micro).min(count) - start;
+                let (loss, grads, shard_sums) = match sharded_backward(&policy, rows, shard) {
+                    Ok(computed) => computed,
+                    Err(bad) => {
+                        self.policy = Some(policy);
+                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                    }
+                };
+                loss_sum += loss;
+                for sums in shard_sums {
+                    for (total, value) in weighted.iter_mut().zip(sums) {
+                        *total += value;
+                    }
                 }
-                loss_sum += loss_value;
-                let sub_tokens = f64::from(sub_mask.clone().sum().into_scalar::<f32>());
-                let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
-                for (sum, value) in weighted.iter_mut().zip([
-                    objective.kl * sub_tokens,
-                    objective.clip_ratio_low_mean * sub_tokens,
-                    objective.clip_ratio_high_mean * sub_tokens,
-                    objective.clip_ratio_region_mean * sub_tokens,
-                    entropy_sum,
-                ]) {
-                    *sum += value;
-                }
-                accumulator.accumulate(&policy, GradientsParams::from_grads(loss.backward(), &policy));
+                accumulator.accumulate(&policy, grads);
             }
             let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
             let (updated, stats) =

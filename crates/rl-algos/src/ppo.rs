@@ -16,7 +16,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData};
 use policy_models::generate::{Sampler, log_probs_from_logits};
-use policy_models::optim::{AdamW, backward_and_step};
+use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 use policy_models::{CausalLm, StepInput};
 use serde::{Deserialize, Serialize};
 
@@ -182,7 +182,7 @@ pub fn ppo_targets(
 }
 
 /// Metrics of the PPO objective, with TRL's names.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PpoLossMetrics {
     /// The clipped policy loss (`loss/policy`).
     pub policy_loss: f64,
@@ -210,8 +210,26 @@ pub fn ppo_objective(
     mask: Tensor<2>,
     config: &PpoConfig,
 ) -> (Tensor<1>, PpoLossMetrics) {
-    let tokens = mask.clone().sum().clamp_min(1.0);
-    let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum() / tokens.clone();
+    let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
+    ppo_objective_share(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, config, tokens)
+}
+
+/// [`ppo_objective`] of some rows of a minibatch whose masked means divide by `total_tokens`,
+/// the whole minibatch's count: the loss and metrics are these rows' shares, and the shares of
+/// a minibatch split into shards add up to [`ppo_objective`] of the whole.
+#[allow(clippy::too_many_arguments)]
+pub fn ppo_objective_share(
+    new_logprobs: Tensor<2>,
+    old_logprobs: Tensor<2>,
+    advantages: Tensor<2>,
+    vpred: Tensor<2>,
+    old_values: Tensor<2>,
+    returns: Tensor<2>,
+    mask: Tensor<2>,
+    config: &PpoConfig,
+    total_tokens: f64,
+) -> (Tensor<1>, PpoLossMetrics) {
+    let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum() / total_tokens as f32;
     let value_clip = config.cliprange_value as f32;
     let vpred_clipped = vpred.clone().max_pair(old_values.clone() - value_clip).min_pair(old_values + value_clip);
     let value_losses = (vpred - returns.clone()).powi_scalar(2);
@@ -419,33 +437,64 @@ impl RlAlgorithm for Ppo {
         for _epoch in 0..self.config.num_ppo_epochs {
             for start in (0..count).step_by(minibatch.max(1)) {
                 let rows_range = start..(start + minibatch).min(count);
-                let keep: Vec<usize> = rows_range.clone().collect();
-                let sub = rollout.select(&keep);
-                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-                let pick = |t: &Tensor<2>| t.clone().slice([rows_range.clone(), 0..width]);
-                let (logps, entropies, vpred) = model.score(&sub_input, completion_len, temperature);
-                let sub_mask = pick(&mask);
-                let (mut loss, objective) = ppo_objective(logps, pick(&old_logprobs), pick(&advantages), vpred, pick(&old_values), pick(&returns), sub_mask.clone(), &self.config);
-                let tokens = sub_mask.clone().sum().clamp_min(1.0);
-                let entropy = (entropies * sub_mask).sum() / tokens;
-                if self.config.entropy_coef > 0.0 {
-                    loss = loss - entropy.clone().reshape([1]) * self.config.entropy_coef as f32;
-                }
+                let pick = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..width]);
+                let minibatch_tokens = f64::from(pick(&mask, rows_range.clone()).sum().into_scalar::<f32>()).max(1.0);
+                let entropy_coef = self.config.entropy_coef as f32;
+                let config = &self.config;
+                // One shard of rows per thread on the CPU, each loss its share of the minibatch's.
+                let shard = |model: &PolicyWithValueHead, shard_rows: std::ops::Range<usize>| {
+                    let rows = start + shard_rows.start..start + shard_rows.end;
+                    let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
+                    let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+                    let (logps, entropies, vpred) = model.score(&sub_input, completion_len, temperature);
+                    let sub_mask = pick(&mask, rows.clone());
+                    let (mut loss, objective) = ppo_objective_share(
+                        logps,
+                        pick(&old_logprobs, rows.clone()),
+                        pick(&advantages, rows.clone()),
+                        vpred,
+                        pick(&old_values, rows.clone()),
+                        pick(&returns, rows),
+                        sub_mask.clone(),
+                        config,
+                        minibatch_tokens,
+                    );
+                    let entropy = (entropies * sub_mask).sum() / minibatch_tokens as f32;
+                    if entropy_coef > 0.0 {
+                        loss = loss - entropy.clone().reshape([1]) * entropy_coef;
+                    }
+                    let entropy = f64::from(entropy.detach().into_scalar::<f32>());
+                    (loss, (objective, entropy))
+                };
+                let (loss, grads, shards) = match sharded_backward(&model, rows_range.len(), shard) {
+                    Ok(computed) => computed,
+                    Err(bad) => {
+                        self.model = Some(model);
+                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                    }
+                };
                 learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-                let (updated, stats) = match backward_and_step(model, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
+                let (updated, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
                     Ok(updated) => updated,
                     Err((model, bad)) => {
                         self.model = Some(model);
                         return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
                     }
                 };
+                let objective = shards.iter().fold(PpoLossMetrics::default(), |total, (part, _)| PpoLossMetrics {
+                    policy_loss: total.policy_loss + part.policy_loss,
+                    value_loss: total.value_loss + part.value_loss,
+                    approxkl: total.approxkl + part.approxkl,
+                    clipfrac: total.clipfrac + part.clipfrac,
+                });
+                let entropy: f64 = shards.iter().map(|(_, entropy)| entropy).sum();
                 model = updated;
                 for (sum, value) in sums.iter_mut().zip([
                     objective.policy_loss,
                     objective.value_loss,
                     objective.approxkl,
                     objective.clipfrac,
-                    f64::from(entropy.detach().into_scalar::<f32>()),
+                    entropy,
                     stats.grad_norm,
                 ]) {
                     *sum += value;

@@ -1,0 +1,96 @@
+//! Every registered algorithm's update is independent of the number of threads: on the CPU a
+//! training batch runs as one shard of rows per thread (`policy_models::optim::sharded_backward`),
+//! and rollouts as one sub-batch per thread, yet one thread and three give the same step. (Here
+//! because this crate sees all three algorithms: GRPO and PPO from rl-algos, and RLOO.)
+
+use burn::tensor::Device;
+use policy_models::gpt_neo::{AttentionKind, GptNeoConfig};
+use policy_models::{CausalLm, ModelConfig, StepInput};
+use rl_algos::rewards::{RewardFunction, RewardInput, WeightedRewards};
+use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem};
+
+/// Share of completion tokens equal to "7".
+struct TargetShare;
+
+impl RewardFunction for TargetShare {
+    fn name(&self) -> &str {
+        "target_share"
+    }
+
+    fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
+        batch
+            .iter()
+            .map(|input| {
+                let tokens: Vec<&str> = input.completion.split_whitespace().collect();
+                tokens.iter().filter(|t| **t == "7").count() as f32 / tokens.len().max(1) as f32
+            })
+            .collect()
+    }
+}
+
+fn step_with_threads(entry: &AlgorithmEntry, config: &serde_json::Value, start: &std::path::Path, threads: usize) -> (Vec<f32>, Metrics) {
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    // Prompts of different lengths, so shards pad differently from the whole batch.
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem { prompt_ids: (0..2 + i as i64).map(|t| 2 + t).collect(), prompt_text: format!("p{i}"), answer: "7".to_string() })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let inputs = AlgorithmInputs {
+            policy: CausalLm::load_dir(start, &device).unwrap(),
+            config: config.clone(),
+            optim: OptimSettings { learning_rate: 1e-2, total_steps: 2, warmup_ratio: 0.0, ..OptimSettings::default() },
+            seed: 4,
+        };
+        let mut algorithm = (entry.build)(inputs).unwrap();
+        let metrics = algorithm.train_step(&prompts, &environment).unwrap();
+        let probe = StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+        let policy = algorithm.policy();
+        (policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap(), metrics)
+    })
+}
+
+#[test]
+fn one_thread_and_three_give_the_same_update() {
+    let device = Device::flex().autodiff();
+    device.seed(1);
+    let config = ModelConfig::GptNeo(GptNeoConfig {
+        vocab_size: 16,
+        max_position_embeddings: 32,
+        hidden_size: 32,
+        num_layers: 2,
+        num_heads: 2,
+        intermediate_size: None,
+        attention_types: vec![(vec![AttentionKind::Global, AttentionKind::Local], 1)],
+        window_size: 8,
+        activation_function: "gelu_new".into(),
+        layer_norm_epsilon: 1e-5,
+        bos_token_id: None,
+        eos_token_id: None,
+        initializer_range: 0.02,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    CausalLm::init(&config, &device).unwrap().save_dir(dir.path(), None).unwrap();
+    let cases = [
+        (rl_algos::grpo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 })),
+        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 })),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
+    ];
+    for (entry, config) in cases {
+        let (one, metrics_one) = step_with_threads(&entry, &config, dir.path(), 1);
+        let (three, metrics_three) = step_with_threads(&entry, &config, dir.path(), 3);
+        let worst = one.iter().zip(&three).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{}: logits after one step differ by {worst}", entry.name);
+        assert_eq!(metrics_one["reward"], metrics_three["reward"], "{}: the rollouts differ", entry.name);
+        for (name, value) in &metrics_one {
+            if name.contains("time") || name.contains("per_second") {
+                continue;
+            }
+            let other = metrics_three[name];
+            assert!((value - other).abs() <= 1e-4 * (1.0 + value.abs()), "{}: {name} {value} with one thread, {other} with three", entry.name);
+        }
+    }
+}
