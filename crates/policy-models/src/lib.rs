@@ -5,6 +5,7 @@
 //! - `gpt_neo.rs`, `qwen2.rs`, `llama.rs`: one file per architecture with its HF `config.json`
 //!   struct and key table; Qwen2 and Llama share the computation in `decoder.rs`.
 //! - `layers.rs`: attention, masks, rotary embeddings, `gelu_new`, the KV cache.
+//! - `fused.rs`: fused CPU kernels (burn backend extensions with hand-written backward passes).
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
 //!
@@ -12,6 +13,7 @@
 
 pub mod backend;
 pub mod decoder;
+pub mod fused;
 pub mod generate;
 pub mod gpt_neo;
 pub mod layers;
