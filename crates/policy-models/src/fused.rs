@@ -31,16 +31,67 @@ pub trait FusedOps: Backend {
     fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// The gradient of [`FusedOps::gelu_new`] at `x` times `grad`.
     fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Softmax over the last dimension.
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Softmax's input gradient from its output `y` and output gradient: y (g - Σ g y).
+    fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Log-softmax over the last dimension.
+    fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Log-softmax's input gradient from its output `y` and output gradient: g - e^y Σ g.
+    fn log_softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl FusedOps for Flex {
     fn gelu_new(x: FlexTensor) -> FlexTensor {
-        map(&x, None, |x, _, out| gelu_new_slice(x, out))
+        map(&x, None, |x, _, out| gelu_new_slice(x, out), CHUNK)
     }
 
     fn gelu_new_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        map(&x, Some(&grad), |x, grad, out| gelu_new_backward_slice(x, grad.expect("a gradient"), out))
+        map(&x, Some(&grad), |x, grad, out| gelu_new_backward_slice(x, grad.expect("a gradient"), out), CHUNK)
     }
+
+    fn softmax_last(x: FlexTensor) -> FlexTensor {
+        map_rows(&x, None, |x, _, out| softmax_row(x, out))
+    }
+
+    fn softmax_last_backward(y: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        map_rows(&y, Some(&grad), |y, grad, out| softmax_backward_row(y, grad.expect("a gradient"), out))
+    }
+
+    fn log_softmax_last(x: FlexTensor) -> FlexTensor {
+        map_rows(&x, None, |x, _, out| log_softmax_row(x, out))
+    }
+
+    fn log_softmax_last_backward(y: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        map_rows(&y, Some(&grad), |y, grad, out| log_softmax_backward_row(y, grad.expect("a gradient"), out))
+    }
+}
+
+/// An autodiff node for a fused op whose backward needs only its output.
+macro_rules! from_output {
+    ($name:ident, $forward:ident, $backward:ident) => {{
+        #[derive(Debug)]
+        struct $name;
+
+        impl<B: Backend + FusedOps> Backward<B, 1> for $name {
+            type State = B::FloatTensorPrimitive;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let output = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| B::$backward(output, grad));
+            }
+        }
+        |x: FloatTensor<Autodiff<B, C>>| {
+            let (primitive, node) = x.into_parts();
+            match $name.prepare::<C>([node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let output = B::$forward(primitive);
+                    prep.finish(output.clone(), output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::$forward(primitive)),
+            }
+        }
+    }};
 }
 
 impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
@@ -70,6 +121,22 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn gelu_new_backward(_x: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
         unimplemented!("gelu_new has no second derivative here")
     }
+
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        from_output!(SoftmaxLast, softmax_last, softmax_last_backward)(x)
+    }
+
+    fn softmax_last_backward(_y: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("softmax has no second derivative here")
+    }
+
+    fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        from_output!(LogSoftmaxLast, log_softmax_last, log_softmax_last_backward)(x)
+    }
+
+    fn log_softmax_last_backward(_y: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("log-softmax has no second derivative here")
+    }
 }
 
 /// Whether `x` is a tensor the fused kernels serve: f32 on the CPU backend (with or without
@@ -87,29 +154,71 @@ pub fn fused_gelu_new<const N: usize>(x: Tensor<N>) -> Result<Tensor<N>, Tensor<
     Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::gelu_new(x.into_dispatch())))
 }
 
+/// Softmax over the last dimension in one fused pass per row (with its fused backward under
+/// autodiff), or `x` back when it is not an f32 tensor on the CPU backend.
+pub fn fused_softmax_last<const N: usize>(x: Tensor<N>) -> Result<Tensor<N>, Tensor<N>> {
+    if !served(&x) {
+        return Err(x);
+    }
+    Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::softmax_last(x.into_dispatch())))
+}
+
+/// Log-softmax over the last dimension, as [`fused_softmax_last`].
+pub fn fused_log_softmax_last<const N: usize>(x: Tensor<N>) -> Result<Tensor<N>, Tensor<N>> {
+    if !served(&x) {
+        return Err(x);
+    }
+    Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::log_softmax_last(x.into_dispatch())))
+}
+
+/// Softmax over the last dimension: fused on the CPU, burn's op elsewhere.
+pub fn softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
+    fused_softmax_last(x).unwrap_or_else(|x| burn::tensor::activation::softmax(x, N - 1))
+}
+
+/// Log-softmax over the last dimension: fused on the CPU, burn's op elsewhere.
+pub fn log_softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
+    fused_log_softmax_last(x).unwrap_or_else(|x| burn::tensor::activation::log_softmax(x, N - 1))
+}
+
+/// Applies `kernel(row, grad_row, out_row)` to every row (last dimension) of `x`, rows split
+/// into parallel chunks.
+fn map_rows(x: &FlexTensor, grad: Option<&FlexTensor>, kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync) -> FlexTensor {
+    let width = x.layout().shape().as_slice().last().copied().unwrap_or(1).max(1);
+    let rows_per_chunk = (CHUNK / width).max(1);
+    map(x, grad, |x, grad, out| {
+        // `map` hands over whole chunks of CHUNK elements; rows must not straddle them, so the
+        // row loop runs inside a chunk of whole rows.
+        for (i, (x, out)) in x.chunks(width).zip(out.chunks_mut(width)).enumerate() {
+            kernel(x, grad.map(|g| &g[i * width..(i + 1) * width]), out);
+        }
+    }, rows_per_chunk * width)
+}
+
 /// Applies `kernel(x, grad, out)` over contiguous copies of `x` (and `grad`) in parallel chunks.
-fn map(x: &FlexTensor, grad: Option<&FlexTensor>, kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync) -> FlexTensor {
+fn map(x: &FlexTensor, grad: Option<&FlexTensor>, kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync, chunk: usize) -> FlexTensor {
     let x = x.to_contiguous();
     let grad = grad.map(FlexTensor::to_contiguous);
     let shape = x.layout().shape().clone();
     let input = x.as_slice::<f32>().expect("contiguous f32");
     let grad = grad.as_ref().map(|g| g.as_slice::<f32>().expect("contiguous f32"));
     let mut out = vec![0.0f32; input.len()];
-    if input.len() <= CHUNK {
+    if input.len() <= chunk {
         kernel(input, grad, &mut out);
     } else {
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
-            let range = i * CHUNK..i * CHUNK + out.len();
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
+            let range = i * chunk..i * chunk + out.len();
             kernel(&input[range.clone()], grad.map(|g| &g[range]), out);
         });
     }
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-/// e^x for x in about [-87, 88] (clamped outside), Cephes' `expf` polynomial: relative error
-/// about 2e-7, branch-free so that loops over it vectorise.
+/// e^x, Cephes' `expf` polynomial: relative error about 2e-7 on [-87, 88], 0 below (where e^x
+/// is subnormal, and for -inf), e^88 above; branch-free so that loops over it vectorise.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -120,7 +229,11 @@ fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 5.000_000_1e-1);
     let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits((((n as i32) + 127) as u32) << 23)
+    // SAFETY: n is an integer in [-126, 127] after the clamp, so the conversion is exact (and
+    // compiles to one vector instruction, where `as` adds saturation checks).
+    let exponent = unsafe { n.to_int_unchecked::<i32>() } + 127;
+    let value = y * f32::from_bits((exponent as u32) << 23);
+    if underflow { 0.0 } else { value }
 }
 
 #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
@@ -139,18 +252,89 @@ fn gelu_new_backward_slice(x: &[f32], grad: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Eight-lane accumulation, so that reductions vectorise (a plain float sum is sequential).
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, combine: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = combine(*lane, v);
+        }
+    }
+    rest.iter().fold(lanes.into_iter().fold(init, &combine), |a, &v| combine(a, v))
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    reduce(x, 0.0, |a, b| a + b)
+}
+
+/// Largest element, -inf for an empty row.
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    reduce(x, f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_row(x: &[f32], out: &mut [f32]) {
+    // A row of -inf (fully masked) has no finite maximum: shift by 0 and give zeros.
+    let max = row_max(x);
+    let shift = if max.is_finite() { max } else { 0.0 };
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = exp(x - shift);
+    }
+    let total = sum(out);
+    let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+    out.iter_mut().for_each(|o| *o *= scale);
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_backward_row(y: &[f32], grad: &[f32], out: &mut [f32]) {
+    for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+        *o = y * g;
+    }
+    let dot = sum(out);
+    for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+        *o = y * (g - dot);
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn log_softmax_row(x: &[f32], out: &mut [f32]) {
+    let max = row_max(x);
+    let shift = if max.is_finite() { max } else { 0.0 };
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = exp(x - shift);
+    }
+    let log_sum = shift + sum(out).ln();
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = x - log_sum;
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn log_softmax_backward_row(y: &[f32], grad: &[f32], out: &mut [f32]) {
+    let total = sum(grad);
+    for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+        *o = g - exp(y) * total;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn exp_is_accurate_over_the_range_sigmoid_uses() {
+    fn exp_is_accurate_over_its_range_and_zero_below() {
         for i in -870..=880 {
             let x = i as f32 * 0.1;
             let (got, want) = (f64::from(exp(x)), f64::from(x).exp());
             assert!(((got - want) / want).abs() < 5e-7, "exp({x}) = {got}, expected {want}");
         }
-        assert_eq!(exp(-1000.0), exp(-87.0));
+        assert_eq!((exp(-1000.0), exp(f32::NEG_INFINITY)), (0.0, 0.0));
+        assert!(exp(1000.0).is_finite());
     }
 
     #[test]
@@ -172,6 +356,45 @@ mod tests {
         };
         close(fused, composed, "values");
         close(fused_input.grad(&fused_grads).unwrap(), composed_input.grad(&composed_grads).unwrap(), "gradients");
+    }
+
+    /// Fused and burn's softmax / log-softmax agree in values and gradients, on rows with
+    /// masked (-inf) entries too.
+    #[test]
+    fn fused_softmaxes_match_burns() {
+        let device = Device::flex().autodiff();
+        let (rows, width) = (300, 70);
+        let values: Vec<f32> = (0..rows * width)
+            .map(|i| if i % 11 == 3 { f32::NEG_INFINITY } else { ((i * 37 % 101) as f32 - 50.0) * 0.13 })
+            .collect();
+        let x = || Tensor::<2>::from_data(TensorData::new(values.clone(), [rows, width]), &device).require_grad();
+        let weights = Tensor::<2>::from_data(TensorData::new((0..rows * width).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), [rows, width]), &device);
+        let close = |a: Tensor<2>, b: Tensor<2>, what: &str| {
+            let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+            let worst = a.iter().zip(&b).map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / (1.0 + b.abs()) }).fold(0.0f32, f32::max);
+            assert!(worst < 2e-6, "{what}: worst relative difference {worst}");
+        };
+        type Op = fn(Tensor<2>) -> Tensor<2>;
+        let cases: [(&str, Op, Op); 2] = [
+            ("softmax", |x| fused_softmax_last(x).unwrap(), |x| burn::tensor::activation::softmax(x, 1)),
+            ("log_softmax", |x| fused_log_softmax_last(x).unwrap(), |x| burn::tensor::activation::log_softmax(x, 1)),
+        ];
+        for (name, fused, reference) in cases {
+            let (a, b) = (x(), x());
+            let (fa, rb) = (fused(a.clone()), reference(b.clone()));
+            // Masked entries: probability exactly 0 (log-probability -inf).
+            let masked = fa.clone().into_data().try_to_vec::<f32>().unwrap()[3];
+            assert!(masked == 0.0 || masked == f32::NEG_INFINITY, "{name}: masked entry {masked}");
+            // Gradients through finite outputs only (log-softmax is -inf where masked).
+            let finite = |t: Tensor<2>| t.clone().mask_fill(t.is_inf(), 0.0);
+            let ga = (finite(fa.clone()) * weights.clone()).sum().backward();
+            let gb = (finite(rb.clone()) * weights.clone()).sum().backward();
+            close(finite(fa), finite(rb), name);
+            close(a.grad(&ga).unwrap(), b.grad(&gb).unwrap(), name);
+        }
+        // A fully masked row gives zeros, not NaN.
+        let row = Tensor::<2>::from_data(TensorData::new(vec![f32::NEG_INFINITY; 4], [1, 4]), &Device::flex());
+        assert_eq!(fused_softmax_last(row).unwrap().into_data().try_to_vec::<f32>().unwrap(), vec![0.0; 4]);
     }
 
     #[test]

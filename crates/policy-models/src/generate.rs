@@ -3,7 +3,6 @@
 //!
 //! Legend: `B` batch, `P` padded prompt length, `N` new tokens, `V` vocabulary.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -326,7 +325,7 @@ pub fn log_probs_from_logits(logits: Tensor<3>, input: &StepInput, completion_le
     let vocab = logits.dims()[2];
     // The logits at position t predict token t + 1.
     let predicting = logits.slice([0..batch, total - completion_len - 1..total - 1, 0..vocab]) / temperature;
-    let log_probs = log_softmax(predicting, 2); // [B, N, V]
+    let log_probs = crate::fused::log_softmax_last(predicting); // [B, N, V]
     let targets: Vec<i64> = (0..batch)
         .flat_map(|b| input.input_ids[b * total + total - completion_len..(b + 1) * total].to_vec())
         .collect();

@@ -5,7 +5,7 @@
 //! Legend: `B` batch, `T` new positions in this step, `S` all key positions (cache + new),
 //! `H` query heads, `K` key/value heads, `D` head dimension, `C` model width.
 
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// One forward step's inputs, on the host. Sequences are left-padded: padding comes first and
@@ -113,7 +113,7 @@ pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Te
     // -inf, as no row is fully blocked: exp(-inf) is libm's fast path, where a large finite
     // value took its underflow path (errno and all) on half the scores of a causal mask.
     let scores = scores.mask_fill(blocked.expand([batch, kv_heads, group * queries, keys]), f32::NEG_INFINITY);
-    let weights = softmax(scores, 3);
+    let weights = crate::fused::softmax_last(scores);
     weights.matmul(value).reshape([batch, heads, queries, head_dim])
 }
 

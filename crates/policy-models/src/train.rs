@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -135,7 +134,7 @@ pub fn sft_loss_share(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64
     let targets: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [batch_size, length, 1]), &device);
     let weights: Vec<f32> = target_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
     let weights: Tensor<2> = Tensor::from_data(TensorData::new(weights, [batch_size, length]), &device);
-    let log_probs = log_softmax(logits, 2).gather(2, targets).reshape([batch_size, length]);
+    let log_probs = crate::fused::log_softmax_last(logits).gather(2, targets).reshape([batch_size, length]);
     -(log_probs * weights).sum() / total_tokens.max(1) as f32
 }
 
