@@ -1,11 +1,12 @@
-//! Fused CPU kernels through burn's backend-extension points: one pass over memory with a
-//! vectorised `exp` where burn's flex backend composes several tensor ops and calls libm's scalar
-//! `expf` per element (a perf profile of a supervised step put 15% of it in `__expf_fma`, most of
-//! that in `gelu_new`'s sigmoid).
+//! Fused CPU kernels through burn's backend-extension points: `gelu_new`, softmax and
+//! log-softmax, each one pass over memory (per row for the softmaxes) with a vectorised `exp`,
+//! where burn's flex backend composes several tensor ops (five for a softmax under autodiff) and
+//! calls libm's scalar `expf` per element (a perf profile of a supervised step put 15% of it in
+//! `__expf_fma`, most of that in `gelu_new`'s sigmoid).
 //!
-//! [`FusedOps`] is implemented for flex and for autodiff over it (with a hand-written backward),
-//! and only ever called on flex f32 tensors: [`fused_gelu_new`] hands other tensors back and the
-//! caller composes ordinary tensor ops (GPU backends fuse those themselves).
+//! [`FusedOps`] is implemented for flex and for autodiff over it (with hand-written backward
+//! passes), and only ever called on flex f32 tensors: the `fused_*` functions hand other tensors
+//! back and their callers use burn's ops (GPU backends fuse those themselves).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -291,23 +291,6 @@ impl NonFinite {
     }
 }
 
-/// One training update shared by every trainer: checks the loss, backpropagates, then
-/// [`apply_gradients`]. A non-finite loss leaves the model untouched and hands it back.
-pub fn backward_and_step<M: Module>(
-    model: M,
-    loss: Tensor<1>,
-    optimizer: &mut AdamW,
-    max_grad_norm: Option<f64>,
-    learning_rate: f64,
-) -> Result<(M, UpdateStats), (M, NonFinite)> {
-    let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-    if !loss_value.is_finite() {
-        return Err((model, NonFinite::Loss(loss_value)));
-    }
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    apply_gradients(model, grads, loss_value, optimizer, max_grad_norm, learning_rate)
-}
-
 /// Rows per shard below which a batch is not split across threads.
 pub const MIN_ROWS_PER_SHARD: usize = 2;
 
@@ -327,8 +310,8 @@ pub fn shard_ranges<M: Module>(model: &M, rows: usize) -> Vec<std::ops::Range<us
 /// training step as fast on one thread as on two); data parallelism over rows does. `shard_loss`
 /// gets the model and a row range and returns that shard's *share* of the loss (normalised by
 /// whole-batch totals, so the shares add up to the batch loss) and any per-shard statistics.
-/// Returns the loss, the summed gradients and the statistics in row order; a non-finite shard
-/// loss is reported before any backward pass.
+/// Returns the loss, the summed gradients and the statistics in row order; a shard whose loss is
+/// not finite skips its backward pass and the call reports it (no gradients are returned).
 pub fn sharded_backward<M, T, F>(model: &M, rows: usize, shard_loss: F) -> Result<(f64, GradientsParams, Vec<T>), NonFinite>
 where
     M: Module + Sync,
