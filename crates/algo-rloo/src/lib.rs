@@ -151,7 +151,7 @@ impl RlAlgorithm for Rloo {
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
         metrics.insert("reward_std".to_string(), mean_std(&scored.total).1);
         // 3. The REINFORCE loss over completion tokens, with the optional KL penalty.
-        let (_, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let completion_len = rollout.completion_len();
         let mask = rollout::loss_mask(&rollout, false, &device);
         let count = rollout.len();
         let advantages = Tensor::<1>::from_data(TensorData::new(advantages, [count]), &device).reshape([count, 1]);
