@@ -273,8 +273,8 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
     let weights: Vec<f64> = logits.iter().map(|&v| (f64::from(v - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
     let keep_at_most = top_k.unwrap_or(weights.len()).clamp(1, weights.len());
-    // Select the best `wanted` tokens without sorting the whole vocabulary; widen until the
-    // kept probability reaches top_p or top_k is met.
+    // Select the best 64 tokens without sorting the whole vocabulary; when they do not reach
+    // top_p (a flat distribution), sort them all (an intermediate width only added a sort).
     let mut wanted = keep_at_most.min(64);
     loop {
         let mut order: Vec<usize> = (0..weights.len()).collect();
@@ -295,7 +295,7 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
         if wanted >= keep_at_most {
             return kept;
         }
-        wanted = (wanted * 4).min(keep_at_most);
+        wanted = keep_at_most;
     }
 }
 
