@@ -6,7 +6,7 @@ is also scored on training questions with fresh corruptions (memorisation shows 
 Runs (d=64, 2 layers, batch 32, lr 1e-3; held-out overall / wrong answer / corrupted step):
 
     --fresh --dropout 0 --steps 8000                        82.7% / 95% / 49%
-    --fresh --aug-ops 3 --dropout 0 --steps 6000            77%   / 59% / 59%  (up to 3 operations)
+    --fresh --aug-ops 3 --dropout 0 --steps 6000            77%   / 59% / 59%  at 4000 steps (up to 3 operations)
     --fresh --mlm-steps 3000 --dropout 0 --steps 3000       84-85% / 95% / 53-57% (train questions: 84%)
     --fresh --no-question --dropout 0 --steps 4000          78%   / 69% / 55%  (train questions: 71%)
     --fresh --num-tokens --dropout 0 --steps 4000           68% at 2000 steps (whole numbers as tokens)
