@@ -19,11 +19,15 @@ single tokens.
 
     python tools/research/reward_model_probe_variants.py --fresh --mlm-steps 3000 --dropout 0 --steps 3000 --threads 2
 """
-import argparse, math, random, re, time
+import argparse, math, os, random, re, sys, time
 import torch
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaForMaskedLM
 
-MAX_OPS = 2
+# The task itself (problems, solution text, corruptions, tokens) is the base probe's.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reward_model_probe as base
+from reward_model_probe import corrupt, nearby, text
+
 def problem(rng, max_ops=None):
     if max_ops and max_ops > 2:
         n = rng.randint(1, max_ops)
@@ -41,45 +45,7 @@ def problem(rng, max_ops=None):
                     steps.append((c, o2, r, r2)); q = f"{c} {o2} ({q})"
                 r = r2
             return f"What is {q}?", steps, r
-    ops = rng.randint(1, 2)
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
-    o1 = rng.choice("+-")
-    r1 = a + b if o1 == "+" else a - b
-    if ops == 1:
-        return f"What is {a} {o1} {b}?", [(a, o1, b, r1)], r1
-    c, o2 = rng.randint(1, 9), rng.choice("+-")
-    if rng.random() < 0.5:  # (a o1 b) o2 c
-        r2 = r1 + c if o2 == "+" else r1 - c
-        return f"What is {a} {o1} {b} {o2} {c}?", [(a, o1, b, r1), (r1, o2, c, r2)], r2
-    # c o2 (a o1 b)
-    r2 = c + r1 if o2 == "+" else c - r1
-    return f"What is {c} {o2} ({a} {o1} {b})?", [(a, o1, b, r1), (c, o2, r1, r2)], r2
-
-def text(steps, answer, ending="marker"):
-    body = "\n".join(f"{x} {o} {y} = {z}" for x, o, y, z in steps)
-    tail = {"marker": f"\n#### {answer}", "free": f"\nThe answer is {answer}.", "none": ""}[ending]
-    return "A: Let's break it down.\n" + body + tail
-
-def nearby(rng, v):
-    while True:
-        d = rng.randint(-5, 5)
-        if d:
-            return v + d
-
-def corrupt(rng, steps):
-    k = rng.randrange(len(steps))
-    out = list(steps)
-    x, o, y, z = out[k]
-    wrong = nearby(rng, z)
-    out[k] = (x, o, y, wrong)
-    repl = {z: wrong}
-    for j in range(k + 1, len(out)):
-        x, o, y, z = out[j]
-        x2, y2 = repl.get(x, x), repl.get(y, y)
-        z2 = x2 + y2 if o == "+" else x2 - y2
-        out[j] = (x2, o, y2, z2)
-        repl[z] = z2
-    return out, out[-1][3]
+    return base.problem(rng)
 
 def fresh(rng, n, train_q, test_q=None, max_ops=None):
     out = []
@@ -105,7 +71,7 @@ def pairs(rng, n, per, max_ops=None):
             result.append((q, chosen, rejected, kind))
     return result
 
-TOKEN = re.compile(r"\d|[A-Za-z]+|\n|[^\sA-Za-z\d]")
+TOKEN = base.TOKEN
 NUMTOKEN = re.compile(r"(?<![\d)])-?\d+|[A-Za-z]+|\n|[^\sA-Za-z\d]")
 
 def main():

@@ -1,11 +1,12 @@
 //! RLOO raises a tiny random policy's reward well above chance on a toy reward within a few
-//! dozen steps, driven only through the plug-in trait and its registry entry.
+//! dozen steps, driven only through the plug-in trait and its registry entry; and every
+//! registered algorithm's update is the same on one thread and on three.
 
 use burn::tensor::Device;
 use policy_models::gpt_neo::{AttentionKind, GptNeoConfig};
-use policy_models::{CausalLm, ModelConfig};
+use policy_models::{CausalLm, ModelConfig, StepInput};
 use rl_algos::rewards::{RewardFunction, RewardInput, WeightedRewards};
-use rl_algos::{AlgorithmInputs, Environment, OptimSettings, PromptItem};
+use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem};
 
 /// Share of completion tokens equal to "7" (chance 1/16).
 struct TargetShare;
@@ -17,19 +18,23 @@ impl RewardFunction for TargetShare {
 
     fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
         batch
-            .iter()
-            .map(|input| {
-                let tokens: Vec<&str> = input.completion.split_whitespace().collect();
-                tokens.iter().filter(|t| **t == "7").count() as f32 / tokens.len().max(1) as f32
-            })
-            .collect()
+        .iter()
+        .map(|input| {
+            let tokens: Vec<&str> = input.completion.split_whitespace().collect();
+            tokens.iter().filter(|t| **t == "7").count() as f32 / tokens.len().max(1) as f32
+        })
+        .collect()
     }
 }
 
-#[test]
-fn rloo_through_its_registry_entry_raises_the_reward() {
-    let device = Device::flex().autodiff();
-    device.seed(0);
+/// burn's parameter initialisation draws from a process-wide generator: the tests take turns
+/// seeding it, so each starts from the same weights every run.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The tiny GPT-Neo every test here starts from, initialised from `seed`.
+fn seeded_policy(seed: u64, device: &Device) -> CausalLm {
+    let _turn = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
     let config = ModelConfig::GptNeo(GptNeoConfig {
         vocab_size: 16,
         max_position_embeddings: 32,
@@ -45,8 +50,14 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
         eos_token_id: None,
         initializer_range: 0.02,
     });
+    CausalLm::init(&config, device).unwrap()
+}
+
+#[test]
+fn rloo_through_its_registry_entry_raises_the_reward() {
+    let device = Device::flex().autodiff();
     let inputs = AlgorithmInputs {
-        policy: CausalLm::init(&config, &device).unwrap(),
+        policy: seeded_policy(0, &device),
         config: serde_json::json!({ "num_generations": 8, "max_completion_length": 4 }),
         optim: OptimSettings { learning_rate: 1e-2, total_steps: 40, ..OptimSettings::default() },
         seed: 0,
@@ -63,4 +74,59 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
     println!("RLOO toy reward: {first:.3} -> {last:.3} (chance 0.062)");
     assert!(last > 0.5 && last > first + 0.3, "reward {first:.3} -> {last:.3}");
     assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "num_generations": 1 })).unwrap_err().contains("num_generations = 1"));
+}
+
+fn step_with_threads(entry: &AlgorithmEntry, config: &serde_json::Value, start: &std::path::Path, threads: usize) -> (Vec<f32>, Metrics) {
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    // Prompts of different lengths, so shards pad differently from the whole batch.
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem { prompt_ids: (0..2 + i as i64).map(|t| 2 + t).collect(), prompt_text: format!("p{i}"), answer: "7".to_string() })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let inputs = AlgorithmInputs {
+        policy: CausalLm::load_dir(start, &device).unwrap(),
+        config: config.clone(),
+        optim: OptimSettings { learning_rate: 1e-2, total_steps: 2, warmup_ratio: 0.0, ..OptimSettings::default() },
+        seed: 4,
+        };
+        let mut algorithm = (entry.build)(inputs).unwrap();
+        let metrics = algorithm.train_step(&prompts, &environment).unwrap();
+        let probe = StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+        let policy = algorithm.policy();
+        (policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap(), metrics)
+    })
+}
+
+/// Every registered algorithm's update is independent of the number of threads: on the CPU a
+/// training batch runs as one shard of rows per thread (`policy_models::optim::sharded_backward`),
+/// and rollouts as one sub-batch per thread, yet one thread and three give the same step. (Here
+/// because this crate sees all three algorithms: GRPO and PPO from rl-algos, and RLOO.)
+#[test]
+fn one_thread_and_three_give_the_same_update() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    seeded_policy(1, &device).save_dir(dir.path(), None).unwrap();
+    let cases = [
+        (rl_algos::grpo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 })),
+        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 })),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
+    ];
+    for (entry, config) in cases {
+        let (one, metrics_one) = step_with_threads(&entry, &config, dir.path(), 1);
+        let (three, metrics_three) = step_with_threads(&entry, &config, dir.path(), 3);
+        let worst = one.iter().zip(&three).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{}: logits after one step differ by {worst}", entry.name);
+        assert_eq!(metrics_one["reward"], metrics_three["reward"], "{}: the rollouts differ", entry.name);
+        for (name, value) in &metrics_one {
+        if name.contains("time") || name.contains("per_second") {
+            continue;
+        }
+        let other = metrics_three[name];
+        assert!((value - other).abs() <= 1e-4 * (1.0 + value.abs()), "{}: {name} {value} with one thread, {other} with three", entry.name);
+        }
+    }
 }
