@@ -260,13 +260,14 @@ impl Decoder {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T, V]
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.logits_cached(hidden, &KvCache::default())
+    }
+
+    /// [`Decoder::logits`], through `cache`'s packed weights in decoding steps.
+    pub fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [batch, length, width] = hidden.dims();
-                let head = self.embed_tokens.weight.val().transpose(); // [C, V]
-                hidden.reshape([batch * length, width]).matmul(head).reshape([batch, length, self.spec.vocab_size])
-            }
+            Some(head) => cache.linear(head, hidden),
+            None => cache.tied_head(hidden, self.embed_tokens.weight.id, || self.embed_tokens.weight.val()),
         }
     }
 }
@@ -287,9 +288,9 @@ impl DecoderLayer {
         let head_dim = spec.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2);
         let normed = self.input_layernorm.forward(x.clone());
-        let query = split(self.q_proj.forward(normed.clone()), spec.num_heads); // [B, H, T, D]
-        let key = split(self.k_proj.forward(normed.clone()), spec.num_kv_heads); // [B, K, T, D]
-        let value = split(self.v_proj.forward(normed), spec.num_kv_heads);
+        let query = split(cache.linear(&self.q_proj, normed.clone()), spec.num_heads); // [B, H, T, D]
+        let key = split(cache.linear(&self.k_proj, normed.clone()), spec.num_kv_heads); // [B, K, T, D]
+        let value = split(cache.linear(&self.v_proj, normed), spec.num_kv_heads);
         let query = Rope::apply(query, cos.clone(), sin.clone());
         let key = Rope::apply(key, cos, sin);
         let (key, value) = cache.append(index, key, value);
@@ -297,9 +298,9 @@ impl DecoderLayer {
         let attended = attention(query, key, value, blocked, scale) // [B, H, T, D]
             .swap_dims(1, 2)
             .reshape([batch, length, spec.num_heads * head_dim]);
-        let x = x + self.o_proj.forward(attended);
+        let x = x + cache.linear(&self.o_proj, attended);
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let mlp = self.down_proj.forward(silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed));
+        let mlp = cache.linear(&self.down_proj, silu(cache.linear(&self.gate_proj, normed.clone())) * cache.linear(&self.up_proj, normed));
         debug_assert_eq!(mlp.dims()[2], width);
         x + mlp
     }

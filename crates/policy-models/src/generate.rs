@@ -3,12 +3,14 @@
 //!
 //! Legend: `B` batch, `P` padded prompt length, `N` new tokens, `V` vocabulary.
 
+use std::sync::Arc;
+
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::StepInput;
+use crate::layers::{PackedWeights, StepInput};
 use crate::model::CausalLm;
 
 /// How the next token is chosen.
@@ -98,15 +100,18 @@ pub fn generate(
     use rayon::prelude::*;
     let batch = prompts.len();
     let parts = rayon::current_num_threads().min(batch / MIN_ROWS_PER_THREAD).max(1);
-    // GPU backends batch rows themselves: only the CPU backend gets one sub-batch per thread.
-    if parts == 1 || model.devices().first().is_some_and(|device| *device != burn::tensor::Device::flex()) {
-        return generate_rows(model, prompts, 0, config, stop_strings, decode);
+    // The CPU backend decodes through packed weights (one copy for all threads), one sub-batch
+    // per thread; GPU backends batch rows themselves.
+    let cpu = model.devices().first().is_none_or(|device| *device == burn::tensor::Device::flex());
+    let packed = cpu.then(|| Arc::new(PackedWeights::default()));
+    if parts == 1 || !cpu {
+        return generate_rows(model, prompts, 0, config, stop_strings, decode, packed);
     }
     let size = batch.div_ceil(parts);
     let pieces: Vec<Generation> = prompts
         .par_chunks(size)
         .enumerate()
-        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode))
+        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode, packed.clone()))
         .collect();
     let mut completion_ids = Vec::with_capacity(batch);
     let mut log_probs = Vec::with_capacity(batch);
@@ -130,6 +135,7 @@ fn generate_rows(
     config: &GenerationConfig,
     stop_strings: &[String],
     decode: Option<Decode<'_>>,
+    packed: Option<Arc<PackedWeights>>,
 ) -> Generation {
     let batch = prompts.len();
     let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -157,6 +163,9 @@ fn generate_rows(
         .collect();
     let mut real_counts: Vec<i64> = prompts.iter().map(|prompt| prompt.len() as i64).collect();
     let mut cache = model.new_cache();
+    if let Some(packed) = packed {
+        cache = cache.with_packed_weights(packed);
+    }
     let logits = model.forward(&StepInput::from_padded(&padded, &key_mask), &mut cache); // [B, P, V]
     let [_, _, vocab] = logits.dims();
     let mut last = logits.slice([0..batch, prompt_len - 1..prompt_len, 0..vocab]);

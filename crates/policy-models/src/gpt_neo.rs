@@ -266,9 +266,12 @@ impl GptNeo {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T, V]
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let [batch, length, width] = hidden.dims();
-        let head = self.wte.weight.val().transpose(); // [C, V]
-        hidden.reshape([batch * length, width]).matmul(head).reshape([batch, length, self.config.vocab_size])
+        self.logits_cached(hidden, &KvCache::default())
+    }
+
+    /// [`GptNeo::logits`], through `cache`'s packed weights in decoding steps.
+    pub fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
+        cache.tied_head(hidden, self.wte.weight.id, || self.wte.weight.val())
     }
 }
 
@@ -281,15 +284,15 @@ impl GptNeoBlock {
         let head_dim = width / heads;
         let split = |t: Tensor<3>| t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2); // [B, H, T, D]
         let normed = self.ln_1.forward(x.clone());
-        let query = split(self.query.forward(normed.clone()));
-        let key = split(self.key.forward(normed.clone()));
-        let value = split(self.value.forward(normed));
+        let query = split(cache.linear(&self.query, normed.clone()));
+        let key = split(cache.linear(&self.key, normed.clone()));
+        let value = split(cache.linear(&self.value, normed));
         let (key, value) = cache.append(index, key, value);
         // GPT-Neo does not scale attention scores.
         let attended = attention(query, key, value, blocked, 1.0); // [B, H, T, D]
         let attended = attended.swap_dims(1, 2).reshape([batch, length, width]);
-        let x = x + self.out_proj.forward(attended);
-        let hidden = gelu_new(self.c_fc.forward(self.ln_2.forward(x.clone())));
-        x + self.c_proj.forward(hidden)
+        let x = x + cache.linear(&self.out_proj, attended);
+        let hidden = gelu_new(cache.linear(&self.c_fc, self.ln_2.forward(x.clone())));
+        x + cache.linear(&self.c_proj, hidden)
     }
 }

@@ -5,8 +5,13 @@
 //! Legend: `B` batch, `T` new positions in this step, `S` all key positions (cache + new),
 //! `H` query heads, `K` key/value heads, `D` head dimension, `C` model width.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::module::ParamId;
+use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 /// One forward step's inputs, on the host. Sequences are left-padded: padding comes first and
 /// `key_mask` marks it false.
@@ -235,12 +240,100 @@ pub struct LayerCache {
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    packed: Option<Arc<PackedWeights>>,
+}
+
+/// Most rows a linear layer sends through a packed weight: decoding steps (one new position per
+/// sequence). A prompt step's many rows go to gemm, which packs for itself.
+const MAX_PACKED_ROWS: usize = 64;
+
+/// Linear weights packed for decoding ([`crate::fused::pack_linear`]), each packed the first
+/// time a step uses it and shared by the threads of one generation. Valid only while the
+/// model's weights do not change: [`crate::generate::generate`] makes one per call.
+#[derive(Debug, Default)]
+pub struct PackedWeights {
+    weights: Mutex<HashMap<ParamId, Option<(Tensor<3>, usize)>>>,
+}
+
+impl PackedWeights {
+    /// The packed weight of parameter `id` and its output features, packing `weight` ([K, N],
+    /// or [N, K] when `transposed`) and `bias` on first use; `None` for weights the kernel does
+    /// not serve (not f32 on the plain CPU backend).
+    fn get(&self, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
+        let mut weights = self.weights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        weights
+            .entry(id)
+            .or_insert_with(|| {
+                let (weight, bias) = weight();
+                let device = weight.device();
+                if weight.dtype() != DType::F32 || device != Device::flex() || device.is_autodiff() {
+                    return None;
+                }
+                let [rows, columns] = weight.dims();
+                let (depth, features) = if transposed { (columns, rows) } else { (rows, columns) };
+                let values = weight.into_data().try_to_vec::<f32>().ok()?;
+                let bias = bias.and_then(|b| b.into_data().try_to_vec::<f32>().ok());
+                let packed = crate::fused::pack_linear(&values, depth, features, bias.as_deref(), transposed);
+                Some((Tensor::from_data(packed, &device), features))
+            })
+            .clone()
+    }
+
+    /// `x` [.., K] times the packed weight, narrowed to its `features` outputs.
+    fn apply<const D: usize>(x: Tensor<D>, (packed, features): &(Tensor<3>, usize)) -> Result<Tensor<D>, Tensor<D>> {
+        let y = crate::fused::fused_packed_linear(x, packed)?;
+        let padded = y.dims()[D - 1];
+        Ok(if padded == *features { y } else { y.narrow(D - 1, 0, *features) })
+    }
 }
 
 impl KvCache {
+    /// Sends this cache's decoding steps through `packed` (shared by the caches of one
+    /// generation's threads).
+    pub fn with_packed_weights(mut self, packed: Arc<PackedWeights>) -> Self {
+        self.packed = Some(packed);
+        self
+    }
+
+    /// The packed weights of `id` when this cache has packed weights and `x` is a decoding
+    /// step's few rows.
+    fn packed_for<const D: usize>(&self, x: &Tensor<D>, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
+        let packed = self.packed.as_ref()?;
+        let depth = x.dims()[D - 1].max(1);
+        if x.shape().num_elements() / depth > MAX_PACKED_ROWS {
+            return None;
+        }
+        packed.get(id, weight, transposed)
+    }
+
+    /// `linear.forward(x)`, through the packed weight in decoding steps (same values: one FMA
+    /// chain per output, then the bias).
+    pub fn linear<const D: usize>(&self, linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+        let weight = || (linear.weight.val(), linear.bias.as_ref().map(|bias| bias.val()));
+        match self.packed_for(&x, linear.weight.id, weight, false) {
+            Some(packed) => PackedWeights::apply(x, &packed).unwrap_or_else(|x| linear.forward(x)),
+            None => linear.forward(x),
+        }
+    }
+
+    /// `hidden` [B, T, C] times the transpose of the tied embedding table [V, C] (parameter
+    /// `id`): logits [B, T, V], through the packed table in decoding steps.
+    pub fn tied_head(&self, hidden: Tensor<3>, id: ParamId, table: impl Fn() -> Tensor<2>) -> Tensor<3> {
+        let unpacked = |hidden: Tensor<3>| {
+            let [batch, length, width] = hidden.dims();
+            let head = table().transpose(); // [C, V]
+            let vocab = head.dims()[1];
+            hidden.reshape([batch * length, width]).matmul(head).reshape([batch, length, vocab])
+        };
+        match self.packed_for(&hidden, id, || (table(), None), true) {
+            Some(packed) => PackedWeights::apply(hidden, &packed).unwrap_or_else(unpacked),
+            None => unpacked(hidden),
+        }
+    }
+
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![None; num_layers], packed: None }
     }
 
     /// Number of cached positions (0 when empty).

@@ -248,7 +248,12 @@ impl CausalLm {
     /// # Shapes
     /// - returns [B, T, V]
     pub fn forward(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
-        self.logits(self.hidden_states(input, cache))
+        let hidden = self.hidden_states(input, cache).cast(self.compute_dtype);
+        let logits = match &self.body {
+            Body::GptNeo(model) => model.logits_cached(hidden, cache),
+            Body::Decoder(model) => model.logits_cached(hidden, cache),
+        };
+        logits.cast(FloatDType::F32)
     }
 }
 
