@@ -263,7 +263,7 @@ impl Decoder {
         self.logits_cached(hidden, &KvCache::default())
     }
 
-    /// [`Decoder::logits`], through `cache`'s packed weights in decoding steps.
+    /// [`Decoder::logits`], through `cache`'s packed weights when it has them (generation).
     pub fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => cache.linear(head, hidden),

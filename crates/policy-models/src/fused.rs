@@ -13,9 +13,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
 /// Elements per parallel task: below this a tensor is processed on one thread.
@@ -43,6 +43,10 @@ pub trait FusedOps: Backend {
     /// `x` [.., K] times a weight packed by [`pack_linear`] ([S, K + 1, 16]: strips of 16
     /// output features, the bias last), giving [.., 16 S]. Inference only (no backward).
     fn packed_linear(x: FloatTensor<Self>, packed: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Attention of one new position per sequence over all keys: `query` [B, H, 1, D], `key`
+    /// and `value` [B, K, S, D] (any strides; query head h reads key/value head h / (H / K)),
+    /// `blocked` [B, 1, 1, S] true where masked → [B, H, 1, D]. Inference only.
+    fn decode_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, blocked: BoolTensor<Self>, scale: f32) -> FloatTensor<Self>;
 }
 
 impl FusedOps for Flex {
@@ -77,12 +81,92 @@ impl FusedOps for Flex {
         let [strips, packed_depth, lanes] = <[usize; 3]>::try_from(packed.layout().shape().as_slice()).expect("a packed weight [S, K + 1, 16]");
         assert!(packed_depth == depth + 1 && lanes == STRIP, "packed_linear: input depth {depth}, packed weight [{strips}, {packed_depth}, {lanes}]");
         let input = x.as_slice::<f32>().expect("contiguous f32");
-        let rows = if depth == 0 { 0 } else { input.len() / depth };
+        let rows = input.len().checked_div(depth).unwrap_or(0);
         let mut out = vec![0.0f32; rows * strips * STRIP];
         packed_linear_rows(input, rows, depth, packed.as_slice::<f32>().expect("contiguous f32"), strips, &mut out);
         *shape.last_mut().expect("rank at least 1") = strips * STRIP;
         FlexTensor::from_data(TensorData::new(out, shape))
     }
+
+    fn decode_attention(query: FlexTensor, key: FlexTensor, value: FlexTensor, blocked: FlexTensor, scale: f32) -> FlexTensor {
+        let query = query.to_contiguous();
+        let blocked = blocked.to_contiguous();
+        let dims = |t: &FlexTensor| <[usize; 4]>::try_from(t.layout().shape().as_slice()).expect("a rank-4 tensor");
+        let [batch, heads, queries, dim] = dims(&query);
+        let [_, kv_heads, keys, _] = dims(&key);
+        assert!(queries == 1 && dims(&key) == [batch, kv_heads, keys, dim] && dims(&value) == dims(&key), "decode_attention: shapes");
+        assert!(dims(&blocked) == [batch, 1, 1, keys], "decode_attention: mask shape");
+        let group = heads / kv_heads;
+        let q = query.as_slice::<f32>().expect("contiguous f32");
+        let mask = &blocked.storage::<u8>()[blocked.layout().start_offset()..];
+        // Rows of D must be contiguous in key and value; other strides are read as they are.
+        let (key, value) = (rows_contiguous(key), rows_contiguous(value));
+        let (ks, vs) = (key.layout().strides().to_vec(), value.layout().strides().to_vec());
+        let (k_data, v_data) = (&key.storage::<f32>()[key.layout().start_offset()..], &value.storage::<f32>()[value.layout().start_offset()..]);
+        let mut out = vec![0.0f32; batch * heads * dim];
+        let mut scores = vec![0.0f32; keys];
+        for b in 0..batch {
+            for h in 0..heads {
+                let kv = h / group;
+                let start = |strides: &[isize]| (b as isize * strides[0] + kv as isize * strides[1]) as usize;
+                attend(
+                    &q[(b * heads + h) * dim..][..dim],
+                    (&k_data[start(&ks)..], ks[2] as usize),
+                    (&v_data[start(&vs)..], vs[2] as usize),
+                    &mask[b * keys..][..keys],
+                    scale,
+                    &mut scores,
+                    &mut out[(b * heads + h) * dim..][..dim],
+                );
+            }
+        }
+        FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, dim]))
+    }
+}
+
+/// `t` with unit stride in its last dimension and no negative strides (a copy only when not).
+fn rows_contiguous(t: FlexTensor) -> FlexTensor {
+    let strides = t.layout().strides();
+    if strides.last() == Some(&1) && strides.iter().all(|s| *s >= 0) { t } else { t.to_contiguous() }
+}
+
+/// One query head's attention: scores of `q` against each unmasked key (rows of `keys` at
+/// `stride`), softmax, and the weighted sum of the value rows into `out`.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn attend(q: &[f32], (keys, k_stride): (&[f32], usize), (values, v_stride): (&[f32], usize), blocked: &[u8], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let dim = q.len();
+    for (s, score) in scores.iter_mut().enumerate() {
+        *score = if blocked[s] != 0 { f32::NEG_INFINITY } else { dot(q, &keys[s * k_stride..][..dim]) * scale };
+    }
+    let max = row_max(scores);
+    let shift = if max.is_finite() { max } else { 0.0 };
+    for v in scores.iter_mut() {
+        *v = exp(*v - shift);
+    }
+    let total = sum(scores);
+    let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
+    for (s, &weight) in scores.iter().enumerate() {
+        if weight != 0.0 {
+            let weight = weight * norm;
+            for (o, &v) in out.iter_mut().zip(&values[s * v_stride..][..dim]) {
+                *o = weight.mul_add(v, *o);
+            }
+        }
+    }
+}
+
+/// Eight-lane dot product (vectorises; a plain float sum is sequential).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..8 {
+            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// An autodiff node for a fused op whose backward needs only its output.
@@ -158,6 +242,10 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn packed_linear(_x: FloatTensor<Self>, _packed: FloatTensor<Self>) -> FloatTensor<Self> {
         unimplemented!("packed weights are for inference: `fused_packed_linear` never sends autodiff tensors")
+    }
+
+    fn decode_attention(_q: FloatTensor<Self>, _k: FloatTensor<Self>, _v: FloatTensor<Self>, _blocked: BoolTensor<Self>, _scale: f32) -> FloatTensor<Self> {
+        unimplemented!("decode attention is for inference: `fused_decode_attention` never sends autodiff tensors")
     }
 }
 
@@ -245,8 +333,39 @@ pub fn fused_packed_linear<const N: usize>(x: Tensor<N>, packed: &Tensor<3>) -> 
     Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::packed_linear(x.into_dispatch(), packed.clone().into_dispatch())))
 }
 
-/// out[r, 16 s + j] = Σ_k x[r, k] w_s[k, j] + w_s[K, j] for every row `r` and strip `s`.
+/// Attention of one new position per sequence over the cached keys and values (see
+/// [`FusedOps::decode_attention`]), or the query back when the tensors are not f32 on the plain
+/// CPU backend or there is more than one query position.
+pub fn fused_decode_attention(query: Tensor<4>, key: &Tensor<4>, value: &Tensor<4>, blocked: &Tensor<4, Bool>, scale: f32) -> Result<Tensor<4>, Tensor<4>> {
+    let plain = |t: &Tensor<4>| served(t) && !t.device().is_autodiff();
+    if query.dims()[2] != 1 || !plain(&query) || !plain(key) || !plain(value) {
+        return Err(query);
+    }
+    Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::decode_attention(
+        query.into_dispatch(),
+        key.clone().into_dispatch(),
+        value.clone().into_dispatch(),
+        blocked.clone().into_dispatch(),
+        scale,
+    )))
+}
+
+/// Rows per parallel task of a large packed product (a multiple of the kernel's six).
+const PACKED_ROWS_PER_TASK: usize = 96;
+
+/// out[r, 16 s + j] = Σ_k x[r, k] w_s[k, j] + w_s[K, j] for every row `r` and strip `s`; many
+/// rows (a prompt step) are split into parallel tasks of [`PACKED_ROWS_PER_TASK`] rows.
 fn packed_linear_rows(x: &[f32], rows: usize, depth: usize, packed: &[f32], strips: usize, out: &mut [f32]) {
+    let width = strips * STRIP;
+    if rows <= PACKED_ROWS_PER_TASK || depth == 0 {
+        return packed_linear_block(x, rows, depth, packed, strips, out);
+    }
+    out.par_chunks_mut(PACKED_ROWS_PER_TASK * width).zip(x.par_chunks(PACKED_ROWS_PER_TASK * depth)).for_each(|(out, x)| {
+        packed_linear_block(x, x.len() / depth, depth, packed, strips, out);
+    });
+}
+
+fn packed_linear_block(x: &[f32], rows: usize, depth: usize, packed: &[f32], strips: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA (checked above); the slices have the sizes the
@@ -579,6 +698,27 @@ mod tests {
         // Autodiff tensors are handed back (the kernel has no backward pass).
         let x = Tensor::<2>::zeros([2, depth], &device.clone().autodiff());
         assert!(fused_packed_linear(x, &packed).is_err());
+    }
+
+    /// The fused decoding attention gives what the composed ops give, with grouped key/value
+    /// heads, masked keys and keys read through a narrowed (strided) cache buffer.
+    #[test]
+    fn decode_attention_matches_the_composed_ops() {
+        let device = Device::flex();
+        let (batch, heads, kv_heads, keys, dim, capacity) = (3, 4, 2, 7, 12, 10);
+        let values = |n: usize, seed: usize| (0..n).map(|i| ((i * seed % 41) as f32 - 20.0) * 0.05).collect::<Vec<_>>();
+        let query = Tensor::<4>::from_data(TensorData::new(values(batch * heads * dim, 7), [batch, heads, 1, dim]), &device);
+        let buffer = |seed| Tensor::<4>::from_data(TensorData::new(values(batch * kv_heads * capacity * dim, seed), [batch, kv_heads, capacity, dim]), &device);
+        let (key, value) = (buffer(11).narrow(2, 0, keys), buffer(13).narrow(2, 0, keys));
+        let blocked: Vec<bool> = (0..batch * keys).map(|i| i % keys < i / keys || i % 5 == 4).collect();
+        let blocked = Tensor::<4, Bool>::from_data(TensorData::new(blocked, [batch, 1, 1, keys]), &device);
+        let fused = fused_decode_attention(query.clone(), &key, &value, &blocked, 0.3).unwrap();
+        // The composed path, as `layers::attention` computes it for several query positions.
+        let two = Tensor::cat(vec![query.clone(), query], 2);
+        let composed = crate::layers::attention(two, key, value, Tensor::cat(vec![blocked.clone(), blocked], 2), 0.3).narrow(2, 0, 1);
+        let (a, b) = (fused.into_data().try_to_vec::<f32>().unwrap(), composed.into_data().try_to_vec::<f32>().unwrap());
+        let worst = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "worst difference {worst}");
     }
 
     #[test]

@@ -291,7 +291,8 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
             order.select_nth_unstable_by(wanted - 1, |&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
             order.truncate(wanted);
         }
-        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        // A total order (ties by index), so the unstable sort gives the stable sort's order.
+        order.sort_unstable_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
         let mut kept = Vec::new();
         let mut mass = 0.0;
         for &index in &order {

@@ -269,7 +269,7 @@ impl GptNeo {
         self.logits_cached(hidden, &KvCache::default())
     }
 
-    /// [`GptNeo::logits`], through `cache`'s packed weights in decoding steps.
+    /// [`GptNeo::logits`], through `cache`'s packed weights when it has them (generation).
     pub fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
         cache.tied_head(hidden, self.wte.weight.id, || self.wte.weight.val())
     }

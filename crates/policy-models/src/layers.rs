@@ -106,6 +106,11 @@ impl StepInput {
 /// - `blocked`: [B, 1, T, S], true where a score is masked;
 /// - output: [B, H, T, D].
 pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+    // A decoding step (one query per sequence) on the CPU: one fused pass per head.
+    let query = match crate::fused::fused_decode_attention(query, &key, &value, &blocked, scale) {
+        Ok(attended) => return attended,
+        Err(query) => query,
+    };
     let [batch, heads, queries, head_dim] = query.dims();
     let kv_heads = key.dims()[1];
     let group = heads / kv_heads;
@@ -243,11 +248,7 @@ pub struct KvCache {
     packed: Option<Arc<PackedWeights>>,
 }
 
-/// Most rows a linear layer sends through a packed weight: decoding steps (one new position per
-/// sequence). A prompt step's many rows go to gemm, which packs for itself.
-const MAX_PACKED_ROWS: usize = 64;
-
-/// Linear weights packed for decoding ([`crate::fused::pack_linear`]), each packed the first
+/// Linear weights packed for generation ([`crate::fused::pack_linear`]), each packed the first
 /// time a step uses it and shared by the threads of one generation. Valid only while the
 /// model's weights do not change: [`crate::generate::generate`] makes one per call.
 #[derive(Debug, Default)]
@@ -288,36 +289,30 @@ impl PackedWeights {
 }
 
 impl KvCache {
-    /// Sends this cache's decoding steps through `packed` (shared by the caches of one
+    /// Sends this cache's linear layers through `packed` (shared by the caches of one
     /// generation's threads).
     pub fn with_packed_weights(mut self, packed: Arc<PackedWeights>) -> Self {
         self.packed = Some(packed);
         self
     }
 
-    /// The packed weights of `id` when this cache has packed weights and `x` is a decoding
-    /// step's few rows.
-    fn packed_for<const D: usize>(&self, x: &Tensor<D>, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
-        let packed = self.packed.as_ref()?;
-        let depth = x.dims()[D - 1].max(1);
-        if x.shape().num_elements() / depth > MAX_PACKED_ROWS {
-            return None;
-        }
-        packed.get(id, weight, transposed)
+    /// The packed weights of `id` when this cache has packed weights.
+    fn packed_for(&self, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
+        self.packed.as_ref()?.get(id, weight, transposed)
     }
 
-    /// `linear.forward(x)`, through the packed weight in decoding steps (same values: one FMA
+    /// `linear.forward(x)`, through the packed weight when this cache has them (same values: one FMA
     /// chain per output, then the bias).
     pub fn linear<const D: usize>(&self, linear: &Linear, x: Tensor<D>) -> Tensor<D> {
         let weight = || (linear.weight.val(), linear.bias.as_ref().map(|bias| bias.val()));
-        match self.packed_for(&x, linear.weight.id, weight, false) {
+        match self.packed_for(linear.weight.id, weight, false) {
             Some(packed) => PackedWeights::apply(x, &packed).unwrap_or_else(|x| linear.forward(x)),
             None => linear.forward(x),
         }
     }
 
     /// `hidden` [B, T, C] times the transpose of the tied embedding table [V, C] (parameter
-    /// `id`): logits [B, T, V], through the packed table in decoding steps.
+    /// `id`): logits [B, T, V], through the packed table when this cache has packed weights.
     pub fn tied_head(&self, hidden: Tensor<3>, id: ParamId, table: impl Fn() -> Tensor<2>) -> Tensor<3> {
         let unpacked = |hidden: Tensor<3>| {
             let [batch, length, width] = hidden.dims();
@@ -325,7 +320,7 @@ impl KvCache {
             let vocab = head.dims()[1];
             hidden.reshape([batch * length, width]).matmul(head).reshape([batch, length, vocab])
         };
-        match self.packed_for(&hidden, id, || (table(), None), true) {
+        match self.packed_for(id, || (table(), None), true) {
             Some(packed) => PackedWeights::apply(hidden, &packed).unwrap_or_else(unpacked),
             None => unpacked(hidden),
         }
