@@ -24,6 +24,9 @@ pub struct Args {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     learning_rate: f64,
+    /// Weight of the auxiliary token-level loss (0: pairwise loss only).
+    #[arg(long, default_value_t = 0.0)]
+    token_loss_weight: f64,
     /// Model width.
     #[arg(long, default_value_t = 64)]
     hidden_size: usize,
@@ -75,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
         warmup_steps: args.steps / 20,
+        token_loss_weight: args.token_loss_weight,
         seed: args.seed,
         ..RewardTrainingConfig::default()
     };
@@ -98,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("  {kind:?}: {:.1}% of {} pairs", by_kind.accuracy * 100.0, by_kind.pairs);
     }
     if let Some(out) = args.out {
-        trainer.model().save_dir(&out)?;
+        trainer.into_model().without_token_head().save_dir(&out)?;
         tokenizer.save(&out.join("tokenizer.json"))?;
         println!("saved to {}", out.display());
     }

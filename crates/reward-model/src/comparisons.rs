@@ -9,7 +9,13 @@
 //!
 //! Pairs are built from whichever split is given: training pairs from train, held-out pairs from
 //! test only. Generation is deterministic for a seed.
+//!
+//! A corrupted step or wrong answer also records where the error is (`rejected_error`, the
+//! bytes of the wrong number in `rejected`): token-level labels for the reward model's optional
+//! auxiliary loss ([`crate::train::RewardTrainingConfig::token_loss_weight`]), as process
+//! supervision labels the first wrong step.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use prompting::Template;
@@ -44,6 +50,10 @@ pub struct Comparison {
     pub rejected: String,
     /// How `rejected` was made.
     pub corruption: Corruption,
+    /// The bytes of `rejected` that hold the error: the wrong result of a corrupted step, or a
+    /// wrong final answer; `None` for a broken format and for policy samples.
+    #[serde(default)]
+    pub rejected_error: Option<Range<usize>>,
 }
 
 static STEP: LazyLock<Regex> =
@@ -61,8 +71,9 @@ fn nearby(rng: &mut ChaCha8Rng, value: i64) -> i64 {
 }
 
 /// Corrupts one step of an arithmetic solution (lines `a op b = c`) and propagates the error.
-/// Returns the new solution and answer, or `None` when no line has that form.
-pub fn corrupt_step(solution: &str, rng: &mut ChaCha8Rng) -> Option<(String, String)> {
+/// Returns the new solution, its answer and the index of the corrupted line, or `None` when no
+/// line has that form.
+pub fn corrupt_step(solution: &str, rng: &mut ChaCha8Rng) -> Option<(String, String, usize)> {
     let mut lines: Vec<String> = solution.lines().map(str::to_string).collect();
     let steps: Vec<usize> = (0..lines.len()).filter(|&i| STEP.is_match(&lines[i])).collect();
     if steps.is_empty() {
@@ -91,7 +102,19 @@ pub fn corrupt_step(solution: &str, rng: &mut ChaCha8Rng) -> Option<(String, Str
         replacements.push((previous, result));
     }
     let answer = lines.iter().rev().find_map(|line| STEP.captures(line).map(|c| c[4].to_string()))?;
-    Some((lines.join("\n"), answer))
+    Some((lines.join("\n"), answer, chosen))
+}
+
+/// The bytes of line `line`'s result (after its last `= `) where `solution` appears in
+/// `response`.
+fn result_range(response: &str, solution: &str, line: usize) -> Option<Range<usize>> {
+    let mut start = response.find(solution)?;
+    for text in solution.split('\n').take(line) {
+        start += text.len() + 1;
+    }
+    let text = solution.split('\n').nth(line)?;
+    let result = text.rfind("= ")? + 2;
+    Some(start + result..start + text.len())
 }
 
 /// Removes what the template's strict scoring reads: GSM8K's `#### N` line (dropped, or, every
@@ -122,23 +145,30 @@ pub fn build_comparisons(split: &SplitProblems, template: Template, per_problem:
             let spoiled = |answer: String, solution: String| Problem { answer, solution, ..problem.clone() };
             let (rejected, corruption) = match kind {
                 Corruption::CorruptedStep => match corrupt_step(&problem.solution, &mut rng) {
-                    Some((solution, answer)) if answer != problem.answer => {
-                        (template.response(&spoiled(answer, solution)), Corruption::CorruptedStep)
+                    Some((solution, answer, line)) if answer != problem.answer => {
+                        let rejected = template.response(&spoiled(answer, solution.clone()));
+                        let error = result_range(&rejected, &solution, line);
+                        ((rejected, error), Corruption::CorruptedStep)
                     }
                     _ => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
                 },
                 Corruption::WrongAnswer => (wrong_answer(template, problem, &mut rng), Corruption::WrongAnswer),
-                _ => (break_format(template, problem, &mut rng), Corruption::BrokenFormat),
+                _ => ((break_format(template, problem, &mut rng), None), Corruption::BrokenFormat),
             };
-            pairs.push(Comparison { prompt: problem.question.clone(), chosen: chosen.clone(), rejected, corruption });
+            let (rejected, rejected_error) = rejected;
+            pairs.push(Comparison { prompt: problem.question.clone(), chosen: chosen.clone(), rejected, corruption, rejected_error });
         }
     }
     pairs
 }
 
-fn wrong_answer(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> String {
+/// A correct derivation with a wrong final answer, and the bytes of that answer (its last
+/// occurrence: every template ends with the answer).
+fn wrong_answer(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> (String, Option<Range<usize>>) {
     let wrong = problem.answer.parse::<i64>().map(|value| nearby(rng, value).to_string()).unwrap_or_else(|_| format!("{}1", problem.answer));
-    template.response(&Problem { answer: wrong, ..problem.clone() })
+    let response = template.response(&Problem { answer: wrong.clone(), ..problem.clone() });
+    let error = response.rfind(&wrong).map(|start| start..start + wrong.len());
+    (response, error)
 }
 
 /// Pairs of a policy's own samples for one prompt: every (correct, incorrect) combination, up
@@ -153,6 +183,7 @@ pub fn policy_sample_pairs(prompt: &str, correct: &[String], incorrect: &[String
             chosen: chosen.clone(),
             rejected: rejected.clone(),
             corruption: Corruption::PolicySample,
+            rejected_error: None,
         })
         .collect()
 }
@@ -166,7 +197,7 @@ mod tests {
     fn a_corrupted_step_propagates_to_the_answer() {
         for seed in 0..20 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let (solution, answer) = corrupt_step("3 + 4 = 7\n7 * 5 = 35\n35 - 2 = 33", &mut rng).unwrap();
+            let (solution, answer, line) = corrupt_step("3 + 4 = 7\n7 * 5 = 35\n35 - 2 = 33", &mut rng).unwrap();
             // Exactly one step is computed wrongly; the others are consistent with it.
             let mut wrong_steps = 0;
             let mut last = None;
@@ -182,6 +213,13 @@ mod tests {
                 last = Some(r);
             }
             assert_eq!(wrong_steps, 1, "{solution}");
+            let corrupted = STEP.captures(solution.lines().nth(line).unwrap()).unwrap();
+            let computed: i64 = match &corrupted[2] {
+                "+" => corrupted[1].parse::<i64>().unwrap() + corrupted[3].parse::<i64>().unwrap(),
+                "-" => corrupted[1].parse::<i64>().unwrap() - corrupted[3].parse::<i64>().unwrap(),
+                _ => corrupted[1].parse::<i64>().unwrap() * corrupted[3].parse::<i64>().unwrap(),
+            };
+            assert_ne!(computed.to_string(), &corrupted[4], "line {line} is the wrong one: {solution}");
             assert_eq!(answer, last.unwrap().to_string());
             assert_ne!(answer, "33", "{solution}");
         }
@@ -202,6 +240,25 @@ mod tests {
             assert!(chosen.strict && !rejected.strict, "{pair:?}");
         }
         assert_eq!(pairs, build_comparisons(&task.train, Template::XmlReasoning, 3, 0), "deterministic");
+        // The recorded error is the wrong number: a step's wrong result (its line's operands
+        // give another value), or the final answer.
+        for template in [Template::Plain, Template::XmlReasoning] {
+            for pair in build_comparisons(&task.train, template, 3, 1) {
+                let Some(range) = pair.rejected_error.clone() else {
+                    assert!(pair.corruption == Corruption::BrokenFormat, "{pair:?}");
+                    continue;
+                };
+                let number: i64 = pair.rejected[range.clone()].parse().unwrap_or_else(|_| panic!("{:?} in {pair:?}", &pair.rejected[range.clone()]));
+                let line = pair.rejected[..range.end].lines().last().unwrap();
+                if pair.corruption == Corruption::CorruptedStep {
+                    let c = STEP.captures(line).unwrap_or_else(|| panic!("{line:?}"));
+                    let (a, b): (i64, i64) = (c[1].parse().unwrap(), c[3].parse().unwrap());
+                    assert_ne!(match &c[2] { "+" => a + b, "-" => a - b, _ => a * b }, number, "{pair:?}");
+                } else {
+                    assert!(pair.rejected[range.end..].chars().all(|c| !c.is_ascii_digit()), "the last number: {pair:?}");
+                }
+            }
+        }
         // Held-out pairs come from the test split's questions only.
         let held_out = build_comparisons(&task.test, Template::XmlReasoning, 1, 0);
         let train_questions: std::collections::HashSet<_> = task.train.problems.iter().map(|p| &p.question).collect();

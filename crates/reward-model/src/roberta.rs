@@ -147,6 +147,10 @@ pub struct RobertaRegressor {
     embeddings: Embeddings,
     layers: Vec<EncoderLayer>,
     head: RegressionHead,
+    /// Per-token error logits for the auxiliary training loss
+    /// ([`crate::train::RewardTrainingConfig::token_loss_weight`]); not part of the Hugging Face
+    /// model, saved as `cotlab.token_head` only while present (training checkpoints).
+    token_head: Option<Linear>,
     #[module(skip)]
     config: RobertaConfig,
 }
@@ -179,8 +183,30 @@ impl RobertaRegressor {
                 })
                 .collect(),
             head: RegressionHead { dense: linear(c, c), out_proj: linear(c, 1) },
+            token_head: None,
             config: config.clone(),
         }
+    }
+
+    /// Adds a freshly initialised token head (kept when it has one).
+    pub fn with_token_head(mut self) -> Self {
+        if self.token_head.is_none() {
+            let device = self.embeddings.word.weight.device();
+            let initializer = Initializer::Normal { mean: 0.0, std: self.config.initializer_range };
+            self.token_head = Some(LinearConfig::new(self.config.hidden_size, 1).with_initializer(initializer).init(&device));
+        }
+        self
+    }
+
+    /// Drops the token head: the plain `RobertaForSequenceClassification` that is saved for use.
+    pub fn without_token_head(mut self) -> Self {
+        self.token_head = None;
+        self
+    }
+
+    /// Whether the model has a token head.
+    pub fn has_token_head(&self) -> bool {
+        self.token_head.is_some()
     }
 
     /// Loads a checkpoint directory (`config.json` + safetensors); the regression head is read
@@ -234,8 +260,9 @@ impl RobertaRegressor {
         } else {
             (Self::init(&config, device).head, HeadSource::Initialised)
         };
+        let token_head = if weights.contains("cotlab.token_head.weight") { Some(weights.linear("cotlab.token_head", c, 1, true)?) } else { None };
         weights.finish()?;
-        Ok((Self { embeddings, layers, head, config }, source))
+        Ok((Self { embeddings, layers, head, token_head, config }, source))
     }
 
     /// Saves in the Hugging Face layout as a `RobertaForSequenceClassification` with one label.
@@ -260,6 +287,9 @@ impl RobertaRegressor {
         }
         writer.linear("classifier.dense", &self.head.dense);
         writer.linear("classifier.out_proj", &self.head.out_proj);
+        if let Some(token_head) = &self.token_head {
+            writer.linear("cotlab.token_head", token_head);
+        }
         writer.write(&dir.join("model.safetensors"))?;
         let mut config = serde_json::to_value(&self.config).expect("config serialises");
         config["model_type"] = "roberta".into();
@@ -280,6 +310,34 @@ impl RobertaRegressor {
     /// # Shapes
     /// - `input_ids`, `attention_mask`: [B][T] → scores [B]
     pub fn score(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<1> {
+        self.score_hidden(self.encode(input_ids, attention_mask))
+    }
+
+    /// The score of each row from its final hidden states (the head reads the first token).
+    ///
+    /// # Shapes
+    /// - `hidden`: [B, T, C] → [B]
+    pub fn score_hidden(&self, hidden: Tensor<3>) -> Tensor<1> {
+        let [batch, _, width] = hidden.dims();
+        let first = hidden.slice([0..batch, 0..1, 0..width]).reshape([batch, width]); // the <s> token
+        let hidden = self.head.dense.forward(first).tanh();
+        self.head.out_proj.forward(hidden).reshape([batch])
+    }
+
+    /// Per-token error logits from the final hidden states, when the model has a token head.
+    ///
+    /// # Shapes
+    /// - `hidden`: [B, T, C] → [B, T]
+    pub fn token_logits(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
+        let [batch, length, _] = hidden.dims();
+        self.token_head.as_ref().map(|head| head.forward(hidden).reshape([batch, length]))
+    }
+
+    /// Final hidden states of right-padded rows.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: [B][T] → [B, T, C]
+    pub fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
         let device = self.embeddings.word.weight.device();
         let batch = input_ids.len();
         let length = input_ids.first().map_or(0, Vec::len);
@@ -308,10 +366,7 @@ impl RobertaRegressor {
         for layer in &self.layers {
             x = layer.forward(x, blocked.clone(), self.config.num_attention_heads);
         }
-        let width = self.config.hidden_size;
-        let first = x.slice([0..batch, 0..1, 0..width]).reshape([batch, width]); // the <s> token
-        let hidden = self.head.dense.forward(first).tanh();
-        self.head.out_proj.forward(hidden).reshape([batch])
+        x
     }
 }
 

@@ -103,25 +103,74 @@ fn a_tiny_reward_model_ranks_held_out_pairs() {
 fn reward_model_training_resumes_exactly() {
     let device = Device::flex().autodiff();
     let setup = setup();
+    // Without and with the token loss (whose head and its optimizer moments the checkpoint
+    // must carry).
+    for token_loss_weight in [0.0, 1.0] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RewardTrainingConfig { token_loss_weight, ..training_config(6) };
+        let init = seeded_init(&setup.config, &device, 1);
+        let init = if token_loss_weight > 0.0 { init.with_token_head() } else { init };
+        init.save_dir(&dir.path().join("start")).unwrap();
+        let start = || RobertaRegressor::load_dir(&dir.path().join("start"), &device).unwrap().0;
+        let mut straight = RewardTrainer::new(start(), config.clone());
+        for _ in 0..6 {
+            straight.train_step(&setup.train, &setup.tokenizer).unwrap();
+        }
+        let mut first = RewardTrainer::new(start(), config.clone());
+        for _ in 0..3 {
+            first.train_step(&setup.train, &setup.tokenizer).unwrap();
+        }
+        first.save_checkpoint(&dir.path().join("checkpoint")).unwrap();
+        let mut resumed = RewardTrainer::resume(&dir.path().join("checkpoint"), config.clone(), &device).unwrap();
+        assert_eq!(resumed.step(), 3);
+        assert_eq!(resumed.model().has_token_head(), token_loss_weight > 0.0);
+        for _ in 0..3 {
+            resumed.train_step(&setup.train, &setup.tokenizer).unwrap();
+        }
+        let probe = &setup.held_out[..4];
+        let a = evaluate(straight.model(), &setup.tokenizer, probe, 8);
+        let b = evaluate(resumed.model(), &setup.tokenizer, probe, 8);
+        assert_eq!(a, b, "token loss weight {token_loss_weight}");
+    }
+}
+
+/// The token labels mark exactly the wrong number, and training with the token loss teaches the
+/// token head to flag it: on held-out rejected completions, error tokens get higher logits than
+/// the other tokens. The saved model drops the head.
+#[test]
+fn the_token_loss_teaches_the_head_to_flag_the_error() {
+    let device = Device::flex().autodiff();
+    let setup = setup();
+    let wrong = setup.held_out.iter().filter(|p| p.rejected_error.is_some()).take(24).cloned().collect::<Vec<_>>();
+    for pair in &wrong {
+        let (ids, labels) = setup.tokenizer.encode_labelled(&pair.prompt, &pair.rejected, pair.rejected_error.as_ref());
+        let flagged: Vec<u32> = ids.iter().zip(&labels).filter(|(_, l)| **l).map(|(id, _)| *id as u32).collect();
+        let text = setup.tokenizer.tokenizer().decode(&flagged, false).unwrap();
+        assert_eq!(text.trim(), &pair.rejected[pair.rejected_error.clone().unwrap()], "{pair:?}");
+    }
+    // The head separates error tokens only after a few hundred steps (-3.9 against -3.9 at
+    // 200 steps, -3.1 against -4.8 at 600).
+    let steps = 600;
+    let config = RewardTrainingConfig { token_loss_weight: 1.0, ..training_config(steps) };
+    let mut trainer = RewardTrainer::new(seeded_init(&setup.config, &device, 2), config);
+    assert!(trainer.model().has_token_head());
+    for _ in 0..steps {
+        assert!(trainer.train_step(&setup.train, &setup.tokenizer).unwrap().loss.is_finite());
+    }
+    let texts: Vec<_> = wrong.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str(), p.rejected_error.as_ref())).collect();
+    let (ids, masks, labels) = setup.tokenizer.batch_labelled(&texts);
+    let model = trainer.model();
+    let logits = model.token_logits(model.encode(&ids, &masks)).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for (i, (label, mask)) in labels.iter().flatten().zip(masks.iter().flatten()).enumerate() {
+        if *mask {
+            if *label { on.push(logits[i]) } else { off.push(logits[i]) }
+        }
+    }
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    println!("token logits: error tokens {:.3}, others {:.3}", mean(&on), mean(&off));
+    assert!(mean(&on) > mean(&off) + 1.0, "error tokens {:.3}, others {:.3}", mean(&on), mean(&off));
     let dir = tempfile::tempdir().unwrap();
-    seeded_init(&setup.config, &device, 1).save_dir(&dir.path().join("start")).unwrap();
-    let start = || RobertaRegressor::load_dir(&dir.path().join("start"), &device).unwrap().0;
-    let mut straight = RewardTrainer::new(start(), training_config(6));
-    for _ in 0..6 {
-        straight.train_step(&setup.train, &setup.tokenizer).unwrap();
-    }
-    let mut first = RewardTrainer::new(start(), training_config(6));
-    for _ in 0..3 {
-        first.train_step(&setup.train, &setup.tokenizer).unwrap();
-    }
-    first.save_checkpoint(&dir.path().join("checkpoint")).unwrap();
-    let mut resumed = RewardTrainer::resume(&dir.path().join("checkpoint"), training_config(6), &device).unwrap();
-    assert_eq!(resumed.step(), 3);
-    for _ in 0..3 {
-        resumed.train_step(&setup.train, &setup.tokenizer).unwrap();
-    }
-    let probe = &setup.held_out[..4];
-    let a = evaluate(straight.model(), &setup.tokenizer, probe, 8);
-    let b = evaluate(resumed.model(), &setup.tokenizer, probe, 8);
-    assert_eq!(a, b);
+    trainer.into_model().without_token_head().save_dir(dir.path()).unwrap();
+    assert!(!RobertaRegressor::load_dir(dir.path(), &Device::flex()).unwrap().0.has_token_head());
 }

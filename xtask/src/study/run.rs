@@ -357,11 +357,14 @@ fn as_rollouts(pairs: Vec<Comparison>, builder: &PromptBuilder) -> anyhow::Resul
     pairs
         .into_iter()
         .map(|pair| {
+            // The error's bytes move with the rejected text's start.
+            let removed = if pair.rejected.starts_with(prefix) { prefix.len() } else { 0 };
             Ok(Comparison {
                 prompt: builder.render(&pair.prompt)?,
                 chosen: strip(pair.chosen),
                 rejected: strip(pair.rejected),
                 corruption: pair.corruption,
+                rejected_error: pair.rejected_error.map(|range| range.start - removed..range.end - removed),
             })
         })
         .collect()
@@ -461,7 +464,7 @@ fn prepare_reward_model(
         steps: training.steps,
         train_seconds: started.elapsed().as_secs_f64(),
     };
-    trainer.model().save_dir(&rm_dir)?;
+    trainer.into_model().without_token_head().save_dir(&rm_dir)?;
     tokenizer.save(&rm_dir.join("tokenizer.json"))?;
     // metrics.json last: its presence marks a finished reward model.
     write_atomically(&rm_dir.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
