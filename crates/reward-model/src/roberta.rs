@@ -329,8 +329,8 @@ impl RobertaRegressor {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T]
     pub fn token_logits(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
-        let [batch, length, _] = hidden.dims();
-        self.token_head.as_ref().map(|head| head.forward(hidden).reshape([batch, length]))
+        let [batch, length, width] = hidden.dims();
+        self.token_head.as_ref().map(|head| head.forward(hidden.reshape([batch * length, width])).reshape([batch, length]))
     }
 
     /// Final hidden states of right-padded rows.

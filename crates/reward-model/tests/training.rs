@@ -174,3 +174,32 @@ fn the_token_loss_teaches_the_head_to_flag_the_error() {
     trainer.into_model().without_token_head().save_dir(dir.path()).unwrap();
     assert!(!RobertaRegressor::load_dir(dir.path(), &Device::flex()).unwrap().0.has_token_head());
 }
+
+/// A step's update does not depend on how many threads share its pairs (one shard per thread,
+/// gradients summed), with and without the token loss.
+#[test]
+fn one_thread_and_two_give_the_same_update() {
+    let device = Device::flex().autodiff();
+    let setup = setup();
+    let dir = tempfile::tempdir().unwrap();
+    seeded_init(&setup.config, &device, 4).with_token_head().save_dir(dir.path()).unwrap();
+    for token_loss_weight in [0.0, 1.0] {
+        let scores: Vec<Vec<f32>> = [1, 2]
+            .into_iter()
+            .map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let model = RobertaRegressor::load_dir(dir.path(), &device).unwrap().0;
+                let mut trainer = RewardTrainer::new(model, RewardTrainingConfig { token_loss_weight, ..training_config(3) });
+                pool.install(|| (0..3).for_each(|_| drop(trainer.train_step(&setup.train, &setup.tokenizer).unwrap())));
+                let texts: Vec<(&str, &str)> = setup.held_out[..6].iter().map(|p| (p.prompt.as_str(), p.rejected.as_str())).collect();
+                let (ids, masks) = setup.tokenizer.batch(&texts);
+                let hidden = trainer.model().encode(&ids, &masks);
+                let mut values = trainer.model().score_hidden(hidden.clone()).into_data().try_to_vec::<f32>().unwrap();
+                values.extend(trainer.model().token_logits(hidden).unwrap().into_data().try_to_vec::<f32>().unwrap());
+                values
+            })
+            .collect();
+        let worst = scores[0].iter().zip(&scores[1]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "token loss weight {token_loss_weight}: worst difference {worst}");
+    }
+}
