@@ -19,14 +19,22 @@ pairs, test questions excluded):
     --aux 1   2000 steps: 78.3 / 49.5 / 93.6 / 91.5
 
 The labels teach the copy check (`#### N` against the last step's result) that the pairwise
-loss alone barely learns; checking a step's arithmetic stays at chance even on the study's
-one-digit facts. cotlab's own runs (`cargo xtask reward-model --steps 2000 --batch-size 32`,
-the study's task) give 71.8 / 55.2 / 60.2 / 100 without the loss, the probe's figure, but
-68.8 / 44.8 / 61.7 / 100 with it: the gain does not carry over yet.
+loss alone barely learns, on some initialisations: checking a step's arithmetic stays at chance
+even on the study's one-digit facts. How much depends on the initial weights: trained on
+cotlab's own pairs and tokenizer (dumped from `build_comparisons` and `train_tokenizer`), with
+--aux 1 for 1000 steps, wrong-answer accuracy was 80.5 / 79.7 / 53.4% at torch seeds 0 / 1 / 2,
+and 57.9% from the initial weights cotlab draws (`cargo xtask reward-model --steps 0 --out`).
+cotlab itself (`cargo xtask reward-model --steps 1000 --batch-size 32 --token-loss-weight 1`):
+51.9-64.7% at seed 0 (two and one threads), 63.5% at seed 1, 65.7% at seed 2; without the loss
+59.1% at seed 1 (and 60.2% at 2000 steps, seed 0). So: a few points in cotlab, more on lucky
+initialisations, nowhere near what 90% needs.
 
     python tools/research/reward_model_probe_tokens.py --study-task --train-size 8000 --steps 2000 --aux 1.0
+    cargo xtask reward-model --steps 0 --dump-pairs /tmp/pairs --out /tmp/rm_init
+    python tools/research/reward_model_probe_tokens.py --pairs /tmp/pairs --aux 1 --steps 1000 --seed 1
+        [--init-from /tmp/rm_init]   # cotlab's initial weights
 """
-import argparse, math, random, re, time, sys
+import argparse, json, math, random, re, time, sys
 import torch, torch.nn as nn
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -102,10 +110,13 @@ def main():
     p.add_argument("--train-size", type=int, default=0, help="0: fresh problems every batch")
     p.add_argument("--threads", type=int, default=1); p.add_argument("--eval-every", type=int, default=2000)
     p.add_argument("--study-task", action="store_true", help="configs/default.toml's task: one-digit + and -, 1-2 operations")
-    a = p.parse_args(); torch.set_num_threads(a.threads); torch.manual_seed(0)
+    p.add_argument("--pairs", help="a directory from `cargo xtask reward-model --dump-pairs`: cotlab's pairs and tokenizer")
+    p.add_argument("--init-from", help="initial weights (a RobertaForSequenceClassification directory)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(); torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
     if a.study_task:
         TASK.update(max_operand=9, ops="+-", max_operations=2)
-    rng = random.Random(0)
+    rng = random.Random(a.seed)
     test = [make_pair(rng, KINDS[i % 3]) for i in range(600)]
     test_q = {t[0] for t in test}
     def draw():
@@ -133,10 +144,23 @@ def main():
             lab.append(1 if lo is not None and lo <= m.start() < hi and m.group().isdigit() else 0)
         ids.append(2); lab.append(0)
         return ids, lab
-    cfg = RobertaConfig(vocab_size=64, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
-                        intermediate_size=4 * a.hidden, max_position_embeddings=130, pad_token_id=0, type_vocab_size=1, num_labels=1,
+    vocab_size, pad, max_positions = 64, 0, 130
+    if a.pairs:
+        # cotlab's own comparisons and tokenizer; `<cls>` and `<sep>` are its end-of-text token.
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(f"{a.pairs}/tokenizer.json")
+        eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+        vocab_size, max_positions = tok.get_vocab_size(), 200
+        load = lambda name: [(x["prompt"], x["chosen"], x["rejected"], x["corruption"], x.get("rejected_error")) for x in map(json.loads, open(f"{a.pairs}/{name}"))]
+        pool, test = load("train.jsonl"), load("held_out.jsonl")
+        def enc(q, c, err=None):
+            e = tok.encode(q + "\n" + c, add_special_tokens=False); shift = len(q) + 1
+            labels = [int(bool(err) and s < err["end"] + shift and t > err["start"] + shift) for s, t in e.offsets]
+            return [eos] + e.ids + [eos], [0] + labels + [0]
+    cfg = RobertaConfig(vocab_size=vocab_size, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
+                        intermediate_size=4 * a.hidden, max_position_embeddings=max_positions, pad_token_id=pad, type_vocab_size=1, num_labels=1,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = RobertaForSequenceClassification(cfg)
+    model = RobertaForSequenceClassification.from_pretrained(a.init_from) if a.init_from else RobertaForSequenceClassification(cfg)
     tok_head = nn.Linear(a.hidden, 1)
     params = list(model.parameters()) + list(tok_head.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr)
@@ -145,9 +169,10 @@ def main():
     def batch(items):
         seqs = [enc(q, c) for q, c, r, _, _ in items] + [enc(q, r, bl) for q, c, r, _, bl in items]
         w = max(len(s[0]) for s in seqs)
-        ids = torch.tensor([s[0] + [0] * (w - len(s[0])) for s in seqs])
+        ids = torch.tensor([s[0] + [pad] * (w - len(s[0])) for s in seqs])
         lab = torch.tensor([s[1] + [0] * (w - len(s[1])) for s in seqs], dtype=torch.float)
-        return ids, (ids != 0).long(), lab
+        mask = torch.tensor([[1] * len(s[0]) + [0] * (w - len(s[0])) for s in seqs])
+        return ids, mask, lab
     def evaluate():
         model.eval(); res = {}
         with torch.no_grad():

@@ -36,6 +36,10 @@ pub struct Args {
     /// Save the trained model (Hugging Face layout) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write the comparisons (`train.jsonl`, `held_out.jsonl`, one pair per line with the
+    /// error's bytes) and the tokenizer here, for outside tools (the PyTorch probes).
+    #[arg(long)]
+    dump_pairs: Option<PathBuf>,
     /// Seed of data, initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,6 +77,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), config.max_tokens());
     let train = build_comparisons(&task.train, template, 2, args.seed);
     let held_out = build_comparisons(&task.test, template, 1, args.seed + 1);
+    if let Some(dir) = &args.dump_pairs {
+        std::fs::create_dir_all(dir)?;
+        for (name, pairs) in [("train.jsonl", &train), ("held_out.jsonl", &held_out)] {
+            let lines: Vec<String> = pairs.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+            crate::common::write_atomically(&dir.join(name), (lines.join("\n") + "\n").as_bytes())?;
+        }
+        tokenizer.save(&dir.join("tokenizer.json"))?;
+        println!("comparisons and tokenizer written to {}", dir.display());
+    }
     let training = RewardTrainingConfig {
         steps: args.steps,
         batch_size: args.batch_size,

@@ -138,11 +138,11 @@ pub struct RewardTrainingConfig {
     /// wrong number in a rejected completion (a corrupted step's result, a wrong final answer;
     /// [`Comparison::rejected_error`]) and nothing elsewhere, averaged over each sequence's
     /// tokens: process supervision's step labels at token level, where the pairwise loss says
-    /// only which completion is worse. Experimental: in a PyTorch probe of the default study's
-    /// task it raised held-out wrong-answer accuracy from 67% to 94% at 2,000 steps of 32 pairs
-    /// (`tools/research/reward_model_probe_tokens.py`); in cotlab (`cargo xtask reward-model
-    /// --steps 2000 --batch-size 32 --token-loss-weight 1`) it has not yet (62% against 60%), and
-    /// why is open. The head is dropped from the saved model
+    /// only which completion is worse. Experimental: held-out wrong-answer accuracy after 1,000
+    /// steps of 32 pairs (`cargo xtask reward-model --token-loss-weight 1`) was 52-66% over three
+    /// seeds against about 60% without it; a PyTorch probe on the same pairs gave 53-81%
+    /// depending on the initial weights (`tools/research/reward_model_probe_tokens.py`). The
+    /// head is dropped from the saved model
     /// ([`RobertaRegressor::without_token_head`]).
     pub token_loss_weight: f64,
     /// Seed of the pair order.
