@@ -235,10 +235,15 @@ impl CausalLm {
     /// # Shapes
     /// - `hidden`: [B, T, C] → [B, T, V]
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.logits_cached(hidden, &KvCache::default())
+    }
+
+    /// [`CausalLm::logits`] through `cache`'s packed weights when it has them (generation).
+    fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
         let hidden = hidden.cast(self.compute_dtype);
         let logits = match &self.body {
-            Body::GptNeo(model) => model.logits(hidden),
-            Body::Decoder(model) => model.logits(hidden),
+            Body::GptNeo(model) => model.logits_cached(hidden, cache),
+            Body::Decoder(model) => model.logits_cached(hidden, cache),
         };
         logits.cast(FloatDType::F32)
     }
@@ -248,12 +253,8 @@ impl CausalLm {
     /// # Shapes
     /// - returns [B, T, V]
     pub fn forward(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
-        let hidden = self.hidden_states(input, cache).cast(self.compute_dtype);
-        let logits = match &self.body {
-            Body::GptNeo(model) => model.logits_cached(hidden, cache),
-            Body::Decoder(model) => model.logits_cached(hidden, cache),
-        };
-        logits.cast(FloatDType::F32)
+        let hidden = self.hidden_states(input, cache);
+        self.logits_cached(hidden, cache)
     }
 }
 

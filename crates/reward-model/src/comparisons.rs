@@ -193,6 +193,17 @@ mod tests {
     use super::*;
     use tasks::synthetic::{SyntheticConfig, generate};
 
+    /// What the operands of a step line `a op b = c` give (the line's own `c` may be wrong).
+    fn step_value(line: &str) -> i64 {
+        let c = STEP.captures(line).unwrap_or_else(|| panic!("not a step: {line:?}"));
+        let (a, b): (i64, i64) = (c[1].parse().unwrap(), c[3].parse().unwrap());
+        match &c[2] {
+            "+" => a + b,
+            "-" => a - b,
+            _ => a * b,
+        }
+    }
+
     #[test]
     fn a_corrupted_step_propagates_to_the_answer() {
         for seed in 0..20 {
@@ -202,24 +213,13 @@ mod tests {
             let mut wrong_steps = 0;
             let mut last = None;
             for line in solution.lines() {
-                let c = STEP.captures(line).unwrap();
-                let (a, b, r): (i64, i64, i64) = (c[1].parse().unwrap(), c[3].parse().unwrap(), c[4].parse().unwrap());
-                let computed = match &c[2] {
-                    "+" => a + b,
-                    "-" => a - b,
-                    _ => a * b,
-                };
-                wrong_steps += usize::from(computed != r);
+                let r: i64 = STEP.captures(line).unwrap()[4].parse().unwrap();
+                wrong_steps += usize::from(step_value(line) != r);
                 last = Some(r);
             }
             assert_eq!(wrong_steps, 1, "{solution}");
-            let corrupted = STEP.captures(solution.lines().nth(line).unwrap()).unwrap();
-            let computed: i64 = match &corrupted[2] {
-                "+" => corrupted[1].parse::<i64>().unwrap() + corrupted[3].parse::<i64>().unwrap(),
-                "-" => corrupted[1].parse::<i64>().unwrap() - corrupted[3].parse::<i64>().unwrap(),
-                _ => corrupted[1].parse::<i64>().unwrap() * corrupted[3].parse::<i64>().unwrap(),
-            };
-            assert_ne!(computed.to_string(), &corrupted[4], "line {line} is the wrong one: {solution}");
+            let corrupted = solution.lines().nth(line).unwrap();
+            assert_ne!(step_value(corrupted).to_string(), &STEP.captures(corrupted).unwrap()[4], "line {line} is the wrong one: {solution}");
             assert_eq!(answer, last.unwrap().to_string());
             assert_ne!(answer, "33", "{solution}");
         }
@@ -251,9 +251,7 @@ mod tests {
                 let number: i64 = pair.rejected[range.clone()].parse().unwrap_or_else(|_| panic!("{:?} in {pair:?}", &pair.rejected[range.clone()]));
                 let line = pair.rejected[..range.end].lines().last().unwrap();
                 if pair.corruption == Corruption::CorruptedStep {
-                    let c = STEP.captures(line).unwrap_or_else(|| panic!("{line:?}"));
-                    let (a, b): (i64, i64) = (c[1].parse().unwrap(), c[3].parse().unwrap());
-                    assert_ne!(match &c[2] { "+" => a + b, "-" => a - b, _ => a * b }, number, "{pair:?}");
+                    assert_ne!(step_value(line), number, "{pair:?}");
                 } else {
                     assert!(pair.rejected[range.end..].chars().all(|c| !c.is_ascii_digit()), "the last number: {pair:?}");
                 }
