@@ -111,6 +111,10 @@ def main():
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if (step + 1) % 500 == 0:
             print(f"step {step + 1} loss {loss.item():.3f} ({time.time() - started:.0f} s)")
+    evaluate(model, test, batch)
+
+def evaluate(model, test, batch, indent=""):
+    """Prints held-out pairwise accuracy per kind of rejected answer (`batch` encodes pairs)."""
     model.eval()
     with torch.no_grad():
         for kind in ["corrupted_step", "wrong_answer", "broken_format", None]:
@@ -118,7 +122,7 @@ def main():
             ids, mask = batch(items)
             s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
             acc = (s[: len(items)] > s[len(items) :]).float().mean().item()
-            print(f"{kind or 'overall'}: {100 * acc:.1f}% of {len(items)}")
+            print(f"{indent}{kind or 'overall'}: {100 * acc:.1f}% of {len(items)}")
 
 if __name__ == "__main__":
     main()

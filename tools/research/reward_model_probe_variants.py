@@ -26,7 +26,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification, Robert
 # The task itself (problems, solution text, corruptions, tokens) is the base probe's.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reward_model_probe as base
-from reward_model_probe import corrupt, nearby, text
+from reward_model_probe import corrupt, evaluate, nearby, text
 
 def problem(rng, max_ops=None):
     if max_ops and max_ops > 2:
@@ -152,21 +152,11 @@ def main():
         loss = -torch.nn.functional.logsigmoid(scores[: a.batch] - scores[a.batch :]).mean()
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if (step + 1) % 2000 == 0:
-            print("held-out:"); evaluate(model, test, batch)
-            print("train questions, fresh corruptions:"); evaluate(model, fresh(random.Random(7), 300, train_q), batch); model.train()
+            print("held-out:"); evaluate(model, test, batch, "  ")
+            print("train questions, fresh corruptions:"); evaluate(model, fresh(random.Random(7), 300, train_q), batch, "  "); model.train()
         if (step + 1) % 500 == 0:
             print(flush=True); print(f"step {step + 1} loss {loss.item():.3f} ({time.time() - started:.0f} s)")
-    evaluate(model, test, batch)
-
-def evaluate(model, test, batch):
-    model.eval()
-    with torch.no_grad():
-        for kind in ["corrupted_step", "wrong_answer", "broken_format", None]:
-            items = [t for t in test if kind is None or t[3] == kind]
-            ids, mask = batch(items)
-            s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-            acc = (s[: len(items)] > s[len(items) :]).float().mean().item()
-            print(f"  {kind or 'overall'}: {100 * acc:.1f}% of {len(items)}")
+    evaluate(model, test, batch, "  ")
 
 if __name__ == "__main__":
     main()
