@@ -33,6 +33,9 @@ pub struct Args {
     /// Encoder layers.
     #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Feed-forward width (default: twice the model width, as the study's tiny model).
+    #[arg(long)]
+    intermediate_size: Option<usize>,
     /// Save the trained model (Hugging Face layout) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -73,7 +76,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = train_tokenizer(corpus.into_iter(), 384)?;
     let device = args.backend.device()?.autodiff();
     device.seed(args.seed);
-    let config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120);
+    let mut config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120);
+    config.intermediate_size = args.intermediate_size.unwrap_or(config.intermediate_size);
     let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), config.max_tokens());
     let train = build_comparisons(&task.train, template, 2, args.seed);
     let held_out = build_comparisons(&task.test, template, 1, args.seed + 1);

@@ -9,7 +9,11 @@ fn quick_study_writes_its_reports_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
-    std::fs::copy(config, dir.path().join("configs/default.toml")).unwrap();
+    // A feed-forward width other than the default (twice the width) reaches the saved model.
+    let text = std::fs::read_to_string(config).unwrap();
+    let text = text.replacen("[reward_model]\nkind = \"train\"\n", "[reward_model]\nkind = \"train\"\nintermediate_size = 96\n", 1);
+    assert!(text.contains("intermediate_size = 96"), "configs/default.toml's [reward_model] section moved");
+    std::fs::write(dir.path().join("configs/default.toml"), text).unwrap();
     let run = || Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
     let first = run();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
@@ -27,6 +31,8 @@ fn quick_study_writes_its_reports_and_resumes() {
     ] {
         assert!(reports.join(file).is_file(), "{file} missing");
     }
+    let rm_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/config.json")).unwrap()).unwrap();
+    assert_eq!(rm_config["intermediate_size"], 96, "{rm_config}");
     let rm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
     let rm_accuracy = rm["held_out_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rm_accuracy) && rm["held_out_pairs"].as_u64().unwrap() > 0, "{rm}");

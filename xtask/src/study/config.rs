@@ -169,6 +169,11 @@ pub enum RewardModelSpec {
         /// Layers. Default 2.
         #[serde(default = "default_rm_layers")]
         num_layers: usize,
+        /// Feed-forward width. Default twice `hidden_size`. Wider helps the wrong-answer check
+        /// (`cargo xtask reward-model --intermediate-size 1024 --token-loss-weight 1 --steps 2000
+        /// --batch-size 32`: 84% of wrong answers, 77% overall, in 6 minutes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        intermediate_size: Option<usize>,
         /// Training settings.
         #[serde(default)]
         training: reward_model::train::RewardTrainingConfig,

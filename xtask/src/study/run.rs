@@ -423,12 +423,13 @@ fn prepare_reward_model(
             log(options.quiet, progress, format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
             (tokenizer, model)
         }
-        (None, RewardModelSpec::Train { hidden_size, num_layers, .. }) => {
+        (None, RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) => {
             // The tiny reward model reads text with the base policy's tokenizer (trained on the
             // same problems).
             let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
             let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192);
+            let mut config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192);
+            config.intermediate_size = intermediate_size.unwrap_or(config.intermediate_size);
             (tokenizer, RobertaRegressor::init(&config, &autodiff))
         }
         (None, RewardModelSpec::Checkpoint { .. }) => unreachable!("a checkpoint spec has a checkpoint"),
