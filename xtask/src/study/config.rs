@@ -363,6 +363,18 @@ impl Study {
         if evaluation.eval_every > 0 && evaluation.train_eval_size == 0 {
             bail!("evaluation.train_eval_size = 0 with eval_every = {}; evaluate at least one problem", evaluation.eval_every);
         }
+        if let Some(RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) = &self.reward_model {
+            // The tiny reward model has four attention heads.
+            if *hidden_size == 0 || hidden_size % 4 != 0 {
+                bail!("reward_model.hidden_size = {hidden_size}: use a positive multiple of 4 (the tiny model has 4 attention heads)");
+            }
+            if *num_layers == 0 {
+                bail!("reward_model.num_layers = 0; use at least 1");
+            }
+            if *intermediate_size == Some(0) {
+                bail!("reward_model.intermediate_size = 0; use at least 1, or leave it out for twice hidden_size");
+            }
+        }
         for (name, source) in &self.reward_sources {
             if source.rules.is_empty() && source.reward_model_weight.is_none() {
                 bail!("reward_sources.{name}: no rules and no reward_model_weight; it rewards nothing");
@@ -602,5 +614,11 @@ steps = 2
         assert!(parse(&bad_source).unwrap_err().to_string().contains("\"rm\""));
         let bad_config = format!("{MINIMAL}config = {{ num_generations = 1 }}\n");
         assert!(parse(&bad_config).unwrap_err().to_string().contains("num_generations = 1"));
+        let reward_model = |fields: &str| format!("{MINIMAL}[reward_model]\nkind = \"train\"\n{fields}\n");
+        parse(&reward_model("hidden_size = 32\nintermediate_size = 256")).unwrap();
+        for (fields, named) in [("intermediate_size = 0", "intermediate_size = 0"), ("hidden_size = 30", "hidden_size = 30"), ("num_layers = 0", "num_layers = 0")] {
+            let error = parse(&reward_model(fields)).unwrap_err().to_string();
+            assert!(error.contains(&format!("reward_model.{named}")), "{error}");
+        }
     }
 }
