@@ -62,6 +62,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size % 4 == 0, "--hidden-size {}: use a positive multiple of 4 (the tiny model has 4 attention heads)", args.hidden_size);
+    anyhow::ensure!(args.layers > 0 && args.intermediate_size != Some(0), "--layers and --intermediate-size must be at least 1");
     let study_path = args.study.clone().or_else(|| Some(PathBuf::from("configs/default.toml")).filter(|p| p.is_file()));
     let base_task = match &study_path {
         Some(path) => match crate::study::config::Study::load(path)?.task {

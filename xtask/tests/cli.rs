@@ -149,11 +149,16 @@ fn logits_of_a_reward_model_is_its_score() {
 fn reward_model_smoke_run_reports_held_out_accuracy_and_saves() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("rm");
-    let output = xtask(&["reward-model", "--steps", "2", "--train-size", "60", "--test-size", "10", "--hidden-size", "32", "--out", dir.to_str().unwrap()]);
+    let output = xtask(&["reward-model", "--steps", "2", "--train-size", "60", "--test-size", "10", "--hidden-size", "32", "--intermediate-size", "48", "--out", dir.to_str().unwrap()]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.contains("held-out pairwise accuracy") && text.contains("over 10 pairs"), "{text}");
     assert!(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["hidden_size"].as_u64(), config["intermediate_size"].as_u64()), (Some(32), Some(48)), "{config}");
+    let bad = xtask(&["reward-model", "--steps", "1", "--hidden-size", "30"]);
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && error.contains("--hidden-size 30"), "{error}");
 }
 
 #[test]
