@@ -11,7 +11,7 @@ Held-out pairwise accuracy, overall / corrupted step / wrong answer / broken for
 
     --pre 0 --bt 3000 (--inter 512)      1000: 76.6 / 55.6 / 74.3 / 100    3000: 72.1 / 49.0 / 79.7 / 87.5
     --pre 2000 --bt 1000 --pc 0.3        after pretraining 57.4 / 53.0 / 46.5 / 72.5;  1000: 71.8 / 51.5 / 75.7 / 88.0
-    --pre 8000 --bt 1500 --pc 0.5 --inter 1024 (23 min; pretraining here still saw held-out questions)
+    --pre 8000 --bt 1500 --pc 0.5 --inter 1024 (13 min of pretraining; it still saw held-out questions)
                                          after pretraining 61.5 / 56.1 / 68.3 / 60.0;  1000: 76.5 / 44.4 / 85.6 / 99.5
     --completion-first --pre 0 --bt 3000 2000: 78.4 / 51.0 / 85.1 / 99.0   3000: 75.4 / 52.0 / 84.7 / 89.5
 
