@@ -65,6 +65,18 @@ def example(rng, pc):
     if COMPLETION_FIRST:
         pieces.append(("\n" + q, 0))
     return pieces
+def encode(pieces, vocab):
+    """`<s> text </s>` ids (new tokens added to `vocab`) and each token's label (-100 on the ends)."""
+    ids, lab = [1], [-100]
+    for t, l in pieces:
+        for tok in TOKEN.findall(t):
+            ids.append(vocab.setdefault(tok, len(vocab))); lab.append(l)
+    ids.append(2); lab.append(-100)
+    return ids, lab
+def schedule(opt, steps):
+    """Linear warmup over a twentieth of `steps`, then cosine down to a tenth."""
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, default=64); p.add_argument("--layers", type=int, default=2)
@@ -77,13 +89,7 @@ def main():
     a = p.parse_args(); global FACTS, COMPLETION_FIRST; FACTS = a.facts; COMPLETION_FIRST = a.completion_first; torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    def enc(pieces):
-        ids, lab = [1], [-100]
-        for t, l in pieces:
-            for tok in TOKEN.findall(t):
-                ids.append(vocab.setdefault(tok, len(vocab))); lab.append(l)
-        ids.append(2); lab.append(-100)
-        return ids, lab
+    enc = lambda pieces: encode(pieces, vocab)
     for _ in range(2000): enc(example(rng, 0.5))
     cfg = RobertaConfig(vocab_size=64, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
                         intermediate_size=a.inter, max_position_embeddings=200, pad_token_id=0, type_vocab_size=1, num_labels=1, hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout)
@@ -96,8 +102,7 @@ def main():
         pe = torch.zeros(n, d); pe[:, 0::2] = torch.sin(ang); pe[:, 1::2] = torch.cos(ang)
         with torch.no_grad(): W.copy_(pe * a.sin_pos)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
-    warm = a.steps // 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm))))
+    sched = schedule(opt, a.steps)
     def batch(n, pc):
         ex = [enc(example(rng, pc)) for _ in range(n)]
         w = max(len(i) for i, _ in ex)

@@ -20,7 +20,7 @@ need about 75% on corrupted steps with the other two kinds near their best.
 
     python tools/research/reward_model_probe_pretrain.py --pre 2000 --bt 1000 --pc 0.3
 """
-import argparse, math, random, time, sys
+import argparse, random, time, sys
 import torch, torch.nn as nn
 from transformers import RobertaConfig, RobertaForSequenceClassification
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
@@ -47,8 +47,8 @@ cfg = RobertaConfig(vocab_size=64, hidden_size=a.hidden, num_hidden_layers=a.lay
 model = RobertaForSequenceClassification(cfg); head = nn.Linear(a.hidden, 1)
 params = list(model.parameters()) + list(head.parameters())
 def sched_opt(steps):
-    opt = torch.optim.AdamW(params, lr=a.lr); warm = max(1, steps // 20)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    opt = torch.optim.AdamW(params, lr=a.lr)
+    return opt, V.schedule(opt, steps)
 def pad(seqs, fill):
     w = max(map(len, seqs)); return torch.tensor([s + [fill] * (w - len(s)) for s in seqs])
 def hidden_of(ids):
@@ -63,40 +63,32 @@ if a.pre:
         while len(ex) < a.batch:  # questions of the held-out pairs never appear in pretraining
             pieces = V.example(rng, a.pc)
             if pieces[0][0].split("\n")[0] not in testq: ex.append(pieces)
-        ids, labs = [], []
-        for pieces in ex:
-            i, l = [1], [-100]
-            for t, lab in pieces:
-                for x in tok(t): i.append(x); l.append(lab)
-            i.append(2); l.append(-100); ids.append(i); labs.append(l)
-        ids = pad(ids, 0); labs = pad(labs, -100)
+        encoded = [V.encode(pieces, vocab) for pieces in ex]
+        ids = pad([i for i, _ in encoded], 0); labs = pad([l for _, l in encoded], -100)
         lg = head(hidden_of(ids)).squeeze(-1); m = labs >= 2; tgt = ((labs == 2) | (labs == 4)).float()
         loss = nn.functional.binary_cross_entropy_with_logits(lg[m], tgt[m])
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step()
         if (step + 1) % 1000 == 0: print(f"pre {step+1} loss {loss.item():.3f} ({time.time()-t0:.0f}s)", flush=True)
 def enc_pair(q, c, bad_line):
     if a.completion_first:  # <s> completion </s></s> question </s>: the solution's lines start at fixed positions
-        ids, lab = enc_pair_lines(c, bad_line, [1], [0])
+        ids, lab = enc_lines(c, bad_line, [1])
         tail = [2, 2] + tok(q) + [2]
         return ids + tail, lab + [0] * len(tail)
-    ids, lab = enc_pair_lines(c, bad_line, [1] + tok(q + "\n"), None)
+    ids, lab = enc_lines(c, bad_line, [1] + tok(q + "\n"))
     return ids + [2], lab + [0]
-def enc_pair_lines(c, bad_line, ids, lab):
+def enc_lines(c, bad_line, ids):
+    """`ids` followed by completion `c`'s tokens; labels 1 on the digits of line `bad_line`'s last number."""
     ids = list(ids); lab = [0] * len(ids)
     lines = c.split("\n")
     for k, line in enumerate(lines):
-        t = tok(line + ("\n" if k + 1 < len(lines) else ""))
+        t = TOKEN.findall(line + ("\n" if k + 1 < len(lines) else ""))
         l = [0] * len(t)
-        if k == bad_line:  # digits of the last number on the line
+        if k == bad_line:
             j = len(t) - 1
-            while j >= 0 and not vocab_inv(t[j]).isdigit(): j -= 1
-            while j >= 0 and vocab_inv(t[j]).isdigit(): l[j] = 1; j -= 1
-        ids += t; lab += l
+            while j >= 0 and not t[j].isdigit(): j -= 1
+            while j >= 0 and t[j].isdigit(): l[j] = 1; j -= 1
+        ids += [vocab.setdefault(x, len(vocab)) for x in t]; lab += l
     return ids, lab
-inv = {}
-def vocab_inv(i):
-    if not inv or len(inv) != len(vocab): inv.clear(); inv.update({v: k for k, v in vocab.items()})
-    return inv[i]
 def evaluate():
     model.eval()
     with torch.no_grad():

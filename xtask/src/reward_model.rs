@@ -62,7 +62,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size % 4 == 0, "--hidden-size {}: use a positive multiple of 4 (the tiny model has 4 attention heads)", args.hidden_size);
+    let heads = RobertaConfig::TINY_HEADS;
+    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size % heads == 0, "--hidden-size {}: use a positive multiple of {heads} (the tiny model's attention heads)", args.hidden_size);
     anyhow::ensure!(args.layers > 0 && args.intermediate_size != Some(0), "--layers and --intermediate-size must be at least 1");
     let study_path = args.study.clone().or_else(|| Some(PathBuf::from("configs/default.toml")).filter(|p| p.is_file()));
     let base_task = match &study_path {
@@ -78,8 +79,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = train_tokenizer(corpus.into_iter(), 384)?;
     let device = args.backend.device()?.autodiff();
     device.seed(args.seed);
-    let mut config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120);
-    config.intermediate_size = args.intermediate_size.unwrap_or(config.intermediate_size);
+    let config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120)
+        .with_intermediate_size(args.intermediate_size);
     let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), config.max_tokens());
     let train = build_comparisons(&task.train, template, 2, args.seed);
     let held_out = build_comparisons(&task.test, template, 1, args.seed + 1);

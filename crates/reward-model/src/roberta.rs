@@ -65,6 +65,9 @@ pub struct RobertaConfig {
 }
 
 impl RobertaConfig {
+    /// Attention heads of [`RobertaConfig::tiny`] (its width must be a multiple of this).
+    pub const TINY_HEADS: usize = 4;
+
     /// A small from-scratch configuration: `layers` layers of width `hidden_size` (4 heads, MLP
     /// twice as wide), for inputs of up to `max_tokens` tokens.
     pub fn tiny(vocab_size: usize, pad_token_id: u32, hidden_size: usize, layers: usize, max_tokens: usize) -> Self {
@@ -72,7 +75,7 @@ impl RobertaConfig {
             vocab_size,
             hidden_size,
             num_hidden_layers: layers,
-            num_attention_heads: 4,
+            num_attention_heads: Self::TINY_HEADS,
             intermediate_size: 2 * hidden_size,
             // Positions run from pad_token_id + 1 to pad_token_id + max_tokens.
             max_position_embeddings: max_tokens + pad_token_id as usize + 1,
@@ -82,6 +85,12 @@ impl RobertaConfig {
             hidden_act: "gelu".into(),
             initializer_range: 0.02,
         }
+    }
+
+    /// The same configuration with feed-forward width `size` (unchanged when `None`).
+    pub fn with_intermediate_size(mut self, size: Option<usize>) -> Self {
+        self.intermediate_size = size.unwrap_or(self.intermediate_size);
+        self
     }
 
     /// The longest input (in tokens, special tokens included) the position table holds.

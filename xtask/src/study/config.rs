@@ -364,9 +364,9 @@ impl Study {
             bail!("evaluation.train_eval_size = 0 with eval_every = {}; evaluate at least one problem", evaluation.eval_every);
         }
         if let Some(RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) = &self.reward_model {
-            // The tiny reward model has four attention heads.
-            if *hidden_size == 0 || hidden_size % 4 != 0 {
-                bail!("reward_model.hidden_size = {hidden_size}: use a positive multiple of 4 (the tiny model has 4 attention heads)");
+            let heads = reward_model::RobertaConfig::TINY_HEADS;
+            if *hidden_size == 0 || hidden_size % heads != 0 {
+                bail!("reward_model.hidden_size = {hidden_size}: use a positive multiple of {heads} (the tiny model's attention heads)");
             }
             if *num_layers == 0 {
                 bail!("reward_model.num_layers = 0; use at least 1");

@@ -428,8 +428,7 @@ fn prepare_reward_model(
             // same problems).
             let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
             let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let mut config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192);
-            config.intermediate_size = intermediate_size.unwrap_or(config.intermediate_size);
+            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192).with_intermediate_size(*intermediate_size);
             (tokenizer, RobertaRegressor::init(&config, &autodiff))
         }
         (None, RewardModelSpec::Checkpoint { .. }) => unreachable!("a checkpoint spec has a checkpoint"),
