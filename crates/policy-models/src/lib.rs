@@ -7,6 +7,7 @@
 //! - `layers.rs`: attention, masks, rotary embeddings, `gelu_new`, the KV cache.
 //! - `fused.rs`: fused CPU kernels (burn backend extensions with hand-written backward passes).
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
+//! - `gguf.rs`: GGUF files (llama.cpp): container, dequantization, key map, config, tokenizer.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
@@ -15,6 +16,7 @@ pub mod backend;
 pub mod decoder;
 pub mod fused;
 pub mod generate;
+pub mod gguf;
 pub mod gpt_neo;
 pub mod layers;
 pub mod llama;

@@ -124,6 +124,24 @@ impl CausalLm {
         Ok(Self { body, config, compute_dtype: FloatDType::F32 })
     }
 
+    /// Loads a GGUF file (llama.cpp), dequantized to f32: what transformers'
+    /// `from_pretrained(dir, gguf_file=...)` builds (see `gguf.rs`).
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<Self, LoadError> {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let config: ModelConfig = serde_json::from_value(file.hf_config()?)
+            .map_err(|error| LoadError::Gguf { path: path.to_path_buf(), message: format!("its metadata gives no usable config: {error}") })?;
+        let bad_config = |message: String| LoadError::Gguf { path: path.to_path_buf(), message };
+        let keys = file.hf_keys()?;
+        let mut weights = WeightMap::from_gguf(file, keys, device);
+        let body = match &config {
+            ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::GptNeo(_) => unreachable!("GgufFile::architecture admits llama and qwen2 only"),
+        };
+        weights.finish()?;
+        Ok(Self { body, config, compute_dtype: FloatDType::F32 })
+    }
+
     /// Saves the model in the Hugging Face layout (`config.json`, `model.safetensors` in f32,
     /// and `tokenizer.json` when a tokenizer is given), so that cotlab and transformers can both
     /// load it. Each file is written to a temporary name and renamed.
@@ -288,6 +306,8 @@ impl Default for LoraSettings {
 pub enum ModelSource {
     /// A local directory in the Hugging Face layout.
     Dir(PathBuf),
+    /// A GGUF file (llama.cpp), converted once into a Hugging Face directory in the cache.
+    Gguf(PathBuf),
     /// A model repository on the hub, fetched into its cache.
     Hub {
         /// Repository id (`EleutherAI/gpt-neo-125m`).
@@ -298,11 +318,15 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Reads `text` as an existing directory, else as a hub id `owner/name[@revision]`.
+    /// Reads `text` as an existing directory, a `.gguf` file, else as a hub id
+    /// `owner/name[@revision]`.
     pub fn parse(text: &str) -> Self {
         let path = Path::new(text);
         if path.is_dir() {
             return ModelSource::Dir(path.to_path_buf());
+        }
+        if path.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("gguf")) {
+            return ModelSource::Gguf(path.to_path_buf());
         }
         match text.split_once('@') {
             Some((repo, revision)) => ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string() },
@@ -324,6 +348,7 @@ impl ModelSource {
                 }
                 return Ok(dir.clone());
             }
+            ModelSource::Gguf(path) => return gguf_as_dir(path, &cache_dir()),
             ModelSource::Hub { repo, revision } => (repo, revision),
         };
         let fetch = |file: &str| tasks::hub::fetch(repo, tasks::hub::RepoType::Model, revision, file);
@@ -348,5 +373,87 @@ impl ModelSource {
             }
         }
         Ok(config.parent().expect("a fetched file has a parent directory").to_path_buf())
+    }
+}
+
+/// Where converted checkpoints are kept: `$COTLAB_CACHE`, else `$XDG_CACHE_HOME/cotlab`, else
+/// `~/.cache/cotlab`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("COTLAB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("cotlab");
+    }
+    std::env::var_os("HOME").map_or_else(|| std::env::temp_dir().join("cotlab-cache"), |home| PathBuf::from(home).join(".cache/cotlab"))
+}
+
+/// The sha256 of a file, in hex.
+pub fn file_sha256(path: &Path) -> Result<String, LoadError> {
+    use sha2::Digest;
+    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io)?;
+    Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// The Hugging Face directory of a GGUF file: `config.json`, `model.safetensors` (f32),
+/// `tokenizer.json` and `tokenizer_config.json` (special tokens, BOS rule, chat template), in
+/// `cache/gguf/<stem>-<sha256 prefix>` (the cache is [`cache_dir`] for [`ModelSource::resolve`]). Converted once: the directory is written under a
+/// temporary name and renamed, so its presence means it is complete. Every consumer of
+/// directories (the study, `generate`, `logits`, `bench`) then reads a GGUF file unchanged, and so
+/// does transformers.
+pub fn gguf_as_dir(path: &Path, cache: &Path) -> Result<PathBuf, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::Gguf { path: path.to_path_buf(), message: "no such file".to_string() });
+    }
+    let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or("model");
+    let digest = file_sha256(path)?;
+    let dir = cache.join("gguf").join(format!("{stem}-{}", &digest[..16]));
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    let io = |at: &Path| {
+        let at = at.to_path_buf();
+        move |source| LoadError::Io { path: at, source }
+    };
+    let temporary = dir.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&temporary).map_err(io(&temporary))?;
+    let file = crate::gguf::GgufFile::open(path)?;
+    let json_error = |error: serde_json::Error| LoadError::Gguf { path: path.to_path_buf(), message: error.to_string() };
+    let config = file.hf_config()?;
+    // Checked here so that a bad file fails now, not when the directory is loaded.
+    let parsed: ModelConfig = serde_json::from_value(config.clone()).map_err(json_error)?;
+    parsed.validate().map_err(|message| LoadError::Gguf { path: path.to_path_buf(), message })?;
+    let tokenizer = file.tokenizer_json()?;
+    let tokenizer_config = file.tokenizer_config_json();
+    let mut writer = WeightWriter::default();
+    let mut used = std::collections::BTreeSet::new();
+    for (key, (name, unpermute_heads)) in file.hf_keys()? {
+        let Some(info) = file.tensors.get(&name) else { continue };
+        let mut values = file.dequantize(&name)?;
+        if let Some(heads) = unpermute_heads {
+            values = crate::gguf::unpermute_rotary_rows(&values, info.shape[0], heads);
+        }
+        writer.values(&key, info.shape.clone(), values);
+        used.insert(name);
+    }
+    if let Some(unused) = file.tensors.keys().find(|name| !used.contains(*name)) {
+        return Err(LoadError::Gguf { path: path.to_path_buf(), message: format!("tensor `{unused}` has no place in the {} architecture", file.architecture()?) });
+    }
+    writer.write(&temporary.join("model.safetensors"))?;
+    for (name, value) in [("tokenizer.json", &tokenizer), ("tokenizer_config.json", &tokenizer_config), ("config.json", &config)] {
+        let at = temporary.join(name);
+        std::fs::write(&at, serde_json::to_string_pretty(value).map_err(json_error)?).map_err(io(&at))?;
+    }
+    match std::fs::rename(&temporary, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process converted the same file meanwhile: keep its copy.
+        Err(_) if dir.join("config.json").is_file() => {
+            let _ = std::fs::remove_dir_all(&temporary);
+            Ok(dir)
+        }
+        Err(source) => Err(LoadError::Io { path: dir, source }),
     }
 }

@@ -15,6 +15,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::gguf::GgufFile;
+
 /// Errors of checkpoint loading; each names the file or key and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -52,6 +54,9 @@ pub enum LoadError {
 
     #[error("{path}: {message}")]
     BadConfig { path: PathBuf, message: String },
+
+    #[error("{path}: not a readable GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
 }
 
 struct Shard {
@@ -60,14 +65,19 @@ struct Shard {
 }
 
 /// Where one tensor lives.
-struct Entry {
-    shard: usize,
+enum Entry {
+    /// In a safetensors shard, under its own key.
+    Safetensors { shard: usize },
+    /// In the GGUF file, under llama.cpp's name; `unpermute_heads` undoes the converter's
+    /// rotary row permutation of a query or key projection with that many heads.
+    Gguf { name: String, unpermute_heads: Option<usize> },
 }
 
 /// The tensors of a checkpoint, taken one by one into modules.
 pub struct WeightMap {
     dir: PathBuf,
     shards: Vec<Shard>,
+    gguf: Option<GgufFile>,
     entries: BTreeMap<String, Entry>,
     taken: BTreeSet<String>,
     /// Keys that are known buffers rather than weights (GPT-Neo's causal-mask `attn.bias`, old
@@ -110,19 +120,47 @@ impl WeightMap {
             let tensors = SafeTensors::deserialize(&mmap)
                 .map_err(|error| LoadError::Safetensors { path: path.clone(), message: error.to_string() })?;
             for name in tensors.names() {
-                entries.insert(name.to_string(), Entry { shard: shards.len() });
+                entries.insert(name.to_string(), Entry::Safetensors { shard: shards.len() });
             }
             shards.push(Shard { path: path.clone(), mmap });
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             shards,
+            gguf: None,
             entries,
             taken: BTreeSet::new(),
             ignored_suffixes: Vec::new(),
             ignored_prefixes: Vec::new(),
             device: device.clone(),
         })
+    }
+
+    /// A checkpoint read from a GGUF file: `keys` maps each Hugging Face key to the file's tensor
+    /// name and, for rotary query/key projections, the head count whose row permutation to undo.
+    /// Tensors of the file that no key names stay listed under their own names, so that
+    /// [`WeightMap::finish`] reports them as unused.
+    pub fn from_gguf(file: GgufFile, keys: BTreeMap<String, (String, Option<usize>)>, device: &Device) -> Self {
+        let mapped: BTreeSet<&String> = keys.values().map(|(name, _)| name).collect();
+        let unmapped: Vec<String> = file.tensors.keys().filter(|name| !mapped.contains(name)).cloned().collect();
+        let mut entries: BTreeMap<String, Entry> = keys
+            .into_iter()
+            .filter(|(_, (name, _))| file.tensors.contains_key(name))
+            .map(|(key, (name, unpermute_heads))| (key, Entry::Gguf { name, unpermute_heads }))
+            .collect();
+        for name in unmapped {
+            entries.insert(name.clone(), Entry::Gguf { name, unpermute_heads: None });
+        }
+        Self {
+            dir: file.path().to_path_buf(),
+            shards: Vec::new(),
+            gguf: Some(file),
+            entries,
+            taken: BTreeSet::new(),
+            ignored_suffixes: Vec::new(),
+            ignored_prefixes: Vec::new(),
+            device: device.clone(),
+        }
     }
 
     /// Declares keys ending in these suffixes as known non-weight buffers: they are not taken and
@@ -155,14 +193,21 @@ impl WeightMap {
     }
 
     fn error_path(&self, key: &str) -> PathBuf {
-        self.entries.get(key).map(|entry| self.shards[entry.shard].path.clone()).unwrap_or_else(|| self.dir.clone())
+        match self.entries.get(key) {
+            Some(Entry::Safetensors { shard }) => self.shards[*shard].path.clone(),
+            _ => self.dir.clone(),
+        }
     }
 
     /// The stored shape of `key`.
     pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        let shard = &self.shards[self.entries.get(key)?.shard];
-        let tensors = SafeTensors::deserialize(&shard.mmap).ok()?;
-        Some(tensors.tensor(key).ok()?.shape().to_vec())
+        match self.entries.get(key)? {
+            Entry::Safetensors { shard } => {
+                let tensors = SafeTensors::deserialize(&self.shards[*shard].mmap).ok()?;
+                Some(tensors.tensor(key).ok()?.shape().to_vec())
+            }
+            Entry::Gguf { name, .. } => Some(self.gguf.as_ref()?.tensors.get(name)?.shape.clone()),
+        }
     }
 
     /// Reads `key` as f32 values, checking that its shape is `expected`.
@@ -170,7 +215,27 @@ impl WeightMap {
         let Some(entry) = self.entries.get(key) else {
             return Err(LoadError::MissingKey { path: self.dir.clone(), key: key.to_string(), expected: expected.to_vec() });
         };
-        let shard = &self.shards[entry.shard];
+        let shard = match entry {
+            Entry::Safetensors { shard } => &self.shards[*shard],
+            Entry::Gguf { name, unpermute_heads } => {
+                let file = self.gguf.as_ref().expect("GGUF entries come with their file");
+                let found = &file.tensors[name].shape;
+                if found.as_slice() != expected {
+                    return Err(LoadError::ShapeMismatch {
+                        path: self.dir.clone(),
+                        key: format!("{name}` (`{key}`"),
+                        expected: expected.to_vec(),
+                        found: found.clone(),
+                    });
+                }
+                let mut values = file.dequantize(name)?;
+                if let Some(heads) = unpermute_heads {
+                    values = crate::gguf::unpermute_rotary_rows(&values, expected[0], *heads);
+                }
+                self.taken.insert(key.to_string());
+                return Ok(values);
+            }
+        };
         let tensors = SafeTensors::deserialize(&shard.mmap)
             .map_err(|error| LoadError::Safetensors { path: shard.path.clone(), message: error.to_string() })?;
         let view = tensors
@@ -297,6 +362,11 @@ fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
 }
 
 impl WeightWriter {
+    /// Adds row-major `values` of `shape` under `key`.
+    pub fn values(&mut self, key: &str, shape: Vec<usize>, values: Vec<f32>) {
+        self.tensors.push((key.to_string(), shape, values));
+    }
+
     /// Adds a tensor under `key`.
     pub fn tensor<const D: usize>(&mut self, key: &str, tensor: Tensor<D>) {
         let shape = tensor.dims().to_vec();
