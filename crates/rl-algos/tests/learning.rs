@@ -186,3 +186,32 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
         assert!((loss_whole - loss_split).abs() < 1e-5 && (kl_whole - kl_split).abs() < 1e-6, "{loss_type:?}: {loss_whole} vs {loss_split}");
     }
 }
+
+/// Clip ratios average over every pass over the rollout. The first pass's ratios are 1 (the
+/// policy has not moved yet), so they can only be nonzero through the later passes: with a rate
+/// large enough to move the policy past the clip range, the second pass clips.
+#[test]
+fn clip_ratios_count_every_pass_over_the_rollout() {
+    use rl_algos::ppo::{Ppo, PpoConfig};
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let fast = OptimSettings { learning_rate: 0.1, ..optim(1) };
+    let grpo_step = |num_iterations: usize| {
+        let config = GrpoConfig { num_generations: 8, max_completion_length: 4, num_iterations, gradient_accumulation_steps: 2, ..GrpoConfig::default() };
+        let mut grpo = Grpo::new(tiny_policy(&device), config, fast.clone(), 0).unwrap();
+        grpo.train_step(&prompts(), &environment).unwrap()
+    };
+    let one = grpo_step(1);
+    assert_eq!(one["clip_ratio/region_mean"], 0.0, "a single pass has ratios of 1: {one:?}");
+    let two = grpo_step(2);
+    let (low, high, region) = (two["clip_ratio/low_mean"], two["clip_ratio/high_mean"], two["clip_ratio/region_mean"]);
+    assert!(region > 0.0 && region < 0.5, "the second pass clips, the first does not: {two:?}");
+    assert!((region - (low + high)).abs() < 1e-12, "{two:?}");
+    // PPO's clip fraction likewise counts every epoch's minibatches.
+    let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, num_mini_batches: 2, ..PpoConfig::default() };
+    let mut ppo = Ppo::new(tiny_policy(&device), config, fast, 0).unwrap();
+    let metrics = ppo.train_step(&prompts(), &environment).unwrap();
+    assert!(metrics["policy/clipfrac"] > 0.0, "{metrics:?}");
+}
