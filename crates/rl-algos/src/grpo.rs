@@ -280,7 +280,20 @@ pub struct Grpo {
 }
 
 /// The registry entry.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "grpo", validate: validate_entry, build: build_entry, resume: resume_entry };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
+    name: "grpo",
+    validate: validate_entry,
+    optimizer_steps_per_step: optimizer_steps_entry,
+    build: build_entry,
+    resume: resume_entry,
+};
+
+/// One optimizer step per iteration: micro-batches accumulate gradients into it.
+fn optimizer_steps_entry(value: &serde_json::Value, _prompts_per_step: usize) -> Result<u64, String> {
+    let config = parse_config::<GrpoConfig>("grpo", value)?;
+    config.validate()?;
+    Ok(config.num_iterations as u64)
+}
 
 fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
     let config = parse_config::<GrpoConfig>("grpo", &inputs.config).map_err(RlError::Config)?;
