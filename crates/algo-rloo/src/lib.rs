@@ -68,10 +68,15 @@ pub fn leave_one_out_advantages(rewards: &[f32], k: usize) -> Vec<f32> {
 }
 
 /// The registry entry: the one line the study runner adds is `algo_rloo::ENTRY`.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "rloo", validate, build, resume };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "rloo", validate, optimizer_steps_per_step, build, resume };
 
 fn validate(value: &serde_json::Value) -> Result<(), String> {
     parse_config::<RlooConfig>("rloo", value)?.validate()
+}
+
+/// One update per step, over the whole batch.
+fn optimizer_steps_per_step(value: &serde_json::Value, _prompts_per_step: usize) -> Result<u64, String> {
+    validate(value).map(|()| 1)
 }
 
 fn build(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {

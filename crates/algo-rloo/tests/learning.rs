@@ -76,6 +76,27 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
     assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "num_generations": 1 })).unwrap_err().contains("num_generations = 1"));
 }
 
+/// RLOO makes one update per step, so its schedule spans the run's steps and each step's
+/// update runs at the schedule's rate for that step.
+#[test]
+fn rloo_schedule_takes_one_optimizer_step_per_step() {
+    let device = Device::flex().autodiff();
+    let config = serde_json::json!({ "num_generations": 4, "max_completion_length": 3 });
+    let settings = OptimSettings { learning_rate: 1e-2, min_lr_ratio: 0.0, warmup_ratio: 0.3, ..OptimSettings::default() };
+    let optim = algo_rloo::ENTRY.run_optim(&config, &settings, 4, 4).unwrap();
+    assert_eq!(optim.total_steps, 4);
+    let schedule = optim.schedule();
+    let mut rloo = (algo_rloo::ENTRY.build)(AlgorithmInputs { policy: seeded_policy(0, &device), config, optim, seed: 0 }).unwrap();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let prompts: Vec<PromptItem> = (0..4).map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() }).collect();
+    for step in 0..4 {
+        let metrics = rloo.train_step(&prompts, &environment).unwrap();
+        assert_eq!(metrics["learning_rate"], schedule.learning_rate_at(step), "step {step}");
+    }
+}
+
 fn step_with_threads(entry: &AlgorithmEntry, config: &serde_json::Value, start: &std::path::Path, threads: usize) -> (Vec<f32>, Metrics) {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);

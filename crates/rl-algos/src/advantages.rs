@@ -1,6 +1,12 @@
 //! Advantages: GRPO's group-relative normalisation (DeepSeekMath, eq. for outcome supervision,
 //! as TRL computes it) and, for PPO, generalised advantage estimation.
 //!
+//! GRPO, per group of G rewards r_1..r_G:
+//!   A_i = (r_i - mean(r)) / (s + 1e-4),   s = std(r) (`group`), std of the batch (`batch`), or
+//!   A_i = r_i - mean(r)                                                            (`none`),
+//! with the std Bessel-corrected. A group whose rewards are all equal (r_i == r_j bit for bit)
+//! has A_i = 0 exactly, whatever the scaling.
+//!
 //! Legend: `G` completions per prompt (`num_generations`), `N` = prompts x G completions.
 
 use serde::{Deserialize, Serialize};
@@ -30,25 +36,28 @@ fn std(values: &[f32]) -> f32 {
 
 /// Group-relative advantages of rewards laid out group by group ([N], N a multiple of G):
 /// (r - group mean) / (std + 1e-4), the std per `scale`. Also returns, per completion, whether
-/// its group's rewards were all equal (zero std), which TRL logs as `frac_reward_zero_std`.
+/// its group's rewards were all equal (zero std), which TRL logs as `frac_reward_zero_std`;
+/// those completions' advantages are exactly 0.
 pub fn group_advantages(rewards: &[f32], num_generations: usize, scale: ScaleRewards) -> (Vec<f32>, Vec<bool>) {
     assert!(num_generations > 0 && rewards.len() % num_generations == 0, "rewards must come in whole groups");
     let batch_std = std(rewards);
     let mut advantages = Vec::with_capacity(rewards.len());
     let mut zero_std = Vec::with_capacity(rewards.len());
     for group in rewards.chunks(num_generations) {
+        // Equality, not a threshold on the computed std: in f32 the mean of equal rewards can
+        // be off by an ulp (8 x 2.6 gives a std of 2.5e-7), and the division by std + 1e-4 then
+        // turns that rounding error into advantages of -0.0024, a signal that is not there.
+        let all_equal = group.iter().all(|&reward| reward == group[0]);
         let mean = group.iter().sum::<f32>() / group.len() as f32;
-        let group_std = std(group);
         let divisor = match scale {
-            ScaleRewards::Group => Some(group_std),
+            ScaleRewards::Group => Some(std(group)),
             ScaleRewards::Batch => Some(batch_std),
             ScaleRewards::None => None,
         };
         for &reward in group {
             let centred = reward - mean;
-            advantages.push(divisor.map_or(centred, |d| centred / (d + 1e-4)));
-            // As TRL's torch.isclose(std, 0): |std| <= 1e-8.
-            zero_std.push(group_std.abs() <= 1e-8);
+            advantages.push(if all_equal { 0.0 } else { divisor.map_or(centred, |d| centred / (d + 1e-4)) });
+            zero_std.push(all_equal);
         }
     }
     (advantages, zero_std)
@@ -86,6 +95,36 @@ pub fn whiten(values: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rewards that are the same f32 sums: a threshold on their computed std misses them.
+    fn equal_groups() -> Vec<Vec<f32>> {
+        vec![vec![2.6; 8], vec![0.1 + 0.2; 8], vec![0.1 + 0.2 + 2.6; 6], vec![0.0; 2]]
+    }
+
+    #[test]
+    fn groups_of_equal_rewards_get_exactly_zero_advantages() {
+        // The case that motivated exact equality: the f32 std of 8 x 2.6 is not below 1e-8.
+        assert!(std(&[2.6; 8]) > 1e-8, "std of 8 x 2.6 is {}", std(&[2.6; 8]));
+        for scale in [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None] {
+            for group in equal_groups() {
+                // An equal group next to a group with signal, so the batch std is not 0.
+                let mut rewards = group.clone();
+                rewards.extend((0..group.len()).map(|i| i as f32));
+                let (advantages, zero_std) = group_advantages(&rewards, group.len(), scale);
+                let g = group.len();
+                assert!(advantages[..g].iter().all(|&a| a.to_bits() == 0), "{scale:?} {group:?}: {advantages:?}");
+                assert_eq!(&zero_std[..g], vec![true; g].as_slice());
+                assert!(zero_std[g..].iter().all(|z| !z) && advantages[g..].iter().any(|&a| a != 0.0), "{scale:?}: {advantages:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn groups_that_differ_by_one_ulp_are_not_zero_variance() {
+        let next = f32::from_bits(2.6f32.to_bits() + 1);
+        let (_, zero_std) = group_advantages(&[2.6, 2.6, 2.6, next], 4, ScaleRewards::Group);
+        assert_eq!(zero_std, vec![false; 4]);
+    }
 
     #[test]
     fn gae_with_lambda_one_is_the_discounted_return_minus_value() {

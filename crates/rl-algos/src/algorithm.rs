@@ -74,7 +74,9 @@ pub struct OptimSettings {
     pub adamw: AdamWSettings,
     /// Global gradient-norm clip. Default 1.0 (TRL's `max_grad_norm`).
     pub max_grad_norm: Option<f64>,
-    /// Optimizer steps of the whole run (for the schedule). Default 100.
+    /// Optimizer steps of the whole run (for the schedule). Default 100. An algorithm step can
+    /// take several optimizer steps (PPO's epochs x minibatches, GRPO's iterations): the study
+    /// runner sets this from [`AlgorithmEntry::run_optim`], whatever a study file says.
     pub total_steps: u64,
 }
 
@@ -190,11 +192,24 @@ pub struct AlgorithmEntry {
     pub name: &'static str,
     /// Validates the config block without building anything (for `--dry-run` and config tests).
     pub validate: fn(&serde_json::Value) -> Result<(), String>,
+    /// Optimizer steps one training step takes with this config block and this many prompts
+    /// per step (the learning-rate schedule counts optimizer steps, not training steps).
+    pub optimizer_steps_per_step: fn(&serde_json::Value, usize) -> Result<u64, String>,
     /// Builds the algorithm.
     pub build: fn(AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError>,
     /// Rebuilds it from a checkpoint written by [`RlAlgorithm::save_checkpoint`]; the inputs'
     /// policy is the run's starting policy (the reference).
     pub resume: fn(AlgorithmInputs, &Path) -> Result<Box<dyn RlAlgorithm>, RlError>,
+}
+
+impl AlgorithmEntry {
+    /// The settings of a run of `steps` training steps of `prompts_per_step` prompts: `optim`
+    /// with its schedule spanning the run's optimizer steps (steps x
+    /// [`Self::optimizer_steps_per_step`]); the warmup, a ratio of the total, scales with it.
+    pub fn run_optim(&self, config: &serde_json::Value, optim: &OptimSettings, steps: u64, prompts_per_step: usize) -> Result<OptimSettings, String> {
+        let per_step = (self.optimizer_steps_per_step)(config, prompts_per_step)?;
+        Ok(OptimSettings { total_steps: steps.saturating_mul(per_step), ..optim.clone() })
+    }
 }
 
 /// Parses and validates a config block with serde, naming the algorithm in errors.

@@ -280,7 +280,20 @@ pub struct Grpo {
 }
 
 /// The registry entry.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "grpo", validate: validate_entry, build: build_entry, resume: resume_entry };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
+    name: "grpo",
+    validate: validate_entry,
+    optimizer_steps_per_step: optimizer_steps_entry,
+    build: build_entry,
+    resume: resume_entry,
+};
+
+/// One optimizer step per iteration: micro-batches accumulate gradients into it.
+fn optimizer_steps_entry(value: &serde_json::Value, _prompts_per_step: usize) -> Result<u64, String> {
+    let config = parse_config::<GrpoConfig>("grpo", value)?;
+    config.validate()?;
+    Ok(config.num_iterations as u64)
+}
 
 fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
     let config = parse_config::<GrpoConfig>("grpo", &inputs.config).map_err(RlError::Config)?;
@@ -432,11 +445,13 @@ impl RlAlgorithm for Grpo {
         let totals = BatchTotals { sequences: count, tokens: mask_host.iter().sum::<f32>() };
         let micro = count.div_ceil(self.config.gradient_accumulation_steps);
         let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
-        for iteration in 0..self.config.num_iterations {
+        // Token-weighted sums of the objective's metrics and of the entropy over the
+        // micro-batches of every iteration, whose mean is reported (TRL logs them at each).
+        // Clipping can only show after the first iteration: until the policy moves, ratios are 1.
+        let mut weighted = [0.0f64; 5];
+        for _iteration in 0..self.config.num_iterations {
             let mut accumulator = GradientsAccumulator::new();
             let mut loss_sum = 0.0;
-            // Token-weighted sums of the objective's metrics and of the entropy.
-            let mut weighted = [0.0f64; 5];
             for start in (0..count).step_by(micro.max(1)) {
                 // Each micro-batch runs as one shard of rows per thread on the CPU; a shard's
                 // loss is its share of the batch loss (normalised by the batch totals).
@@ -493,16 +508,14 @@ impl RlAlgorithm for Grpo {
                     }
                 };
             policy = updated;
-            if iteration == 0 {
-                let tokens = f64::from(totals.tokens).max(1.0);
-                for (name, sum) in ["kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"].iter().zip(weighted) {
-                    metrics.insert(name.to_string(), sum / tokens);
-                }
-            }
             metrics.insert("loss".to_string(), stats.loss);
             metrics.insert("grad_norm".to_string(), stats.grad_norm);
             metrics.insert("update_norm".to_string(), stats.update_norm);
             metrics.insert("learning_rate".to_string(), learning_rate);
+        }
+        let tokens = f64::from(totals.tokens).max(1.0) * self.config.num_iterations as f64;
+        for (name, sum) in ["kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"].iter().zip(weighted) {
+            metrics.insert(name.to_string(), sum / tokens);
         }
         self.policy = Some(policy);
         self.steps += 1;

@@ -291,7 +291,28 @@ pub struct Ppo {
 }
 
 /// The registry entry.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "ppo", validate: validate_entry, build: build_entry, resume: resume_entry };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
+    name: "ppo",
+    validate: validate_entry,
+    optimizer_steps_per_step: optimizer_steps_entry,
+    build: build_entry,
+    resume: resume_entry,
+};
+
+/// One optimizer step per minibatch of each epoch; PPO samples one completion per prompt.
+fn optimizer_steps_entry(value: &serde_json::Value, prompts_per_step: usize) -> Result<u64, String> {
+    let config = parse_config::<PpoConfig>("ppo", value)?;
+    config.validate()?;
+    Ok((config.num_ppo_epochs * minibatches(prompts_per_step, config.num_mini_batches).len()) as u64)
+}
+
+/// The rows of each minibatch of `count` completions: ceil(count / num_mini_batches) rows each,
+/// the last taking the remainder; `num_mini_batches` of them, or fewer when the rows run out
+/// first (5 rows in 4 minibatches: 2, 2, 1).
+pub fn minibatches(count: usize, num_mini_batches: usize) -> Vec<std::ops::Range<usize>> {
+    let size = count.div_ceil(num_mini_batches.max(1)).max(1);
+    (0..count).step_by(size).map(|start| start..(start + size).min(count)).collect()
+}
 
 fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
     let config = parse_config::<PpoConfig>("ppo", &inputs.config).map_err(RlError::Config)?;
@@ -428,15 +449,13 @@ impl RlAlgorithm for Ppo {
         let old_values = Tensor::<2>::from_inner(old_values);
         let mask = rollout::loss_mask(&rollout, false, &device);
         let schedule = self.optim.schedule();
-        // The last minibatch takes the remainder when the prompts do not divide evenly.
-        let minibatch = count.div_ceil(self.config.num_mini_batches);
         let mut sums = [0.0f64; 6]; // policy loss, value loss, approxkl, clipfrac, entropy, grad norm
         let mut updates = 0usize;
         let mut update_norm_sum = 0.0;
         let mut learning_rate = 0.0;
         for _epoch in 0..self.config.num_ppo_epochs {
-            for start in (0..count).step_by(minibatch.max(1)) {
-                let rows_range = start..(start + minibatch).min(count);
+            for rows_range in minibatches(count, self.config.num_mini_batches) {
+                let start = rows_range.start;
                 let pick = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..width]);
                 let minibatch_tokens = f64::from(pick(&mask, rows_range.clone()).sum().into_scalar::<f32>()).max(1.0);
                 let entropy_coef = self.config.entropy_coef as f32;

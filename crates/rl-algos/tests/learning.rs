@@ -186,3 +186,71 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
         assert!((loss_whole - loss_split).abs() < 1e-5 && (kl_whole - kl_split).abs() < 1e-6, "{loss_type:?}: {loss_whole} vs {loss_split}");
     }
 }
+
+/// Clip ratios average over every pass over the rollout. The first pass's ratios are 1 (the
+/// policy has not moved yet), so they can only be nonzero through the later passes: with a rate
+/// large enough to move the policy past the clip range, the second pass clips.
+#[test]
+fn clip_ratios_count_every_pass_over_the_rollout() {
+    use rl_algos::ppo::{Ppo, PpoConfig};
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let fast = OptimSettings { learning_rate: 0.1, ..optim(1) };
+    let grpo_step = |num_iterations: usize| {
+        let config = GrpoConfig { num_generations: 8, max_completion_length: 4, num_iterations, gradient_accumulation_steps: 2, ..GrpoConfig::default() };
+        let mut grpo = Grpo::new(tiny_policy(&device), config, fast.clone(), 0).unwrap();
+        grpo.train_step(&prompts(), &environment).unwrap()
+    };
+    let one = grpo_step(1);
+    assert_eq!(one["clip_ratio/region_mean"], 0.0, "a single pass has ratios of 1: {one:?}");
+    let two = grpo_step(2);
+    let (low, high, region) = (two["clip_ratio/low_mean"], two["clip_ratio/high_mean"], two["clip_ratio/region_mean"]);
+    assert!(region > 0.0 && region < 0.5, "the second pass clips, the first does not: {two:?}");
+    assert!((region - (low + high)).abs() < 1e-12, "{two:?}");
+    // PPO's clip fraction likewise counts every epoch's minibatches.
+    let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, num_mini_batches: 2, ..PpoConfig::default() };
+    let mut ppo = Ppo::new(tiny_policy(&device), config, fast, 0).unwrap();
+    let metrics = ppo.train_step(&prompts(), &environment).unwrap();
+    assert!(metrics["policy/clipfrac"] > 0.0, "{metrics:?}");
+}
+
+/// Learning-rate schedules span the run's optimizer steps: an algorithm step takes epochs x
+/// minibatches of them in PPO and one per iteration in GRPO (gradient accumulation adds none).
+/// With a cosine decay to 0, each step's last update runs at the schedule's rate for that
+/// optimizer step, and the run's last update is still above 0.
+#[test]
+fn schedules_count_optimizer_steps_not_algorithm_steps() {
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let prompts = prompts();
+    let steps = 3u64;
+    let cases = [
+        (rl_algos::ppo::ENTRY, serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 4, "num_mini_batches": 2}), 4 * 2),
+        // Four prompts in minibatches of ceil(4 / 3) = 2 rows: two minibatches, not three.
+        (rl_algos::ppo::ENTRY, serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 3}), 2 * 2),
+        (
+            rl_algos::grpo::ENTRY,
+            serde_json::json!({"num_generations": 4, "max_completion_length": 3, "num_iterations": 2, "gradient_accumulation_steps": 2}),
+            2,
+        ),
+    ];
+    for (entry, config, per_step) in cases {
+        let settings = OptimSettings { learning_rate: 1e-3, warmup_ratio: 0.25, min_lr_ratio: 0.0, ..OptimSettings::default() };
+        let optim = entry.run_optim(&config, &settings, steps, prompts.len()).unwrap();
+        assert_eq!(optim.total_steps, steps * per_step, "{} {config}", entry.name);
+        let schedule = optim.schedule();
+        assert_eq!(schedule.warmup_steps, (0.25 * (steps * per_step) as f64).round() as u64, "warmup scales with the total");
+        let mut algorithm = (entry.build)(rl_algos::AlgorithmInputs { policy: tiny_policy(&device), config: config.clone(), optim, seed: 1 }).unwrap();
+        let mut last = f64::NAN;
+        for step in 1..=steps {
+            last = algorithm.train_step(&prompts, &environment).unwrap()["learning_rate"];
+            // The step's updates are optimizer steps (step - 1) x per_step ..= step x per_step - 1.
+            assert_eq!(last, schedule.learning_rate_at(step * per_step - 1), "{} {config}: step {step}", entry.name);
+        }
+        assert!(last > 0.0 && last < settings.learning_rate, "{} {config}: the last update's rate is {last}", entry.name);
+    }
+}

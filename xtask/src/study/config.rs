@@ -256,7 +256,8 @@ pub enum MethodSpec {
         /// Exemplars in the training and evaluation prompts ("GRPO combined with CoT prompting").
         #[serde(default)]
         few_shot_k: usize,
-        /// Optimisation settings.
+        /// Optimisation settings. The runner sets `total_steps` to the run's optimizer steps
+        /// (see [`Study::rl_optim`]), so a value given here has no effect.
         #[serde(default)]
         optim: OptimSettings,
         /// The algorithm's own settings (checked by its registry entry).
@@ -442,10 +443,9 @@ impl Study {
             training.steps = training.steps.min(20);
         }
         for method in self.methods.values_mut() {
-            if let MethodSpec::Rl { steps, optim, prompts_per_step, .. } = method {
+            if let MethodSpec::Rl { steps, prompts_per_step, .. } = method {
                 *steps = (*steps).min(3);
                 *prompts_per_step = (*prompts_per_step).min(2);
-                optim.total_steps = *steps;
             }
         }
         self.evaluation.test_size = self.evaluation.test_size.min(16);
@@ -455,6 +455,19 @@ impl Study {
             self.evaluation.eval_every = 2;
             self.evaluation.train_eval_size = self.evaluation.train_eval_size.min(8);
         }
+    }
+}
+
+impl Study {
+    /// The optimisation settings the RL method `method` is built with: its `optim`, with the
+    /// learning-rate schedule spanning the run's optimizer steps (the method's steps x the
+    /// optimizer steps its algorithm takes per step, as its registry entry counts them).
+    pub fn rl_optim(&self, method: &str, registry: &[rl_algos::AlgorithmEntry]) -> anyhow::Result<OptimSettings> {
+        let Some(MethodSpec::Rl { algorithm, steps, prompts_per_step, optim, config, .. }) = self.methods.get(method) else {
+            bail!("methods.{method} is not an RL method");
+        };
+        let entry = registry.iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{method}.algorithm = {algorithm:?} is not registered"))?;
+        entry.run_optim(config, optim, *steps, *prompts_per_step).map_err(|error| anyhow::anyhow!("methods.{method}.config: {error}"))
     }
 }
 
@@ -601,6 +614,35 @@ algorithm = "grpo"
 reward_sources = ["rules"]
 steps = 2
 "#;
+
+    /// The runner's schedules span each method's optimizer steps: PPO takes epochs x
+    /// minibatches per step, GRPO one per iteration, so a total of `steps` would end the
+    /// schedule (at a rate of 0 with `min_lr_ratio = 0`) partway through the run.
+    #[test]
+    fn schedules_span_the_optimizer_steps_of_each_rl_method() {
+        let text = format!(
+            "{MINIMAL}config = {{ num_iterations = 2 }}\n\
+             [methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"\nreward_sources = [\"rules\"]\nsteps = 10\nprompts_per_step = 4\n\
+             optim = {{ min_lr_ratio = 0.0, warmup_ratio = 0.1, total_steps = 10 }}\nconfig = {{ num_ppo_epochs = 4, num_mini_batches = 2 }}\n"
+        );
+        let study = parse(&text).unwrap();
+        let ppo = study.rl_optim("ppo", registry()).unwrap();
+        assert_eq!(ppo.total_steps, 10 * 4 * 2);
+        assert_eq!(ppo.schedule().warmup_steps, 8, "the warmup ratio applies to optimizer steps");
+        assert!(ppo.schedule().learning_rate_at(ppo.total_steps - 1) > 0.0);
+        assert_eq!(study.rl_optim("grpo", registry()).unwrap().total_steps, 2 * 2);
+        assert!(study.rl_optim("nope", registry()).is_err());
+        // The committed GPT-Neo studies: PPO's default epochs over one minibatch per step; the
+        // rate is still above 0 at the last of them.
+        let epochs = rl_algos::ppo::PpoConfig::default().num_ppo_epochs as u64;
+        for file in ["gsm8k-gpt-neo-125m.toml", "gsm8k-gpt-neo-1.3b.toml"] {
+            let study = Study::load(&configs_dir().join(file)).unwrap();
+            let Some(MethodSpec::Rl { steps, .. }) = study.methods.get("ppo") else { panic!("{file}: no ppo method") };
+            let optim = study.rl_optim("ppo", registry()).unwrap();
+            assert_eq!(optim.total_steps, steps * epochs, "{file}");
+            assert!(optim.schedule().learning_rate_at(optim.total_steps - 1) > 0.0, "{file}");
+        }
+    }
 
     #[test]
     fn mistakes_are_errors_that_name_the_field() {

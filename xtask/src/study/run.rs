@@ -511,7 +511,7 @@ fn run_cell(
     let (policy, k, train_seconds, metrics) = match method {
         MethodSpec::FewShot { k } => (CausalLm::load_dir(base_dir, device)?, *k, 0.0, Vec::new()),
         MethodSpec::Base => (CausalLm::load_dir(base_dir, device)?, 0, 0.0, Vec::new()),
-        MethodSpec::Rl { algorithm, steps, prompts_per_step, few_shot_k, optim, config, .. } => {
+        MethodSpec::Rl { algorithm, steps, prompts_per_step, few_shot_k, config, .. } => {
             let source = &study.reward_sources[&cell.reward_source];
             let mut functions: Vec<(Box<dyn RewardFunction>, f32)> =
                 source.rules.iter().map(|rule| (Box::new(rule.kind) as Box<dyn RewardFunction>, rule.weight)).collect();
@@ -522,8 +522,7 @@ fn run_cell(
             let rewards = WeightedRewards::new(functions);
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
-            let mut optim = optim.clone();
-            optim.total_steps = *steps;
+            let optim = study.rl_optim(&cell.method, registry())?;
             let inputs = AlgorithmInputs { policy: CausalLm::load_dir(base_dir, &autodiff)?, config: config.clone(), optim, seed: cell.seed };
             let mut algorithm = (entry.build)(inputs)?;
             let builder = prompt_builder(study, task, base_dir, *few_shot_k, cell.seed)?;
