@@ -312,39 +312,41 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
     if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) {
         // The threshold is a logit, not a weight: weights far below the maximum underflow to
         // equal zeros, which would tie tokens whose logits differ.
-        let (_, kth, _) = candidates.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        let (_, kth, rest) = candidates.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
         let kth = logits[*kth];
-        candidates = (0..logits.len()).filter(|&index| logits[index] >= kth).collect();
+        let ties: Vec<usize> = rest.iter().copied().filter(|&index| logits[index] == kth).collect();
+        candidates.truncate(k);
+        candidates.extend(ties);
     }
     if top_p >= 1.0 {
         candidates.sort_unstable_by(by_weight);
         return candidates.into_iter().map(|index| (index, weights[index])).collect();
     }
     let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
+    // The number of tokens kept from the front of `order`, if their mass reaches top_p there.
+    let reaching = |order: &[usize]| {
+        let mut mass = 0.0;
+        order.iter().position(|&index| {
+            mass += weights[index] / total;
+            mass >= f64::from(top_p)
+        })
+        .map(|last| last + 1)
+    };
     // Select the best 64 candidates without sorting them all; when they do not reach top_p (a
     // flat distribution), sort them all (an intermediate width only added a sort).
-    let mut wanted = candidates.len().min(64);
-    loop {
-        let mut order = candidates.clone();
-        if wanted < order.len() {
-            order.select_nth_unstable_by(wanted - 1, by_weight);
-            order.truncate(wanted);
+    let wanted = candidates.len().min(64);
+    if wanted < candidates.len() {
+        candidates.select_nth_unstable_by(wanted - 1, by_weight);
+        let mut best = candidates[..wanted].to_vec();
+        best.sort_unstable_by(by_weight);
+        if let Some(keep) = reaching(&best) {
+            best.truncate(keep);
+            return best.into_iter().map(|index| (index, weights[index])).collect();
         }
-        order.sort_unstable_by(by_weight);
-        let mut kept = Vec::new();
-        let mut mass = 0.0;
-        for &index in &order {
-            kept.push((index, weights[index]));
-            mass += weights[index] / total;
-            if mass >= f64::from(top_p) {
-                return kept;
-            }
-        }
-        if wanted == candidates.len() {
-            return kept;
-        }
-        wanted = candidates.len();
     }
+    candidates.sort_unstable_by(by_weight);
+    candidates.truncate(reaching(&candidates).unwrap_or(candidates.len()));
+    candidates.into_iter().map(|index| (index, weights[index])).collect()
 }
 
 /// Per-token log-probabilities and entropies of completions given their prompts, in one
