@@ -23,10 +23,10 @@ use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// Llama 3's pre-tokenization pattern (Meta's `tokenizer.py`; transformers' `TikTokenConverter`).

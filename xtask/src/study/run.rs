@@ -918,4 +918,26 @@ mod tests {
         let cut = fit(ids.clone(), 12, llama.prepended_bos().map(i64::from));
         assert_eq!((cut.len(), cut[0], &cut[1..]), (12, 128000, &ids[ids.len() - 11..]));
     }
+
+    #[test]
+    fn a_base_saved_without_the_bos_template_gets_it_on_reuse() {
+        let texts = ["Q: What is 2 + 3?\nA: 5".to_string(), "Q: What is 4 + 4?\nA: 8".to_string()];
+        let trained = train_tokenizer(texts.into_iter(), 300).unwrap();
+        let eos = trained.eos_ids[0];
+        // As such a base was saved: no template, and its BOS named only in the configs.
+        let dir = tempfile::tempdir().unwrap();
+        trained.save(&dir.path().join("tokenizer.json")).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}"#).unwrap();
+        std::fs::write(dir.path().join("config.json"), format!(r#"{{"bos_token_id": {eos}, "eos_token_id": {eos}}}"#)).unwrap();
+        assert_eq!(PolicyTokenizer::load_dir(dir.path()).unwrap().prepended_bos(), None);
+        add_missing_bos_template(dir.path()).unwrap();
+        let upgraded = PolicyTokenizer::load_dir(dir.path()).unwrap();
+        assert_eq!(upgraded.prepended_bos(), Some(eos));
+        let ids = encode(&upgraded, "Q: What is 2 + 3?", false).unwrap();
+        assert_eq!(ids[0], i64::from(eos));
+        assert_eq!(ids[1..], encode(&upgraded, "Q: What is 2 + 3?", true).unwrap()[..]);
+        // A second pass leaves it as it is.
+        add_missing_bos_template(dir.path()).unwrap();
+        assert_eq!(encode(&PolicyTokenizer::load_dir(dir.path()).unwrap(), "Q: What is 2 + 3?", false).unwrap(), ids);
+    }
 }
