@@ -29,7 +29,7 @@ pub struct Args {
     /// Nucleus sampling: keep the most likely tokens up to this probability.
     #[arg(long)]
     top_p: Option<f32>,
-    /// Keep only this many most likely tokens.
+    /// Keep only this many most likely tokens (and any tied with the last; 0: all).
     #[arg(long)]
     top_k: Option<usize>,
     /// Seed of the sampler.
@@ -54,7 +54,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let tokenizer = tokenizer
                 .as_ref()
                 .with_context(|| format!("--prompt needs a tokenizer in {}; pass --ids instead", dir.display()))?;
-            tokenizer.encode(text, false)?.into_iter().map(i64::from).collect()
+            // As transformers' `tokenizer(text)`: the tokenizer decides whether a BOS goes first.
+            tokenizer.encode(text, true)?.into_iter().map(i64::from).collect()
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires --prompt or --ids"),

@@ -20,14 +20,16 @@ pub enum Sampler {
     /// The most likely token (ties: the lowest id, as `torch.argmax`).
     Greedy,
     /// Sampling from softmax(logits / temperature), restricted to the `top_k` most likely
-    /// tokens and then to the smallest set whose probability reaches `top_p` (applied in that
-    /// order, as transformers' logits warpers).
+    /// tokens and then to the smallest set of those whose renormalised probability reaches
+    /// `top_p`: transformers' temperature, top-k and top-p warpers, in that order.
     Sample {
         /// Divides the logits; 1 is the model's own distribution.
         temperature: f32,
-        /// Keep only this many most likely tokens (`None`: all).
+        /// Keep only this many most likely tokens, and every token tied with the last of them
+        /// (`None` or 0: all, as transformers' `top_k=0`).
         top_k: Option<usize>,
-        /// Nucleus: keep the most likely tokens until their probability reaches this (`None` or 1: all).
+        /// Nucleus: keep the most likely tokens until their probability reaches this; always
+        /// at least one (`None` or 1: all).
         top_p: Option<f32>,
     },
 }
@@ -243,12 +245,7 @@ fn finish(
 pub fn choose(logits: &[f32], sampler: Sampler, rng: &mut ChaCha8Rng) -> (i64, f32) {
     match sampler {
         Sampler::Greedy => {
-            let mut best = 0;
-            for (index, &value) in logits.iter().enumerate() {
-                if value > logits[best] {
-                    best = index;
-                }
-            }
+            let best = greedy_index(logits);
             (best as i64, log_softmax_at(logits, best))
         }
         Sampler::Sample { temperature, top_k, top_p } => {
@@ -268,45 +265,90 @@ pub fn choose(logits: &[f32], sampler: Sampler, rng: &mut ChaCha8Rng) -> (i64, f
     }
 }
 
+/// The most likely token (ties: the lowest id, as `torch.argmax`).
+fn greedy_index(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (index, &value) in logits.iter().enumerate() {
+        if value > logits[best] {
+            best = index;
+        }
+    }
+    best
+}
+
 fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
     (f64::from(logits[index] - max) - sum.ln()) as f32
 }
 
-/// The tokens that survive temperature, top-k and top-p, most likely first, with their
-/// unnormalised probabilities exp((logit - max) / temperature).
+/// The tokens a sampler can draw, most likely first, with their probabilities (summing to 1):
+/// what transformers' warpers leave of `logits` (see [`Sampler::Sample`]). Greedy keeps one.
+pub fn sampling_distribution(logits: &[f32], sampler: Sampler) -> Vec<(usize, f64)> {
+    let candidates = match sampler {
+        Sampler::Greedy => vec![(greedy_index(logits), 1.0)],
+        Sampler::Sample { temperature, top_k, top_p } => nucleus(logits, temperature, top_k, top_p.unwrap_or(1.0)),
+    };
+    let total: f64 = candidates.iter().map(|(_, weight)| weight).sum();
+    candidates.into_iter().map(|(index, weight)| (index, weight / total)).collect()
+}
+
+/// The tokens that survive transformers' warpers, applied in its order, each to what the
+/// previous one left: temperature; top-k, which removes only the logits below the k-th largest
+/// (every token tied with it stays; `None`, 0 or at least the vocabulary: off); top-p over the
+/// top-k survivors renormalised, keeping the most likely tokens while the mass before them is
+/// below `top_p` (at least one token; 1 or more: off). Returned most likely first (ties: the
+/// lower id first), with unnormalised probabilities exp((logit - max) / temperature).
+///
+/// Where top-p's cut falls inside a group of tied tokens, the lower ids stay: transformers'
+/// choice there follows torch's unstable sort, which has no fixed order for ties.
 fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -> Vec<(usize, f64)> {
     let temperature = f64::from(temperature.max(1e-6));
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = logits.iter().map(|&v| (f64::from(v - max) / temperature).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let keep_at_most = top_k.unwrap_or(weights.len()).clamp(1, weights.len());
-    // Select the best 64 tokens without sorting the whole vocabulary; when they do not reach
-    // top_p (a flat distribution), sort them all (an intermediate width only added a sort).
-    let mut wanted = keep_at_most.min(64);
-    loop {
-        let mut order: Vec<usize> = (0..weights.len()).collect();
-        if wanted < order.len() {
-            order.select_nth_unstable_by(wanted - 1, |&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
-            order.truncate(wanted);
-        }
-        // A total order (ties by index), so the unstable sort gives the stable sort's order.
-        order.sort_unstable_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
-        let mut kept = Vec::new();
-        let mut mass = 0.0;
-        for &index in &order {
-            kept.push((index, weights[index]));
-            mass += weights[index] / total;
-            if mass >= f64::from(top_p) {
-                return kept;
-            }
-        }
-        if wanted >= keep_at_most {
-            return kept;
-        }
-        wanted = keep_at_most;
+    // A total order (ties by id), so unstable sorts and selections give one answer.
+    let by_weight = |a: &usize, b: &usize| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b));
+    let mut candidates: Vec<usize> = (0..logits.len()).collect();
+    if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) {
+        // The threshold is a logit, not a weight: weights far below the maximum underflow to
+        // equal zeros, which would tie tokens whose logits differ.
+        let (_, kth, rest) = candidates.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        let kth = logits[*kth];
+        let ties: Vec<usize> = rest.iter().copied().filter(|&index| logits[index] == kth).collect();
+        candidates.truncate(k);
+        candidates.extend(ties);
     }
+    if top_p >= 1.0 {
+        candidates.sort_unstable_by(by_weight);
+        return candidates.into_iter().map(|index| (index, weights[index])).collect();
+    }
+    let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
+    // The number of tokens kept from the front of `order`, if their mass reaches top_p there.
+    let reaching = |order: &[usize]| {
+        let mut mass = 0.0;
+        order.iter().position(|&index| {
+            mass += weights[index] / total;
+            mass >= f64::from(top_p)
+        })
+        .map(|last| last + 1)
+    };
+    // Select the best 64 candidates without sorting them all; when they do not reach top_p (a
+    // flat distribution), sort them all (an intermediate width only added a sort).
+    let wanted = candidates.len().min(64);
+    if wanted < candidates.len() {
+        // On a copy: sorting the whole list later is faster from its original order.
+        let mut best = candidates.clone();
+        best.select_nth_unstable_by(wanted - 1, by_weight);
+        best.truncate(wanted);
+        best.sort_unstable_by(by_weight);
+        if let Some(keep) = reaching(&best) {
+            best.truncate(keep);
+            return best.into_iter().map(|index| (index, weights[index])).collect();
+        }
+    }
+    candidates.sort_unstable_by(by_weight);
+    candidates.truncate(reaching(&candidates).unwrap_or(candidates.len()));
+    candidates.into_iter().map(|index| (index, weights[index])).collect()
 }
 
 /// Per-token log-probabilities and entropies of completions given their prompts, in one
@@ -359,6 +401,29 @@ mod tests {
         assert_eq!(ids(nucleus(&logits, 1.0, None, 0.5)), vec![0]);
         assert_eq!(ids(nucleus(&logits, 1.0, None, 0.96)), vec![0, 1, 2, 3]);
         assert_eq!(ids(nucleus(&logits, 1.0, Some(3), 1.0)), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn top_k_zero_is_off_and_ties_at_the_kth_logit_stay() {
+        let logits = [2.0f32, 1.0, 3.0, 1.0, 0.5];
+        let ids = |kept: Vec<(usize, f64)>| kept.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(ids(nucleus(&logits, 1.0, Some(0), 1.0)), vec![2, 0, 1, 3, 4]);
+        assert_eq!(ids(nucleus(&logits, 1.0, Some(3), 1.0)), vec![2, 0, 1, 3]);
+        assert_eq!(ids(nucleus(&logits, 1.0, Some(9), 1.0)), vec![2, 0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn top_p_renormalises_over_top_k_and_cuts_ties_keeping_the_lower_ids() {
+        let ids = |kept: Vec<(usize, f64)>| kept.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        // Top-k 2 of 0.4, 0.3, 0.2, 0.1 leaves 4/7 and 3/7: 4/7 alone reaches top-p 0.55 (0.4
+        // of the whole vocabulary would not).
+        let logits: Vec<f32> = [0.4f32, 0.3, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        assert_eq!(ids(nucleus(&logits, 1.0, Some(2), 0.55)), vec![0]);
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.55)), vec![0, 1]);
+        // 0.4, then three tokens of 0.2: the cut keeps the lower ids of the tied group.
+        let logits: Vec<f32> = [0.2f32, 0.2, 0.4, 0.2].iter().map(|p| p.ln()).collect();
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.55)), vec![2, 0]);
+        assert_eq!(ids(nucleus(&logits, 1.0, None, 0.7)), vec![2, 0, 1]);
     }
 
     #[test]

@@ -2,9 +2,14 @@
 //! `merges.txt` when a checkpoint has no `tokenizer.json`, assembled as transformers assembles
 //! them (byte-level BPE; Qwen2's split pattern and NFC; RoBERTa's `<s> ... </s>`), with the
 //! added tokens of `tokenizer_config.json`; or, with neither, Meta's tiktoken ranks (Llama 3's
-//! `original/tokenizer.model`) converted as transformers' `TikTokenConverter` does. Special ids
-//! come from `config.json`, `generation_config.json` and `tokenizer_config.json`, in that order
-//! of preference.
+//! `original/tokenizer.model`) converted as transformers' `TikTokenConverter` does. End and
+//! padding ids come from `config.json`, `generation_config.json` and `tokenizer_config.json`, in
+//! that order of preference. The beginning-of-sequence token is the tokenizer's own business,
+//! as in transformers: `tokenizer_config.json` names it, and only the post-processor (or
+//! `add_bos_token` where there is no `tokenizer.json`) puts it in front of an encoding.
+//! `config.json`'s `bos_token_id` is what the model was pretrained with, not a promise that
+//! prompts start with it (SmolLM2 declares `<|im_start|>`; GPT-Neo and Qwen2 declare
+//! `<|endoftext|>`; none of their tokenizers adds it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
@@ -48,12 +54,16 @@ pub enum TokenizerError {
 #[derive(Debug, Clone)]
 pub struct PolicyTokenizer {
     inner: Tokenizer,
-    /// Beginning-of-sequence token, if the model has one.
+    /// The tokenizer's beginning-of-sequence token (transformers' `bos_token_id`):
+    /// `tokenizer_config.json`'s `bos_token`, else the token the post-processor prepends.
+    /// Naming one does not make encodings start with it; see [`PolicyTokenizer::prepended_bos`].
     pub bos_id: Option<u32>,
     /// Tokens that end generation (`generation_config.json` may list several).
     pub eos_ids: Vec<u32>,
     /// Padding token (falls back to the first end-of-sequence token).
     pub pad_id: Option<u32>,
+    /// The token `encode(text, true)` puts first, if the post-processor puts one first.
+    prepended_bos: Option<u32>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
@@ -102,11 +112,8 @@ impl PolicyTokenizer {
         let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let named = |field: &str| token_text(tokenizer_config.get(field)).and_then(|text| inner.token_to_id(&text));
-        let bos_id = ids_of(config.get("bos_token_id"))
-            .first()
-            .or(ids_of(generation.get("bos_token_id")).first())
-            .copied()
-            .or_else(|| named("bos_token"));
+        let prepended_bos = prepended_token(&inner);
+        let bos_id = named("bos_token").or(prepended_bos);
         let mut eos_ids = ids_of(generation.get("eos_token_id"));
         for id in ids_of(config.get("eos_token_id")).into_iter().chain(named("eos_token")) {
             if !eos_ids.contains(&id) {
@@ -119,12 +126,33 @@ impl PolicyTokenizer {
             .copied()
             .or_else(|| named("pad_token"))
             .or_else(|| eos_ids.first().copied());
-        Ok(Self { inner, bos_id, eos_ids, pad_id })
+        Ok(Self { inner, bos_id, eos_ids, pad_id, prepended_bos })
     }
 
-    /// Wraps a tokenizer built elsewhere (a trained one, say).
+    /// Wraps a tokenizer built elsewhere (a trained one, say). Whether its encodings start with
+    /// `bos_id` is up to `inner`'s post-processor (see [`PolicyTokenizer::prepending_bos`]).
     pub fn new(inner: Tokenizer, bos_id: Option<u32>, eos_ids: Vec<u32>, pad_id: Option<u32>) -> Self {
-        Self { inner, bos_id, eos_ids, pad_id }
+        let prepended_bos = prepended_token(&inner);
+        Self { inner, bos_id, eos_ids, pad_id, prepended_bos }
+    }
+
+    /// This tokenizer with `bos` as its beginning-of-sequence token, put in front of every
+    /// encoding with special tokens by a post-processor template (as Llama 3's
+    /// `tokenizer.json` does), so that a saved copy encodes the same in cotlab and transformers.
+    pub fn prepending_bos(mut self, bos: u32) -> Result<Self, TokenizerError> {
+        let text = self.inner.id_to_token(bos).ok_or_else(|| TokenizerError::Use(format!("prepending_bos: no token has id {bos}")))?;
+        let template = bos_template(&text, bos).map_err(TokenizerError::Use)?;
+        let processor = after(self.inner.get_post_processor(), template);
+        self.inner.with_post_processor(Some(processor));
+        self.bos_id = Some(bos);
+        self.prepended_bos = prepended_token(&self.inner);
+        Ok(self)
+    }
+
+    /// The token that [`PolicyTokenizer::encode`] with special tokens puts first (Llama 3's
+    /// `<|begin_of_text|>`, RoBERTa's `<s>`), if any: the BOS that prompts start with.
+    pub fn prepended_bos(&self) -> Option<u32> {
+        self.prepended_bos
     }
 
     /// The underlying tokenizer.
@@ -133,7 +161,9 @@ impl PolicyTokenizer {
     }
 
     /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds
-    /// (RoBERTa's `<s>`/`</s>`; nothing for GPT-2 and Qwen2).
+    /// (Llama 3's `<|begin_of_text|>`, RoBERTa's `<s>`/`</s>`; nothing for GPT-2, Qwen2 and
+    /// SmolLM2), as transformers' `tokenizer(text)` does. Text a chat template rendered already
+    /// holds the template's special tokens: encode it without (as transformers and TRL do).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self.inner.encode(text, add_special_tokens).map_err(|error| TokenizerError::Use(error.to_string()))?;
         Ok(encoding.get_ids().to_vec())
@@ -157,6 +187,30 @@ impl PolicyTokenizer {
     /// Writes `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
         self.inner.save(path, false).map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })
+    }
+}
+
+/// The token a tokenizer's post-processor puts in front of a single sequence, if any.
+fn prepended_token(tokenizer: &Tokenizer) -> Option<u32> {
+    let encoding = tokenizer.encode("a", true).ok()?;
+    (encoding.get_special_tokens_mask().first() == Some(&1)).then(|| encoding.get_ids()[0])
+}
+
+/// The post-processor template that puts `bos` in front of each sequence (Llama 3's
+/// `tokenizer.json`; transformers' `update_post_processor` with `add_bos_token`).
+fn bos_template(bos: &str, id: u32) -> Result<TemplateProcessing, String> {
+    let mut template = TemplateProcessing::builder();
+    template.try_single(format!("{bos} $A"))?;
+    template.try_pair(format!("{bos} $A {bos} $B"))?;
+    template.special_tokens(vec![(bos.to_string(), id)]);
+    template.build().map_err(|error| error.to_string())
+}
+
+/// `template` run after `existing` (the byte-level offsets fix-up, say).
+fn after(existing: Option<&PostProcessorWrapper>, template: TemplateProcessing) -> PostProcessorWrapper {
+    match existing {
+        Some(existing) => ProcessorSequence::new(vec![existing.clone(), template.into()]).into(),
+        None => template.into(),
     }
 }
 
@@ -235,11 +289,7 @@ fn from_tiktoken(path: &Path, tokenizer_config: &Value) -> Result<Tokenizer, Tok
     match token_text(tokenizer_config.get("bos_token")) {
         Some(bos) => {
             let id = tokenizer.token_to_id(&bos).ok_or_else(|| load_error(format!("the BOS token {bos:?} is not in the vocabulary")))?;
-            let mut template = TemplateProcessing::builder();
-            template.try_single(format!("{bos} $A")).map_err(load_error)?;
-            template.try_pair(format!("{bos} $A {bos} $B")).map_err(load_error)?;
-            template.special_tokens(vec![(bos, id)]);
-            let template = template.build().map_err(|error| load_error(error.to_string()))?;
+            let template = bos_template(&bos, id).map_err(load_error)?;
             tokenizer.with_post_processor(Some(ProcessorSequence::new(vec![byte_level.into(), template.into()])));
         }
         None => {
@@ -298,6 +348,16 @@ fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokeniz
             let token = AddedToken::from(content.clone(), true).lstrip(content == "<mask>");
             tokenizer.add_special_tokens([token]).map_err(|error| load_error(error.to_string()))?;
         }
+    }
+    // Without a tokenizer.json, transformers' `add_bos_token: true` puts the BOS in front.
+    let add_bos = tokenizer_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    if let (true, false, Some(bos)) = (add_bos, class.starts_with("Roberta"), token_text(tokenizer_config.get("bos_token"))) {
+        let id = tokenizer.token_to_id(&bos).ok_or_else(|| {
+            load_error(format!("tokenizer_config.json: add_bos_token is true but bos_token {bos:?} is not in the vocabulary"))
+        })?;
+        let template = bos_template(&bos, id).map_err(load_error)?;
+        let processor = after(tokenizer.get_post_processor(), template);
+        tokenizer.with_post_processor(Some(processor));
     }
     if class.starts_with("Roberta") {
         let id = |text: &str| tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")));

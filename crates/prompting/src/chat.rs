@@ -71,7 +71,40 @@ fn token_text(value: &serde_json::Value) -> Option<String> {
 }
 
 impl ChatTemplate {
-    /// Reads the `chat_template` and special tokens of a checkpoint's `tokenizer_config.json`.
+    /// Reads a checkpoint directory's chat template as transformers does: `chat_template.jinja`
+    /// when present (transformers 5 saves the template there, and prefers it to the field),
+    /// else `tokenizer_config.json`'s `chat_template`; the special tokens come from
+    /// `tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, PromptError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let jinja_path = dir.join("chat_template.jinja");
+        let config: serde_json::Value = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|source| PromptError::Io { path: config_path.clone(), source })?;
+            serde_json::from_str(&text).map_err(|error| PromptError::BadTokenizerConfig {
+                origin: config_path.display().to_string(),
+                message: error.to_string(),
+            })?
+        } else {
+            serde_json::Value::Object(serde_json::Map::new())
+        };
+        if !jinja_path.is_file() {
+            if !config_path.is_file() {
+                return Err(PromptError::BadTokenizerConfig {
+                    origin: dir.display().to_string(),
+                    message: "neither chat_template.jinja nor tokenizer_config.json: this checkpoint has no chat template; use a plain-text template".to_string(),
+                });
+            }
+            return Self::from_tokenizer_config_json(&config, &config_path.display().to_string());
+        }
+        let source = std::fs::read_to_string(&jinja_path).map_err(|source| PromptError::Io { path: jinja_path.clone(), source })?;
+        let mut config = config;
+        config["chat_template"] = source.into();
+        Self::from_tokenizer_config_json(&config, &jinja_path.display().to_string())
+    }
+
+    /// Reads the `chat_template` and special tokens of a checkpoint's `tokenizer_config.json`
+    /// (the field alone; [`ChatTemplate::from_dir`] also reads `chat_template.jinja`).
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, PromptError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| PromptError::Io { path: path.to_path_buf(), source })?;
@@ -93,7 +126,11 @@ impl ChatTemplate {
                 .and_then(|entry| entry.get("template")?.as_str())
                 .ok_or_else(|| bad("`chat_template` is a list without an entry named \"default\""))?
                 .to_string(),
-            _ => return Err(bad("no `chat_template` field: this checkpoint has no chat template; use a plain-text template")),
+            _ => {
+                return Err(bad(
+                    "no chat template: no `chat_template` field here, and no chat_template.jinja was read (transformers 5 saves it there; load the checkpoint directory); use a plain-text template",
+                ));
+            }
         };
         let mut special_tokens = serde_json::Map::new();
         for name in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {

@@ -51,6 +51,12 @@ impl PromptBuilder {
         self
     }
 
+    /// Whether prompts are rendered through a chat template: such a prompt already holds the
+    /// template's special tokens, so it is encoded without adding any (as TRL does).
+    pub fn uses_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
     /// The template.
     pub fn template(&self) -> Template {
         self.template

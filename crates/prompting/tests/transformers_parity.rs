@@ -32,19 +32,20 @@ fn fixture() -> Fixture {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn tokenizer_config(name: &str) -> PathBuf {
+fn tokenizer_dir(name: &str) -> PathBuf {
     let root = std::env::var_os("COTLAB_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    root.join("tokenizers").join(name).join("tokenizer_config.json")
+    root.join("tokenizers").join(name)
 }
 
 #[test]
 fn every_template_and_chat_template_renders_as_transformers_does() {
     let fixture = fixture();
-    assert_eq!(fixture.cases.len(), 14);
+    assert_eq!(fixture.cases.len(), 21);
     for case in &fixture.cases {
-        let chat = ChatTemplate::from_tokenizer_config(&tokenizer_config(&case.chat_template)).unwrap();
+        // SmolLM2's folder (saved by transformers 5) keeps its template in chat_template.jinja.
+        let chat = ChatTemplate::from_dir(&tokenizer_dir(&case.chat_template)).unwrap();
         let label = format!("{} / {:?} / k={:?}", case.chat_template, case.template, case.k);
         // The chat template alone, on the reference conversation.
         let options = RenderOptions { add_generation_prompt: case.add_generation_prompt, extra: case.extra.clone() };
@@ -75,10 +76,26 @@ fn plain_text_prompt_plus_target_continues_the_exemplar_pattern() {
 
 #[test]
 fn the_real_llama_template_uses_todays_date_when_none_is_given() {
-    let chat = ChatTemplate::from_tokenizer_config(&tokenizer_config("llama-3.2-instruct")).unwrap();
+    let chat = ChatTemplate::from_dir(&tokenizer_dir("llama-3.2-instruct")).unwrap();
     let text = chat
         .render(&[Message::new(prompting::Role::User, "hi")], &RenderOptions { add_generation_prompt: true, ..Default::default() })
         .unwrap();
     let today = jiff::Zoned::now().strftime("%d %b %Y").to_string();
     assert!(text.contains(&format!("Today Date: {today}\n")), "{text}");
+}
+
+#[test]
+fn chat_template_jinja_is_preferred_to_the_config_field_as_transformers_5_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({"chat_template": "from the config: {{ messages[0].content }}", "eos_token": "</s>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let messages = [Message::new(prompting::Role::User, "hi")];
+    let render = |chat: ChatTemplate| chat.render(&messages, &RenderOptions::default()).unwrap();
+    assert_eq!(render(ChatTemplate::from_dir(dir.path()).unwrap()), "from the config: hi");
+    std::fs::write(dir.path().join("chat_template.jinja"), "from the file: {{ messages[0].content }}{{ eos_token }}").unwrap();
+    assert_eq!(render(ChatTemplate::from_dir(dir.path()).unwrap()), "from the file: hi</s>");
+    // Neither: the error names the checkpoint and the way out.
+    let empty = tempfile::tempdir().unwrap();
+    let error = ChatTemplate::from_dir(empty.path()).unwrap_err().to_string();
+    assert!(error.contains(&empty.path().display().to_string()) && error.contains("chat_template.jinja") && error.contains("plain-text"), "{error}");
 }

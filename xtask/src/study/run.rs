@@ -200,15 +200,16 @@ fn load_task(study: &Study) -> anyhow::Result<TaskData> {
 fn prompt_builder(study: &Study, task: &TaskData, base_dir: &Path, k: usize, seed: u64) -> anyhow::Result<PromptBuilder> {
     let mut builder = PromptBuilder::new(study.policy.template).with_exemplars(sample_exemplars(&task.train, k, seed)?);
     if study.policy.chat_template {
-        let chat = prompting::ChatTemplate::from_tokenizer_config(&base_dir.join("tokenizer_config.json"))?;
+        let chat = prompting::ChatTemplate::from_dir(base_dir)?;
         builder = builder.with_chat_template(chat, serde_json::Map::new());
     }
     Ok(builder)
 }
 
 /// Keeps the last `limit` tokens of a prompt (the question is at the end; exemplars go first),
-/// and its first token when that is the beginning-of-sequence token `bos`: every training
-/// sequence starts with it, and a prompt cut without it reads as nothing the model has seen.
+/// and its first token when that is the beginning-of-sequence token `bos` the tokenizer puts
+/// in front: every training sequence starts with it, and a prompt cut without it reads as
+/// nothing the model has seen.
 fn fit(mut ids: Vec<i64>, limit: usize, bos: Option<i64>) -> Vec<i64> {
     if ids.len() > limit {
         let keep_first = bos.is_some() && ids.first().copied() == bos && limit > 1;
@@ -218,12 +219,28 @@ fn fit(mut ids: Vec<i64>, limit: usize, bos: Option<i64>) -> Vec<i64> {
     ids
 }
 
-fn encode(tokenizer: &PolicyTokenizer, text: &str) -> anyhow::Result<Vec<i64>> {
-    let mut ids: Vec<i64> = tokenizer.encode(text, false)?.into_iter().map(i64::from).collect();
-    if let Some(bos) = tokenizer.bos_id.filter(|bos| ids.first() != Some(&i64::from(*bos))) {
-        ids.insert(0, i64::from(bos));
+/// Token ids of `text` as transformers' `tokenizer(text)` gives them: the tokenizer decides
+/// whether a BOS goes first (Llama 3's does; GPT-2's, Qwen2's and SmolLM2's do not), never the
+/// model's config. Text a chat template rendered already holds what the template puts in, and
+/// is encoded without special tokens, as TRL does.
+fn encode(tokenizer: &PolicyTokenizer, text: &str, chat_rendered: bool) -> anyhow::Result<Vec<i64>> {
+    Ok(tokenizer.encode(text, !chat_rendered)?.into_iter().map(i64::from).collect())
+}
+
+/// Token ids of a prompt `builder` rendered.
+fn encode_prompt(tokenizer: &PolicyTokenizer, builder: &PromptBuilder, text: &str) -> anyhow::Result<Vec<i64>> {
+    encode(tokenizer, text, builder.uses_chat_template())
+}
+
+/// A base saved before its tokenizer carried the BOS template was trained on sequences that
+/// start with its BOS all the same (its config then decided): writes the template into its
+/// tokenizer.json, so its prompts keep starting with it.
+fn add_missing_bos_template(base_dir: &Path) -> anyhow::Result<()> {
+    let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
+    if let (None, Some(bos)) = (tokenizer.prepended_bos(), tokenizer.bos_id) {
+        tokenizer.prepending_bos(bos)?.save(&base_dir.join("tokenizer.json"))?;
     }
-    Ok(ids)
+    Ok(())
 }
 
 /// Each `#### N` line of `text` stays with probability `keep`, else becomes `The answer is N.`
@@ -252,6 +269,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     let base_dir = dir.join("base");
     if base_dir.join("model.safetensors").is_file() && !options.force {
         log(options.quiet, progress, format!("base policy: {} (trained earlier)", base_dir.display()));
+        add_missing_bos_template(&base_dir)?;
         return Ok(base_dir);
     }
     let template = study.policy.template;
@@ -261,13 +279,12 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
         let text = format!("{}{}", builder.render(&p.question).unwrap_or_default(), builder.target(p));
         vary_answer_endings(&text, sft.answer_marker_fraction, &mut corpus_rng)
     });
-    let mut tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), vocab_size)?;
+    let tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), vocab_size)?;
     let eos = tokenizer.eos_ids[0];
-    // The saved base declares bos_token_id = eos (GPT-Neo's convention) and every prompt the
-    // study encodes starts with it: the base must be trained on sequences that start the same
-    // way. (Without this the base was trained without a leading BOS and evaluated with one,
-    // and answered garbage at position 0.)
-    tokenizer.bos_id = Some(tokenizer.bos_id.unwrap_or(eos));
+    // GPT-Neo's convention, bos = eos, put in front of every sequence by the tokenizer's own
+    // template: training and every later prompt (in cotlab or transformers) start alike, and a
+    // model that sees a fixed first token answers better at position 0.
+    let tokenizer = tokenizer.prepending_bos(eos)?;
     let pad = i64::from(tokenizer.pad_id.unwrap_or(eos));
     let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
     let pool = &task.train.problems[..train_count.min(task.train.len())];
@@ -286,7 +303,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
             let (last, context) = picks.split_last().expect("at least one problem");
             let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
             let text = format!("{}{}", builder.render(&last.question)?, builder.target(last));
-            let mut document = encode(&tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng))?;
+            let mut document = encode(&tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng), false)?;
             document.push(i64::from(eos));
             document.truncate(study.policy.max_length);
             if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
@@ -301,8 +318,8 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
             let k = rng.random_range(0..=2usize);
             let exemplars = sample_exemplars(&task.train, k, rng.random())?;
             let builder = PromptBuilder::new(template).with_exemplars(exemplars);
-            let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?)?;
-            let mut completion_ids = encode(&tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng))?;
+            let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?, false)?;
+            let mut completion_ids = encode(&tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng), false)?;
             completion_ids.push(i64::from(eos));
             let room = study.policy.max_length.saturating_sub(completion_ids.len());
             if prompt_ids.len() > room {
@@ -343,7 +360,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     // What the cells will read must encode prompts exactly as training did.
     let reloaded = PolicyTokenizer::load_dir(&base_dir)?;
     let probe = PromptBuilder::new(template).render(&task.test.problems[0].question)?;
-    if encode(&reloaded, &probe)? != encode(&tokenizer, &probe)? {
+    if encode(&reloaded, &probe, false)? != encode(&tokenizer, &probe, false)? {
         bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", base_dir.display());
     }
     Ok(base_dir)
@@ -563,7 +580,7 @@ fn run_cell(
                     .map(|_| {
                         let problem = &task.train.problems[rng.random_range(0..task.train.len())];
                         let text = builder.render(&problem.question)?;
-                        let prompt_ids = fit(encode(tokenizer, &text)?, rl_prompt_limit, tokenizer.bos_id.map(i64::from));
+                        let prompt_ids = fit(encode_prompt(tokenizer, &builder, &text)?, rl_prompt_limit, tokenizer.prepended_bos().map(i64::from));
                         Ok(PromptItem { prompt_ids, prompt_text: text, answer: problem.answer.clone() })
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -664,7 +681,8 @@ fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, build
     let limit = prompt_limit(study, policy);
     let mut completions = Vec::with_capacity(problems.len());
     for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode(tokenizer, &builder.render(&p.question)?)?, limit, tokenizer.bos_id.map(i64::from)))).collect::<anyhow::Result<_>>()?;
+        let bos = tokenizer.prepended_bos().map(i64::from);
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode_prompt(tokenizer, builder, &builder.render(&p.question)?)?, limit, bos))).collect::<anyhow::Result<_>>()?;
         let generation = generate(policy, &prompts, &config, &stops, Some(&decode));
         for (ids, mask) in generation.completion_ids.iter().zip(&generation.completion_mask) {
             let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
@@ -859,5 +877,66 @@ mod tests {
         assert!(free.ends_with("1 - 4 = -3\nThe answer is -3.") && free.contains("2 + 3 = 5\nThe answer is 5.\nQ:"), "{free}");
         let kept = (0..1000).filter(|_| vary_answer_endings("#### 7\n", 0.3, &mut rng) == "#### 7\n").count();
         assert!((250..350).contains(&kept), "{kept}");
+    }
+
+    fn shared_tokenizer(name: &str) -> PolicyTokenizer {
+        let root = std::env::var_os("COTLAB_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+        PolicyTokenizer::load_dir(&root.join("tokenizers").join(name)).unwrap()
+    }
+
+    #[test]
+    fn prompts_start_with_a_bos_only_where_the_tokenizer_puts_one() {
+        let builder = PromptBuilder::new(prompting::Template::Plain);
+        let text = builder.render("What is 2 + 3?").unwrap();
+        // Their configs name a BOS (SmolLM2's is <|im_start|>) that their tokenizers never add.
+        for name in ["smollm2-instruct", "qwen2.5-instruct", "gpt2"] {
+            let tokenizer = shared_tokenizer(name);
+            let ids = encode_prompt(&tokenizer, &builder, &text).unwrap();
+            let plain: Vec<i64> = tokenizer.encode(&text, false).unwrap().into_iter().map(i64::from).collect();
+            assert_eq!(ids, plain, "{name}");
+        }
+        // Llama 3's puts <|begin_of_text|> in front of plain text; its chat template writes it
+        // itself, and it must not come twice.
+        let llama = shared_tokenizer("llama-3.2-instruct");
+        let ids = encode_prompt(&llama, &builder, &text).unwrap();
+        assert_eq!((ids[0], ids[1]), (128000, 48), "{ids:?}");
+        let root = std::env::var_os("COTLAB_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+        let chat = prompting::ChatTemplate::from_dir(&root.join("tokenizers/llama-3.2-instruct")).unwrap();
+        let mut extra = serde_json::Map::new();
+        extra.insert("date_string".to_string(), "26 Jul 2024".into());
+        let chat_builder = builder.clone().with_chat_template(chat, extra);
+        let chat_text = chat_builder.render("What is 2 + 3?").unwrap();
+        let ids = encode_prompt(&llama, &chat_builder, &chat_text).unwrap();
+        assert_eq!(ids[0], 128000);
+        assert_eq!(ids.iter().filter(|&&id| id == 128000).count(), 1, "{ids:?}");
+        // A prompt cut to fit keeps that first token.
+        let cut = fit(ids.clone(), 12, llama.prepended_bos().map(i64::from));
+        assert_eq!((cut.len(), cut[0], &cut[1..]), (12, 128000, &ids[ids.len() - 11..]));
+    }
+
+    #[test]
+    fn a_base_saved_without_the_bos_template_gets_it_on_reuse() {
+        let texts = ["Q: What is 2 + 3?\nA: 5".to_string(), "Q: What is 4 + 4?\nA: 8".to_string()];
+        let trained = train_tokenizer(texts.into_iter(), 300).unwrap();
+        let eos = trained.eos_ids[0];
+        // As such a base was saved: no template, and its BOS named only in the configs.
+        let dir = tempfile::tempdir().unwrap();
+        trained.save(&dir.path().join("tokenizer.json")).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}"#).unwrap();
+        std::fs::write(dir.path().join("config.json"), format!(r#"{{"bos_token_id": {eos}, "eos_token_id": {eos}}}"#)).unwrap();
+        assert_eq!(PolicyTokenizer::load_dir(dir.path()).unwrap().prepended_bos(), None);
+        add_missing_bos_template(dir.path()).unwrap();
+        let upgraded = PolicyTokenizer::load_dir(dir.path()).unwrap();
+        assert_eq!(upgraded.prepended_bos(), Some(eos));
+        let ids = encode(&upgraded, "Q: What is 2 + 3?", false).unwrap();
+        assert_eq!(ids[0], i64::from(eos));
+        assert_eq!(ids[1..], encode(&upgraded, "Q: What is 2 + 3?", true).unwrap()[..]);
+        // A second pass leaves it as it is.
+        add_missing_bos_template(dir.path()).unwrap();
+        assert_eq!(encode(&PolicyTokenizer::load_dir(dir.path()).unwrap(), "Q: What is 2 + 3?", false).unwrap(), ids);
     }
 }
