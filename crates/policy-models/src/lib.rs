@@ -8,6 +8,7 @@
 //! - `fused.rs`: fused CPU kernels (burn backend extensions with hand-written backward passes).
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
+//! - `lora.rs`: LoRA adapters in PEFT's layout (saving, loading, the base without them).
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
 
@@ -18,6 +19,7 @@ pub mod generate;
 pub mod gpt_neo;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod presets;
