@@ -8,7 +8,7 @@
 //! - `fused.rs`: fused CPU kernels (burn backend extensions with hand-written backward passes).
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
-//! - `lora.rs`: LoRA adapters in PEFT's layout (saving, loading, the base without them).
+//! - `lora.rs`: LoRA adapters in PEFT's layout (saving, loading, the base with them disabled).
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
 

@@ -12,7 +12,7 @@
 //! (PEFT drops the adapter name `default` when saving). The module paths come from the same key
 //! table that writes `model.safetensors` (each architecture's `export`), so they cannot drift.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
@@ -275,22 +275,18 @@ impl CausalLm {
         Ok(self.map(&mut SetValues(values)))
     }
 
-    /// The base model: the same weights with the adapters' contribution removed and the
-    /// adapters detached (what PEFT's `disable_adapter()` computes). A model without adapters is
-    /// returned as it is. The weights keep their parameter ids; the result takes no gradients.
-    pub fn without_adapters(&self) -> Self {
+    /// The base model, as PEFT's `disable_adapter()` computes it: the adapters stay attached
+    /// with B = 0, so every weight is base + scale A 0 = base exactly, and the base weights are
+    /// shared with `self` rather than copied (merging them into new dense weights would hold a
+    /// second copy of every adapted matrix). On the inner backend, without gradients.
+    pub fn adapters_disabled(&self) -> Self {
         let zeros: HashMap<ParamId, Tensor<2>> = self
             .linear_entries()
             .into_iter()
             .filter_map(|linear| linear.adapter)
             .map(|factors| (factors.b_id, factors.b.zeros_like()))
             .collect();
-        if zeros.is_empty() {
-            return self.clone();
-        }
-        // With B = 0 the merged weight is base + scale A 0 = base exactly, and merging detaches
-        // the adapters.
-        self.clone().map(&mut SetValues(zeros)).valid().materialize()
+        self.valid().map(&mut SetValues(zeros))
     }
 }
 
@@ -307,9 +303,4 @@ impl crate::model::LoraSettings {
             .map(drop)
             .map_err(|error| format!("target_regex = {:?}: not a regular expression ({error:?})", self.target_regex))
     }
-}
-
-/// The parameter ids of the adapters' factors, for checks that only adapters train.
-pub fn adapter_parameter_ids(model: &CausalLm) -> HashSet<ParamId> {
-    model.linear_entries().into_iter().filter_map(|linear| linear.adapter).flat_map(|factors| [factors.a_id, factors.b_id]).collect()
 }

@@ -165,10 +165,11 @@ fn a_lora_run_resumes_exactly_from_its_adapters() {
     let dir = tempfile::tempdir().unwrap();
     small_model(tokenizer.vocab_size(), &device).save_dir(&dir.path().join("initial"), None).unwrap();
     let settings = policy_models::LoraSettings { rank: 2, alpha: 4.0, ..Default::default() };
-    let start = || {
-        device.seed(3);
-        CausalLm::load_dir(&dir.path().join("initial"), &device).unwrap().with_lora(&settings).unwrap()
-    };
+    // The adapters' random A is drawn once and reloaded: the generator is shared with tests
+    // running in parallel.
+    let base = || CausalLm::load_dir(&dir.path().join("initial"), &device).unwrap();
+    base().with_lora(&settings).unwrap().save_adapters(&dir.path().join("initial_adapter"), None).unwrap();
+    let start = || base().with_lora(&settings).unwrap().load_adapters(&dir.path().join("initial_adapter")).unwrap();
     let mut straight = SftTrainer::new(start(), config(4));
     straight.run(&examples, None, None, |_| {}).unwrap();
     let mut first_half = SftTrainer::new(start(), config(4));

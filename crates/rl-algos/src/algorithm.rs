@@ -145,10 +145,10 @@ pub trait RlAlgorithm: Send {
 }
 
 /// The frozen reference of KL penalties: the starting policy without gradients and, for a LoRA
-/// policy, without its adapters (PEFT's `disable_adapter()`, as TRL computes the reference of a
-/// PEFT model), which also spares the reference their cost.
+/// policy, with its adapters disabled (the base, as TRL computes the reference of a PEFT model
+/// with `disable_adapter()`), whatever the adapters hold.
 pub fn reference_policy(policy: &CausalLm) -> CausalLm {
-    burn::module::Module::valid(policy).without_adapters()
+    policy.adapters_disabled()
 }
 
 /// The policy of a checkpoint written by [`RlAlgorithm::save_checkpoint`] (`dir/policy`). A LoRA

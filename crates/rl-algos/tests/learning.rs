@@ -216,7 +216,7 @@ fn steps(algorithm: &mut dyn RlAlgorithm, count: usize) -> Vec<rl_algos::Metrics
     (0..count).map(|_| algorithm.train_step(&prompts, &environment).unwrap()).collect()
 }
 
-/// The KL reference of a LoRA policy is its base without adapters, bit for bit, even when the
+/// The KL reference of a LoRA policy is its base (adapters disabled), bit for bit, even when the
 /// adapters already change the output.
 #[test]
 fn the_reference_of_a_lora_policy_is_its_base() {
@@ -232,7 +232,6 @@ fn the_reference_of_a_lora_policy_is_its_base() {
     assert_ne!(logits(trained), logits(&base), "the adapters trained");
     assert!(history[1..].iter().any(|m| m["kl"] > 0.0), "KL to the base grows as the adapters train: {history:?}");
     let reference = rl_algos::algorithm::reference_policy(trained);
-    assert!(trained.has_adapters() && !reference.has_adapters());
     assert_eq!(logits(&reference), logits(&base));
 }
 
