@@ -135,9 +135,13 @@ impl CausalLm {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut writer = WeightWriter::default();
         self.export(&mut writer);
-        writer.write(&dir.join("model.safetensors"))?;
-        if writer.linears().iter().any(|linear| linear.adapter.is_some()) {
+        let adapted = self.has_adapters();
+        if adapted {
+            // Before writing anything: adapters PEFT's layout cannot hold are an error.
             self.check_adapters_exported(dir)?;
+        }
+        writer.write(&dir.join("model.safetensors"))?;
+        if adapted {
             crate::lora::write_peft_adapter(&dir.join(crate::lora::ADAPTER_SUBDIR), writer.linears(), None)?;
         }
         let mut config = serde_json::to_value(&self.config).expect("configs serialise");

@@ -208,4 +208,5 @@ fn lora_mistakes_are_errors_that_say_what_to_do() {
     let embeddings = base.with_lora(&LoraSettings { target_regex: r"(embed_tokens|q_proj)\.weight$".into(), ..settings() }).unwrap();
     let error = embeddings.save_dir(scratch.path(), None).unwrap_err().to_string();
     assert!(error.contains("target_regex"), "{error}");
+    assert!(!scratch.path().join("model.safetensors").exists(), "nothing is written before the error");
 }
