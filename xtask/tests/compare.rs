@@ -122,3 +122,41 @@ fn quick_study_writes_its_reports_and_resumes() {
     assert!(log.contains("base policy: ") && log.contains("trained earlier"), "{log}");
     assert!(log.contains("reward model: ") && log.contains("trained earlier"), "{log}");
 }
+
+/// `policy.lora` end to end: every RL cell keeps its trained adapters in PEFT's layout, naming
+/// the study's base, and the training differs from the full fine-tuning of the same study.
+#[test]
+fn a_lora_study_saves_each_rl_cells_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+    let text = std::fs::read_to_string(config).unwrap();
+    let lora = text.replacen("[policy]\n", "[policy]\nlora = { rank = 2, alpha = 4.0 }\n", 1).replacen("name = \"default\"", "name = \"lora\"", 1);
+    assert!(lora.contains("lora = {") && lora.contains("name = \"lora\""), "configs/default.toml's [policy] or name moved");
+    std::fs::write(dir.path().join("configs/default.toml"), text).unwrap();
+    std::fs::write(dir.path().join("configs/lora.toml"), lora).unwrap();
+    let run = |file: &str| Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", file, "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    for file in ["configs/lora.toml", "configs/default.toml"] {
+        let output = run(file);
+        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let reports = dir.path().join("reports");
+    for cell in ["grpo__rules__seed0", "ppo__reward_model__seed0", "rloo__rules__seed0"] {
+        let adapter = reports.join("lora-quick/cells").join(cell).join("adapter");
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some("LORA"), Some(2), Some(4.0)), "{cell}: {config}");
+        let base = std::path::PathBuf::from(config["base_model_name_or_path"].as_str().unwrap());
+        assert!(base.join("model.safetensors").is_file(), "{cell}: the adapters name the study's base: {config}");
+        assert!(adapter.join("adapter_model.safetensors").is_file());
+        assert!(!reports.join("default-quick/cells").join(cell).join("adapter").exists(), "{cell}: no adapters without policy.lora");
+        // The symptom of LoRA being ignored: the same gradient norms with and without it.
+        let grad_norms = |study: &str| {
+            let text = std::fs::read_to_string(reports.join(study).join("cells").join(cell).join("metrics.csv")).unwrap();
+            let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+            let column = header.iter().position(|c| *c == "grad_norm").unwrap();
+            text.lines().skip(1).map(|line| line.split(',').nth(column).unwrap().to_string()).filter(|v| !v.is_empty()).collect::<Vec<_>>()
+        };
+        let (with, without) = (grad_norms("lora-quick"), grad_norms("default-quick"));
+        assert!(!with.is_empty() && with != without, "{cell}: LoRA {with:?} vs full {without:?}");
+    }
+}

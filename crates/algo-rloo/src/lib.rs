@@ -87,8 +87,7 @@ fn build(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {
 fn resume(inputs: AlgorithmInputs, dir: &Path) -> Result<Box<dyn RlAlgorithm>, RlError> {
     let config = parse_config::<RlooConfig>("rloo", &inputs.config).map_err(RlError::Config)?;
     let state = CheckpointState::read(dir)?;
-    let device = inputs.policy.devices().into_iter().next().expect("the policy has parameters");
-    let policy = CausalLm::load_dir(&dir.join("policy"), &device)?;
+    let policy = rl_algos::algorithm::checkpoint_policy(&inputs.policy, dir)?;
     let mut rloo = Rloo::new(inputs.policy, config, inputs.optim, state.seed)?;
     rloo.optimizer = AdamW::load(rloo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
     rloo.policy = Some(policy);
@@ -112,7 +111,7 @@ impl Rloo {
     pub fn new(policy: CausalLm, config: RlooConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
         config.validate().map_err(RlError::Config)?;
         optim.validate().map_err(RlError::Config)?;
-        let reference = (config.beta > 0.0).then(|| policy.valid());
+        let reference = (config.beta > 0.0).then(|| rl_algos::algorithm::reference_policy(&policy));
         Ok(Self { optimizer: AdamW::new(optim.adamw), config, optim, policy: Some(policy), reference, steps: 0, seed })
     }
 }

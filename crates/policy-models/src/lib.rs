@@ -9,6 +9,7 @@
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
 //! - `gguf.rs`: GGUF files (llama.cpp): container, dequantization, key map, config, tokenizer.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
+//! - `lora.rs`: LoRA adapters in PEFT's layout (saving, loading, the base with them disabled).
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
 
@@ -20,6 +21,7 @@ pub mod gguf;
 pub mod gpt_neo;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod presets;

@@ -152,11 +152,16 @@ impl CausalLm {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut writer = WeightWriter::default();
-        match &self.body {
-            Body::GptNeo(model) => model.export(&mut writer),
-            Body::Decoder(model) => model.export(&mut writer),
+        self.export(&mut writer);
+        let adapted = self.has_adapters();
+        if adapted {
+            // Before writing anything: adapters PEFT's layout cannot hold are an error.
+            self.check_adapters_exported(dir)?;
         }
         writer.write(&dir.join("model.safetensors"))?;
+        if adapted {
+            crate::lora::write_peft_adapter(&dir.join(crate::lora::ADAPTER_SUBDIR), writer.linears(), None)?;
+        }
         let mut config = serde_json::to_value(&self.config).expect("configs serialise");
         let architecture = match self.config {
             ModelConfig::GptNeo(_) => "GPTNeoForCausalLM",
@@ -192,11 +197,21 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Adds every weight to `writer` under its transformers key.
+    pub(crate) fn export(&self, writer: &mut WeightWriter) {
+        match &self.body {
+            Body::GptNeo(model) => model.export(writer),
+            Body::Decoder(model) => model.export(writer),
+        }
+    }
+
     /// Attaches LoRA adapters (burn's `apply_lora`) to the weights whose parameter path matches
     /// `settings.target_regex`, freezing every base parameter: only the adapters train.
     /// Saving writes the merged weights (base + scale A B), so the saved checkpoint is a plain
-    /// model that transformers and cotlab load without adapters.
+    /// model that transformers and cotlab load without adapters, and the adapters in PEFT's
+    /// layout in its `adapter/` folder (see [`crate::lora`]).
     pub fn with_lora(self, settings: &LoraSettings) -> Result<Self, String> {
+        settings.validate().map_err(|error| format!("lora.{error}"))?;
         let group = burn::module::ParamGroup::from_regex(&settings.target_regex)
             .map_err(|error| format!("lora.target_regex `{}`: {error:?}", settings.target_regex))?;
         Ok(self.apply_lora(burn::module::Lora::new(settings.rank, settings.alpha).set_param_group(group)))

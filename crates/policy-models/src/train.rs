@@ -160,7 +160,27 @@ impl SftTrainer {
     /// Resumes from a checkpoint directory written by [`SftTrainer::save_checkpoint`], on
     /// `device` (an autodiff device).
     pub fn resume(checkpoint: &Path, config: SftConfig, device: &Device) -> Result<Self, TrainError> {
-        let model = CausalLm::load_dir(checkpoint, device)?;
+        let adapter = checkpoint.join(crate::lora::ADAPTER_SUBDIR);
+        if adapter.join(crate::lora::ADAPTER_CONFIG_FILE).is_file() {
+            return Err(TrainError::Checkpoint {
+                path: adapter,
+                message: "a LoRA run's checkpoint (its model.safetensors holds merged weights, which would resume as full fine-tuning); \
+                          resume with SftTrainer::resume_lora and the starting model with the same adapters attached"
+                    .to_string(),
+            });
+        }
+        Self::resume_model(CausalLm::load_dir(checkpoint, device)?, checkpoint, config)
+    }
+
+    /// Resumes a LoRA run: `start` is the run's starting model with its adapters attached
+    /// ([`CausalLm::with_lora`], same settings); the checkpoint's adapters are loaded into it,
+    /// so the base stays frozen and the optimizer state matches the adapters it belongs to.
+    pub fn resume_lora(start: CausalLm, checkpoint: &Path, config: SftConfig) -> Result<Self, TrainError> {
+        let model = start.load_adapters(&checkpoint.join(crate::lora::ADAPTER_SUBDIR))?;
+        Self::resume_model(model, checkpoint, config)
+    }
+
+    fn resume_model(model: CausalLm, checkpoint: &Path, config: SftConfig) -> Result<Self, TrainError> {
         let optimizer = AdamW::load(config.adamw, &model, &checkpoint.join("optimizer.safetensors"))?;
         let state_path = checkpoint.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_path)

@@ -355,6 +355,11 @@ pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
 #[derive(Default)]
 pub struct WeightWriter {
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// Every linear added, by its Hugging Face prefix, with its LoRA factors: the key table
+    /// PEFT's adapter files use (`crate::lora`).
+    linears: Vec<crate::lora::LinearEntry>,
+    /// Record the linears only, reading no values (listing adapters must not copy the model).
+    keys_only: bool,
 }
 
 fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
@@ -369,12 +374,30 @@ impl WeightWriter {
 
     /// Adds a tensor under `key`.
     pub fn tensor<const D: usize>(&mut self, key: &str, tensor: Tensor<D>) {
+        if self.keys_only {
+            return;
+        }
         let shape = tensor.dims().to_vec();
         self.tensors.push((key.to_string(), shape, host_values(tensor)));
     }
 
-    /// Adds a burn [`Linear`] as a PyTorch `nn.Linear` (weight transposed to [out, in]).
+    /// A writer that records which linears (and LoRA adapters) an export adds, and no values.
+    pub(crate) fn keys_only() -> Self {
+        Self { keys_only: true, ..Self::default() }
+    }
+
+    /// The linears added so far, in order.
+    pub(crate) fn linears(&self) -> &[crate::lora::LinearEntry] {
+        &self.linears
+    }
+
+    /// Adds a burn [`Linear`] as a PyTorch `nn.Linear` (weight transposed to [out, in]); a
+    /// LoRA-adapted weight is written merged (base + scale A B).
     pub fn linear(&mut self, prefix: &str, linear: &Linear) {
+        self.linears.push(crate::lora::LinearEntry::of(prefix, linear));
+        if self.keys_only {
+            return;
+        }
         let weight = linear.weight.val();
         let [d_input, d_output] = weight.dims();
         let values = host_values(weight);

@@ -156,6 +156,38 @@ fn lora_trains_only_adapters_and_saves_merged_weights() {
     assert!(worst < 1e-4, "merged checkpoint differs by {worst}");
 }
 
+/// A LoRA run resumes as the frozen base with the checkpoint's adapters and optimizer state,
+/// and ends where the uninterrupted run does; the plain resume refuses its merged weights.
+#[test]
+fn a_lora_run_resumes_exactly_from_its_adapters() {
+    let device = Device::flex().autodiff();
+    let (tokenizer, examples) = data();
+    let dir = tempfile::tempdir().unwrap();
+    small_model(tokenizer.vocab_size(), &device).save_dir(&dir.path().join("initial"), None).unwrap();
+    let settings = policy_models::LoraSettings { rank: 2, alpha: 4.0, ..Default::default() };
+    // The adapters' random A is drawn once and reloaded: the generator is shared with tests
+    // running in parallel.
+    let base = || CausalLm::load_dir(&dir.path().join("initial"), &device).unwrap();
+    base().with_lora(&settings).unwrap().save_adapters(&dir.path().join("initial_adapter"), None).unwrap();
+    let start = || base().with_lora(&settings).unwrap().load_adapters(&dir.path().join("initial_adapter")).unwrap();
+    let mut straight = SftTrainer::new(start(), config(4));
+    straight.run(&examples, None, None, |_| {}).unwrap();
+    let mut first_half = SftTrainer::new(start(), config(4));
+    first_half.train_step(&examples).unwrap();
+    first_half.train_step(&examples).unwrap();
+    let checkpoint = first_half.save_checkpoint(&dir.path().join("run"), None).unwrap();
+    drop(first_half);
+    let error = SftTrainer::resume(&checkpoint, config(4), &device).err().expect("merged weights do not resume a LoRA run").to_string();
+    assert!(error.contains("resume_lora"), "{error}");
+    let mut resumed = SftTrainer::resume_lora(start(), &checkpoint, config(4)).unwrap();
+    assert_eq!(resumed.step(), 2);
+    resumed.run(&examples, None, None, |_| {}).unwrap();
+    let probe = StepInput::from_padded(&[examples[0].prompt_ids.clone()], &[vec![true; examples[0].prompt_ids.len()]]);
+    let logits = |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    assert!(resumed.model().has_adapters());
+    assert_eq!(logits(straight.model()), logits(resumed.model()), "the resumed LoRA run differs");
+}
+
 /// Data parallelism over rows changes nothing but the speed: the gradients of a batch split
 /// into one shard per thread (each with its own autodiff graph) equal the whole batch's.
 #[test]

@@ -146,6 +146,33 @@ pub trait RlAlgorithm: Send {
     fn save_checkpoint(&self, dir: &Path) -> Result<(), RlError>;
 }
 
+/// The frozen reference of KL penalties: the starting policy without gradients and, for a LoRA
+/// policy, with its adapters disabled (the base, as TRL computes the reference of a PEFT model
+/// with `disable_adapter()`), whatever the adapters hold.
+pub fn reference_policy(policy: &CausalLm) -> CausalLm {
+    policy.adapters_disabled()
+}
+
+/// The policy of a checkpoint written by [`RlAlgorithm::save_checkpoint`] (`dir/policy`). A LoRA
+/// run resumes as `start` (the run's base with adapters attached) with the saved adapters
+/// loaded: the merged weights in `dir/policy` cannot be split back into a frozen base and
+/// trainable adapters.
+pub fn checkpoint_policy(start: &CausalLm, dir: &Path) -> Result<CausalLm, RlError> {
+    let policy_dir = dir.join("policy");
+    let adapter_dir = policy_dir.join(policy_models::lora::ADAPTER_SUBDIR);
+    if start.has_adapters() {
+        return Ok(start.clone().load_adapters(&adapter_dir)?);
+    }
+    if adapter_dir.join(policy_models::lora::ADAPTER_CONFIG_FILE).is_file() {
+        return Err(RlError::Config(format!(
+            "{} holds a LoRA run's adapters but the starting policy has none; attach the run's adapters (CausalLm::with_lora) to the starting policy before resuming",
+            policy_dir.display()
+        )));
+    }
+    let device = burn::module::Module::devices(start).into_iter().next().expect("the policy has parameters");
+    Ok(CausalLm::load_dir(&policy_dir, &device)?)
+}
+
 /// The step count and seed of an RL checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointState {

@@ -320,7 +320,7 @@ impl Grpo {
     pub fn new(policy: CausalLm, config: GrpoConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
         config.validate().map_err(RlError::Config)?;
         optim.validate().map_err(RlError::Config)?;
-        let reference = (config.beta > 0.0).then(|| policy.valid());
+        let reference = (config.beta > 0.0).then(|| crate::algorithm::reference_policy(&policy));
         let optimizer = AdamW::new(optim.adamw);
         Ok(Self { config, optim, policy: Some(policy), reference, optimizer, steps: 0, seed })
     }
@@ -328,8 +328,7 @@ impl Grpo {
     /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
     pub fn resume(start: CausalLm, config: GrpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
         let state = crate::algorithm::CheckpointState::read(dir)?;
-        let device = start.devices().into_iter().next().expect("the policy has parameters");
-        let policy = CausalLm::load_dir(&dir.join("policy"), &device)?;
+        let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut grpo = Self::new(start, config, optim, state.seed)?;
         grpo.optimizer = AdamW::load(grpo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
         grpo.policy = Some(policy);

@@ -336,7 +336,9 @@ fn rows(tensor: Tensor<2>) -> Vec<Vec<f32>> {
 
 impl Ppo {
     /// Starts PPO on `policy` (on an autodiff device): a zero-initialised value head, and a
-    /// frozen copy of the policy as the reference.
+    /// frozen copy of the policy (without LoRA adapters) as the reference. The value head is
+    /// new, so it trains in full even when the policy trains only LoRA adapters (PEFT's
+    /// `modules_to_save`).
     pub fn new(policy: CausalLm, config: PpoConfig, optim: OptimSettings, seed: u64) -> Result<Self, RlError> {
         config.validate().map_err(RlError::Config)?;
         optim.validate().map_err(RlError::Config)?;
@@ -348,7 +350,7 @@ impl Ppo {
         };
         // Zero-initialised: deterministic, and the first value estimates are 0 rather than noise.
         let value_head = LinearConfig::new(width, 1).with_initializer(burn::nn::Initializer::Zeros).init(&device);
-        let reference = policy.valid();
+        let reference = crate::algorithm::reference_policy(&policy);
         Ok(Self {
             config,
             optim: optim.clone(),
@@ -366,8 +368,8 @@ impl Ppo {
     pub fn resume(start: CausalLm, config: PpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
         let state = crate::algorithm::CheckpointState::read(dir)?;
         let device = start.devices().into_iter().next().expect("the policy has parameters");
+        let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut ppo = Self::new(start, config, optim, state.seed)?;
-        let policy = CausalLm::load_dir(&dir.join("policy"), &device)?;
         let mut heads = policy_models::weights::WeightMap::open_files(dir, &[dir.join("value_head.safetensors")], &device)?;
         let width = ppo.model.as_ref().expect("model").value_head.weight.dims()[0];
         let value_head = heads.linear("value_head", width, 1, true)?;

@@ -117,8 +117,39 @@ fn ppo_raises_the_reward_well_above_chance() {
     }
 }
 
+/// Rank-2 LoRA adapters on `policy`, their A factors drawn from a seeded generator.
+fn with_lora(policy: CausalLm, device: &Device) -> CausalLm {
+    let _turn = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(7);
+    policy.with_lora(&policy_models::LoraSettings { rank: 2, alpha: 4.0, ..Default::default() }).unwrap()
+}
+
+/// Every float parameter's values by dotted path; adapter factors end in `.lora.a` / `.lora.b`.
+fn parameters(model: &impl burn::module::Module) -> std::collections::BTreeMap<String, Vec<f32>> {
+    use burn::module::{ModuleVisitor, Param};
+    struct Values(Vec<String>, std::collections::BTreeMap<String, Vec<f32>>);
+    impl ModuleVisitor for Values {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
+            self.1.insert(self.0.join("."), param.base().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+        }
+    }
+    let mut values = Values(Vec::new(), Default::default());
+    model.visit(&mut values);
+    values.1
+}
+
+fn is_adapter(path: &str) -> bool {
+    path.ends_with(".lora.a") || path.ends_with(".lora.b")
+}
+
 /// A run interrupted after a checkpoint and resumed ends with the weights of an uninterrupted one.
-fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value) {
+fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value, lora: bool) {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
@@ -127,7 +158,10 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
     let dir = tempfile::tempdir().unwrap();
     let start = tiny_policy(&device);
     start.save_dir(&dir.path().join("start"), None).unwrap();
-    let load_start = || CausalLm::load_dir(&dir.path().join("start"), &device).unwrap();
+    let load_start = || {
+        let start = CausalLm::load_dir(&dir.path().join("start"), &device).unwrap();
+        if lora { with_lora(start, &device) } else { start }
+    };
     let inputs = || rl_algos::AlgorithmInputs { policy: load_start(), config: config.clone(), optim: optim(4), seed: 3 };
     let mut straight = (entry.build)(inputs()).unwrap();
     for _ in 0..4 {
@@ -139,6 +173,8 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
     }
     first.save_checkpoint(&dir.path().join("checkpoint")).unwrap();
     drop(first);
+    let adapter = dir.path().join("checkpoint/policy/adapter/adapter_model.safetensors");
+    assert_eq!(adapter.is_file(), lora, "{}: a LoRA checkpoint carries its adapters in PEFT's layout", entry.name);
     let mut resumed = (entry.resume)(inputs(), &dir.path().join("checkpoint")).unwrap();
     assert_eq!(resumed.steps(), 2);
     for _ in 0..2 {
@@ -147,18 +183,86 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
     let logits = |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
     assert_eq!(logits(straight.policy()), logits(resumed.policy()), "{}: resumed run differs", entry.name);
+    if lora {
+        // Resumed as the frozen base with trained adapters, not as the merged weights.
+        let (before, after) = (parameters(&load_start()), parameters(resumed.policy()));
+        assert!(before.keys().any(|path| is_adapter(path)));
+        assert!(before.iter().all(|(path, values)| is_adapter(path) || values == &after[path]), "{}: a base weight moved", entry.name);
+    }
 }
 
 #[test]
 fn grpo_and_ppo_resume_exactly() {
-    check_exact_resume(
-        rl_algos::grpo::ENTRY,
-        serde_json::json!({"num_generations": 4, "max_completion_length": 3, "beta": 0.04, "num_iterations": 2}),
-    );
-    check_exact_resume(
-        rl_algos::ppo::ENTRY,
-        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2}),
-    );
+    for lora in [false, true] {
+        check_exact_resume(
+            rl_algos::grpo::ENTRY,
+            serde_json::json!({"num_generations": 4, "max_completion_length": 3, "beta": 0.04, "num_iterations": 2}),
+            lora,
+        );
+        check_exact_resume(
+            rl_algos::ppo::ENTRY,
+            serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2}),
+            lora,
+        );
+    }
+}
+
+/// Runs `count` steps on the toy reward; returns their metrics.
+fn steps(algorithm: &mut dyn RlAlgorithm, count: usize) -> Vec<rl_algos::Metrics> {
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let prompts = prompts();
+    (0..count).map(|_| algorithm.train_step(&prompts, &environment).unwrap()).collect()
+}
+
+/// The KL reference of a LoRA policy is its base (adapters disabled), bit for bit, even when the
+/// adapters already change the output.
+#[test]
+fn the_reference_of_a_lora_policy_is_its_base() {
+    use burn::module::Module;
+    let device = Device::flex().autodiff();
+    let base = tiny_policy(&device);
+    let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+    let logits = |model: &CausalLm| model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let config = GrpoConfig { num_generations: 4, max_completion_length: 3, beta: 0.04, ..GrpoConfig::default() };
+    let mut grpo = Grpo::new(with_lora(base.clone(), &device), config, optim(3), 0).unwrap();
+    let history = steps(&mut grpo, 3);
+    let trained = grpo.policy();
+    assert_ne!(logits(trained), logits(&base), "the adapters trained");
+    assert!(history[1..].iter().any(|m| m["kl"] > 0.0), "KL to the base grows as the adapters train: {history:?}");
+    let reference = rl_algos::algorithm::reference_policy(trained);
+    assert_eq!(logits(&reference), logits(&base));
+}
+
+/// PPO under LoRA: the base stays frozen, the adapters and the new value head train (PEFT's
+/// `modules_to_save`).
+#[test]
+fn ppo_with_lora_trains_the_adapters_and_the_value_head() {
+    use rl_algos::ppo::{Ppo, PpoConfig};
+    let device = Device::flex().autodiff();
+    let policy = with_lora(tiny_policy(&device), &device);
+    let before = parameters(&policy);
+    let config = PpoConfig { max_completion_length: 4, ..PpoConfig::default() };
+    let mut ppo = Ppo::new(policy, config, optim(2), 0).unwrap();
+    steps(&mut ppo, 2);
+    let after = parameters(ppo.policy());
+    for (path, values) in &before {
+        if is_adapter(path) {
+            if path.ends_with(".lora.b") {
+                assert_ne!(values, &after[path], "adapter {path} did not train");
+            }
+        } else {
+            assert_eq!(values, &after[path], "base weight {path} changed");
+        }
+    }
+    // The head starts at zero; after training it is not.
+    let dir = tempfile::tempdir().unwrap();
+    ppo.save_checkpoint(dir.path()).unwrap();
+    let mut heads = policy_models::weights::WeightMap::open_files(dir.path(), &[dir.path().join("value_head.safetensors")], &Device::flex()).unwrap();
+    let head = heads.linear("value_head", 32, 1, true).unwrap();
+    let weight = head.weight.val().into_data().try_to_vec::<f32>().unwrap();
+    assert!(weight.iter().any(|w| *w != 0.0), "the value head did not train");
 }
 
 #[test]

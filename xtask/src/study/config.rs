@@ -86,7 +86,11 @@ pub struct PolicySpec {
     /// Render prompts with the checkpoint's chat template. Default false.
     #[serde(default)]
     pub chat_template: bool,
-    /// LoRA adapters for every training method (Minimal-GRPO uses rank 16, alpha 32).
+    /// LoRA adapters for every RL method (GRPO, PPO, RLOO cells; Minimal-GRPO uses rank 16,
+    /// alpha 32): only the adapters train (PPO's new value head trains in full), the KL
+    /// reference is the base without them, and each cell saves its adapters in PEFT's layout
+    /// to `cells/<id>/adapter/`. A preset's supervised base trains in full: it starts from
+    /// random weights, where a low-rank update of a frozen random model has nothing to adapt.
     #[serde(default)]
     pub lora: Option<LoraSettings>,
     /// Longest prompt + completion, in tokens. Default 256.
@@ -339,6 +343,9 @@ impl Study {
         }
         if let TaskSpec::Synthetic { synthetic } = &self.task {
             synthetic.validate()?;
+        }
+        if let Some(lora) = &self.policy.lora {
+            lora.validate().map_err(|error| anyhow::anyhow!("policy.lora.{error}"))?;
         }
         if let PolicyBase::Preset { sft, .. } = &self.policy.base {
             if !(0.0..=1.0).contains(&sft.answer_marker_fraction) {
@@ -656,6 +663,12 @@ steps = 2
         assert!(parse(&bad_source).unwrap_err().to_string().contains("\"rm\""));
         let bad_config = format!("{MINIMAL}config = {{ num_generations = 1 }}\n");
         assert!(parse(&bad_config).unwrap_err().to_string().contains("num_generations = 1"));
+        let lora = |fields: &str| MINIMAL.replace("template = \"plain\"\n", &format!("template = \"plain\"\nlora = {{ {fields} }}\n"));
+        assert_eq!(parse(&lora("rank = 2, alpha = 4.0")).unwrap().policy.lora.map(|l| (l.rank, l.alpha)), Some((2, 4.0)));
+        for (fields, named) in [("rank = 0", "policy.lora.rank = 0"), ("alpha = 0.0", "policy.lora.alpha = 0"), ("target_regex = \"(\"", "policy.lora.target_regex")] {
+            let error = parse(&lora(fields)).unwrap_err().to_string();
+            assert!(error.contains(named), "{error}");
+        }
         let reward_model = |fields: &str| format!("{MINIMAL}[reward_model]\nkind = \"train\"\n{fields}\n");
         parse(&reward_model("hidden_size = 32\nintermediate_size = 256")).unwrap();
         for (fields, named) in [("intermediate_size = 0", "intermediate_size = 0"), ("hidden_size = 30", "hidden_size = 30"), ("num_layers = 0", "num_layers = 0")] {

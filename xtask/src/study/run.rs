@@ -500,6 +500,27 @@ fn prepare_reward_model(
     Ok(Some(rm_dir))
 }
 
+/// The policy an RL cell trains: the base on `autodiff`, with the study's LoRA adapters when
+/// `policy.lora` names them (their A factors drawn from the device generator seeded with the
+/// cell's seed), so that only the adapters train.
+fn training_policy(study: &Study, base_dir: &Path, autodiff: &Device, seed: u64) -> anyhow::Result<CausalLm> {
+    let policy = CausalLm::load_dir(base_dir, autodiff)?;
+    let Some(lora) = &study.policy.lora else { return Ok(policy) };
+    autodiff.seed(seed);
+    policy.with_lora(lora).map_err(|error| anyhow::anyhow!("policy.lora: {error}"))
+}
+
+/// The base checkpoint as PEFT's `base_model_name_or_path`: the hub id, or the directory (for a
+/// GGUF file, its converted directory, which transformers loads as it is).
+fn base_model_name(study: &Study, base_dir: &Path) -> String {
+    if let PolicyBase::Checkpoint { model } = &study.policy.base
+        && let ModelSource::Hub { repo, .. } = ModelSource::parse(model)
+    {
+        return repo;
+    }
+    std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf()).display().to_string()
+}
+
 /// The reward model of `rm_dir` as a reward function.
 fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bool) -> anyhow::Result<RewardModelFunction> {
     let (model, _) = RobertaRegressor::load_dir(rm_dir, device)?;
@@ -540,7 +561,7 @@ fn run_cell(
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let optim = study.rl_optim(&cell.method, registry())?;
-            let inputs = AlgorithmInputs { policy: CausalLm::load_dir(base_dir, &autodiff)?, config: config.clone(), optim, seed: cell.seed };
+            let inputs = AlgorithmInputs { policy: training_policy(study, base_dir, &autodiff, cell.seed)?, config: config.clone(), optim, seed: cell.seed };
             let mut algorithm = (entry.build)(inputs)?;
             let builder = prompt_builder(study, task, base_dir, *few_shot_k, cell.seed)?;
             // What the policy wrote before training, for samples.jsonl.
@@ -604,7 +625,12 @@ fn run_cell(
             }
             bar.finish_and_clear();
             let seconds = started.elapsed().as_secs_f64() - eval_seconds;
-            (algorithm.into_policy().valid(), *few_shot_k, seconds, history)
+            let trained = algorithm.into_policy().valid();
+            if study.policy.lora.is_some() {
+                // The trained policy of a LoRA cell, small enough to keep: PEFT loads it over the base.
+                trained.save_adapters(&cell_dir.join("adapter"), Some(&base_model_name(study, base_dir)))?;
+            }
+            (trained, *few_shot_k, seconds, history)
         }
     };
     write_metrics(cell, cell_dir, &metrics)?;
@@ -867,6 +893,98 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    use rl_algos::rewards::RewardInput;
+
+    /// Every float parameter's values by dotted path; adapter factors end in `.lora.a` / `.lora.b`.
+    fn parameters(model: &CausalLm) -> std::collections::BTreeMap<String, Vec<f32>> {
+        struct Values(Vec<String>, std::collections::BTreeMap<String, Vec<f32>>);
+        impl ModuleVisitor for Values {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.0.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.0.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.1.insert(self.0.join("."), param.base().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+            }
+        }
+        let mut values = Values(Vec::new(), Default::default());
+        model.visit(&mut values);
+        values.1
+    }
+
+    /// Rewards that differ within a group, so every method gets a gradient.
+    struct Length;
+    impl RewardFunction for Length {
+        fn name(&self) -> &str {
+            "length"
+        }
+        fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
+            batch.iter().map(|input| (input.completion.len() % 5) as f32).collect()
+        }
+    }
+
+    /// `policy.lora` reaches every RL method through the runner's own construction
+    /// ([`training_policy`] and the registry): after a step the base weights are bit-identical,
+    /// the adapters moved, and the policy differs from the full fine-tuning the same step makes.
+    #[test]
+    fn lora_in_the_study_trains_only_adapters_for_every_method() {
+        let device = Device::flex();
+        let autodiff = device.clone().autodiff();
+        let base = tempfile::tempdir().unwrap();
+        autodiff.seed(0);
+        let config = policy_models::presets::Preset::TinyGptNeo.config(32, 0, 64);
+        CausalLm::init(&config, &device).unwrap().save_dir(base.path(), None).unwrap();
+        let text = |lora: &str| {
+            format!("name = \"t\"\n[task]\nkind = \"synthetic\"\n[policy]\ntemplate = \"plain\"\n{lora}\n[policy.base]\nkind = \"preset\"\npreset = \"tiny_gpt_neo\"\n[reward_sources.rules]\nrules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}]\n[methods.grpo]\nkind = \"rl\"\nalgorithm = \"grpo\"\nreward_sources = [\"rules\"]\nsteps = 1\n")
+        };
+        let lora: Study = toml::from_str(&text("lora = { rank = 2, alpha = 4.0 }")).unwrap();
+        let full: Study = toml::from_str(&text("")).unwrap();
+        assert_eq!(lora.policy.lora.as_ref().map(|l| (l.rank, l.alpha)), Some((2, 4.0)));
+        let rewards = WeightedRewards::new(vec![(Box::new(Length) as Box<dyn RewardFunction>, 1.0)]);
+        let decode = |ids: &[i64]| ids.iter().map(|id| char::from(b'a' + (id % 26) as u8)).collect::<String>();
+        let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+        let prompts: Vec<PromptItem> = (0..2).map(|i| PromptItem { prompt_ids: vec![1 + i, 2, 3], prompt_text: String::new(), answer: "1".into() }).collect();
+        let probe = policy_models::StepInput::from_padded(&[vec![1, 2, 3]], &[vec![true; 3]]);
+        let logits = |model: &CausalLm| model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+        for (algorithm, config) in [
+            ("grpo", serde_json::json!({"num_generations": 4, "max_completion_length": 4, "beta": 0.04})),
+            ("ppo", serde_json::json!({"max_completion_length": 4})),
+            ("rloo", serde_json::json!({"num_generations": 4, "max_completion_length": 4, "beta": 0.04})),
+        ] {
+            let entry = registry().iter().find(|entry| entry.name == algorithm).unwrap();
+            let optim = rl_algos::OptimSettings { learning_rate: 1e-2, total_steps: 1, ..Default::default() };
+            let step = |study: &Study| {
+                let policy = training_policy(study, base.path(), &autodiff, 5).unwrap();
+                let before = parameters(&policy);
+                let mut trainer = (entry.build)(AlgorithmInputs { policy, config: config.clone(), optim: optim.clone(), seed: 5 }).unwrap();
+                let metrics = trainer.train_step(&prompts, &environment).unwrap();
+                assert!(metrics["grad_norm"] > 0.0, "{algorithm}: no gradient: {metrics:?}");
+                (before, trainer.into_policy())
+            };
+            let (before, tuned) = step(&lora);
+            let after = parameters(&tuned);
+            let is_adapter = |path: &str| path.ends_with(".lora.a") || path.ends_with(".lora.b");
+            assert!(before.keys().filter(|path| is_adapter(path)).count() >= 12, "{algorithm}: adapters on every projection: {:?}", before.keys());
+            for (path, values) in &before {
+                if is_adapter(path) {
+                    if path.ends_with(".lora.b") {
+                        assert_ne!(values, &after[path], "{algorithm}: adapter {path} did not train");
+                    }
+                } else {
+                    assert_eq!(values, &after[path], "{algorithm}: base weight {path} changed under LoRA");
+                }
+            }
+            let (full_before, full_tuned) = step(&full);
+            let full_after = parameters(&full_tuned);
+            assert!(full_before.keys().all(|path| !is_adapter(path)));
+            assert!(full_before.iter().any(|(path, values)| path.ends_with("query.weight") && values != &full_after[path]), "{algorithm}: full fine-tuning moves the base");
+            assert_ne!(logits(&tuned), logits(&full_tuned), "{algorithm}: the LoRA update equals full fine-tuning's");
+        }
+    }
 
     #[test]
     fn answer_endings_vary_line_by_line_at_the_given_share() {
