@@ -356,11 +356,21 @@ impl GgufFile {
 
     /// The tensor `name` dequantized to f32, in row-major order of [`TensorInfo::shape`].
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        self.hf_values(name, None)
+    }
+
+    /// As [`GgufFile::dequantize`], with llama.cpp's rotary row permutation undone for a
+    /// projection of `unpermute_heads` heads (see [`GgufFile::hf_keys`]).
+    pub fn hf_values(&self, name: &str, unpermute_heads: Option<usize>) -> Result<Vec<f32>, LoadError> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| LoadError::Gguf { path: self.path.clone(), message: format!("tensor `{name}` is missing") })?;
-        Ok(dequantize(info.dtype, &self.mmap[info.start..info.start + info.len]))
+        let values = dequantize(info.dtype, &self.mmap[info.start..info.start + info.len]);
+        Ok(match unpermute_heads {
+            Some(heads) => unpermute_rotary_rows(&values, info.shape[0], heads),
+            None => values,
+        })
     }
 }
 

@@ -447,11 +447,7 @@ pub fn gguf_as_dir(path: &Path, cache: &Path) -> Result<PathBuf, LoadError> {
     let mut used = std::collections::BTreeSet::new();
     for (key, (name, unpermute_heads)) in file.hf_keys()? {
         let Some(info) = file.tensors.get(&name) else { continue };
-        let mut values = file.dequantize(&name)?;
-        if let Some(heads) = unpermute_heads {
-            values = crate::gguf::unpermute_rotary_rows(&values, info.shape[0], heads);
-        }
-        writer.values(&key, info.shape.clone(), values);
+        writer.values(&key, info.shape.clone(), file.hf_values(&name, unpermute_heads)?);
         used.insert(name);
     }
     if let Some(unused) = file.tensors.keys().find(|name| !used.contains(*name)) {

@@ -228,10 +228,7 @@ impl WeightMap {
                         found: found.clone(),
                     });
                 }
-                let mut values = file.dequantize(name)?;
-                if let Some(heads) = unpermute_heads {
-                    values = crate::gguf::unpermute_rotary_rows(&values, expected[0], *heads);
-                }
+                let values = file.hf_values(name, *unpermute_heads)?;
                 self.taken.insert(key.to_string());
                 return Ok(values);
             }
