@@ -1,5 +1,5 @@
-//! `cargo xtask generate --model <dir-or-hub-id> (--prompt TEXT | --ids 1,2,3) --max-new-tokens N
-//! [--greedy | --temperature T --top-p P] [--seed S] [--json]`.
+//! `cargo xtask generate --model <dir-gguf-or-hub-id> (--prompt TEXT [--chat] | --ids 1,2,3)
+//! --max-new-tokens N [--greedy | --temperature T --top-p P] [--seed S] [--json]`.
 
 use anyhow::Context;
 use policy_models::generate::{GenerationConfig, Sampler, generate};
@@ -8,12 +8,17 @@ use policy_models::{BackendKind, PolicyTokenizer};
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "ids"])))]
 pub struct Args {
-    /// A checkpoint directory in the Hugging Face layout, or a hub id `owner/name[@revision]`.
+    /// A checkpoint directory in the Hugging Face layout, a GGUF file, or a hub id
+    /// `owner/name[@revision]`.
     #[arg(long)]
     model: String,
     /// Prompt text (needs the checkpoint's tokenizer).
     #[arg(long)]
     prompt: Option<String>,
+    /// Send --prompt as a user message through the checkpoint's chat template (with the
+    /// assistant header after it), as an instruct model expects.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
     /// Prompt token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
     ids: Option<Vec<i64>>,
@@ -54,8 +59,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let tokenizer = tokenizer
                 .as_ref()
                 .with_context(|| format!("--prompt needs a tokenizer in {}; pass --ids instead", dir.display()))?;
-            // As transformers' `tokenizer(text)`: the tokenizer decides whether a BOS goes first.
-            tokenizer.encode(text, true)?.into_iter().map(i64::from).collect()
+            let ids = if args.chat {
+                let template = prompting::ChatTemplate::from_dir(&dir)?;
+                let options = prompting::RenderOptions { add_generation_prompt: true, ..Default::default() };
+                let rendered = template.render(&[prompting::Message::new(prompting::Role::User, text.as_str())], &options)?;
+                // The template wrote every special token it wants (transformers' and TRL's
+                // `add_special_tokens=False` after `apply_chat_template`).
+                tokenizer.encode(&rendered, false)?
+            } else {
+                // As transformers' `tokenizer(text)`: the tokenizer decides whether a BOS goes first.
+                tokenizer.encode(text, true)?
+            };
+            ids.into_iter().map(i64::from).collect()
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires --prompt or --ids"),

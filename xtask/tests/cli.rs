@@ -119,6 +119,29 @@ fn generate_greedy_json_matches_transformers() {
     assert!(stderr.contains("nobody/no-such-model") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
 
+/// The shared SmolLM2 GGUF as a user passes it, converted into a fresh cache: `generate --chat`
+/// renders the question with the file's chat template and gives transformers' greedy tokens
+/// (`tools/parity/make_gguf_fixtures.py`).
+#[test]
+fn generate_chat_on_the_shared_gguf_matches_transformers() {
+    let shared = shared_gsm8k().join("../..");
+    let gguf = shared.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/policy-models/tests/fixtures/gguf/smollm2.json");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--chat", "--prompt"])
+        .arg(reference["chat"][0]["question"].as_str().unwrap())
+        .args(["--max-new-tokens", "16", "--greedy", "--json"])
+        .env("COTLAB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["completion_ids"], reference["greedy"]);
+    assert!(json["text"].as_str().is_some_and(|text| !text.is_empty()));
+}
+
 #[test]
 fn bench_smoke_run_reports_every_key() {
     // A debug-build smoke run: the numbers mean nothing here, the keys and shapes do.
