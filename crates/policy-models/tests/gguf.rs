@@ -230,3 +230,120 @@ fn unpermuting_inverts_llama_cpp_s_rotary_permutation() {
     assert_ne!(permuted, original);
     assert_eq!(policy_models::gguf::unpermute_rotary_rows(&permuted, rows, heads), original);
 }
+
+/// A GGUF value as the writer below encodes it.
+enum Meta {
+    Str(String),
+    U32(u32),
+    Bool(bool),
+    Strings(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+/// A GGUF v3 file holding only `metadata` (no tensors).
+fn gguf_bytes(metadata: &[(&str, Meta)]) -> Vec<u8> {
+    fn string(bytes: &mut Vec<u8>, text: &str) {
+        bytes.extend((text.len() as u64).to_le_bytes());
+        bytes.extend(text.as_bytes());
+    }
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    bytes.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        string(&mut bytes, key);
+        match value {
+            Meta::Str(text) => {
+                bytes.extend(8u32.to_le_bytes());
+                string(&mut bytes, text);
+            }
+            Meta::U32(value) => {
+                bytes.extend(4u32.to_le_bytes());
+                bytes.extend(value.to_le_bytes());
+            }
+            Meta::Bool(value) => {
+                bytes.extend(7u32.to_le_bytes());
+                bytes.push(u8::from(*value));
+            }
+            Meta::Strings(items) => {
+                bytes.extend(9u32.to_le_bytes());
+                bytes.extend(8u32.to_le_bytes());
+                bytes.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|item| string(&mut bytes, item));
+            }
+            Meta::I32s(items) => {
+                bytes.extend(9u32.to_le_bytes());
+                bytes.extend(5u32.to_le_bytes());
+                bytes.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|item| bytes.extend(item.to_le_bytes()));
+            }
+        }
+    }
+    bytes
+}
+
+/// Writes `tokenizer` into GGUF metadata as llama.cpp's converter does (vocabulary by id, merges,
+/// token types: 3 for special added tokens, 4 for other added tokens) with the pre-tokenizer name
+/// `pre`, and reads it back through cotlab's GGUF tokenizer.
+fn through_gguf(tokenizer: &PolicyTokenizer, pre: &str) -> Tokenizer {
+    let json: Value = serde_json::from_str(&tokenizer.inner().to_string(false).unwrap()).unwrap();
+    let mut tokens: Vec<(u64, String, i32)> =
+        json["model"]["vocab"].as_object().unwrap().iter().map(|(token, id)| (id.as_u64().unwrap(), token.clone(), 1)).collect();
+    for added in json["added_tokens"].as_array().unwrap() {
+        let id = added["id"].as_u64().unwrap();
+        let kind = if added["special"].as_bool().unwrap() { 3 } else { 4 };
+        match tokens.iter_mut().find(|(known, _, _)| *known == id) {
+            Some(entry) => entry.2 = kind,
+            None => tokens.push((id, added["content"].as_str().unwrap().to_string(), kind)),
+        }
+    }
+    tokens.sort();
+    assert!(tokens.iter().enumerate().all(|(index, (id, _, _))| index as u64 == *id), "ids are contiguous");
+    let merges: Vec<String> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|merge| match merge {
+            Value::String(text) => text.clone(),
+            pair => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+        })
+        .collect();
+    let bos = tokenizer.prepended_bos();
+    let mut metadata = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Meta::Str(pre.into())),
+        ("tokenizer.ggml.tokens", Meta::Strings(tokens.iter().map(|(_, token, _)| token.clone()).collect())),
+        ("tokenizer.ggml.token_type", Meta::I32s(tokens.iter().map(|(_, _, kind)| *kind).collect())),
+        ("tokenizer.ggml.merges", Meta::Strings(merges)),
+        ("tokenizer.ggml.add_bos_token", Meta::Bool(bos.is_some())),
+    ];
+    if let Some(bos) = bos {
+        metadata.push(("tokenizer.ggml.bos_token_id", Meta::U32(bos)));
+    }
+    let (_dir, file) = open_bytes(&gguf_bytes(&metadata));
+    Tokenizer::from_str(&file.unwrap().tokenizer_json().unwrap().to_string()).unwrap()
+}
+
+/// The GGUF tokenizer of each pre-tokenizer named in the wild gives the token ids of the same
+/// vocabulary loaded from its Hugging Face files (which the tokenizer tests hold to transformers):
+/// GPT-2 (`gpt2`), Qwen2.5 (`qwen2`), Llama 3.2 (`llama-bpe`, with its BOS) and SmolLM2
+/// (`smollm`).
+#[test]
+fn gguf_pre_tokenizers_match_the_hugging_face_tokenizers() {
+    let questions = std::fs::read_to_string(shared().join("datasets/gsm8k/test.jsonl")).unwrap();
+    let mut texts: Vec<String> =
+        questions.lines().take(40).map(|line| serde_json::from_str::<Value>(line).unwrap()["question"].as_str().unwrap().to_string()).collect();
+    texts.extend(
+        ["It's 12,345.67 dollars -- isn't it?", "café  naïve\n\n  spaces\tand tabs", "x=3*(4+5)/2; 1000000 1 22 333 4444", "<|im_start|>user\nHi<|im_end|>"]
+            .map(str::to_string),
+    );
+    for (folder, pre) in [("gpt2", "gpt2"), ("qwen2.5-instruct", "qwen2"), ("llama-3.2-instruct", "llama-bpe"), ("smollm2-instruct", "smollm")] {
+        let reference = PolicyTokenizer::load_dir(&shared().join("tokenizers").join(folder)).unwrap();
+        let ours = through_gguf(&reference, pre);
+        for text in &texts {
+            let expected = reference.encode(text, true).unwrap();
+            assert_eq!(ours.encode(text.as_str(), true).unwrap().get_ids(), expected.as_slice(), "{folder}: {text:?}");
+        }
+    }
+}
