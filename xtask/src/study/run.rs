@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tasks::{Problem, TaskData};
 
 use crate::common::write_atomically;
-use crate::study::config::{Cell, MethodSpec, PolicyBase, RewardModelSpec, Study, TaskSpec, registry};
+use crate::study::config::{Cell, MethodSpec, PolicyBase, RewardModelSpec, SftSpec, Study, TaskSpec, registry};
 
 /// How `compare` runs.
 #[derive(Debug, Clone)]
@@ -219,17 +219,19 @@ fn fit(mut ids: Vec<i64>, limit: usize, bos: Option<i64>) -> Vec<i64> {
     ids
 }
 
-/// Token ids of `text` as transformers' `tokenizer(text)` gives them: the tokenizer decides
-/// whether a BOS goes first (Llama 3's does; GPT-2's, Qwen2's and SmolLM2's do not), never the
-/// model's config. Text a chat template rendered already holds what the template puts in, and
-/// is encoded without special tokens, as TRL does.
-fn encode(tokenizer: &PolicyTokenizer, text: &str, chat_rendered: bool) -> anyhow::Result<Vec<i64>> {
-    Ok(tokenizer.encode(text, !chat_rendered)?.into_iter().map(i64::from).collect())
+/// Token ids of `text`; with `add_special_tokens`, as transformers' `tokenizer(text)` gives them:
+/// the tokenizer decides whether a BOS goes first (Llama 3's does; GPT-2's, Qwen2's and
+/// SmolLM2's do not), never the model's config.
+fn encode(tokenizer: &PolicyTokenizer, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<i64>> {
+    Ok(tokenizer.encode(text, add_special_tokens)?.into_iter().map(i64::from).collect())
 }
 
-/// Token ids of a prompt `builder` rendered.
+/// Token ids of a prompt `builder` rendered. Text a chat template rendered already holds what the
+/// template puts in and is encoded without special tokens, as TRL does; a plain-text prompt gets
+/// what the tokenizer adds (TRL adds nothing there either: a Llama 3 base model then reads its
+/// prompts without `<|begin_of_text|>`, which cotlab keeps, as transformers' `generate` users do).
 fn encode_prompt(tokenizer: &PolicyTokenizer, builder: &PromptBuilder, text: &str) -> anyhow::Result<Vec<i64>> {
-    encode(tokenizer, text, builder.uses_chat_template())
+    encode(tokenizer, text, !builder.uses_chat_template())
 }
 
 /// A base saved before its tokenizer carried the BOS template was trained on sequences that
@@ -260,6 +262,57 @@ fn vary_answer_endings(text: &str, keep: f64, rng: &mut ChaCha8Rng) -> String {
         .collect()
 }
 
+/// The supervised base's training examples: packed documents of worked problems (every token
+/// trained), or one problem per example with the prompt masked.
+fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokenizer: &PolicyTokenizer) -> anyhow::Result<Vec<SftExample>> {
+    let eos = tokenizer.eos_ids[0];
+    let template = study.policy.template;
+    let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
+    let pool = &task.train.problems[..train_count.min(task.train.len())];
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut examples = Vec::new();
+    if sft.problems_per_document > 0 {
+        // Documents of 1..=n worked problems, each closed by the end-of-sequence token, packed
+        // whole into sequences of at most max_length tokens (nanoGPT-style packing: no padding
+        // is trained or computed). Every token after a sequence's first is trained. Enough
+        // sequences that no batch repeats one.
+        let sequences = (sft.steps as usize).saturating_mul(sft.batch_size).max(1);
+        let mut current: Vec<i64> = Vec::new();
+        while examples.len() < sequences {
+            let count = rng.random_range(1..=sft.problems_per_document);
+            let picks: Vec<Problem> = (0..count).map(|_| pool[rng.random_range(0..pool.len())].clone()).collect();
+            let (last, context) = picks.split_last().expect("at least one problem");
+            let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
+            let text = format!("{}{}", builder.render(&last.question)?, builder.target(last));
+            let mut document = encode(tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng), true)?;
+            document.push(i64::from(eos));
+            document.truncate(study.policy.max_length);
+            if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
+                let completion_ids = current.split_off(1);
+                examples.push(SftExample { prompt_ids: std::mem::take(&mut current), completion_ids });
+            }
+            current.extend(document);
+        }
+    } else {
+        for problem in pool {
+            // Some examples carry 1-2 exemplars, so few-shot prompts are a natural continuation.
+            let k = rng.random_range(0..=2usize);
+            let exemplars = sample_exemplars(&task.train, k, rng.random())?;
+            let builder = PromptBuilder::new(template).with_exemplars(exemplars);
+            let prompt_ids = encode(tokenizer, &builder.render(&problem.question)?, true)?;
+            // The completion continues the prompt: no BOS of its own.
+            let mut completion_ids = encode(tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng), false)?;
+            completion_ids.push(i64::from(eos));
+            // Cut from the front, keeping the BOS, as every prompt is.
+            let room = study.policy.max_length.saturating_sub(completion_ids.len());
+            let prompt_ids = fit(prompt_ids, room, tokenizer.prepended_bos().map(i64::from));
+            completion_ids.truncate(study.policy.max_length - prompt_ids.len().min(study.policy.max_length - 1));
+            examples.push(SftExample { prompt_ids, completion_ids });
+        }
+    }
+    Ok(examples)
+}
+
 /// Trains (or locates) the base policy; returns its checkpoint directory.
 fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
@@ -286,49 +339,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     // model that sees a fixed first token answers better at position 0.
     let tokenizer = tokenizer.prepending_bos(eos)?;
     let pad = i64::from(tokenizer.pad_id.unwrap_or(eos));
-    let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
-    let pool = &task.train.problems[..train_count.min(task.train.len())];
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut examples = Vec::new();
-    if sft.problems_per_document > 0 {
-        // Documents of 1..=n worked problems, each closed by the end-of-sequence token, packed
-        // whole into sequences of at most max_length tokens (nanoGPT-style packing: no padding
-        // is trained or computed). Every token after a sequence's first is trained. Enough
-        // sequences that no batch repeats one.
-        let sequences = (sft.steps as usize).saturating_mul(sft.batch_size).max(1);
-        let mut current: Vec<i64> = Vec::new();
-        while examples.len() < sequences {
-            let count = rng.random_range(1..=sft.problems_per_document);
-            let picks: Vec<Problem> = (0..count).map(|_| pool[rng.random_range(0..pool.len())].clone()).collect();
-            let (last, context) = picks.split_last().expect("at least one problem");
-            let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
-            let text = format!("{}{}", builder.render(&last.question)?, builder.target(last));
-            let mut document = encode(&tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng), false)?;
-            document.push(i64::from(eos));
-            document.truncate(study.policy.max_length);
-            if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
-                let completion_ids = current.split_off(1);
-                examples.push(SftExample { prompt_ids: std::mem::take(&mut current), completion_ids });
-            }
-            current.extend(document);
-        }
-    } else {
-        for problem in pool {
-            // Some examples carry 1-2 exemplars, so few-shot prompts are a natural continuation.
-            let k = rng.random_range(0..=2usize);
-            let exemplars = sample_exemplars(&task.train, k, rng.random())?;
-            let builder = PromptBuilder::new(template).with_exemplars(exemplars);
-            let mut prompt_ids = encode(&tokenizer, &builder.render(&problem.question)?, false)?;
-            let mut completion_ids = encode(&tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng), false)?;
-            completion_ids.push(i64::from(eos));
-            let room = study.policy.max_length.saturating_sub(completion_ids.len());
-            if prompt_ids.len() > room {
-                prompt_ids.drain(..prompt_ids.len() - room);
-            }
-            completion_ids.truncate(study.policy.max_length - prompt_ids.len().min(study.policy.max_length - 1));
-            examples.push(SftExample { prompt_ids, completion_ids });
-        }
-    }
+    let examples = sft_examples(study, task, sft, &tokenizer)?;
     let autodiff = device.clone().autodiff();
     autodiff.seed(0);
     let model = CausalLm::init(&preset.config(tokenizer.vocab_size(), eos, study.policy.max_length), &autodiff).map_err(anyhow::Error::msg)?;
@@ -360,7 +371,7 @@ fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, opt
     // What the cells will read must encode prompts exactly as training did.
     let reloaded = PolicyTokenizer::load_dir(&base_dir)?;
     let probe = PromptBuilder::new(template).render(&task.test.problems[0].question)?;
-    if encode(&reloaded, &probe, false)? != encode(&tokenizer, &probe, false)? {
+    if encode(&reloaded, &probe, true)? != encode(&tokenizer, &probe, true)? {
         bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", base_dir.display());
     }
     Ok(base_dir)
@@ -995,6 +1006,30 @@ mod tests {
         assert!(free.ends_with("1 - 4 = -3\nThe answer is -3.") && free.contains("2 + 3 = 5\nThe answer is 5.\nQ:"), "{free}");
         let kept = (0..1000).filter(|_| vary_answer_endings("#### 7\n", 0.3, &mut rng) == "#### 7\n").count();
         assert!((250..350).contains(&kept), "{kept}");
+    }
+
+    /// One problem per example: the prompt starts with the tiny base's BOS (its tokenizer's
+    /// template) and the completion, which continues it, does not (a completion that began with
+    /// BOS = EOS taught the base to end its answers before writing them).
+    #[test]
+    fn supervised_completions_carry_no_bos_of_their_own() {
+        let mut study: Study = toml::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/default.toml")).unwrap()).unwrap();
+        let PolicyBase::Preset { sft, .. } = &mut study.policy.base else { panic!("the default study trains a preset") };
+        sft.problems_per_document = 0;
+        sft.steps = 8;
+        let sft = sft.clone();
+        let task = load_task(&study).unwrap();
+        let corpus = task.train.problems.iter().take(500).map(|p| format!("{} {}", p.question, p.solution));
+        let tokenizer = train_tokenizer(corpus.collect::<Vec<_>>().into_iter(), 384).unwrap();
+        let eos = tokenizer.eos_ids[0];
+        let tokenizer = tokenizer.prepending_bos(eos).unwrap();
+        let examples = sft_examples(&study, &task, &sft, &tokenizer).unwrap();
+        assert!(!examples.is_empty());
+        for example in &examples {
+            assert_eq!(example.prompt_ids[0], i64::from(eos), "the prompt starts with the BOS");
+            assert_ne!(example.completion_ids[0], i64::from(eos), "a completion starts with the BOS");
+            assert_eq!(example.completion_ids.last(), Some(&i64::from(eos)), "a completion ends with EOS");
+        }
     }
 
     fn shared_tokenizer(name: &str) -> PolicyTokenizer {
