@@ -245,6 +245,10 @@ impl<'a> Reader<'a> {
             8 => MetaValue::Str(self.string()?),
             9 => {
                 let item_kind = self.u32()?;
+                if item_kind == 9 {
+                    // As llama.cpp: no nested arrays (and no unbounded recursion on a crafted file).
+                    return Err(self.error("an array of arrays in the metadata; GGUF metadata arrays hold scalars or strings"));
+                }
                 let len = self.count("array length")?;
                 let mut items = Vec::with_capacity(len.min(1 << 20));
                 for _ in 0..len {
@@ -290,12 +294,13 @@ impl GgufFile {
             let value = reader.value(kind)?;
             metadata.insert(key, value);
         }
-        let mut infos = Vec::with_capacity(tensor_count);
+        // A count only bounded by the file's size: reserve no more than a real model needs.
+        let mut infos = Vec::with_capacity(tensor_count.min(1 << 16));
         for _ in 0..tensor_count {
             let name = reader.string()?;
             let dims = reader.u32()? as usize;
-            if dims > 4 {
-                return Err(reader.error(format!("tensor `{name}` has {dims} dimensions; ggml allows at most 4")));
+            if !(1..=4).contains(&dims) {
+                return Err(reader.error(format!("tensor `{name}` has {dims} dimensions; ggml tensors have 1 to 4")));
             }
             let mut shape = (0..dims).map(|_| reader.u64().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
             shape.reverse();
@@ -311,33 +316,35 @@ impl GgufFile {
             infos.push((name, shape, dtype, offset));
         }
         let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(32) as usize;
-        if alignment == 0 {
-            return Err(reader.error("general.alignment is 0"));
+        if !alignment.is_power_of_two() {
+            return Err(reader.error(format!("general.alignment is {alignment}; GGUF requires a power of two")));
         }
         let data_start = reader.at.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, shape, dtype, offset) in infos {
-            let numel: usize = shape.iter().product();
+            let bad = |message: String| LoadError::Gguf { path: path.to_path_buf(), message: format!("tensor `{name}`: {message}") };
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |product, &dim| product.checked_mul(dim))
+                .ok_or_else(|| bad(format!("shape {shape:?} overflows; the file is corrupt")))?;
             let (block_values, block_bytes) = dtype.block();
             if numel % block_values != 0 {
-                return Err(LoadError::Gguf {
-                    path: path.to_path_buf(),
-                    message: format!("tensor `{name}` has {numel} values, not a multiple of its type's block of {block_values}"),
-                });
+                return Err(bad(format!("{numel} values, not a multiple of its type's block of {block_values}")));
             }
-            let len = numel / block_values * block_bytes;
-            let start = data_start + offset;
-            if start.checked_add(len).is_none_or(|end| end > mmap.len()) {
-                return Err(LoadError::Gguf {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "tensor `{name}` needs bytes {start}..{} but the file has {}; the file is truncated: download it again",
-                        start + len,
+            let len = (numel / block_values).checked_mul(block_bytes);
+            let start = data_start.checked_add(offset);
+            let end = start.zip(len).and_then(|(start, len)| start.checked_add(len));
+            match (start, end) {
+                (Some(start), Some(end)) if end <= mmap.len() => {
+                    tensors.insert(name, TensorInfo { shape, dtype, start, len: end - start });
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "its data (offset {offset}, {numel} values of {dtype:?}) ends past the file's {} bytes; the file is truncated: download it again",
                         mmap.len()
-                    ),
-                });
+                    )));
+                }
             }
-            tensors.insert(name, TensorInfo { shape, dtype, start, len });
         }
         Ok(Self { path: path.to_path_buf(), mmap, metadata, tensors })
     }
@@ -367,10 +374,12 @@ impl GgufFile {
             .get(name)
             .ok_or_else(|| LoadError::Gguf { path: self.path.clone(), message: format!("tensor `{name}` is missing") })?;
         let values = dequantize(info.dtype, &self.mmap[info.start..info.start + info.len]);
-        Ok(match unpermute_heads {
-            Some(heads) => unpermute_rotary_rows(&values, info.shape[0], heads),
-            None => values,
-        })
+        let Some(heads) = unpermute_heads else { return Ok(values) };
+        let rows = info.shape[0];
+        if heads == 0 || rows % (2 * heads) != 0 {
+            return Err(self.gguf_error(format!("tensor `{name}`: {rows} rows do not split into {heads} rotary heads of even size")));
+        }
+        Ok(unpermute_rotary_rows(&values, rows, heads))
     }
 }
 
@@ -541,6 +550,13 @@ impl GgufFile {
         self.meta(&key)?.as_u64().map(|value| value as usize).ok_or_else(|| self.gguf_error(format!("`{key}` is not an integer")))
     }
 
+    /// `attention.head_count_kv`, defaulting to `heads` only when absent (a per-layer array,
+    /// which some converters write, is an error rather than a silent full-head model).
+    fn kv_heads(&self, heads: usize) -> Result<usize, LoadError> {
+        let key = format!("{}.attention.head_count_kv", self.architecture()?);
+        if self.metadata.contains_key(&key) { self.arch_usize("attention.head_count_kv") } else { Ok(heads) }
+    }
+
     fn arch_f64(&self, field: &str) -> Result<Option<f64>, LoadError> {
         let key = format!("{}.{field}", self.architecture()?);
         match self.metadata.get(&key) {
@@ -579,7 +595,7 @@ impl GgufFile {
             "intermediate_size": self.arch_usize("feed_forward_length")?,
             "num_hidden_layers": self.arch_usize("block_count")?,
             "num_attention_heads": heads,
-            "num_key_value_heads": self.arch_usize("attention.head_count_kv").unwrap_or(heads),
+            "num_key_value_heads": self.kv_heads(heads)?,
             "max_position_embeddings": self.arch_usize("context_length")?,
             "rms_norm_eps": self.arch_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
             "rope_theta": self.arch_f64("rope.freq_base")?.unwrap_or(10000.0),
@@ -602,7 +618,7 @@ impl GgufFile {
     pub fn hf_keys(&self) -> Result<BTreeMap<String, (String, Option<usize>)>, LoadError> {
         let llama = self.architecture()? == "llama";
         let heads = self.arch_usize("attention.head_count")?;
-        let kv_heads = self.arch_usize("attention.head_count_kv").unwrap_or(heads);
+        let kv_heads = self.kv_heads(heads)?;
         let mut keys = BTreeMap::new();
         let mut add = |hf: String, gguf: String, unpermute: Option<usize>| {
             keys.insert(hf, (gguf, unpermute));
@@ -670,10 +686,11 @@ impl GgufFile {
             })
             .collect();
         let pre = self.metadata.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
+        // llama.cpp's `default` (and a missing name) is its own expression list, not GPT-2's.
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         let (normalizer, pre_tokenizer) = match pre {
-            "default" | "gpt2" => (json!(null), byte_level(true)),
+            "gpt2" => (json!(null), byte_level(true)),
             // llama.cpp: `\p{N}` then GPT-2's expression; the hub tokenizer.json: individual
             // digits, then byte-level with GPT-2's expression.
             "smollm" => (json!(null), json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})),
@@ -686,7 +703,7 @@ impl GgufFile {
             ),
             other => {
                 return Err(self.gguf_error(format!(
-                    "tokenizer.ggml.pre `{other}` is not supported (cotlab knows default, gpt2, smollm, llama-bpe, qwen2): \
+                    "tokenizer.ggml.pre `{other}` is not supported (cotlab knows gpt2, smollm, llama-bpe, qwen2): \
                      use the model's tokenizer.json instead"
                 )));
             }
@@ -695,11 +712,13 @@ impl GgufFile {
         let post_processor = match self.token_id("bos_token_id").filter(|_| add_bos) {
             Some(bos) => {
                 let text = *tokens.get(bos as usize).ok_or_else(|| self.gguf_error(format!("bos_token_id {bos} is outside the vocabulary")))?;
-                json!({"type": "TemplateProcessing",
+                let template = json!({"type": "TemplateProcessing",
                        "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                        "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                                 {"SpecialToken": {"id": text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                       "special_tokens": {text: {"id": text, "ids": [bos], "tokens": [text]}}})
+                       "special_tokens": {text: {"id": text, "ids": [bos], "tokens": [text]}}});
+                // As tokenizer.rs builds Llama 3's: byte-level offsets, then the BOS.
+                json!({"type": "Sequence", "processors": [byte_level(true), template]})
             }
             None => byte_level(true),
         };

@@ -127,10 +127,17 @@ impl CausalLm {
     /// Loads a GGUF file (llama.cpp), dequantized to f32: what transformers'
     /// `from_pretrained(dir, gguf_file=...)` builds (see `gguf.rs`).
     pub fn load_gguf(path: &Path, device: &Device) -> Result<Self, LoadError> {
-        let file = crate::gguf::GgufFile::open(path)?;
+        Self::from_gguf(crate::gguf::GgufFile::open(path)?, device)
+    }
+
+    /// [`CausalLm::load_gguf`] of an opened file. Every tensor of the file must find its place:
+    /// one that does not is reported as unused.
+    fn from_gguf(file: crate::gguf::GgufFile, device: &Device) -> Result<Self, LoadError> {
+        let path = file.path().to_path_buf();
+        let bad_config = |message: String| LoadError::Gguf { path: path.clone(), message };
         let config: ModelConfig = serde_json::from_value(file.hf_config()?)
-            .map_err(|error| LoadError::Gguf { path: path.to_path_buf(), message: format!("its metadata gives no usable config: {error}") })?;
-        let bad_config = |message: String| LoadError::Gguf { path: path.to_path_buf(), message };
+            .map_err(|error| bad_config(format!("its metadata gives no usable config: {error}")))?;
+        config.validate().map_err(bad_config)?;
         let keys = file.hf_keys()?;
         let mut weights = WeightMap::from_gguf(file, keys, device);
         let body = match &config {
@@ -425,38 +432,30 @@ pub fn gguf_as_dir(path: &Path, cache: &Path) -> Result<PathBuf, LoadError> {
     }
     let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or("model");
     let digest = file_sha256(path)?;
-    let dir = cache.join("gguf").join(format!("{stem}-{}", &digest[..16]));
+    // The conversion's version is part of the name, so that a fix to it reaches files converted
+    // before the fix.
+    let name = format!("{stem}-{}-v{GGUF_CONVERSION_VERSION}", &digest[..16]);
+    let dir = cache.join("gguf").join(&name);
     if dir.join("config.json").is_file() {
         return Ok(dir);
     }
-    let io = |at: &Path| {
-        let at = at.to_path_buf();
-        move |source| LoadError::Io { path: at, source }
-    };
-    let temporary = dir.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::create_dir_all(&temporary).map_err(io(&temporary))?;
     let file = crate::gguf::GgufFile::open(path)?;
-    let json_error = |error: serde_json::Error| LoadError::Gguf { path: path.to_path_buf(), message: error.to_string() };
-    let config = file.hf_config()?;
-    // Checked here so that a bad file fails now, not when the directory is loaded.
-    let parsed: ModelConfig = serde_json::from_value(config.clone()).map_err(json_error)?;
-    parsed.validate().map_err(|message| LoadError::Gguf { path: path.to_path_buf(), message })?;
     let tokenizer = file.tokenizer_json()?;
     let tokenizer_config = file.tokenizer_config_json();
-    let mut writer = WeightWriter::default();
-    let mut used = std::collections::BTreeSet::new();
-    for (key, (name, unpermute_heads)) in file.hf_keys()? {
-        let Some(info) = file.tensors.get(&name) else { continue };
-        writer.values(&key, info.shape.clone(), file.hf_values(&name, unpermute_heads)?);
-        used.insert(name);
-    }
-    if let Some(unused) = file.tensors.keys().find(|name| !used.contains(*name)) {
-        return Err(LoadError::Gguf { path: path.to_path_buf(), message: format!("tensor `{unused}` has no place in the {} architecture", file.architecture()?) });
-    }
-    writer.write(&temporary.join("model.safetensors"))?;
-    for (name, value) in [("tokenizer.json", &tokenizer), ("tokenizer_config.json", &tokenizer_config), ("config.json", &config)] {
-        let at = temporary.join(name);
-        std::fs::write(&at, serde_json::to_string_pretty(value).map_err(json_error)?).map_err(io(&at))?;
+    let model = CausalLm::from_gguf(file, &Device::flex())?;
+    let temporary = dir.with_file_name(format!("{name}.tmp-{}", std::process::id()));
+    let write = || -> Result<(), LoadError> {
+        model.save_dir(&temporary, None)?;
+        for (file_name, value) in [("tokenizer.json", &tokenizer), ("tokenizer_config.json", &tokenizer_config)] {
+            let at = temporary.join(file_name);
+            let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+            std::fs::write(&at, text).map_err(|source| LoadError::Io { path: at.clone(), source })?;
+        }
+        Ok(())
+    };
+    if let Err(error) = write() {
+        let _ = std::fs::remove_dir_all(&temporary);
+        return Err(error);
     }
     match std::fs::rename(&temporary, &dir) {
         Ok(()) => Ok(dir),
@@ -465,6 +464,12 @@ pub fn gguf_as_dir(path: &Path, cache: &Path) -> Result<PathBuf, LoadError> {
             let _ = std::fs::remove_dir_all(&temporary);
             Ok(dir)
         }
-        Err(source) => Err(LoadError::Io { path: dir, source }),
+        Err(source) => {
+            let _ = std::fs::remove_dir_all(&temporary);
+            Err(LoadError::Io { path: dir, source })
+        }
     }
 }
+
+/// Bumped whenever [`gguf_as_dir`]'s output changes.
+const GGUF_CONVERSION_VERSION: u32 = 1;

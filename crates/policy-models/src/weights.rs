@@ -364,11 +364,6 @@ fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
 }
 
 impl WeightWriter {
-    /// Adds row-major `values` of `shape` under `key`.
-    pub fn values(&mut self, key: &str, shape: Vec<usize>, values: Vec<f32>) {
-        self.tensors.push((key.to_string(), shape, values));
-    }
-
     /// Adds a tensor under `key`.
     pub fn tensor<const D: usize>(&mut self, key: &str, tensor: Tensor<D>) {
         if self.keys_only {

@@ -158,6 +158,11 @@ fn a_gguf_file_converts_to_a_directory_that_loads_the_same_model() {
 
 /// A GGUF v3 file with one metadata string and one F32 tensor of `values` stored as `type_id`.
 fn tiny_gguf(type_id: u32, values: &[f32]) -> Vec<u8> {
+    tiny_gguf_shaped(type_id, &[values.len() as u64], values)
+}
+
+/// As [`tiny_gguf`], with the tensor's `ne` given.
+fn tiny_gguf_shaped(type_id: u32, ne: &[u64], values: &[f32]) -> Vec<u8> {
     let string = |bytes: &mut Vec<u8>, text: &str| {
         bytes.extend((text.len() as u64).to_le_bytes());
         bytes.extend(text.as_bytes());
@@ -170,8 +175,8 @@ fn tiny_gguf(type_id: u32, values: &[f32]) -> Vec<u8> {
     bytes.extend(8u32.to_le_bytes());
     string(&mut bytes, "llama");
     string(&mut bytes, "token_embd.weight");
-    bytes.extend(1u32.to_le_bytes());
-    bytes.extend((values.len() as u64).to_le_bytes());
+    bytes.extend((ne.len() as u32).to_le_bytes());
+    ne.iter().for_each(|dim| bytes.extend(dim.to_le_bytes()));
     bytes.extend(type_id.to_le_bytes());
     bytes.extend(0u64.to_le_bytes());
     bytes.resize(bytes.len().div_ceil(32) * 32, 0);
@@ -208,6 +213,39 @@ fn bad_gguf_files_get_errors_that_say_what_is_wrong() {
     future[4..8].copy_from_slice(&4u32.to_le_bytes());
     let version = message(open_bytes(&future).1);
     assert!(version.contains("version 4"), "{version}");
+    // Crafted headers: errors, never a panic, an abort or a huge allocation.
+    let mut many = full.clone();
+    many[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    let count = message(open_bytes(&many).1);
+    assert!(count.contains("tensor count") && count.contains("corrupt"), "{count}");
+    let scalar = message(open_bytes(&tiny_gguf_shaped(0, &[], &[1.0])).1);
+    assert!(scalar.contains("0 dimensions"), "{scalar}");
+    let overflow = message(open_bytes(&tiny_gguf_shaped(0, &[u64::MAX / 2, 4], &[1.0])).1);
+    assert!(overflow.contains("overflows"), "{overflow}");
+    let past_end = message(open_bytes(&tiny_gguf_shaped(0, &[1 << 40], &[1.0])).1);
+    assert!(past_end.contains("truncated"), "{past_end}");
+    let mut nested = b"GGUF".to_vec();
+    nested.extend(3u32.to_le_bytes());
+    nested.extend(0u64.to_le_bytes());
+    nested.extend(1u64.to_le_bytes());
+    nested.extend(1u64.to_le_bytes());
+    nested.extend(b"k");
+    nested.extend(9u32.to_le_bytes());
+    nested.extend(9u32.to_le_bytes());
+    nested.extend(1u64.to_le_bytes());
+    let arrays = message(open_bytes(&nested).1);
+    assert!(arrays.contains("array of arrays"), "{arrays}");
+}
+
+#[test]
+fn a_failed_conversion_leaves_nothing_in_the_cache() {
+    let (dir, file) = open_bytes(&tiny_gguf(0, &[1.0, 2.0, 3.0]));
+    drop(file);
+    let cache = tempfile::tempdir().unwrap();
+    let error = policy_models::model::gguf_as_dir(&dir.path().join("model.gguf"), cache.path()).unwrap_err().to_string();
+    assert!(error.contains("llama.block_count") || error.contains("metadata key"), "{error}");
+    let left: Vec<_> = std::fs::read_dir(cache.path().join("gguf")).map(|entries| entries.collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
