@@ -36,8 +36,10 @@ fn std(values: &[f32]) -> f32 {
 
 /// Group-relative advantages of rewards laid out group by group ([N], N a multiple of G):
 /// (r - group mean) / (std + 1e-4), the std per `scale`. Also returns, per completion, whether
-/// its group's rewards were all equal (zero std), which TRL logs as `frac_reward_zero_std`;
-/// those completions' advantages are exactly 0.
+/// its group's rewards were all equal, the groups TRL counts in `frac_reward_zero_std`; those
+/// completions' advantages are exactly 0. Equality is exact, where TRL tests the f32 std with
+/// `isclose(std, 0)`: equal rewards whose f32 mean rounds (8 x 2.6) have a std of 2.5e-7, which
+/// that test may miss and which would give each member a spurious nonzero advantage.
 pub fn group_advantages(rewards: &[f32], num_generations: usize, scale: ScaleRewards) -> (Vec<f32>, Vec<bool>) {
     assert!(num_generations > 0 && rewards.len() % num_generations == 0, "rewards must come in whole groups");
     let batch_std = std(rewards);

@@ -639,7 +639,7 @@ fn run_cell(
             let trained = algorithm.into_policy().valid();
             if study.policy.lora.is_some() {
                 // The trained policy of a LoRA cell, small enough to keep: PEFT loads it over the base.
-                trained.save_adapters(&cell_dir.join("adapter"), Some(&base_model_name(study, base_dir)))?;
+                trained.save_adapters(&cell_dir.join(policy_models::lora::ADAPTER_SUBDIR), Some(&base_model_name(study, base_dir)))?;
             }
             (trained, *few_shot_k, seconds, history)
         }
