@@ -114,10 +114,15 @@ fn only_the_tokenizer_puts_a_bos_in_front() {
         let tokenizer = PolicyTokenizer::load_dir(&shared_tokenizers().join(name)).unwrap();
         assert_eq!(tokenizer.prepended_bos(), bos, "{name}");
         let case = fixture.cases.iter().find(|case| case.tokenizer == name && case.text == "Hello world").unwrap();
-        assert_eq!(case.ids.first() == bos.as_ref(), bos.is_some(), "{name}: the fixture disagrees");
-        // Without special tokens nothing is added, whatever the tokenizer.
+        if let Some(bos) = bos {
+            assert_eq!(case.ids.first(), Some(&bos), "{name}: the fixture disagrees");
+        }
+        // Without special tokens nothing is added, whatever the tokenizer: the fixture's ids less
+        // its BOS (RoBERTa's `</s>` at the end too).
         let ids = tokenizer.encode("Hello world", false).unwrap();
-        assert_eq!(ids[..], case.ids[usize::from(bos.is_some())..ids.len() + usize::from(bos.is_some())], "{name}");
+        let skip = usize::from(bos.is_some());
+        assert!(!ids.is_empty() && ids.len() + skip <= case.ids.len(), "{name}: {ids:?} vs {:?}", case.ids);
+        assert_eq!(ids[..], case.ids[skip..ids.len() + skip], "{name}");
     }
     // A model config's bos_token_id alone adds nothing (GPT-Neo's config.json says 50256).
     let dir = tempfile::tempdir().unwrap();
