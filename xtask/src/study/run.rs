@@ -1085,11 +1085,11 @@ mod tests {
         add_missing_bos_template(dir.path()).unwrap();
         let upgraded = PolicyTokenizer::load_dir(dir.path()).unwrap();
         assert_eq!(upgraded.prepended_bos(), Some(eos));
-        let ids = encode(&upgraded, "Q: What is 2 + 3?", false).unwrap();
+        let ids = encode(&upgraded, "Q: What is 2 + 3?", true).unwrap();
         assert_eq!(ids[0], i64::from(eos));
-        assert_eq!(ids[1..], encode(&upgraded, "Q: What is 2 + 3?", true).unwrap()[..]);
+        assert_eq!(ids[1..], encode(&upgraded, "Q: What is 2 + 3?", false).unwrap()[..]);
         // A second pass leaves it as it is.
         add_missing_bos_template(dir.path()).unwrap();
-        assert_eq!(encode(&PolicyTokenizer::load_dir(dir.path()).unwrap(), "Q: What is 2 + 3?", false).unwrap(), ids);
+        assert_eq!(encode(&PolicyTokenizer::load_dir(dir.path()).unwrap(), "Q: What is 2 + 3?", true).unwrap(), ids);
     }
 }
