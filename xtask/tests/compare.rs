@@ -216,7 +216,7 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     let first = run();
     let stderr = String::from_utf8_lossy(&first.stderr).to_string();
     assert!(!first.status.success(), "a failed cell makes compare exit non-zero: {stderr}");
-    let last_line = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("");
+    let last_line = stderr.lines().find(|line| line.starts_with("Error: ")).unwrap_or_else(|| panic!("no error message: {stderr}"));
     assert!(last_line.contains("1 of 4 cells failed: few_shot_many__-__seed0"), "the message names the failed cell: {stderr}");
     assert!(!last_line.contains("grpo_hot"), "a diverged cell is not a failure: {last_line}");
     let reports = dir.path().join("reports/integrity-quick");
