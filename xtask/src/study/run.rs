@@ -744,7 +744,9 @@ fn run_cell(
                     // The row that shows it is kept; the model is not evaluated (it is no result).
                     metrics_file.push(&row)?;
                     bar.finish_and_clear();
-                    let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate or set its max_grad_norm", cell.method);
+                    // Clipping bounds the gradient, not AdamW's step (about the learning rate per
+                    // weight): the learning rate is the fix.
+                    let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate", cell.method);
                     return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, started.elapsed().as_secs_f64() - eval_seconds));
                 }
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
