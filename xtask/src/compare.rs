@@ -55,7 +55,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let options = crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };
     let summaries = crate::study::run::run_study(&study, &options)?;
-    let failed = summaries.iter().filter(|s| s.error.is_some()).count();
-    println!("study {}: {} cells, {} failed; reports in reports/{}/", study.name, summaries.len(), failed, study.name);
+    let failed: Vec<String> = summaries.iter().filter(|s| s.is_failed()).map(|s| s.id()).collect();
+    let diverged: Vec<String> = summaries.iter().filter(|s| s.is_diverged()).map(|s| s.id()).collect();
+    println!(
+        "study {}: {} cells, {} failed, {} diverged; reports in reports/{}/",
+        study.name,
+        summaries.len(),
+        failed.len(),
+        diverged.len(),
+        study.name
+    );
+    if !diverged.is_empty() {
+        // A diverged cell is an outcome of its settings, reported as such, not a broken run.
+        println!("diverged (no result, listed in report.md): {}", diverged.join(", "));
+    }
+    // Every cell that could run has run and the reports cover them; the exit code still says
+    // the study is incomplete, so scripts and CI do not take it for a full result.
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} cells failed: {}; their errors are in reports/{}/report.md (\"Failed cells\"). Fix the cause and rerun `cargo xtask compare` (finished cells are skipped)",
+            failed.len(),
+            summaries.len(),
+            failed.join(", "),
+            study.name
+        );
+    }
     Ok(())
 }

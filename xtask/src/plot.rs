@@ -10,6 +10,10 @@
 //!   and a band of one standard deviation over seeds, with each method's median
 //!   steps-to-convergence marked.
 //!
+//! Only results are drawn: cells that failed or diverged (see `CellStatus`) are left out of
+//! every chart (their accuracies are absent and their metrics are not read); `report.md` lists
+//! them.
+//!
 //! Fonts come from the `dejavu` crate (DejaVu Sans, embedded), so charts render the same on any
 //! machine without system fonts.
 
@@ -72,11 +76,12 @@ fn read_summaries(dir: &Path) -> anyhow::Result<Vec<CellSummary>> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a study summary", path.display()))
 }
 
-fn read_metrics(dir: &Path) -> anyhow::Result<Vec<MetricRow>> {
+/// The step rows of the cells in `summaries` that are results (a diverged cell's exploding
+/// norms would otherwise stretch every stability box and curve).
+fn read_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<Vec<MetricRow>> {
     let mut rows = Vec::new();
     let cells = dir.join("cells");
-    let Ok(entries) = std::fs::read_dir(&cells) else { return Ok(rows) };
-    let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path().join("metrics.csv")).filter(|p| p.is_file()).collect();
+    let mut paths: Vec<PathBuf> = summaries.iter().filter(|s| s.is_result()).map(|s| cells.join(s.id()).join("metrics.csv")).filter(|p| p.is_file()).collect();
     paths.sort();
     for path in paths {
         let mut reader = csv::Reader::from_path(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -125,7 +130,7 @@ struct GroupAccuracy {
 fn group_accuracies(summaries: &[CellSummary]) -> Vec<GroupAccuracy> {
     let mut order: Vec<String> = Vec::new();
     let mut groups: BTreeMap<String, Vec<&CellSummary>> = BTreeMap::new();
-    for summary in summaries.iter().filter(|s| s.error.is_none()) {
+    for summary in summaries.iter().filter(|s| s.is_result()) {
         let name = group_name(&summary.method, &summary.reward_source);
         if !order.contains(&name) {
             order.push(name.clone());
@@ -137,7 +142,8 @@ fn group_accuracies(summaries: &[CellSummary]) -> Vec<GroupAccuracy> {
         .into_iter()
         .map(|name| {
             let cells = &groups[&name];
-            let take = |f: fn(&CellSummary) -> f64| cells.iter().map(|c| f(c)).collect::<Vec<f64>>();
+            // A result has its accuracies (`CellSummary::is_result`).
+            let take = |f: fn(&CellSummary) -> Option<f64>| cells.iter().filter_map(|c| f(c)).collect::<Vec<f64>>();
             GroupAccuracy {
                 strict: percent(accuracy_interval(&take(|c| c.accuracy_strict), &take(|c| c.accuracy_strict_ci_low), &take(|c| c.accuracy_strict_ci_high))),
                 lenient: percent(accuracy_interval(&take(|c| c.accuracy_lenient), &take(|c| c.accuracy_lenient_ci_low), &take(|c| c.accuracy_lenient_ci_high))),
@@ -179,7 +185,7 @@ macro_rules! both_formats {
 pub fn render(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     register_fonts();
     let summaries = read_summaries(dir)?;
-    let metrics = read_metrics(dir)?;
+    let metrics = read_metrics(dir, &summaries)?;
     let accuracies = group_accuracies(&summaries);
     if accuracies.is_empty() {
         bail!("{}: no cell finished without an error, so there is nothing to plot", dir.join("summary.json").display());
@@ -424,7 +430,7 @@ where
         .filter_map(|group| {
             let mut steps: Vec<f64> = summaries
                 .iter()
-                .filter(|s| group_name(&s.method, &s.reward_source) == *group)
+                .filter(|s| s.is_result() && group_name(&s.method, &s.reward_source) == *group)
                 .filter_map(|s| s.steps_to_convergence.map(|v| v as f64))
                 .collect();
             steps.sort_by(f64::total_cmp);

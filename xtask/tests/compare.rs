@@ -160,3 +160,130 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
         assert!(!with.is_empty() && with != without, "{cell}: LoRA {with:?} vs full {without:?}");
     }
 }
+
+/// Cells that are no result: one fails at run time (more exemplars than the train split holds,
+/// which only the loaded task can tell), one diverges (learning rate 1e3). The others finish;
+/// `compare` runs them all, writes readable summaries (no `null` accuracies), draws the charts of
+/// the finished cells, lists the failed and the diverged ones in report.md, keeps the diverged
+/// cell's step rows, and exits non-zero naming the failed cell only.
+#[test]
+fn failed_and_diverged_cells_are_reported_and_the_rest_charted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
+    // The default's task, policy and evaluation; no reward model; four methods.
+    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
+    let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
+    let methods = r#"
+[reward_sources.rules]
+# Lenient correctness varies within a group even for the tiny base: the step has a gradient.
+rules = [
+  { kind = "strict_correct", format = "gsm8k_marker", weight = 1.0 },
+  { kind = "lenient_correct", format = "gsm8k_marker", weight = 1.0 },
+]
+
+[methods.few_shot_0]
+kind = "few_shot"
+k = 0
+
+[methods.few_shot_many]
+kind = "few_shot"
+k = 100000
+
+[methods.grpo]
+kind = "rl"
+algorithm = "grpo"
+reward_sources = ["rules"]
+steps = 3
+prompts_per_step = 2
+optim = { learning_rate = 1e-4, max_grad_norm = 1.0, total_steps = 3 }
+config = { num_generations = 4, max_completion_length = 16, beta = 0.04, temperature = 0.7 }
+
+[methods.grpo_hot]
+kind = "rl"
+algorithm = "grpo"
+reward_sources = ["rules"]
+steps = 3
+prompts_per_step = 2
+optim = { learning_rate = 1e3, max_grad_norm = 1.0, total_steps = 3 }
+config = { num_generations = 4, max_completion_length = 16, beta = 0.04, temperature = 0.7 }
+
+"#;
+    let study = format!("{}{methods}{tail}", head.replacen("name = \"default\"", "name = \"integrity\"", 1));
+    assert!(study.contains("name = \"integrity\""), "configs/default.toml's name moved");
+    std::fs::write(dir.path().join("configs/integrity.toml"), study).unwrap();
+    let run = || Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "configs/integrity.toml", "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    let first = run();
+    let stderr = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(!first.status.success(), "a failed cell makes compare exit non-zero: {stderr}");
+    let last_line = stderr.lines().find(|line| line.starts_with("Error: ")).unwrap_or_else(|| panic!("no error message: {stderr}"));
+    assert!(last_line.contains("1 of 4 cells failed: few_shot_many__-__seed0"), "the message names the failed cell: {stderr}");
+    assert!(!last_line.contains("grpo_hot"), "a diverged cell is not a failure: {last_line}");
+    let reports = dir.path().join("reports/integrity-quick");
+
+    // summary.json parses as numbers or absent values: no `null` accuracy, no NaN.
+    let text = std::fs::read_to_string(reports.join("summary.json")).unwrap();
+    let summaries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let by_method = |method: &str| summaries.iter().find(|s| s["method"] == method).unwrap_or_else(|| panic!("{method} missing: {text}"));
+    assert_eq!(summaries.len(), 4);
+    for (method, status) in [("few_shot_0", "finished"), ("grpo", "finished"), ("few_shot_many", "failed"), ("grpo_hot", "diverged")] {
+        let summary = by_method(method);
+        assert_eq!(summary["status"], status, "{summary}");
+        let accuracy = summary.get("accuracy_lenient");
+        if status == "finished" {
+            assert!(accuracy.and_then(|v| v.as_f64()).is_some(), "{summary}");
+        } else {
+            assert!(accuracy.is_none() && summary.get("accuracy_strict_ci_low").is_none(), "no accuracy for a {status} cell: {summary}");
+            assert!(summary["error"].as_str().is_some_and(|e| !e.is_empty()), "{summary}");
+        }
+    }
+    assert!(by_method("few_shot_many")["error"].as_str().unwrap().contains("100000"), "{text}");
+    // The step is named once, with the fix.
+    let reason = by_method("grpo_hot")["error"].as_str().unwrap().to_string();
+    assert_eq!(reason.matches("step ").count(), 1, "{reason}");
+    assert!(reason.starts_with("step 1: ") && reason.contains("learning_rate"), "{reason}");
+    let cell_summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("cells/grpo_hot__rules__seed0/summary.json")).unwrap()).unwrap();
+    assert_eq!(cell_summary["status"], "diverged");
+
+    // The diverged cell's rows up to the divergence are on disk: step 0 (evaluation) and step 1.
+    let metrics = std::fs::read_to_string(reports.join("cells/grpo_hot__rules__seed0/metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let update_column = header.iter().position(|c| *c == "update_norm").unwrap_or_else(|| panic!("{metrics}"));
+    let rows: Vec<Vec<&str>> = metrics.lines().skip(1).map(|line| line.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|row| row[3]).collect::<Vec<_>>(), ["0", "1"], "{metrics}");
+    assert!(rows[1][update_column].parse::<f64>().unwrap() > 1.0, "{metrics}");
+    // The finished RL cell's file is complete, as before.
+    let grpo = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/metrics.csv")).unwrap();
+    assert_eq!(grpo.lines().count(), 1 + 1 + 3, "{grpo}");
+    // The study's metrics.csv has results only.
+    let combined = std::fs::read_to_string(reports.join("metrics.csv")).unwrap();
+    assert!(combined.lines().any(|l| l.starts_with("grpo,rules,0,3,")) && !combined.contains("grpo_hot"), "{combined}");
+    let csv = std::fs::read_to_string(reports.join("summary.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().starts_with("method,reward_source,seed,accuracy_strict,") && csv.lines().count() == 5, "{csv}");
+
+    // Charts of the finished cells, from compare and again from `plot`.
+    let plot = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/integrity-quick"]).current_dir(dir.path()).output().unwrap();
+    assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
+    let svg = std::fs::read_to_string(reports.join("charts/accuracy.svg")).unwrap();
+    let document = roxmltree::Document::parse(&svg).unwrap();
+    let labels: String = document.descendants().filter_map(|node| node.text()).collect::<Vec<_>>().join(" ");
+    assert!(labels.contains("grpo (rules)") && labels.contains("few_shot_0"), "{labels}");
+    assert!(!labels.contains("grpo_hot") && !labels.contains("few_shot_many"), "no bar for a cell without a result: {labels}");
+    for chart in ["stability", "convergence"] {
+        assert!(reports.join(format!("charts/{chart}.svg")).is_file());
+    }
+    let report = std::fs::read_to_string(reports.join("report.md")).unwrap();
+    assert!(report.contains("| grpo | rules | 1 |") && report.contains("| grpo_hot | rules | 0 | diverged |"), "{report}");
+    assert!(report.contains("| few_shot_many | - | 0 | failed |") && report.contains("charts/accuracy.svg"), "{report}");
+    let diverged = &report[report.find("## Diverged cells").expect("a Diverged cells section")..];
+    assert!(diverged.contains("- grpo_hot / rules / seed 0: step 1: "), "{report}");
+    let failed = &report[report.find("## Failed cells").expect("a Failed cells section")..];
+    assert!(failed.contains("- few_shot_many / - / seed 0: ") && !failed.contains("grpo_hot"), "{report}");
+
+    // A rerun retries the failed cell and skips the finished and diverged ones.
+    let second = run();
+    assert!(!second.status.success());
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(log.contains("grpo_hot__rules__seed0: diverged earlier, skipped") && log.contains("grpo__rules__seed0: done earlier, skipped"), "{log}");
+    assert!(log.contains("few_shot_many__-__seed0: failed"), "{log}");
+}

@@ -40,7 +40,25 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
+/// What became of a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellStatus {
+    /// Trained (if it trains) and evaluated: a result.
+    #[default]
+    Finished,
+    /// Stopped by an error (its message in `error`); rerun `compare` to retry it.
+    Failed,
+    /// Its training diverged (see [`divergence`]; the step and the quantity in `error`): not a
+    /// result, left out of the means, the intervals and the charts. A rerun does not retry it
+    /// (the same settings diverge again); `--force` does.
+    Diverged,
+}
+
 /// One cell's results (`cells/<id>/summary.json`, and a row of `summary.csv`).
+///
+/// The accuracies are absent (not NaN, which JSON writes as `null`) for a cell that failed or
+/// diverged: readers such as `cargo xtask plot` then parse every cell and skip those.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CellSummary {
     /// Method name.
@@ -50,17 +68,23 @@ pub struct CellSummary {
     /// Seed.
     pub seed: u64,
     /// Strict accuracy with its 95% Wilson interval.
-    pub accuracy_strict: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_strict: Option<f64>,
     /// Lower bound.
-    pub accuracy_strict_ci_low: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_strict_ci_low: Option<f64>,
     /// Upper bound.
-    pub accuracy_strict_ci_high: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_strict_ci_high: Option<f64>,
     /// Lenient accuracy.
-    pub accuracy_lenient: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_lenient: Option<f64>,
     /// Lower bound.
-    pub accuracy_lenient_ci_low: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_lenient_ci_low: Option<f64>,
     /// Upper bound.
-    pub accuracy_lenient_ci_high: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_lenient_ci_high: Option<f64>,
     /// Held-out problems evaluated.
     pub test_problems: usize,
     /// Training seconds (0 for methods that do not train).
@@ -78,8 +102,84 @@ pub struct CellSummary {
     /// maj@k accuracy (lenient answers, majority of k samples), when `evaluation.maj_k > 0`.
     #[serde(default)]
     pub accuracy_maj: Option<f64>,
-    /// Error, when the cell failed.
+    /// Why the cell failed or diverged.
     pub error: Option<String>,
+    /// Finished, failed or diverged (summaries written before this field: finished, or failed
+    /// when they carry an error).
+    #[serde(default)]
+    pub status: CellStatus,
+}
+
+impl CellSummary {
+    /// The cell's id (`cells/<id>/`).
+    pub fn id(&self) -> String {
+        Cell { method: self.method.clone(), reward_source: self.reward_source.clone(), seed: self.seed }.id()
+    }
+
+    /// A result: finished, with its accuracies. Only these enter means, intervals and charts.
+    pub fn is_result(&self) -> bool {
+        self.status == CellStatus::Finished && self.error.is_none() && self.accuracy_strict.is_some() && self.accuracy_lenient.is_some()
+    }
+
+    /// Failed: an error stopped it (a summary from before `status` was written says so by its error).
+    pub fn is_failed(&self) -> bool {
+        self.status == CellStatus::Failed || (self.status == CellStatus::Finished && !self.is_result())
+    }
+
+    /// Its training diverged.
+    pub fn is_diverged(&self) -> bool {
+        self.status == CellStatus::Diverged
+    }
+}
+
+/// A row of `summary.csv`: [`CellSummary`]'s fields in its order, every one present (an absent
+/// value is an empty field). The csv crate cannot skip a field, as summary.json does, without
+/// misaligning the columns.
+#[derive(Serialize)]
+struct SummaryCsvRow<'a> {
+    method: &'a str,
+    reward_source: &'a str,
+    seed: u64,
+    accuracy_strict: Option<f64>,
+    accuracy_strict_ci_low: Option<f64>,
+    accuracy_strict_ci_high: Option<f64>,
+    accuracy_lenient: Option<f64>,
+    accuracy_lenient_ci_low: Option<f64>,
+    accuracy_lenient_ci_high: Option<f64>,
+    test_problems: usize,
+    train_seconds: f64,
+    steps_to_convergence: Option<u64>,
+    update_norm_variance: Option<f64>,
+    update_norm_mean: Option<f64>,
+    final_reward: Option<f64>,
+    accuracy_maj: Option<f64>,
+    error: Option<&'a str>,
+    status: CellStatus,
+}
+
+impl<'a> From<&'a CellSummary> for SummaryCsvRow<'a> {
+    fn from(s: &'a CellSummary) -> Self {
+        Self {
+            method: &s.method,
+            reward_source: &s.reward_source,
+            seed: s.seed,
+            accuracy_strict: s.accuracy_strict,
+            accuracy_strict_ci_low: s.accuracy_strict_ci_low,
+            accuracy_strict_ci_high: s.accuracy_strict_ci_high,
+            accuracy_lenient: s.accuracy_lenient,
+            accuracy_lenient_ci_low: s.accuracy_lenient_ci_low,
+            accuracy_lenient_ci_high: s.accuracy_lenient_ci_high,
+            test_problems: s.test_problems,
+            train_seconds: s.train_seconds,
+            steps_to_convergence: s.steps_to_convergence,
+            update_norm_variance: s.update_norm_variance,
+            update_norm_mean: s.update_norm_mean,
+            final_reward: s.final_reward,
+            accuracy_maj: s.accuracy_maj,
+            error: s.error.as_deref(),
+            status: s.status,
+        }
+    }
 }
 
 fn log(quiet: bool, progress: &MultiProgress, message: String) {
@@ -108,10 +208,12 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     for cell in &matrix {
         let cell_dir = dir.join("cells").join(cell.id());
         let summary_path = cell_dir.join("summary.json");
-        // Finished cells are skipped on a rerun; failed ones are tried again.
+        // Finished and diverged cells are skipped on a rerun (the same settings diverge again);
+        // failed ones are tried again.
         let earlier = std::fs::read_to_string(&summary_path).ok().and_then(|text| serde_json::from_str::<CellSummary>(&text).ok());
-        if let (Some(summary), false) = (earlier.filter(|s| s.error.is_none()), options.force) {
-            log(options.quiet, &progress, format!("{}: done earlier, skipped", cell.id()));
+        if let (Some(summary), false) = (earlier.filter(|s| s.is_result() || s.is_diverged()), options.force) {
+            let what = if summary.is_diverged() { "diverged earlier" } else { "done earlier" };
+            log(options.quiet, &progress, format!("{}: {what}, skipped", cell.id()));
             summaries.push(summary);
             overall.inc(1);
             continue;
@@ -135,17 +237,13 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
                 failed_summary(cell, format!("panic: {message}"))
             }
         };
-        log(
-            options.quiet,
-            &progress,
-            format!(
-                "{}: strict {:.1}% lenient {:.1}% ({:.0} s)",
-                cell.id(),
-                summary.accuracy_strict * 100.0,
-                summary.accuracy_lenient * 100.0,
-                started.elapsed().as_secs_f64()
-            ),
-        );
+        let seconds = started.elapsed().as_secs_f64();
+        let line = match (summary.accuracy_strict, summary.accuracy_lenient) {
+            (Some(strict), Some(lenient)) if summary.is_result() => format!("{}: strict {:.1}% lenient {:.1}% ({seconds:.0} s)", cell.id(), strict * 100.0, lenient * 100.0),
+            _ if summary.is_diverged() => format!("{}: diverged, not a result: {} ({seconds:.0} s)", cell.id(), summary.error.as_deref().unwrap_or("")),
+            _ => format!("{}: failed ({seconds:.0} s)", cell.id()),
+        };
+        log(options.quiet, &progress, line);
         write_atomically(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         summaries.push(summary);
         overall.inc(1);
@@ -161,26 +259,32 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     Ok(summaries)
 }
 
-fn failed_summary(cell: &Cell, error: String) -> CellSummary {
+/// The summary of a cell that is no result: no accuracies (absent, not NaN), the reason in `error`.
+fn unfinished_summary(cell: &Cell, status: CellStatus, error: String, train_seconds: f64) -> CellSummary {
     CellSummary {
         method: cell.method.clone(),
         reward_source: cell.reward_source.clone(),
         seed: cell.seed,
-        accuracy_strict: f64::NAN,
-        accuracy_strict_ci_low: f64::NAN,
-        accuracy_strict_ci_high: f64::NAN,
-        accuracy_lenient: f64::NAN,
-        accuracy_lenient_ci_low: f64::NAN,
-        accuracy_lenient_ci_high: f64::NAN,
+        accuracy_strict: None,
+        accuracy_strict_ci_low: None,
+        accuracy_strict_ci_high: None,
+        accuracy_lenient: None,
+        accuracy_lenient_ci_low: None,
+        accuracy_lenient_ci_high: None,
         test_problems: 0,
-        train_seconds: 0.0,
+        train_seconds,
         steps_to_convergence: None,
         update_norm_variance: None,
         update_norm_mean: None,
         final_reward: None,
         accuracy_maj: None,
         error: Some(error),
+        status,
     }
+}
+
+fn failed_summary(cell: &Cell, error: String) -> CellSummary {
+    unfinished_summary(cell, CellStatus::Failed, error, 0.0)
 }
 
 fn load_task(study: &Study) -> anyhow::Result<TaskData> {
@@ -557,6 +661,8 @@ fn run_cell(
     let test: &[Problem] = &task.test.problems[..study.evaluation.test_size.min(task.test.len())];
     let sample_questions = &test[..study.evaluation.samples.min(test.len())];
     let mut samples_before = Vec::new();
+    // Written as the steps come, so the rows of a cell that diverges or crashes stay on disk.
+    let mut metrics_file = MetricsFile::create(cell, cell_dir)?;
     let (policy, k, train_seconds, metrics) = match method {
         MethodSpec::FewShot { k } => (CausalLm::load_dir(base_dir, device)?, *k, 0.0, Vec::new()),
         MethodSpec::Base => (CausalLm::load_dir(base_dir, device)?, 0, 0.0, Vec::new()),
@@ -574,6 +680,8 @@ fn run_cell(
             let optim = study.rl_optim(&cell.method, registry())?;
             let inputs = AlgorithmInputs { policy: training_policy(study, base_dir, &autodiff, cell.seed)?, config: config.clone(), optim, seed: cell.seed };
             let mut algorithm = (entry.build)(inputs)?;
+            // The scale an update is judged against (see `divergence`).
+            let weight_norm = parameter_norm(algorithm.policy());
             let builder = prompt_builder(study, task, base_dir, *few_shot_k, cell.seed)?;
             // What the policy wrote before training, for samples.jsonl.
             samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions)?.samples;
@@ -604,6 +712,7 @@ fn run_cell(
                 row.insert("step".to_string(), 0.0);
                 row.insert("eval/accuracy_lenient".to_string(), before.accuracy.lenient.accuracy);
                 row.insert("eval/accuracy_strict".to_string(), before.accuracy.strict.accuracy);
+                metrics_file.push(&row)?;
                 history.push(row);
                 eval_seconds += eval_started.elapsed().as_secs_f64();
             }
@@ -616,8 +725,30 @@ fn run_cell(
                         Ok(PromptItem { prompt_ids, prompt_text: text, answer: problem.answer.clone() })
                     })
                     .collect::<anyhow::Result<_>>()?;
-                let mut row = algorithm.train_step(&prompts, &environment).with_context(|| format!("step {step}"))?;
+                let mut row = match algorithm.train_step(&prompts, &environment) {
+                    Ok(row) => row,
+                    // The algorithm names the step itself; a NaN or infinite loss or gradient
+                    // norm is divergence, not a failure of the study.
+                    Err(rl_algos::RlError::NotFinite { step, quantity, value }) => {
+                        bar.finish_and_clear();
+                        let reason = format!(
+                            "step {step}: the {quantity} is {value}; lower methods.{}.optim.learning_rate or set its max_grad_norm",
+                            cell.method
+                        );
+                        return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, started.elapsed().as_secs_f64() - eval_seconds));
+                    }
+                    Err(error) => return Err(anyhow::Error::new(error).context(format!("step {step}"))),
+                };
                 row.insert("step".to_string(), step as f64);
+                if let Some(why) = divergence(&row, weight_norm) {
+                    // The row that shows it is kept; the model is not evaluated (it is no result).
+                    metrics_file.push(&row)?;
+                    bar.finish_and_clear();
+                    // Clipping bounds the gradient, not AdamW's step (about the learning rate per
+                    // weight): the learning rate is the fix.
+                    let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate", cell.method);
+                    return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, started.elapsed().as_secs_f64() - eval_seconds));
+                }
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
                     // Held-out accuracy during training (not counted as training time).
                     let eval_started = Instant::now();
@@ -631,6 +762,7 @@ fn run_cell(
                     eprintln!("{}: step {step}/{steps} reward {reward:.3}", cell.id());
                 }
                 bar.set_message(format!("reward {reward:.3}"));
+                metrics_file.push(&row)?;
                 history.push(row);
                 bar.inc(1);
             }
@@ -644,7 +776,6 @@ fn run_cell(
             (trained, *few_shot_k, seconds, history)
         }
     };
-    write_metrics(cell, cell_dir, &metrics)?;
     let builder = prompt_builder(study, task, base_dir, k, cell.seed)?;
     let evaluation = evaluate(study, &policy, tokenizer, &builder, test)?;
     let accuracy_maj = if study.evaluation.maj_k > 0 { Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed)?) } else { None };
@@ -667,12 +798,12 @@ fn run_cell(
         method: cell.method.clone(),
         reward_source: cell.reward_source.clone(),
         seed: cell.seed,
-        accuracy_strict: summary.strict.accuracy,
-        accuracy_strict_ci_low: summary.strict.ci_low,
-        accuracy_strict_ci_high: summary.strict.ci_high,
-        accuracy_lenient: summary.lenient.accuracy,
-        accuracy_lenient_ci_low: summary.lenient.ci_low,
-        accuracy_lenient_ci_high: summary.lenient.ci_high,
+        accuracy_strict: Some(summary.strict.accuracy),
+        accuracy_strict_ci_low: Some(summary.strict.ci_low),
+        accuracy_strict_ci_high: Some(summary.strict.ci_high),
+        accuracy_lenient: Some(summary.lenient.accuracy),
+        accuracy_lenient_ci_low: Some(summary.lenient.ci_low),
+        accuracy_lenient_ci_high: Some(summary.lenient.ci_high),
         test_problems: summary.strict.n,
         train_seconds,
         steps_to_convergence: eval::stats::steps_to_convergence(&steps, &rewards, 0.6, 0.9),
@@ -681,6 +812,7 @@ fn run_cell(
         final_reward: (!tail.is_empty()).then(|| eval::stats::mean_std(tail).mean),
         accuracy_maj,
         error: None,
+        status: CellStatus::Finished,
     })
 }
 
@@ -767,29 +899,103 @@ fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokeniz
     Ok(correct as f64 / test.len().max(1) as f64)
 }
 
-/// `cells/<id>/metrics.csv`: one row per step, the algorithm's metric names as columns.
-fn write_metrics(cell: &Cell, cell_dir: &Path, metrics: &[rl_algos::Metrics]) -> anyhow::Result<()> {
-    let columns: Vec<String> =
-        metrics.iter().flat_map(|m| m.keys().filter(|key| *key != "step").cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let mut writer = csv::Writer::from_writer(Vec::new());
-    let mut header = vec!["method".to_string(), "reward_source".to_string(), "seed".to_string(), "step".to_string()];
-    header.extend(columns.iter().cloned());
-    writer.write_record(&header)?;
-    for (index, row) in metrics.iter().enumerate() {
+/// Past this ratio of a step's `update_norm` (the L2 norm of the parameter change) to the L2 norm
+/// of the policy's weights before training, the cell has diverged: one step moved the weights by
+/// more than their whole size. Healthy fine-tuning moves them by a small fraction per step
+/// (AdamW moves each weight by about the learning rate, 1e-4 in the default study, against
+/// weights of order 1e-2 to 1); a learning rate of 1e3 moves them by thousands of times their
+/// norm at the first step (weight decay alone scales them by 1 - 1e3 x 0.01 = -9).
+pub const DIVERGENCE_UPDATE_RATIO: f64 = 1.0;
+
+/// Why a training step's metrics show divergence, if they do: a loss, gradient norm or update
+/// norm that is NaN or infinite, or an update larger than [`DIVERGENCE_UPDATE_RATIO`] times
+/// `weight_norm`, the policy's weight norm before training.
+fn divergence(row: &rl_algos::Metrics, weight_norm: f64) -> Option<String> {
+    let watched = |name: &str| name == "loss" || name.starts_with("loss/") || name == "grad_norm" || name == "update_norm";
+    if let Some((name, value)) = row.iter().find(|(name, value)| watched(name) && !value.is_finite()) {
+        return Some(format!("{name} is {value}"));
+    }
+    let update = row.get("update_norm").copied()?;
+    (update > DIVERGENCE_UPDATE_RATIO * weight_norm).then(|| {
+        format!("update_norm {update:.4e} exceeds {DIVERGENCE_UPDATE_RATIO} x the norm of the policy's weights before training ({weight_norm:.4e})")
+    })
+}
+
+/// L2 norm of every float parameter of `model` (trained or frozen, so a LoRA cell is judged
+/// against the whole model's size, not its zero-initialised adapters).
+fn parameter_norm(model: &CausalLm) -> f64 {
+    struct SquaredNorm(f64);
+    impl burn::module::ModuleVisitor for SquaredNorm {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            self.0 += f64::from(param.val().detach().square().sum().into_scalar::<f32>());
+        }
+    }
+    let mut visitor = SquaredNorm(0.0);
+    model.visit(&mut visitor);
+    visitor.0.sqrt()
+}
+
+/// `cells/<id>/metrics.csv`, one row per step, written as the steps come: a row is appended and
+/// flushed at once, so a cell that diverges or crashes keeps the rows before. The columns (the
+/// algorithm's metric names, sorted) are known only as rows arrive: a row with a new column
+/// rewrites the file (atomically) under the wider header, which happens at the first steps only.
+/// The finished file is the same as one written at the end.
+struct MetricsFile {
+    path: PathBuf,
+    cell: Cell,
+    columns: std::collections::BTreeSet<String>,
+    rows: Vec<rl_algos::Metrics>,
+}
+
+impl MetricsFile {
+    /// Starts the file with the fixed columns only (what a method that does not train keeps).
+    fn create(cell: &Cell, cell_dir: &Path) -> anyhow::Result<Self> {
+        let file = Self { path: cell_dir.join("metrics.csv"), cell: cell.clone(), columns: Default::default(), rows: Vec::new() };
+        file.rewrite()?;
+        Ok(file)
+    }
+
+    fn header(&self) -> Vec<String> {
+        ["method", "reward_source", "seed", "step"].iter().map(|s| s.to_string()).chain(self.columns.iter().cloned()).collect()
+    }
+
+    fn record(&self, index: usize, row: &rl_algos::Metrics) -> Vec<String> {
         // Rows name their step (0: the evaluation before training); otherwise they count from 1.
         let step = row.get("step").map_or(index as u64 + 1, |step| *step as u64);
-        let mut record = vec![cell.method.clone(), cell.reward_source.clone(), cell.seed.to_string(), step.to_string()];
-        record.extend(columns.iter().map(|column| row.get(column).map_or(String::new(), |v| v.to_string())));
-        writer.write_record(&record)?;
+        let mut record = vec![self.cell.method.clone(), self.cell.reward_source.clone(), self.cell.seed.to_string(), step.to_string()];
+        record.extend(self.columns.iter().map(|column| row.get(column).map_or(String::new(), |v| v.to_string())));
+        record
     }
-    write_atomically(&cell_dir.join("metrics.csv"), &writer.into_inner()?)
+
+    fn rewrite(&self) -> anyhow::Result<()> {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        writer.write_record(self.header())?;
+        for (index, row) in self.rows.iter().enumerate() {
+            writer.write_record(self.record(index, row))?;
+        }
+        write_atomically(&self.path, &writer.into_inner()?)
+    }
+
+    fn push(&mut self, row: &rl_algos::Metrics) -> anyhow::Result<()> {
+        let before = self.columns.len();
+        self.columns.extend(row.keys().filter(|key| *key != "step").cloned());
+        self.rows.push(row.clone());
+        if self.columns.len() != before {
+            return self.rewrite();
+        }
+        let file = std::fs::OpenOptions::new().append(true).open(&self.path).with_context(|| format!("cannot append to {}", self.path.display()))?;
+        let mut writer = csv::Writer::from_writer(file);
+        writer.write_record(self.record(self.rows.len() - 1, row))?;
+        writer.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
+        Ok(())
+    }
 }
 
 /// `summary.csv`, `summary.json`, `metrics.csv` and `report.md` over all cells.
 fn write_reports(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     for summary in summaries {
-        writer.serialize(summary)?;
+        writer.serialize(SummaryCsvRow::from(summary))?;
     }
     write_atomically(&dir.join("summary.csv"), &writer.into_inner()?)?;
     write_combined_metrics(dir, summaries)?;
@@ -797,15 +1003,15 @@ fn write_reports(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
     write_atomically(&dir.join("report.md"), report_markdown(dir, summaries).as_bytes())
 }
 
-/// The study's `metrics.csv`: every cell's rows (one per training step) in one file, under the
-/// union of the cells' columns (a column a cell does not report is empty in its rows).
+/// The study's `metrics.csv`: every finished cell's rows (one per training step) in one file,
+/// under the union of the cells' columns (a column a cell does not report is empty in its rows).
+/// Failed and diverged cells keep their rows in their own `cells/<id>/metrics.csv` only.
 fn write_combined_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<()> {
     let fixed = ["method", "reward_source", "seed", "step"];
     let mut columns: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let mut tables = Vec::new();
-    for summary in summaries {
-        let cell = Cell { method: summary.method.clone(), reward_source: summary.reward_source.clone(), seed: summary.seed };
-        let path = dir.join("cells").join(cell.id()).join("metrics.csv");
+    for summary in summaries.iter().filter(|s| s.is_result()) {
+        let path = dir.join("cells").join(summary.id()).join("metrics.csv");
         if !path.is_file() {
             continue;
         }
@@ -828,7 +1034,8 @@ fn write_combined_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Resu
 
 /// `report.md`: per (method, reward source), the mean over seeds with its 95% interval (the
 /// wider of the across-seed t interval and the test-set Wilson interval, as the charts draw),
-/// training cost and stability, then the reward model, the charts and any failed cells.
+/// training cost and stability, then the reward model, the charts and the cells that are no
+/// result (diverged, failed), which count in neither the means nor the intervals.
 pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let mut report = format!("# Study `{name}`\n\n");
@@ -843,13 +1050,15 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
     }
     let fmt_opt = |values: Vec<f64>, digits: usize| if values.is_empty() { "-".to_string() } else { format!("{:.*}", digits, eval::stats::mean_std(&values).mean) };
     for (method, source) in &groups {
-        let cells: Vec<&CellSummary> = summaries.iter().filter(|s| &s.method == method && &s.reward_source == source && s.error.is_none()).collect();
+        let group: Vec<&CellSummary> = summaries.iter().filter(|s| &s.method == method && &s.reward_source == source).collect();
+        let cells: Vec<&CellSummary> = group.iter().copied().filter(|s| s.is_result()).collect();
         if cells.is_empty() {
-            report.push_str(&format!("| {method} | {source} | 0 | failed | failed | - | - | - | - | - |\n"));
+            let outcome = if group.iter().any(|s| s.is_diverged()) { "diverged" } else { "failed" };
+            report.push_str(&format!("| {method} | {source} | 0 | {outcome} | {outcome} | - | - | - | - | - |\n"));
             continue;
         }
-        let interval = |mean: fn(&CellSummary) -> f64, low: fn(&CellSummary) -> f64, high: fn(&CellSummary) -> f64| {
-            let take = |f: fn(&CellSummary) -> f64| cells.iter().map(|c| f(c)).collect::<Vec<f64>>();
+        let interval = |mean: fn(&CellSummary) -> Option<f64>, low: fn(&CellSummary) -> Option<f64>, high: fn(&CellSummary) -> Option<f64>| {
+            let take = |f: fn(&CellSummary) -> Option<f64>| cells.iter().filter_map(|c| f(c)).collect::<Vec<f64>>();
             let (m, l, h) = crate::plot::accuracy_interval(&take(mean), &take(low), &take(high));
             format!("{:.1}% [{:.1}, {:.1}]", 100.0 * m, 100.0 * l, 100.0 * h)
         };
@@ -891,7 +1100,16 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             report.push_str(&format!("### {title}\n\n![{title}](charts/{file}.svg)\n\n"));
         }
     }
-    let failed: Vec<&CellSummary> = summaries.iter().filter(|s| s.error.is_some()).collect();
+    let diverged: Vec<&CellSummary> = summaries.iter().filter(|s| s.is_diverged()).collect();
+    if !diverged.is_empty() {
+        report.push_str(&format!(
+            "\n## Diverged cells\n\nTheir training diverged (a NaN or infinite loss or gradient, or one step's update larger than {DIVERGENCE_UPDATE_RATIO} x the norm of the policy's weights): they are no result and count in no mean, interval or chart above. Their step rows up to the divergence are in `cells/<id>/metrics.csv`.\n\n"
+        ));
+        for cell in diverged {
+            report.push_str(&format!("- {} / {} / seed {}: {}\n", cell.method, cell.reward_source, cell.seed, cell.error.as_deref().unwrap_or("")));
+        }
+    }
+    let failed: Vec<&CellSummary> = summaries.iter().filter(|s| s.is_failed()).collect();
     if !failed.is_empty() {
         report.push_str("\n## Failed cells\n\nRerun `cargo xtask compare` to retry them (finished cells are skipped).\n\n");
         for cell in failed {
@@ -995,6 +1213,109 @@ mod tests {
             assert!(full_before.iter().any(|(path, values)| path.ends_with("query.weight") && values != &full_after[path]), "{algorithm}: full fine-tuning moves the base");
             assert_ne!(logits(&tuned), logits(&full_tuned), "{algorithm}: the LoRA update equals full fine-tuning's");
         }
+    }
+
+    fn cell(method: &str, seed: u64) -> Cell {
+        Cell { method: method.to_string(), reward_source: "rules".to_string(), seed }
+    }
+
+    fn finished(method: &str, seed: u64, lenient: f64) -> CellSummary {
+        CellSummary {
+            accuracy_strict: Some(lenient / 2.0),
+            accuracy_strict_ci_low: Some(0.0),
+            accuracy_strict_ci_high: Some(lenient),
+            accuracy_lenient: Some(lenient),
+            accuracy_lenient_ci_low: Some(lenient - 0.1),
+            accuracy_lenient_ci_high: Some(lenient + 0.1),
+            test_problems: 40,
+            steps_to_convergence: Some(3),
+            status: CellStatus::Finished,
+            error: None,
+            ..failed_summary(&cell(method, seed), String::new())
+        }
+    }
+
+    /// A failed cell's summary has no accuracy at all (it was NaN, which JSON writes as `null`
+    /// and `plot` refused), reads back, and keeps summary.csv's columns aligned.
+    #[test]
+    fn failed_summaries_have_absent_accuracies_and_aligned_csv_rows() {
+        let failed = failed_summary(&cell("grpo", 1), "step 2: out of memory".to_string());
+        let json = serde_json::to_string(&failed).unwrap();
+        assert!(!json.contains("accuracy_strict") && !json.contains("accuracy_lenient") && !json.contains("NaN"), "{json}");
+        assert!(json.contains(r#""status":"failed""#), "{json}");
+        assert_eq!(serde_json::from_str::<CellSummary>(&json).unwrap(), failed);
+        assert!(failed.is_failed() && !failed.is_result() && !failed.is_diverged());
+        // What earlier versions wrote for a failed cell: null accuracies, no status.
+        let old = r#"{"method":"grpo","reward_source":"rules","seed":0,"accuracy_strict":null,"accuracy_strict_ci_low":null,"accuracy_strict_ci_high":null,"accuracy_lenient":null,"accuracy_lenient_ci_low":null,"accuracy_lenient_ci_high":null,"test_problems":0,"train_seconds":0.0,"steps_to_convergence":null,"update_norm_variance":null,"error":"boom"}"#;
+        let old: CellSummary = serde_json::from_str(old).unwrap();
+        assert!(old.is_failed() && old.accuracy_strict.is_none());
+        let done = finished("grpo", 0, 0.5);
+        assert!(done.is_result() && !done.is_failed());
+        // summary.csv: the same columns as summary.json's fields, every row as wide as the header.
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        for summary in [&failed, &done] {
+            writer.serialize(SummaryCsvRow::from(summary)).unwrap();
+        }
+        let text = String::from_utf8(writer.into_inner().unwrap()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let header: std::collections::BTreeSet<&str> = lines[0].split(',').collect();
+        let value = serde_json::to_value(&done).unwrap();
+        let keys: std::collections::BTreeSet<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(header, keys, "SummaryCsvRow and CellSummary differ");
+        assert!(lines[0].starts_with("method,reward_source,seed,accuracy_strict,") && lines[0].ends_with(",error,status"), "{text}");
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].starts_with("grpo,rules,1,,,,,,,0,") && lines[1].ends_with(",step 2: out of memory,failed"), "{text}");
+        assert!(lines[2].starts_with("grpo,rules,0,0.25,0.0,0.5,0.5,") && lines[2].ends_with(",,finished"), "{text}");
+    }
+
+    #[test]
+    fn divergence_is_a_non_finite_quantity_or_an_update_larger_than_the_weights() {
+        let row = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<rl_algos::Metrics>();
+        assert_eq!(divergence(&row(&[("loss", 0.3), ("grad_norm", 2.0), ("update_norm", 0.5), ("reward", f64::NAN)]), 10.0), None);
+        assert_eq!(divergence(&row(&[("loss", 0.3)]), 10.0), None, "no update_norm, nothing to judge");
+        assert_eq!(divergence(&row(&[("loss/policy", f64::INFINITY), ("update_norm", 0.5)]), 10.0).as_deref(), Some("loss/policy is inf"));
+        assert_eq!(divergence(&row(&[("grad_norm", f64::NAN)]), 10.0).as_deref(), Some("grad_norm is NaN"));
+        let why = divergence(&row(&[("loss", 0.3), ("update_norm", 10.5)]), 10.0).unwrap();
+        assert!(why.starts_with("update_norm 1.0500e1 exceeds 1 x the norm") && why.contains("(1.0000e1)"), "{why}");
+        assert_eq!(divergence(&row(&[("update_norm", 9.9)]), 10.0), None);
+    }
+
+    /// Rows reach the disk as they come (a crash keeps them), and a row with a new column widens
+    /// the header of the rows before it: the finished file is one table.
+    #[test]
+    fn metrics_rows_are_on_disk_after_each_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        let mut file = MetricsFile::create(&cell("grpo", 2), dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "method,reward_source,seed,step\n");
+        let row = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<rl_algos::Metrics>();
+        file.push(&row(&[("step", 0.0), ("eval/accuracy_lenient", 0.25)])).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "method,reward_source,seed,step,eval/accuracy_lenient\ngrpo,rules,2,0,0.25\n");
+        file.push(&row(&[("step", 1.0), ("reward", 0.5), ("loss", 1.5)])).unwrap();
+        file.push(&row(&[("step", 2.0), ("reward", 0.75), ("loss", 1.25), ("eval/accuracy_lenient", 0.5)])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "method,reward_source,seed,step,eval/accuracy_lenient,loss,reward\ngrpo,rules,2,0,0.25,,\ngrpo,rules,2,1,,1.5,0.5\ngrpo,rules,2,2,0.5,1.25,0.75\n"
+        );
+        // A fresh file for a rerun of the cell starts over.
+        MetricsFile::create(&cell("grpo", 2), dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    /// report.md: a diverged or failed seed counts in no mean; a group with no result says why;
+    /// both are listed with their reasons.
+    #[test]
+    fn the_report_leaves_cells_without_a_result_out_of_the_means() {
+        let dir = tempfile::tempdir().unwrap();
+        let diverged = unfinished_summary(&cell("grpo", 1), CellStatus::Diverged, "step 1: update_norm 3e4 exceeds".to_string(), 2.0);
+        let hot = unfinished_summary(&cell("hot", 0), CellStatus::Diverged, "step 2: the loss is NaN".to_string(), 2.0);
+        let failed = failed_summary(&cell("ppo", 0), "panic: boom".to_string());
+        let report = report_markdown(dir.path(), &[finished("grpo", 0, 0.5), diverged, hot, failed]);
+        assert!(report.contains("| grpo | rules | 1 | 50.0% [40.0, 60.0] | 25.0% "), "{report}");
+        assert!(report.contains("| hot | rules | 0 | diverged | diverged |") && report.contains("| ppo | rules | 0 | failed | failed |"), "{report}");
+        let diverged_section = &report[report.find("## Diverged cells").unwrap()..report.find("## Failed cells").unwrap()];
+        assert!(diverged_section.contains("- grpo / rules / seed 1: step 1: update_norm 3e4 exceeds\n- hot / rules / seed 0: step 2: the loss is NaN\n"), "{report}");
+        assert!(report.ends_with("- ppo / rules / seed 0: panic: boom\n"), "{report}");
     }
 
     #[test]
