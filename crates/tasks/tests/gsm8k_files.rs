@@ -106,8 +106,8 @@ fn a_corrupt_parquet_file_is_an_error_naming_it() {
 /// test problems; now each split names its own file.
 #[test]
 fn one_file_is_not_both_splits_and_files_name_each_split() {
-    let train = temp_jsonl(&[r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#, r#"{"question": "2+3?", "answer": "#### 5"}"#]);
-    let test = temp_jsonl(&[r#"{"question": "4+4?", "answer": "#### 8"}"#]);
+    let train = temp_jsonl(&[r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#, "{\"question\": \"2+3?\", \"answer\": \"#### 5\"}"]);
+    let test = temp_jsonl(&["{\"question\": \"4+4?\", \"answer\": \"#### 8\"}"]);
     let error = gsm8k::load(&Gsm8kSource::Path(train.path().to_path_buf()), Gsm8kOptions::default()).unwrap_err();
     assert!(matches!(error, TaskError::OneFileForBothSplits { .. }), "{error}");
     let message = error.to_string();
