@@ -19,7 +19,7 @@ pub enum ComputeDtype {
 /// returns its local directory too (where the tokenizer lives).
 pub fn load_policy(model: &str, backend: BackendKind, dtype: ComputeDtype) -> anyhow::Result<(PathBuf, CausalLm)> {
     let device = backend.device()?;
-    let dir = ModelSource::parse(model).resolve()?;
+    let dir = ModelSource::parse(model)?.resolve()?;
     let policy = CausalLm::load_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
     let policy = match dtype {
         ComputeDtype::F32 => policy,

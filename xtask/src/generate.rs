@@ -53,7 +53,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (dir, model) = crate::common::load_policy(&args.model, args.backend, args.dtype)?;
-    let tokenizer = PolicyTokenizer::load_dir(&dir).ok();
+    // Only a checkpoint without any tokenizer runs without one (--ids, no EOS, ids printed): a
+    // tokenizer that is present but unreadable would silently drop its EOS ids and the decoding.
+    let tokenizer = match PolicyTokenizer::load_dir(&dir) {
+        Ok(tokenizer) => Some(tokenizer),
+        Err(policy_models::tokenizer::TokenizerError::NotFound { .. }) => None,
+        Err(error) => return Err(anyhow::anyhow!(error).context(format!("the tokenizer of {} is unreadable; fix or remove it", dir.display()))),
+    };
     let prompt: Vec<i64> = match (&args.prompt, &args.ids) {
         (Some(text), _) => {
             let tokenizer = tokenizer

@@ -26,7 +26,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = ModelSource::parse(&args.model).resolve()?;
+    let dir = ModelSource::parse(&args.model)?.resolve()?;
     let json = if is_reward_model(&dir) { reward_model_score(&dir, &args)? } else { policy_logits(&args)? };
     match args.out {
         Some(path) => crate::common::write_atomically(&path, json.as_bytes())?,

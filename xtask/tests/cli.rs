@@ -202,3 +202,25 @@ fn plot_without_a_study_says_what_to_run() {
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("reports/missing/summary.json") && error.contains("cargo xtask compare"), "{error}");
 }
+
+/// `generate --ids` runs without a tokenizer only when the checkpoint has none: one that is
+/// present but unreadable used to be dropped silently, and its EOS ids with it.
+#[test]
+fn generate_refuses_a_broken_tokenizer_and_a_missing_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture_dir("gpt_neo")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
+    let output = xtask(&["generate", "--model", dir.path().to_str().unwrap(), "--ids", "1,2", "--max-new-tokens", "2", "--json"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    // A mistyped directory is a path that does not exist, not a hub id to download.
+    let missing = dir.path().join("no-such-checkpoint");
+    let output = xtask(&["generate", "--model", missing.to_str().unwrap(), "--ids", "1", "--json"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("read as a path") && stderr.contains("does not exist"), "{stderr}");
+}

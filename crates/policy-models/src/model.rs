@@ -341,19 +341,38 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// Reads `text` as an existing directory, a `.gguf` file, else as a hub id
-    /// `owner/name[@revision]`.
-    pub fn parse(text: &str) -> Self {
+    /// `owner/name[@revision]`. A reference that looks like a path (it starts with `.`, `/` or
+    /// `~`, or names something that exists) is a path, and must be a directory or a `.gguf`
+    /// file: a mistyped directory is an error here rather than a hub id to download.
+    pub fn parse(text: &str) -> Result<Self, LoadError> {
         let path = Path::new(text);
         if path.is_dir() {
-            return ModelSource::Dir(path.to_path_buf());
+            return Ok(ModelSource::Dir(path.to_path_buf()));
         }
         if path.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("gguf")) {
-            return ModelSource::Gguf(path.to_path_buf());
+            return Ok(ModelSource::Gguf(path.to_path_buf()));
         }
-        match text.split_once('@') {
-            Some((repo, revision)) => ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string() },
-            None => ModelSource::Hub { repo: text.to_string(), revision: "main".to_string() },
+        let bad = |message: String| LoadError::BadReference { reference: text.to_string(), message };
+        if path.exists() {
+            return Err(bad("is a file, not a checkpoint directory (with config.json) or a .gguf file".to_string()));
         }
+        if text.starts_with(['.', '/', '~']) {
+            let tilde = if text.starts_with('~') { " (`~` is not expanded: write the full path)" } else { "" };
+            return Err(bad(format!(
+                "was read as a path (it starts with '.', '/' or '~') and does not exist{tilde}; give an existing checkpoint directory or .gguf file, or a hub id `owner/name[@revision]`"
+            )));
+        }
+        let (repo, revision) = text.split_once('@').unwrap_or((text, "main"));
+        let hub_id = repo.split_once('/').is_some_and(|(owner, name)| {
+            let part = |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !part.starts_with('.');
+            part(owner) && part(name)
+        });
+        if !hub_id || revision.is_empty() {
+            return Err(bad(
+                "is neither an existing path nor a hub id `owner/name[@revision]`; check the spelling, or start a relative path with ./".to_string(),
+            ));
+        }
+        Ok(ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string() })
     }
 
     /// A local directory holding the checkpoint: the directory itself, or the hub cache's

@@ -24,6 +24,11 @@ pub const EOS_TOKEN: &str = "<|endoftext|>";
 /// Padding; id 1 in trained tokenizers.
 pub const PAD_TOKEN: &str = "<|pad|>";
 
+/// The smallest vocabulary [`train_tokenizer`] honours: the byte-level alphabet (256 tokens,
+/// always kept so that any text can be encoded) and the two special tokens. Below it the trainer
+/// silently returns this many tokens anyway, so a study asking for fewer is refused.
+pub const MIN_TRAINED_VOCAB: usize = 256 + 2;
+
 /// Trains a byte-level BPE tokenizer on `texts`, with at most `vocab_size` tokens, `EOS_TOKEN`
 /// (id 0) and `PAD_TOKEN` (id 1). Digits are split before merging, so every digit stays its own
 /// token and numbers are read digit by digit.

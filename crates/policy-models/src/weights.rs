@@ -57,6 +57,9 @@ pub enum LoadError {
 
     #[error("{path}: not a readable GGUF file: {message}")]
     Gguf { path: PathBuf, message: String },
+
+    #[error("model {reference:?}: {message}")]
+    BadReference { reference: String, message: String },
 }
 
 struct Shard {
@@ -339,6 +342,17 @@ pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
             path: index.to_path_buf(),
             message: format!("`weight_map.{key}` is not a file name"),
         })?;
+        // The name is joined to the checkpoint directory (or fetched from the hub into its
+        // cache): a separator or `..` would read, or download to, a file outside it.
+        let plain = !file.contains(['/', '\\']) && !file.contains("..") && file.len() > ".safetensors".len() && file.ends_with(".safetensors");
+        if !plain {
+            return Err(LoadError::BadIndex {
+                path: index.to_path_buf(),
+                message: format!(
+                    "`weight_map.{key}` = {file:?} is not a shard file name: it must be a plain file name in the checkpoint directory (no '/', '\\' or '..') ending in .safetensors"
+                ),
+            });
+        }
         if !files.iter().any(|known| known == file) {
             files.push(file.to_string());
         }

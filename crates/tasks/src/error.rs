@@ -51,6 +51,13 @@ pub enum TaskError {
     )]
     SplitNotFound { path: PathBuf, split: Split },
 
+    #[error(
+        "{path} is one file, which would be read as both the train and the test split (training on the test problems); \
+         give both files, `source = {{ files = {{ train = \"train.jsonl\", test = \"test.jsonl\" }} }}`, \
+         or a directory holding `train.jsonl` and `test.jsonl`"
+    )]
+    OneFileForBothSplits { path: PathBuf },
+
     #[error("unknown split `{name}`; the splits are `train` and `test`")]
     UnknownSplit { name: String },
 

@@ -27,9 +27,17 @@ pub const HUB_REPO: &str = "openai/gsm8k";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Gsm8kSource {
-    /// A local file (`.jsonl` or `.parquet`, used for the split asked for) or a directory holding
-    /// `{split}.jsonl`, `{split}-00000-of-00001.parquet` or `main/{split}-00000-of-00001.parquet`.
+    /// A directory holding `{split}.jsonl`, `{split}-00000-of-00001.parquet` or
+    /// `main/{split}-00000-of-00001.parquet`. A single file is refused by [`load_split`]: it would
+    /// be read as both splits, so the test problems would be trained on; use [`Gsm8kSource::Files`].
     Path(PathBuf),
+    /// One local file per split (`.jsonl` or `.parquet`): `{ files = { train = ..., test = ... } }`.
+    Files {
+        /// The train split's file.
+        train: PathBuf,
+        /// The test split's file.
+        test: PathBuf,
+    },
     /// A dataset repository on the Hugging Face hub in the `openai/gsm8k` layout, fetched into the
     /// hub cache.
     Hub {
@@ -212,7 +220,16 @@ pub fn read_path(path: &Path, split: Split, options: Gsm8kOptions) -> Result<Spl
 /// Loads one split of GSM8K from `source`.
 pub fn load_split(source: &Gsm8kSource, split: Split, options: Gsm8kOptions) -> Result<SplitProblems, TaskError> {
     match source {
+        Gsm8kSource::Path(path) if path.is_file() => Err(TaskError::OneFileForBothSplits { path: path.clone() }),
         Gsm8kSource::Path(path) => read_path(path, split, options),
+        Gsm8kSource::Files { train, test } if train == test => Err(TaskError::OneFileForBothSplits { path: train.clone() }),
+        Gsm8kSource::Files { train, test } => {
+            let file = match split {
+                Split::Train => train,
+                Split::Test => test,
+            };
+            read_path(file, split, options)
+        }
         Gsm8kSource::Hub { repo, revision } => {
             let file = format!("main/{split}-00000-of-00001.parquet");
             let path = hub::fetch(repo, RepoType::Dataset, revision, &file).map_err(|error| {

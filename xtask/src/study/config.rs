@@ -41,6 +41,7 @@ pub struct Study {
     #[serde(default)]
     pub reward_sources: BTreeMap<String, RewardSourceSpec>,
     /// Named methods.
+    #[serde(deserialize_with = "deserialize_methods")]
     pub methods: BTreeMap<String, MethodSpec>,
     /// How every cell is evaluated.
     #[serde(default)]
@@ -235,9 +236,9 @@ fn yes() -> bool {
     true
 }
 
-/// A method of the comparison.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// A method of the comparison. Read by [`MethodSpec::from_table`] (see there why not derived).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MethodSpec {
     /// No training: k exemplars from train in every prompt.
     FewShot {
@@ -272,6 +273,81 @@ pub enum MethodSpec {
 
 fn default_prompts_per_step() -> usize {
     4
+}
+
+/// The fields of [`MethodSpec::Rl`], read on their own: serde's internally tagged enums buffer the
+/// table before choosing the variant, and an error inside then names the table
+/// (`[methods.grpo]`) but not the field. The struct literal in [`MethodSpec::from_table`] lists
+/// every field, so a field added to the variant and not here does not compile.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RlFields {
+    algorithm: String,
+    reward_sources: Vec<String>,
+    steps: u64,
+    #[serde(default = "default_prompts_per_step")]
+    prompts_per_step: usize,
+    #[serde(default)]
+    few_shot_k: usize,
+    #[serde(default)]
+    optim: OptimSettings,
+    #[serde(default = "empty_table")]
+    config: serde_json::Value,
+}
+
+/// The fields of [`MethodSpec::FewShot`] (see [`RlFields`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FewShotFields {
+    k: usize,
+}
+
+/// [`MethodSpec::Base`] has none.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+impl MethodSpec {
+    /// Reads one `[methods.<name>]` table; errors start with the field's path,
+    /// `methods.<name>.<field>: ...`.
+    pub fn from_table(name: &str, mut table: toml::Table) -> Result<Self, String> {
+        let prefix = format!("methods.{name}");
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(kind)) => kind,
+            Some(other) => return Err(format!("{prefix}.kind: expected a string, found {}", other.type_str())),
+            None => return Err(format!("{prefix}: missing field `kind` (one of \"rl\", \"few_shot\", \"base\")")),
+        };
+        fn fields<T: serde::de::DeserializeOwned>(prefix: &str, table: toml::Table) -> Result<T, String> {
+            toml::Value::Table(table).try_into().map_err(|error: toml::de::Error| keyed(prefix, &error))
+        }
+        Ok(match kind.as_str() {
+            "rl" => {
+                let RlFields { algorithm, reward_sources, steps, prompts_per_step, few_shot_k, optim, config } = fields(&prefix, table)?;
+                MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, few_shot_k, optim, config }
+            }
+            "few_shot" => MethodSpec::FewShot { k: fields::<FewShotFields>(&prefix, table)?.k },
+            "base" => {
+                fields::<NoFields>(&prefix, table)?;
+                MethodSpec::Base
+            }
+            other => return Err(format!("{prefix}.kind: unknown variant `{other}`, expected one of `rl`, `few_shot`, `base`")),
+        })
+    }
+}
+
+/// `toml`'s error `message\nin `a.b`` as `prefix.a.b: message`.
+fn keyed(prefix: &str, error: &toml::de::Error) -> String {
+    let text = error.to_string();
+    let text = text.trim_end();
+    match text.rsplit_once("\nin `") {
+        Some((message, keys)) if keys.ends_with('`') => format!("{prefix}.{}: {message}", &keys[..keys.len() - 1]),
+        _ => format!("{prefix}: {text}"),
+    }
+}
+
+fn deserialize_methods<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, MethodSpec>, D::Error> {
+    let tables = BTreeMap::<String, toml::Table>::deserialize(deserializer)?;
+    tables.into_iter().map(|(name, table)| MethodSpec::from_table(&name, table).map(|method| (name, method))).collect::<Result<_, _>>().map_err(serde::de::Error::custom)
 }
 
 fn empty_table() -> serde_json::Value {
@@ -335,19 +411,71 @@ impl Study {
 
     /// Checks the study against itself and the algorithm registry.
     pub fn validate(&self, registry: &[rl_algos::AlgorithmEntry]) -> anyhow::Result<()> {
+        // Names become directories and file names under reports/<name>/ (cells/<method>__<source>__seed<n>),
+        // so each must be one plain path component.
+        check_name("name", &self.name)?;
+        for name in self.methods.keys() {
+            check_name(&format!("[methods.{name:?}]"), name)?;
+        }
+        for name in self.reward_sources.keys() {
+            check_name(&format!("[reward_sources.{name:?}]"), name)?;
+        }
         if self.seeds.is_empty() {
             bail!("seeds is empty; name at least one seed");
+        }
+        // A repeated seed is a repeated cell: it would count twice in the means and intervals.
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(seed) = self.seeds.iter().find(|seed| !seen.insert(**seed)) {
+            bail!("seeds lists {seed} twice; each seed must appear once (a repeat would count twice in the means and intervals)");
         }
         if self.methods.is_empty() {
             bail!("no [methods.*]; name at least one method");
         }
+        // A mistyped checkpoint path is refused here, before any training, rather than read as
+        // a hub id (the reference is read from the working directory, as the runner reads it).
+        if let PolicyBase::Checkpoint { model } = &self.policy.base {
+            policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("policy.base.model: {error}"))?;
+        }
+        if let Some(RewardModelSpec::Checkpoint { model, .. }) = &self.reward_model {
+            policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?;
+        }
+        if self.policy.max_length == 0 {
+            bail!("policy.max_length = 0; use at least 1 (the longest prompt + completion, in tokens)");
+        }
         if let TaskSpec::Synthetic { synthetic } = &self.task {
             synthetic.validate()?;
+        }
+        if let TaskSpec::Gsm8k { source: source @ (Gsm8kSource::Path(_) | Gsm8kSource::Files { .. }), .. } = &self.task {
+            // The loader refuses these too; checking here makes --dry-run say so.
+            let one_file = match source {
+                Gsm8kSource::Path(path) => path.is_file().then_some(path),
+                Gsm8kSource::Files { train, test } => (train == test).then_some(train),
+                Gsm8kSource::Hub { .. } => None,
+            };
+            if let Some(path) = one_file {
+                bail!("task.source: {}", tasks::TaskError::OneFileForBothSplits { path: path.clone() });
+            }
         }
         if let Some(lora) = &self.policy.lora {
             lora.validate().map_err(|error| anyhow::anyhow!("policy.lora.{error}"))?;
         }
-        if let PolicyBase::Preset { sft, .. } = &self.policy.base {
+        if let PolicyBase::Preset { sft, vocab_size, .. } = &self.policy.base {
+            let minimum = policy_models::presets::MIN_TRAINED_VOCAB;
+            if *vocab_size < minimum {
+                bail!("policy.base.vocab_size = {vocab_size}: use at least {minimum} (the 256-byte alphabet and the 2 special tokens)");
+            }
+            if sft.steps == 0 {
+                bail!("policy.base.sft.steps = 0; train the base for at least one step");
+            }
+            if sft.batch_size == 0 {
+                bail!("policy.base.sft.batch_size = 0; use at least 1");
+            }
+            if !(sft.learning_rate.is_finite() && sft.learning_rate > 0.0) {
+                bail!("policy.base.sft.learning_rate = {} must be a finite number above 0", sft.learning_rate);
+            }
+            if !(sft.data_fraction > 0.0 && sft.data_fraction <= 1.0) {
+                bail!("policy.base.sft.data_fraction = {} must be within (0, 1]", sft.data_fraction);
+            }
             if !(0.0..=1.0).contains(&sft.answer_marker_fraction) {
                 bail!("policy.base.sft.answer_marker_fraction = {} must be within [0, 1]", sft.answer_marker_fraction);
             }
@@ -359,8 +487,10 @@ impl Study {
             }
         }
         let evaluation = &self.evaluation;
-        if evaluation.test_size == 0 || evaluation.batch_size == 0 || evaluation.max_new_tokens == 0 {
-            bail!("evaluation.test_size, batch_size and max_new_tokens must be at least 1");
+        for (field, value) in [("test_size", evaluation.test_size), ("batch_size", evaluation.batch_size), ("max_new_tokens", evaluation.max_new_tokens)] {
+            if value == 0 {
+                bail!("evaluation.{field} = 0; use at least 1");
+            }
         }
         if evaluation.maj_k == 1 {
             bail!("evaluation.maj_k = 1 is one sample, not a vote; use 0 (greedy only) or at least 3");
@@ -383,6 +513,19 @@ impl Study {
                 bail!("reward_model.intermediate_size = 0; use at least 1, or leave it out for twice hidden_size");
             }
         }
+        let reward_training = match &self.reward_model {
+            Some(RewardModelSpec::Train { training, .. }) => Some(("reward_model.training", training)),
+            Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => Some(("reward_model.fine_tune", training)),
+            _ => None,
+        };
+        if let Some((field, training)) = reward_training {
+            if training.batch_size == 0 {
+                bail!("{field}.batch_size = 0; use at least 1");
+            }
+            if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {
+                bail!("{field}.learning_rate = {} must be a finite number above 0", training.learning_rate);
+            }
+        }
         for (name, source) in &self.reward_sources {
             if source.rules.is_empty() && source.reward_model_weight.is_none() {
                 bail!("reward_sources.{name}: no rules and no reward_model_weight; it rewards nothing");
@@ -392,7 +535,7 @@ impl Study {
             }
         }
         for (name, method) in &self.methods {
-            if let MethodSpec::Rl { algorithm, reward_sources, steps, config, optim, .. } = method {
+            if let MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, config, optim, .. } = method {
                 let entry = registry.iter().find(|entry| entry.name == algorithm).ok_or_else(|| {
                     let known: Vec<&str> = registry.iter().map(|entry| entry.name).collect();
                     anyhow::anyhow!("methods.{name}.algorithm = {algorithm:?} is not registered; known: {}", known.join(", "))
@@ -401,6 +544,9 @@ impl Study {
                 optim.validate().map_err(|error| anyhow::anyhow!("methods.{name}.optim: {error}"))?;
                 if *steps == 0 {
                     bail!("methods.{name}.steps = 0; train for at least one step");
+                }
+                if *prompts_per_step == 0 {
+                    bail!("methods.{name}.prompts_per_step = 0; use at least 1");
                 }
                 if reward_sources.is_empty() {
                     bail!("methods.{name}.reward_sources is empty; name at least one of [reward_sources.*]");
@@ -551,6 +697,19 @@ impl Study {
     }
 }
 
+/// Checks that `value`, the study's `field`, can be one path component under reports/: letters,
+/// digits, `.`, `_` and `-`, not empty and not starting with a dot (no `..`, no hidden files, no
+/// separators, no absolute paths).
+fn check_name(field: &str, value: &str) -> anyhow::Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if value.is_empty() || value.starts_with('.') || !value.chars().all(allowed) {
+        bail!(
+            "{field} = {value:?} is not a usable name: it names files under reports/, so use only letters, digits, '.', '_' and '-', not empty and not starting with '.'"
+        );
+    }
+    Ok(())
+}
+
 /// The algorithms the study runner knows: rl-algos' own and those of algorithm crates.
 pub fn registry() -> &'static [rl_algos::AlgorithmEntry] {
     static REGISTRY: std::sync::LazyLock<Vec<rl_algos::AlgorithmEntry>> = std::sync::LazyLock::new(|| {
@@ -675,5 +834,87 @@ steps = 2
             let error = parse(&reward_model(fields)).unwrap_err().to_string();
             assert!(error.contains(&format!("reward_model.{named}")), "{error}");
         }
+    }
+
+    /// Type errors inside `[methods.x]` used to name the table only (serde's tagged enums buffer
+    /// it); now they name the field.
+    #[test]
+    fn errors_inside_a_method_name_the_field() {
+        let cases = [
+            (MINIMAL.replace("steps = 2", "steps = \"two\""), "methods.grpo.steps: invalid type: string \"two\""),
+            (format!("{MINIMAL}prompts_per_step = -1\n"), "methods.grpo.prompts_per_step: "),
+            (format!("{MINIMAL}optim = {{ learning_rate = \"high\" }}\n"), "methods.grpo.optim.learning_rate: "),
+            (format!("{MINIMAL}stepz = 3\n"), "stepz"),
+            (MINIMAL.replace("steps = 2\n", ""), "methods.grpo: missing field `steps`"),
+            (format!("{MINIMAL}[methods.fs]\nkind = \"few_shot\"\nk = \"3\"\n"), "methods.fs.k: invalid type"),
+            (format!("{MINIMAL}[methods.b]\nkind = \"base\"\nk = 3\n"), "unknown field `k`"),
+            (format!("{MINIMAL}[methods.b]\nkind = \"bse\"\n"), "methods.b.kind: unknown variant `bse`"),
+            (format!("{MINIMAL}[methods.b]\nk = 3\n"), "methods.b: missing field `kind`"),
+        ];
+        for (text, named) in cases {
+            let error = parse(&text).expect_err(named).to_string();
+            assert!(error.contains(named), "expected {named:?} in: {error}");
+        }
+        let study = parse(&format!("{MINIMAL}[methods.fs]\nkind = \"few_shot\"\nk = 3\n[methods.b]\nkind = \"base\"\n")).unwrap();
+        assert_eq!(study.methods["fs"], MethodSpec::FewShot { k: 3 });
+        assert_eq!(study.methods["b"], MethodSpec::Base);
+        let MethodSpec::Rl { prompts_per_step, config, .. } = &study.methods["grpo"] else { panic!() };
+        assert_eq!((*prompts_per_step, config.clone()), (4, serde_json::json!({})), "defaults as before");
+    }
+
+    /// Names become directories under reports/<study>/: before they were checked, `../../x`,
+    /// an absolute name, an empty name and a method named `../../../../m` wrote outside it.
+    #[test]
+    fn names_that_would_leave_the_report_directory_are_refused() {
+        for bad in ["../../x", "/tmp/abs", "", ".hidden", "a/b", "a\\b", "sp ace"] {
+            let text = MINIMAL.replace("name = \"t\"", &format!("name = {bad:?}"));
+            let error = parse(&text).expect_err(bad).to_string();
+            assert!(error.contains("name = ") && error.contains("not a usable name"), "{bad:?}: {error}");
+        }
+        let method = MINIMAL.replace("[methods.grpo]", "[methods.\"../../../../m\"]");
+        let error = parse(&method).unwrap_err().to_string();
+        assert!(error.contains("[methods.\"../../../../m\"]"), "{error}");
+        let source = MINIMAL.replace("[reward_sources.rules]", "[reward_sources.\"../r\"]").replace("[\"rules\"]", "[\"../r\"]");
+        let error = parse(&source).unwrap_err().to_string();
+        assert!(error.contains("[reward_sources.\"../r\"]"), "{error}");
+        // Ordinary names still pass, dots and dashes included.
+        parse(&MINIMAL.replace("name = \"t\"", "name = \"gsm8k-gpt_neo-1.3b\"")).unwrap();
+    }
+
+    #[test]
+    fn zero_sizes_bad_rates_and_repeated_seeds_are_errors_that_name_the_field() {
+        let sft = |fields: &str| MINIMAL.replace("preset = \"tiny_gpt_neo\"\n", &format!("preset = \"tiny_gpt_neo\"\n{fields}\n"));
+        let cases: Vec<(String, &str)> = vec![
+            (sft("sft = { steps = 0 }"), "policy.base.sft.steps = 0"),
+            (sft("sft = { batch_size = 0 }"), "policy.base.sft.batch_size = 0"),
+            (sft("sft = { learning_rate = 0.0 }"), "policy.base.sft.learning_rate = 0"),
+            (sft("sft = { learning_rate = -1e-3 }"), "policy.base.sft.learning_rate = -0.001"),
+            (sft("sft = { learning_rate = nan }"), "policy.base.sft.learning_rate = NaN"),
+            (sft("sft = { learning_rate = inf }"), "policy.base.sft.learning_rate = inf"),
+            (sft("sft = { data_fraction = 0.0 }"), "policy.base.sft.data_fraction = 0"),
+            (sft("sft = { data_fraction = 1.5 }"), "policy.base.sft.data_fraction = 1.5"),
+            (sft("vocab_size = 0"), "policy.base.vocab_size = 0"),
+            (sft("vocab_size = 257"), "policy.base.vocab_size = 257"),
+            (MINIMAL.replace("template = \"plain\"\n", "template = \"plain\"\nmax_length = 0\n"), "policy.max_length = 0"),
+            (format!("{MINIMAL}prompts_per_step = 0\n"), "methods.grpo.prompts_per_step = 0"),
+            (format!("{MINIMAL}[evaluation]\nbatch_size = 0\n"), "evaluation.batch_size = 0"),
+            (format!("{MINIMAL}[evaluation]\nmax_new_tokens = 0\n"), "evaluation.max_new_tokens = 0"),
+            (format!("{MINIMAL}[evaluation]\ntest_size = 0\n"), "evaluation.test_size = 0"),
+            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ batch_size = 0 }}\n"), "reward_model.training.batch_size = 0"),
+            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = 0.0 }}\n"), "reward_model.training.learning_rate = 0"),
+            (format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"o/n\"\nfine_tune = {{ learning_rate = -1.0 }}\n"), "reward_model.fine_tune.learning_rate = -1"),
+            (format!("seeds = [0, 1, 0]\n{MINIMAL}"), "seeds lists 0 twice"),
+        ];
+        for (text, named) in cases {
+            let error = parse(&text).expect_err(named).to_string();
+            assert!(error.contains(named), "expected {named:?} in: {error}");
+        }
+        let checkpoint = MINIMAL.replace("kind = \"preset\"\npreset = \"tiny_gpt_neo\"", "kind = \"checkpoint\"\nmodel = \"./no-such-checkpoint\"");
+        let error = parse(&checkpoint).unwrap_err().to_string();
+        assert!(error.contains("policy.base.model") && error.contains("does not exist"), "{error}");
+        let error = parse(&format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"distilroberta-base\"\n")).unwrap_err().to_string();
+        assert!(error.contains("reward_model.model") && error.contains("owner/name"), "{error}");
+        // The smallest vocabulary the trainer honours is accepted.
+        parse(&sft(&format!("vocab_size = {}", policy_models::presets::MIN_TRAINED_VOCAB))).unwrap();
     }
 }

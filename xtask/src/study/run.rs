@@ -420,7 +420,7 @@ fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokenizer: &Polic
 /// Trains (or locates) the base policy; returns its checkpoint directory.
 fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
-        PolicyBase::Checkpoint { model } => return Ok(ModelSource::parse(model).resolve()?),
+        PolicyBase::Checkpoint { model } => return Ok(ModelSource::parse(model)?.resolve()?),
         PolicyBase::Preset { preset, vocab_size, sft } => (*preset, *vocab_size, sft),
     };
     let base_dir = dir.join("base");
@@ -537,8 +537,8 @@ fn prepare_reward_model(
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
     let (checkpoint, training) = match spec {
-        RewardModelSpec::Checkpoint { model, fine_tune: None } => return Ok(Some(ModelSource::parse(model).resolve()?)),
-        RewardModelSpec::Checkpoint { model, fine_tune: Some(training) } => (Some(ModelSource::parse(model).resolve()?), training),
+        RewardModelSpec::Checkpoint { model, fine_tune: None } => return Ok(Some(ModelSource::parse(model)?.resolve()?)),
+        RewardModelSpec::Checkpoint { model, fine_tune: Some(training) } => (Some(ModelSource::parse(model)?.resolve()?), training),
         RewardModelSpec::Train { training, .. } => (None, training),
     };
     let rm_dir = dir.join("reward_model");
@@ -629,7 +629,7 @@ fn training_policy(study: &Study, base_dir: &Path, autodiff: &Device, seed: u64)
 /// GGUF file, its converted directory, which transformers loads as it is).
 fn base_model_name(study: &Study, base_dir: &Path) -> String {
     if let PolicyBase::Checkpoint { model } = &study.policy.base
-        && let ModelSource::Hub { repo, .. } = ModelSource::parse(model)
+        && let Ok(ModelSource::Hub { repo, .. }) = ModelSource::parse(model)
     {
         return repo;
     }
