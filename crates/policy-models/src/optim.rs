@@ -69,6 +69,8 @@ impl Schedule {
 struct PathVisitor<'a> {
     path: Vec<String>,
     found: &'a mut Vec<(String, ParamId)>,
+    /// When set, each parameter's values too (for tests that compare weights by path).
+    values: Option<&'a mut std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
 impl ModuleVisitor for PathVisitor<'_> {
@@ -81,15 +83,26 @@ impl ModuleVisitor for PathVisitor<'_> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.found.push((self.path.join("."), param.id));
+        let path = self.path.join(".");
+        if let Some(values) = self.values.as_mut() {
+            values.insert(path.clone(), param.base().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"));
+        }
+        self.found.push((path, param.id));
     }
 }
 
 /// Every float parameter of `module` with its dotted path (`body.GptNeo.blocks.0.query.weight`).
 pub fn parameter_paths<M: Module>(module: &M) -> Vec<(String, ParamId)> {
     let mut found = Vec::new();
-    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut found });
+    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut found, values: None });
     found
+}
+
+/// Every float parameter's values by dotted path (LoRA factors end in `.lora.a` / `.lora.b`).
+pub fn parameter_values<M: Module>(module: &M) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let mut values = std::collections::BTreeMap::new();
+    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut Vec::new(), values: Some(&mut values) });
+    values
 }
 
 /// Gradients of every float parameter, gathered by id.

@@ -124,25 +124,6 @@ fn with_lora(policy: CausalLm, device: &Device) -> CausalLm {
     policy.with_lora(&policy_models::LoraSettings { rank: 2, alpha: 4.0, ..Default::default() }).unwrap()
 }
 
-/// Every float parameter's values by dotted path; adapter factors end in `.lora.a` / `.lora.b`.
-fn parameters(model: &impl burn::module::Module) -> std::collections::BTreeMap<String, Vec<f32>> {
-    use burn::module::{ModuleVisitor, Param};
-    struct Values(Vec<String>, std::collections::BTreeMap<String, Vec<f32>>);
-    impl ModuleVisitor for Values {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.0.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
-            self.1.insert(self.0.join("."), param.base().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
-        }
-    }
-    let mut values = Values(Vec::new(), Default::default());
-    model.visit(&mut values);
-    values.1
-}
 
 fn is_adapter(path: &str) -> bool {
     path.ends_with(".lora.a") || path.ends_with(".lora.b")
@@ -185,7 +166,7 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
     assert_eq!(logits(straight.policy()), logits(resumed.policy()), "{}: resumed run differs", entry.name);
     if lora {
         // Resumed as the frozen base with trained adapters, not as the merged weights.
-        let (before, after) = (parameters(&load_start()), parameters(resumed.policy()));
+        let (before, after) = (policy_models::optim::parameter_values(&load_start()), policy_models::optim::parameter_values(resumed.policy()));
         assert!(before.keys().any(|path| is_adapter(path)));
         assert!(before.iter().all(|(path, values)| is_adapter(path) || values == &after[path]), "{}: a base weight moved", entry.name);
     }
@@ -242,11 +223,11 @@ fn ppo_with_lora_trains_the_adapters_and_the_value_head() {
     use rl_algos::ppo::{Ppo, PpoConfig};
     let device = Device::flex().autodiff();
     let policy = with_lora(tiny_policy(&device), &device);
-    let before = parameters(&policy);
+    let before = policy_models::optim::parameter_values(&policy);
     let config = PpoConfig { max_completion_length: 4, ..PpoConfig::default() };
     let mut ppo = Ppo::new(policy, config, optim(2), 0).unwrap();
     steps(&mut ppo, 2);
-    let after = parameters(ppo.policy());
+    let after = policy_models::optim::parameter_values(ppo.policy());
     for (path, values) in &before {
         if is_adapter(path) {
             if path.ends_with(".lora.b") {

@@ -1122,28 +1122,7 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::module::{ModuleVisitor, Param};
-    use burn::tensor::Tensor;
     use rl_algos::rewards::RewardInput;
-
-    /// Every float parameter's values by dotted path; adapter factors end in `.lora.a` / `.lora.b`.
-    fn parameters(model: &CausalLm) -> std::collections::BTreeMap<String, Vec<f32>> {
-        struct Values(Vec<String>, std::collections::BTreeMap<String, Vec<f32>>);
-        impl ModuleVisitor for Values {
-            fn enter_module(&mut self, name: &str, _container_type: &str) {
-                self.0.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container_type: &str) {
-                self.0.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                self.1.insert(self.0.join("."), param.base().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
-            }
-        }
-        let mut values = Values(Vec::new(), Default::default());
-        model.visit(&mut values);
-        values.1
-    }
 
     /// Rewards that differ within a group, so every method gets a gradient.
     struct Length;
@@ -1188,14 +1167,14 @@ mod tests {
             let optim = rl_algos::OptimSettings { learning_rate: 1e-2, total_steps: 1, ..Default::default() };
             let step = |study: &Study| {
                 let policy = training_policy(study, base.path(), &autodiff, 5).unwrap();
-                let before = parameters(&policy);
+                let before = policy_models::optim::parameter_values(&policy);
                 let mut trainer = (entry.build)(AlgorithmInputs { policy, config: config.clone(), optim: optim.clone(), seed: 5 }).unwrap();
                 let metrics = trainer.train_step(&prompts, &environment).unwrap();
                 assert!(metrics["grad_norm"] > 0.0, "{algorithm}: no gradient: {metrics:?}");
                 (before, trainer.into_policy())
             };
             let (before, tuned) = step(&lora);
-            let after = parameters(&tuned);
+            let after = policy_models::optim::parameter_values(&tuned);
             let is_adapter = |path: &str| path.ends_with(".lora.a") || path.ends_with(".lora.b");
             assert!(before.keys().filter(|path| is_adapter(path)).count() >= 12, "{algorithm}: adapters on every projection: {:?}", before.keys());
             for (path, values) in &before {
@@ -1208,7 +1187,7 @@ mod tests {
                 }
             }
             let (full_before, full_tuned) = step(&full);
-            let full_after = parameters(&full_tuned);
+            let full_after = policy_models::optim::parameter_values(&full_tuned);
             assert!(full_before.keys().all(|path| !is_adapter(path)));
             assert!(full_before.iter().any(|(path, values)| path.ends_with("query.weight") && values != &full_after[path]), "{algorithm}: full fine-tuning moves the base");
             assert_ne!(logits(&tuned), logits(&full_tuned), "{algorithm}: the LoRA update equals full fine-tuning's");
