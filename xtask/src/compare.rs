@@ -55,6 +55,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let options = crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };
     let summaries = crate::study::run::run_study(&study, &options)?;
+    let dir = options.reports.join(&study.name);
+    // Charts, then the report that shows them; a plotting problem costs neither the results nor the report.
+    if let Err(error) = crate::plot::render(&dir) {
+        eprintln!("charts not rendered: {error:#}");
+    }
+    crate::study::report::write_report_markdown(&dir, &summaries)?;
     let failed: Vec<String> = summaries.iter().filter(|s| s.is_failed()).map(|s| s.id()).collect();
     let diverged: Vec<String> = summaries.iter().filter(|s| s.is_diverged()).map(|s| s.id()).collect();
     println!(

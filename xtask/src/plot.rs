@@ -3,7 +3,7 @@
 //! embeds the charts.
 //!
 //! - `accuracy`: strict and lenient accuracy per method and reward source, the mean over seeds
-//!   with 95% CI whiskers (see [`accuracy_interval`]).
+//!   with 95% CI whiskers (see [`eval::stats::accuracy_interval`]).
 //! - `stability`: box plots over steps and seeds of `update_norm`, `kl` and `reward_std` per
 //!   trained method, and the across-seed standard deviation of final lenient accuracy.
 //! - `convergence`: training reward and held-out accuracy (strict and lenient) against step, mean
@@ -21,12 +21,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use eval::stats::{mean_ci95, mean_std};
+use eval::stats::mean_std;
 use plotters::coord::Shift;
 use plotters::data::Quartiles;
 use plotters::prelude::*;
 
-use crate::study::run::CellSummary;
+use crate::study::report::CellSummary;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -104,18 +104,6 @@ fn read_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<Vec<Met
     Ok(rows)
 }
 
-/// The 95% interval drawn for a group's accuracy: the wider of the across-seed Student-t
-/// interval of the mean and the mean of the cells' Wilson (test-set) intervals. With one seed,
-/// or methods that give the same answers at every seed, the t interval collapses and the
-/// test-set uncertainty is what remains. Clamped to [0, 1].
-pub fn accuracy_interval(means: &[f64], wilson_lows: &[f64], wilson_highs: &[f64]) -> (f64, f64, f64) {
-    let seeds = mean_ci95(means);
-    let low = mean_std(wilson_lows).mean;
-    let high = mean_std(wilson_highs).mean;
-    // An accuracy lies in [0, 1]; a t interval over few seeds can reach past either end.
-    (seeds.mean, seeds.low.min(low).max(0.0), seeds.high.max(high).min(1.0))
-}
-
 /// Accuracy of one (method, reward source) group over its seeds.
 #[derive(Debug, Clone)]
 struct GroupAccuracy {
@@ -145,8 +133,8 @@ fn group_accuracies(summaries: &[CellSummary]) -> Vec<GroupAccuracy> {
             // A result has its accuracies (`CellSummary::is_result`).
             let take = |f: fn(&CellSummary) -> Option<f64>| cells.iter().filter_map(|c| f(c)).collect::<Vec<f64>>();
             GroupAccuracy {
-                strict: percent(accuracy_interval(&take(|c| c.accuracy_strict), &take(|c| c.accuracy_strict_ci_low), &take(|c| c.accuracy_strict_ci_high))),
-                lenient: percent(accuracy_interval(&take(|c| c.accuracy_lenient), &take(|c| c.accuracy_lenient_ci_low), &take(|c| c.accuracy_lenient_ci_high))),
+                strict: percent(eval::stats::accuracy_interval(&take(|c| c.accuracy_strict), &take(|c| c.accuracy_strict_ci_low), &take(|c| c.accuracy_strict_ci_high))),
+                lenient: percent(eval::stats::accuracy_interval(&take(|c| c.accuracy_lenient), &take(|c| c.accuracy_lenient_ci_low), &take(|c| c.accuracy_lenient_ci_high))),
                 lenient_seed_std: 100.0 * mean_std(&take(|c| c.accuracy_lenient)).std,
                 name,
             }
@@ -502,15 +490,5 @@ mod tests {
         // 100 lies beyond q3 + 1.5 IQR = 7: the whisker stops at 4.
         assert_eq!((stats.whisker_low, stats.whisker_high), (1.0, 4.0));
         assert!(box_stats(&[f64::NAN]).is_none());
-    }
-
-    #[test]
-    fn accuracy_interval_keeps_test_set_uncertainty_when_seeds_agree() {
-        // Three seeds with the same answers: no across-seed spread, the Wilson interval remains.
-        let (mean, low, high) = accuracy_interval(&[0.3, 0.3, 0.3], &[0.25, 0.25, 0.25], &[0.36, 0.36, 0.36]);
-        assert!((mean - 0.3).abs() < 1e-12 && (low - 0.25).abs() < 1e-12 && (high - 0.36).abs() < 1e-12, "{mean} {low} {high}");
-        // Seeds that disagree widely: the t interval is the wider one.
-        let (_, low, high) = accuracy_interval(&[0.1, 0.3, 0.5], &[0.08, 0.26, 0.45], &[0.13, 0.34, 0.55]);
-        assert!(low == 0.0 && high > 0.7, "clamped below at 0: {low} {high}");
     }
 }

@@ -134,6 +134,18 @@ pub fn mean_ci95(values: &[f64]) -> MeanCi {
     MeanCi { mean, low: mean - half, high: mean + half, n }
 }
 
+/// The 95% interval of a group's accuracy (what reports print and charts draw): the wider of the across-seed Student-t
+/// interval of the mean and the mean of the cells' Wilson (test-set) intervals. With one seed,
+/// or methods that give the same answers at every seed, the t interval collapses and the
+/// test-set uncertainty is what remains. Clamped to [0, 1].
+pub fn accuracy_interval(means: &[f64], wilson_lows: &[f64], wilson_highs: &[f64]) -> (f64, f64, f64) {
+    let seeds = mean_ci95(means);
+    let low = mean_std(wilson_lows).mean;
+    let high = mean_std(wilson_highs).mean;
+    // An accuracy lies in [0, 1]; a t interval over few seeds can reach past either end.
+    (seeds.mean, seeds.low.min(low).max(0.0), seeds.high.max(high).min(1.0))
+}
+
 /// Exponential moving average with TensorBoard's convention: s_0 = x_0, then
 /// s_t = weight * s_{t-1} + (1 - weight) * x_t. `weight` in [0, 1): 0 is no smoothing.
 pub fn ema_smooth(values: &[f64], weight: f64) -> Vec<f64> {
@@ -238,5 +250,15 @@ mod tests {
         let falling: Vec<f64> = rising.iter().map(|v| 2.0 - v).collect();
         assert_eq!(steps_to_convergence(&steps, &falling, 0.0, 0.9), Some(40));
         assert_eq!(steps_to_convergence(&[], &[], 0.0, 0.9), None);
+    }
+
+    #[test]
+    fn accuracy_interval_keeps_test_set_uncertainty_when_seeds_agree() {
+        // Three seeds with the same answers: no across-seed spread, the Wilson interval remains.
+        let (mean, low, high) = accuracy_interval(&[0.3, 0.3, 0.3], &[0.25, 0.25, 0.25], &[0.36, 0.36, 0.36]);
+        assert!((mean - 0.3).abs() < 1e-12 && (low - 0.25).abs() < 1e-12 && (high - 0.36).abs() < 1e-12, "{mean} {low} {high}");
+        // Seeds that disagree widely: the t interval is the wider one.
+        let (_, low, high) = accuracy_interval(&[0.1, 0.3, 0.5], &[0.08, 0.26, 0.45], &[0.13, 0.34, 0.55]);
+        assert!(low == 0.0 && high > 0.7, "clamped below at 0: {low} {high}");
     }
 }

@@ -1,4 +1,13 @@
-//! The study runner: study files, the comparison matrix, and (to come) running it.
+//! The study runner: the study file and its matrix (`config`), and running it (`run`, which
+//! drives the base, the reward model and the cells; `evaluate`, `prompts`, `report` and
+//! `progress` serve them).
 
+pub mod base;
+pub mod cell;
 pub mod config;
+pub mod evaluate;
+pub mod progress;
+pub mod prompts;
+pub mod report;
+pub mod reward_model;
 pub mod run;

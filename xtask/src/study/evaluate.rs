@@ -1,0 +1,94 @@
+//! Held-out evaluation: greedy completions scored with the template's answer format, and maj@k.
+
+use eval::{AccuracySummary, score_completion};
+use policy_models::generate::{GenerationConfig, Sampler, generate};
+use policy_models::{CausalLm, PolicyTokenizer};
+use prompting::PromptBuilder;
+use serde::Serialize;
+use tasks::Problem;
+
+use crate::study::config::Study;
+use crate::study::prompts::{encode_prompt, fit};
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    pub(crate) question: String,
+    pub(crate) answer: String,
+    pub(crate) completion: String,
+    pub(crate) strict: bool,
+    pub(crate) lenient: bool,
+}
+
+/// Longest prompt that leaves room for the answer within the model's positions.
+pub(crate) fn prompt_limit(study: &Study, policy: &CausalLm) -> usize {
+    let positions = policy.config().max_positions().unwrap_or(usize::MAX);
+    positions.min(study.policy.max_length).saturating_sub(study.evaluation.max_new_tokens).max(8)
+}
+
+pub(crate) struct Evaluation {
+    pub(crate) accuracy: AccuracySummary,
+    pub(crate) samples: Vec<Sample>,
+}
+
+/// Completions of `policy` for `problems` with `sampler`, cut at the template's stop strings.
+pub(crate) fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, problems: &[Problem], sampler: Sampler, seed: u64) -> anyhow::Result<Vec<String>> {
+    let stops: Vec<String> = study.policy.template.stop_sequences().iter().map(|s| s.to_string()).collect();
+    let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
+    let config = GenerationConfig {
+        max_new_tokens: study.evaluation.max_new_tokens,
+        sampler,
+        eos_token_ids: tokenizer.eos_ids.iter().map(|&id| i64::from(id)).collect(),
+        pad_token_id: tokenizer.pad_id.map_or(0, i64::from),
+        seed,
+    };
+    let limit = prompt_limit(study, policy);
+    let mut completions = Vec::with_capacity(problems.len());
+    for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
+        let bos = tokenizer.prepended_bos().map(i64::from);
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode_prompt(tokenizer, builder, &builder.render(&p.question)?)?, limit, bos))).collect::<anyhow::Result<_>>()?;
+        let generation = generate(policy, &prompts, &config, &stops, Some(&decode));
+        for (ids, mask) in generation.completion_ids.iter().zip(&generation.completion_mask) {
+            let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
+            let mut completion = decode(&kept);
+            // Cut at a stop string, as a user of the completion would.
+            if let Some(cut) = stops.iter().filter_map(|stop| completion.find(stop.as_str())).min() {
+                completion.truncate(cut);
+            }
+            completions.push(completion);
+        }
+    }
+    Ok(completions)
+}
+
+/// Greedy answers to the held-out problems, scored.
+pub(crate) fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem]) -> anyhow::Result<Evaluation> {
+    let format = study.policy.template.answer_format();
+    let completions = complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0)?;
+    let mut scores = Vec::with_capacity(test.len());
+    let mut samples = Vec::with_capacity(test.len());
+    for (problem, completion) in test.iter().zip(completions) {
+        let score = score_completion(&completion, &problem.answer, format);
+        samples.push(Sample { question: problem.question.clone(), answer: problem.answer.clone(), completion, strict: score.strict, lenient: score.lenient });
+        scores.push(score);
+    }
+    Ok(Evaluation { accuracy: AccuracySummary::from_scores(&scores), samples })
+}
+
+/// maj@k: `maj_k` sampled completions per problem, the most common lenient answer wins.
+pub(crate) fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], seed: u64) -> anyhow::Result<f64> {
+    let format = study.policy.template.answer_format();
+    let sampler = Sampler::Sample { temperature: study.evaluation.maj_temperature, top_k: None, top_p: None };
+    let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(); test.len()];
+    for draw in 0..study.evaluation.maj_k {
+        let completions = complete(study, policy, tokenizer, builder, test, sampler, seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1))?;
+        for (slot, completion) in answers.iter_mut().zip(completions) {
+            slot.push(eval::extract::lenient(&completion, format).as_deref().and_then(tasks::normalize_number));
+        }
+    }
+    let correct = test
+        .iter()
+        .zip(&answers)
+        .filter(|(problem, votes)| eval::stats::majority_answer(votes.iter().map(Option::as_deref)) == Some(problem.answer.as_str()))
+        .count();
+    Ok(correct as f64 / test.len().max(1) as f64)
+}
