@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
         let mut total = crate::study::config::CellCost::default();
         for cell in &matrix {
-            let cost = study.cell_cost(cell);
+            let cost = study.cell_cost(cell)?;
             total = total + cost;
             println!(
                 "  {:<40} method {:<14} reward source {:<14} seed {:<3} ~{} generated + ~{} trained tokens",

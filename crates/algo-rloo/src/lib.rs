@@ -19,7 +19,7 @@ use policy_models::CausalLm;
 use policy_models::generate::{Sampler, completion_log_probs};
 use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 use rl_algos::algorithm::{CheckpointState, mean_std, parse_config};
-use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, rollout};
+use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, rollout};
 use serde::{Deserialize, Serialize};
 
 /// RLOO settings.
@@ -68,7 +68,7 @@ pub fn leave_one_out_advantages(rewards: &[f32], k: usize) -> Vec<f32> {
 }
 
 /// The registry entry: the one line the study runner adds is `algo_rloo::ENTRY`.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "rloo", validate, optimizer_steps_per_step, build, resume };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "rloo", validate, optimizer_steps_per_step, rollout_shape, build, resume };
 
 fn validate(value: &serde_json::Value) -> Result<(), String> {
     parse_config::<RlooConfig>("rloo", value)?.validate()
@@ -77,6 +77,13 @@ fn validate(value: &serde_json::Value) -> Result<(), String> {
 /// One update per step, over the whole batch.
 fn optimizer_steps_per_step(value: &serde_json::Value, _prompts_per_step: usize) -> Result<u64, String> {
     validate(value).map(|()| 1)
+}
+
+/// `num_generations` completions per prompt, one pass over them.
+fn rollout_shape(value: &serde_json::Value) -> Result<RolloutShape, String> {
+    let config = parse_config::<RlooConfig>("rloo", value)?;
+    config.validate()?;
+    Ok(RolloutShape { completions_per_prompt: config.num_generations, max_completion_length: config.max_completion_length, max_sampling_rounds: 1, training_passes: 1 })
 }
 
 fn build(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {

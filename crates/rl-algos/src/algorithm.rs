@@ -212,6 +212,23 @@ pub struct AlgorithmInputs {
     pub seed: u64,
 }
 
+/// What one training step samples and trains on, for cost estimates (`compare --dry-run`) and
+/// for the runner's prompt budget (a prompt plus its longest completion must fit the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutShape {
+    /// Completions sampled per prompt (GRPO's and RLOO's `num_generations`; PPO's 1).
+    pub completions_per_prompt: usize,
+    /// Tokens a completion may reach (`max_completion_length`).
+    pub max_completion_length: usize,
+    /// Sampling rounds at most: 1, or more where groups may be drawn again (GRPO's resampling of
+    /// zero-variance groups, DAPO's dynamic sampling, re-draws at most every group
+    /// `max_resample_tries` more times).
+    pub max_sampling_rounds: usize,
+    /// Forward and backward passes over each completion (GRPO's `num_iterations`, PPO's
+    /// `num_ppo_epochs`).
+    pub training_passes: usize,
+}
+
 /// A registry entry: a name and a constructor.
 #[derive(Clone, Copy)]
 pub struct AlgorithmEntry {
@@ -222,6 +239,8 @@ pub struct AlgorithmEntry {
     /// Optimizer steps one training step takes with this config block and this many prompts
     /// per step (the learning-rate schedule counts optimizer steps, not training steps).
     pub optimizer_steps_per_step: fn(&serde_json::Value, usize) -> Result<u64, String>,
+    /// The rollout shape of one training step with this config block (its defaults filled in).
+    pub rollout_shape: fn(&serde_json::Value) -> Result<RolloutShape, String>,
     /// Builds the algorithm.
     pub build: fn(AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError>,
     /// Rebuilds it from a checkpoint written by [`RlAlgorithm::save_checkpoint`]; the inputs'

@@ -264,7 +264,7 @@ use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
-    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, parse_config,
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, parse_config,
 };
 use crate::rollout::{self, Rollout};
 
@@ -284,6 +284,7 @@ pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
     name: "grpo",
     validate: validate_entry,
     optimizer_steps_per_step: optimizer_steps_entry,
+    rollout_shape: rollout_shape_entry,
     build: build_entry,
     resume: resume_entry,
 };
@@ -293,6 +294,18 @@ fn optimizer_steps_entry(value: &serde_json::Value, _prompts_per_step: usize) ->
     let config = parse_config::<GrpoConfig>("grpo", value)?;
     config.validate()?;
     Ok(config.num_iterations as u64)
+}
+
+fn rollout_shape_entry(value: &serde_json::Value) -> Result<RolloutShape, String> {
+    let config = parse_config::<GrpoConfig>("grpo", value)?;
+    config.validate()?;
+    let resampling = if config.zero_std_groups == ZeroStdGroups::Resample { config.max_resample_tries } else { 0 };
+    Ok(RolloutShape {
+        completions_per_prompt: config.num_generations,
+        max_completion_length: config.max_completion_length,
+        max_sampling_rounds: 1 + resampling,
+        training_passes: config.num_iterations,
+    })
 }
 
 fn resume_entry(inputs: AlgorithmInputs, dir: &std::path::Path) -> Result<Box<dyn RlAlgorithm>, RlError> {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantages::{gae, whiten};
 use crate::algorithm::{
-    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, mean_std, parse_config,
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, mean_std, parse_config,
 };
 use crate::grpo::step_seed;
 use crate::rollout;
@@ -295,6 +295,7 @@ pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
     name: "ppo",
     validate: validate_entry,
     optimizer_steps_per_step: optimizer_steps_entry,
+    rollout_shape: rollout_shape_entry,
     build: build_entry,
     resume: resume_entry,
 };
@@ -304,6 +305,13 @@ fn optimizer_steps_entry(value: &serde_json::Value, prompts_per_step: usize) -> 
     let config = parse_config::<PpoConfig>("ppo", value)?;
     config.validate()?;
     Ok((config.num_ppo_epochs * minibatches(prompts_per_step, config.num_mini_batches).len()) as u64)
+}
+
+/// One completion per prompt, trained on once per epoch.
+fn rollout_shape_entry(value: &serde_json::Value) -> Result<RolloutShape, String> {
+    let config = parse_config::<PpoConfig>("ppo", value)?;
+    config.validate()?;
+    Ok(RolloutShape { completions_per_prompt: 1, max_completion_length: config.max_completion_length, max_sampling_rounds: 1, training_passes: config.num_ppo_epochs })
 }
 
 /// The rows of each minibatch of `count` completions: ceil(count / num_mini_batches) rows each,

@@ -97,7 +97,7 @@ pub(crate) fn run_cell(
             bar.set_prefix(cell.id());
             let started = Instant::now();
             let mut rng = ChaCha8Rng::seed_from_u64(cell.seed);
-            let completion_limit = config.get("max_completion_length").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
+            let completion_limit = (entry.rollout_shape)(config).map_err(anyhow::Error::msg)?.max_completion_length;
             let rl_prompt_limit = study.policy.max_length.saturating_sub(completion_limit).max(8);
             let eval_every = study.evaluation.eval_every;
             let eval_problems = &test[..study.evaluation.train_eval_size.min(test.len())];

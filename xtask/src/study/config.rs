@@ -649,22 +649,23 @@ const CPU_GENERATED_PER_SECOND: f64 = 3000.0;
 const CPU_TRAINED_PER_SECOND: f64 = 4000.0;
 
 impl Study {
-    /// What `cell` costs at most.
-    pub fn cell_cost(&self, cell: &Cell) -> CellCost {
+    /// What `cell` costs at most, from its algorithm's rollout shape.
+    pub fn cell_cost(&self, cell: &Cell) -> anyhow::Result<CellCost> {
         let evaluation = &self.evaluation;
         let final_eval = (evaluation.test_size as u64) * (evaluation.max_new_tokens as u64) * (1 + evaluation.maj_k as u64);
-        match &self.methods[&cell.method] {
+        Ok(match &self.methods[&cell.method] {
             MethodSpec::FewShot { .. } | MethodSpec::Base => CellCost { generated_tokens: final_eval, trained_tokens: 0 },
-            MethodSpec::Rl { steps, prompts_per_step, config, .. } => {
-                let field = |name: &str, default: u64| config.get(name).and_then(|v| v.as_u64()).unwrap_or(default);
-                let completions = (*prompts_per_step as u64) * field("num_generations", 1);
-                let length = field("max_completion_length", 128);
-                let epochs = field("num_iterations", 1).max(field("num_ppo_epochs", 1));
-                let rollouts = steps * completions * length;
+            MethodSpec::Rl { algorithm, steps, prompts_per_step, config, .. } => {
+                let entry = registry().iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{}: algorithm {algorithm:?} is not registered", cell.method))?;
+                let shape = (entry.rollout_shape)(config).map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
+                // Every sampling round draws every group (an upper bound: resampling redraws only
+                // the groups without variance); only the last round's completions are trained on.
+                let kept = steps * (*prompts_per_step as u64) * (shape.completions_per_prompt as u64) * (shape.max_completion_length as u64);
+                let sampled = kept * shape.max_sampling_rounds as u64;
                 let evals = if evaluation.eval_every > 0 { steps.div_ceil(evaluation.eval_every) * (evaluation.train_eval_size as u64) * (evaluation.max_new_tokens as u64) } else { 0 };
-                CellCost { generated_tokens: rollouts + evals + final_eval, trained_tokens: rollouts * epochs }
+                CellCost { generated_tokens: sampled + evals + final_eval, trained_tokens: kept * shape.training_passes as u64 }
             }
-        }
+        })
     }
 
     /// Tokens the base policy's and the tiny reward model's training pass through.
@@ -808,6 +809,29 @@ steps = 2
             assert_eq!(optim.total_steps, steps * epochs, "{file}");
             assert!(optim.schedule().learning_rate_at(optim.total_steps - 1) > 0.0, "{file}");
         }
+    }
+
+    /// The dry run's token counts come from each algorithm's own rollout shape, defaults
+    /// included: RLOO's 4 completions per prompt when its block names none (a guess from the
+    /// JSON fell back to 1), GRPO's resampling rounds and iterations, PPO's one completion and
+    /// its epochs.
+    #[test]
+    fn dry_run_costs_follow_each_algorithms_rollout_shape() {
+        let text = format!(
+            "{MINIMAL}prompts_per_step = 3\nconfig = {{ num_generations = 4, max_completion_length = 16, num_iterations = 2, zero_std_groups = \"resample\", max_resample_tries = 2 }}\n\
+             [methods.rloo]\nkind = \"rl\"\nalgorithm = \"rloo\"\nreward_sources = [\"rules\"]\nsteps = 5\nprompts_per_step = 2\nconfig = {{ max_completion_length = 10 }}\n\
+             [methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"\nreward_sources = [\"rules\"]\nsteps = 1\nprompts_per_step = 8\nconfig = {{ max_completion_length = 32, num_ppo_epochs = 3 }}\n\
+             [evaluation]\ntest_size = 1\nmax_new_tokens = 1\neval_every = 0\n"
+        );
+        let study = parse(&text).unwrap();
+        let cost = |method: &str| study.cell_cost(&Cell { method: method.to_string(), reward_source: "rules".to_string(), seed: 0 }).unwrap();
+        // GRPO: 2 steps x 3 prompts x 4 completions x 16 tokens, sampled up to 1 + 2 rounds,
+        // trained twice; the final evaluation adds one token (1 problem x 1 new token).
+        assert_eq!(cost("grpo"), CellCost { generated_tokens: 2 * 3 * 4 * 16 * 3 + 1, trained_tokens: 2 * 3 * 4 * 16 * 2 });
+        let rloo_generations = algo_rloo::RlooConfig::default().num_generations as u64;
+        assert_eq!(rloo_generations, 4);
+        assert_eq!(cost("rloo"), CellCost { generated_tokens: 5 * 2 * rloo_generations * 10 + 1, trained_tokens: 5 * 2 * rloo_generations * 10 });
+        assert_eq!(cost("ppo"), CellCost { generated_tokens: 8 * 32 + 1, trained_tokens: 8 * 32 * 3 });
     }
 
     #[test]
