@@ -30,6 +30,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--preset {other}: the only preset is `quick`"),
     }
     let matrix = study.matrix();
+    for reference in study.unpinned_hub_references() {
+        eprintln!("note: {reference} is not pinned to a commit; a rerun may read other files (provenance.json records the commit it resolved to: pin it with @<commit>)");
+    }
     if args.dry_run {
         println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
         let mut total = crate::study::config::CellCost::default();

@@ -20,6 +20,7 @@ fn quick_study_writes_its_reports_and_resumes() {
     let reports = dir.path().join("reports/default-quick");
     for file in [
         "config.json",
+        "provenance.json",
         "summary.csv",
         "summary.json",
         "report.md",
@@ -31,6 +32,13 @@ fn quick_study_writes_its_reports_and_resumes() {
     ] {
         assert!(reports.join(file).is_file(), "{file} missing");
     }
+    // What the study read and where it ran: the base it trained, hashed, and this machine.
+    let provenance: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("provenance.json")).unwrap()).unwrap();
+    let base = &provenance["inputs"][0];
+    assert_eq!(base["role"], "policy.base", "{provenance}");
+    let weights = base["files"].as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().ends_with("base/model.safetensors")).expect("the base's weights are hashed");
+    assert_eq!(weights["sha256"].as_str().unwrap().len(), 64);
+    assert!(provenance["machine"]["threads"].as_u64().unwrap() >= 1 && provenance["machine"]["backend"] == "flex", "{provenance}");
     let rm_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/config.json")).unwrap()).unwrap();
     assert_eq!(rm_config["intermediate_size"], 96, "{rm_config}");
     let rm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();

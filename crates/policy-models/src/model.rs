@@ -400,7 +400,7 @@ impl ModelSource {
             ),
         };
         let config = fetch("config.json").map_err(hub_error)?;
-        for optional in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"] {
+        for optional in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"] {
             // Checkpoints carry different subsets of these; a missing one is not an error.
             let _ = fetch(optional);
         }

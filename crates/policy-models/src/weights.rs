@@ -328,7 +328,7 @@ impl WeightMap {
 }
 
 /// The distinct shard file names of a `model.safetensors.index.json`, in order.
-pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
+pub fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
     let text = std::fs::read_to_string(index).map_err(io_error(index))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|error| LoadError::BadIndex { path: index.to_path_buf(), message: error.to_string() })?;

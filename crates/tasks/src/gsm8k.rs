@@ -196,48 +196,50 @@ pub fn read_parquet(path: &Path, split: Split, options: Gsm8kOptions) -> Result<
     SplitProblems::new(split, problems, &origin)
 }
 
+/// The file of `split` in a local directory (see [`Gsm8kSource::Path`]), or `path` itself.
+fn file_in(path: &Path, split: Split) -> Result<PathBuf, TaskError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let candidates = [
+        path.join(format!("{split}.jsonl")),
+        path.join(format!("{split}-00000-of-00001.parquet")),
+        path.join("main").join(format!("{split}-00000-of-00001.parquet")),
+    ];
+    candidates.into_iter().find(|candidate| candidate.is_file()).ok_or_else(|| TaskError::SplitNotFound { path: path.to_path_buf(), split })
+}
+
 /// Reads one split from a local file or directory (see [`Gsm8kSource::Path`]).
 pub fn read_path(path: &Path, split: Split, options: Gsm8kOptions) -> Result<SplitProblems, TaskError> {
-    let file = if path.is_dir() {
-        let candidates = [
-            path.join(format!("{split}.jsonl")),
-            path.join(format!("{split}-00000-of-00001.parquet")),
-            path.join("main").join(format!("{split}-00000-of-00001.parquet")),
-        ];
-        candidates
-            .into_iter()
-            .find(|candidate| candidate.is_file())
-            .ok_or_else(|| TaskError::SplitNotFound { path: path.to_path_buf(), split })?
-    } else {
-        path.to_path_buf()
-    };
+    let file = file_in(path, split)?;
     match file.extension().and_then(|extension| extension.to_str()) {
         Some("parquet") => read_parquet(&file, split, options),
         _ => read_jsonl(&file, split, options),
     }
 }
 
-/// Loads one split of GSM8K from `source`.
-pub fn load_split(source: &Gsm8kSource, split: Split, options: Gsm8kOptions) -> Result<SplitProblems, TaskError> {
+/// The one file `split` is read from: in a directory, named per split, or fetched from the hub
+/// (into its cache, at the revision's commit: `.../snapshots/<commit>/...`). Study provenance
+/// hashes it.
+pub fn split_file(source: &Gsm8kSource, split: Split) -> Result<PathBuf, TaskError> {
     match source {
         Gsm8kSource::Path(path) if path.is_file() => Err(TaskError::OneFileForBothSplits { path: path.clone() }),
-        Gsm8kSource::Path(path) => read_path(path, split, options),
+        Gsm8kSource::Path(path) => file_in(path, split),
         Gsm8kSource::Files { train, test } if train == test => Err(TaskError::OneFileForBothSplits { path: train.clone() }),
-        Gsm8kSource::Files { train, test } => {
-            let file = match split {
-                Split::Train => train,
-                Split::Test => test,
-            };
-            read_path(file, split, options)
-        }
+        Gsm8kSource::Files { train, test } => Ok(match split {
+            Split::Train => train.clone(),
+            Split::Test => test.clone(),
+        }),
         Gsm8kSource::Hub { repo, revision } => {
             let file = format!("main/{split}-00000-of-00001.parquet");
-            let path = hub::fetch(repo, RepoType::Dataset, revision, &file).map_err(|error| {
-                TaskError::Hub { repo: repo.clone(), file: file.clone(), message: error.to_string() }
-            })?;
-            read_parquet(&path, split, options)
+            hub::fetch(repo, RepoType::Dataset, revision, &file).map_err(|error| TaskError::Hub { repo: repo.clone(), file: file.clone(), message: error.to_string() })
         }
     }
+}
+
+/// Loads one split of GSM8K from `source` (from [`split_file`]).
+pub fn load_split(source: &Gsm8kSource, split: Split, options: Gsm8kOptions) -> Result<SplitProblems, TaskError> {
+    read_path(&split_file(source, split)?, split, options)
 }
 
 /// Loads both splits of GSM8K from `source`.

@@ -649,6 +649,32 @@ const CPU_GENERATED_PER_SECOND: f64 = 3000.0;
 const CPU_TRAINED_PER_SECOND: f64 = 4000.0;
 
 impl Study {
+    /// The hub references of the study not pinned to a commit (a branch or tag such as `main`
+    /// moves: a rerun may read other files). provenance.json records what each resolved to.
+    pub fn unpinned_hub_references(&self) -> Vec<String> {
+        let is_commit = |revision: &str| revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+        let mut unpinned = Vec::new();
+        let mut model = |field: &str, reference: &str| {
+            if let Ok(policy_models::ModelSource::Hub { repo, revision }) = policy_models::ModelSource::parse(reference)
+                && !is_commit(&revision)
+            {
+                unpinned.push(format!("{field} = \"{repo}@{revision}\""));
+            }
+        };
+        if let PolicyBase::Checkpoint { model: reference } = &self.policy.base {
+            model("policy.base.model", reference);
+        }
+        if let Some(RewardModelSpec::Checkpoint { model: reference, .. }) = &self.reward_model {
+            model("reward_model.model", reference);
+        }
+        if let TaskSpec::Gsm8k { source: tasks::gsm8k::Gsm8kSource::Hub { repo, revision }, .. } = &self.task
+            && !is_commit(revision)
+        {
+            unpinned.push(format!("task.source = {repo}@{revision}"));
+        }
+        unpinned
+    }
+
     /// What `cell` costs at most, from its algorithm's rollout shape.
     pub fn cell_cost(&self, cell: &Cell) -> anyhow::Result<CellCost> {
         let evaluation = &self.evaluation;
@@ -832,6 +858,29 @@ steps = 2
         assert_eq!(rloo_generations, 4);
         assert_eq!(cost("rloo"), CellCost { generated_tokens: 5 * 2 * rloo_generations * 10 + 1, trained_tokens: 5 * 2 * rloo_generations * 10 });
         assert_eq!(cost("ppo"), CellCost { generated_tokens: 8 * 32 + 1, trained_tokens: 8 * 32 * 3 });
+    }
+
+    /// Every committed study is pinned except the two whose commits could not be confirmed
+    /// offline; an unpinned reference is named, a commit is not.
+    #[test]
+    fn committed_hub_studies_pin_their_revisions() {
+        for entry in std::fs::read_dir(configs_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let study = Study::load(&path).unwrap();
+            let unpinned = study.unpinned_hub_references();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("gsm8k-gpt-neo") {
+                assert_eq!(unpinned.len(), 2, "{name}: {unpinned:?}");
+                assert!(unpinned.iter().all(|r| r.ends_with("@main\"")) && unpinned[0].starts_with("policy.base.model = \"EleutherAI/"), "{name}: {unpinned:?}");
+            } else {
+                assert!(unpinned.is_empty(), "{name}: {unpinned:?}");
+            }
+        }
+        let study = parse(&MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"")).unwrap();
+        assert_eq!(study.unpinned_hub_references(), ["task.source = openai/gsm8k@main"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod evaluate;
 pub mod progress;
 pub mod prompts;
+pub mod provenance;
 pub mod report;
 pub mod reward_model;
 pub mod run;

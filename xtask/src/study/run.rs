@@ -40,6 +40,8 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     let base_dir = prepare_base(study, &task, &dir, &device, options, &progress)?;
     let tokenizer = PolicyTokenizer::load_dir(&base_dir).with_context(|| format!("the base policy in {} has no tokenizer", base_dir.display()))?;
     let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, options, &progress)?;
+    // Before any cell: a study stopped early still says what it read.
+    crate::study::provenance::write(&dir, study, &base_dir)?;
     let matrix = study.matrix();
     let overall = progress.add(ProgressBar::new(matrix.len() as u64));
     overall.set_style(ProgressStyle::with_template("cells {bar:30} {pos}/{len} eta {eta} {msg}")?);
