@@ -64,7 +64,7 @@ pub(crate) fn run_cell(
     let mut metrics_file = MetricsFile::create(cell, cell_dir)?;
     let (policy, k, train_seconds, metrics) = match method {
         MethodSpec::FewShot { k } => (CausalLm::load_dir(base_dir, device)?, *k, 0.0, Vec::new()),
-        MethodSpec::Base => (CausalLm::load_dir(base_dir, device)?, 0, 0.0, Vec::new()),
+        MethodSpec::Base {} => (CausalLm::load_dir(base_dir, device)?, 0, 0.0, Vec::new()),
         MethodSpec::Rl { algorithm, steps, prompts_per_step, few_shot_k, config, .. } => {
             let source = &study.reward_sources[&cell.reward_source];
             let mut functions: Vec<(Box<dyn RewardFunction>, f32)> =

@@ -31,11 +31,12 @@ pub struct Study {
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
     /// The problems.
+    #[serde(deserialize_with = "deserialize_task")]
     pub task: TaskSpec,
     /// The base policy.
     pub policy: PolicySpec,
     /// The reward model, when a reward source uses one.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_reward_model")]
     pub reward_model: Option<RewardModelSpec>,
     /// Named reward sources.
     #[serde(default)]
@@ -81,6 +82,7 @@ pub enum TaskSpec {
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     /// A tiny preset trained here, or a checkpoint.
+    #[serde(deserialize_with = "deserialize_base")]
     pub base: PolicyBase,
     /// The prompt template (answer format) every method uses.
     pub template: Template,
@@ -236,9 +238,9 @@ fn yes() -> bool {
     true
 }
 
-/// A method of the comparison. Read by [`MethodSpec::from_table`] (see there why not derived).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// A method of the comparison (read through [`tagged`], so errors name the field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum MethodSpec {
     /// No training: k exemplars from train in every prompt.
     FewShot {
@@ -246,7 +248,7 @@ pub enum MethodSpec {
         k: usize,
     },
     /// The base itself (after its supervised training, for presets), zero-shot.
-    Base,
+    Base {},
     /// An RL algorithm from the registry, trained with `steps` steps per cell.
     Rl {
         /// Registered name: grpo, ppo, rloo, ...
@@ -275,66 +277,6 @@ fn default_prompts_per_step() -> usize {
     4
 }
 
-/// The fields of [`MethodSpec::Rl`], read on their own: serde's internally tagged enums buffer the
-/// table before choosing the variant, and an error inside then names the table
-/// (`[methods.grpo]`) but not the field. The struct literal in [`MethodSpec::from_table`] lists
-/// every field, so a field added to the variant and not here does not compile.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RlFields {
-    algorithm: String,
-    reward_sources: Vec<String>,
-    steps: u64,
-    #[serde(default = "default_prompts_per_step")]
-    prompts_per_step: usize,
-    #[serde(default)]
-    few_shot_k: usize,
-    #[serde(default)]
-    optim: OptimSettings,
-    #[serde(default = "empty_table")]
-    config: serde_json::Value,
-}
-
-/// The fields of [`MethodSpec::FewShot`] (see [`RlFields`]).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FewShotFields {
-    k: usize,
-}
-
-/// [`MethodSpec::Base`] has none.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoFields {}
-
-impl MethodSpec {
-    /// Reads one `[methods.<name>]` table; errors start with the field's path,
-    /// `methods.<name>.<field>: ...`.
-    pub fn from_table(name: &str, mut table: toml::Table) -> Result<Self, String> {
-        let prefix = format!("methods.{name}");
-        let kind = match table.remove("kind") {
-            Some(toml::Value::String(kind)) => kind,
-            Some(other) => return Err(format!("{prefix}.kind: expected a string, found {}", other.type_str())),
-            None => return Err(format!("{prefix}: missing field `kind` (one of \"rl\", \"few_shot\", \"base\")")),
-        };
-        fn fields<T: serde::de::DeserializeOwned>(prefix: &str, table: toml::Table) -> Result<T, String> {
-            toml::Value::Table(table).try_into().map_err(|error: toml::de::Error| keyed(prefix, &error))
-        }
-        Ok(match kind.as_str() {
-            "rl" => {
-                let RlFields { algorithm, reward_sources, steps, prompts_per_step, few_shot_k, optim, config } = fields(&prefix, table)?;
-                MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, few_shot_k, optim, config }
-            }
-            "few_shot" => MethodSpec::FewShot { k: fields::<FewShotFields>(&prefix, table)?.k },
-            "base" => {
-                fields::<NoFields>(&prefix, table)?;
-                MethodSpec::Base
-            }
-            other => return Err(format!("{prefix}.kind: unknown variant `{other}`, expected one of `rl`, `few_shot`, `base`")),
-        })
-    }
-}
-
 /// `toml`'s error `message\nin `a.b`` as `prefix.a.b: message`.
 fn keyed(prefix: &str, error: &toml::de::Error) -> String {
     let text = error.to_string();
@@ -345,9 +287,88 @@ fn keyed(prefix: &str, error: &toml::de::Error) -> String {
     }
 }
 
+/// Reads a `kind`-tagged table (a method, the task, the base, the reward model) as `T`, with
+/// errors that name the field: `prefix.field: message`. serde's internally tagged enums buffer
+/// the table before choosing the variant, so their own errors name only the table. The field is
+/// found by taking values out one at a time, deepest first: the first whose removal changes the
+/// error (to success, or to "missing field") is the one it was about. A type error is raised when
+/// its value is visited, before any check of missing fields, so no other removal changes it. An
+/// unknown `kind` is named as such.
+pub fn tagged<T: serde::de::DeserializeOwned>(prefix: &str, table: toml::Table) -> Result<T, String> {
+    let attempt = |table: &toml::Table| toml::Value::Table(table.clone()).try_into::<T>().map_err(|error: toml::de::Error| error.to_string());
+    let error = match attempt(&table) {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
+    if error.trim_end().contains("\nin `") {
+        // toml named the key itself (outside the buffered part).
+        return Err(keyed(prefix, &toml::Value::Table(table).try_into::<T>().err().expect("failed above")));
+    }
+    let message = error.trim_end();
+    if let Some(toml::Value::String(kind)) = table.get("kind")
+        && message.starts_with(&format!("unknown variant `{kind}`"))
+    {
+        return Err(format!("{prefix}.kind: {message}"));
+    }
+    if message.starts_with("missing field") {
+        // It names the field; taking out another required one would only change which is missing.
+        return Err(format!("{prefix}: {message}"));
+    }
+    // Not the tag itself: without it, every table fails with "missing field `kind`".
+    for path in value_paths(&table).into_iter().filter(|path| path != &["kind"]) {
+        let mut without = table.clone();
+        remove_path(&mut without, &path);
+        if attempt(&without).err().as_deref() != Some(error.as_str()) {
+            return Err(format!("{prefix}.{}: {message}", path.join(".")));
+        }
+    }
+    Err(format!("{prefix}: {message}"))
+}
+
+/// Every key path of `table`, nested tables' keys before their parent's (deepest first).
+fn value_paths(table: &toml::Table) -> Vec<Vec<String>> {
+    let mut paths = Vec::new();
+    for (key, value) in table {
+        if let toml::Value::Table(inner) = value {
+            paths.extend(value_paths(inner).into_iter().map(|mut path| {
+                path.insert(0, key.clone());
+                path
+            }));
+        }
+        paths.push(vec![key.clone()]);
+    }
+    paths
+}
+
+fn remove_path(table: &mut toml::Table, path: &[String]) {
+    match path {
+        [] => {}
+        [last] => {
+            table.remove(last);
+        }
+        [first, rest @ ..] => {
+            if let Some(toml::Value::Table(inner)) = table.get_mut(first) {
+                remove_path(inner, rest);
+            }
+        }
+    }
+}
+
+fn deserialize_task<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<TaskSpec, D::Error> {
+    tagged("task", toml::Table::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+fn deserialize_base<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<PolicyBase, D::Error> {
+    tagged("policy.base", toml::Table::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+fn deserialize_reward_model<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<RewardModelSpec>, D::Error> {
+    Option::<toml::Table>::deserialize(deserializer)?.map(|table| tagged("reward_model", table)).transpose().map_err(serde::de::Error::custom)
+}
+
 fn deserialize_methods<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, MethodSpec>, D::Error> {
     let tables = BTreeMap::<String, toml::Table>::deserialize(deserializer)?;
-    tables.into_iter().map(|(name, table)| MethodSpec::from_table(&name, table).map(|method| (name, method))).collect::<Result<_, _>>().map_err(serde::de::Error::custom)
+    tables.into_iter().map(|(name, table)| tagged(&format!("methods.{name}"), table).map(|method| (name, method))).collect::<Result<_, _>>().map_err(serde::de::Error::custom)
 }
 
 fn empty_table() -> serde_json::Value {
@@ -567,7 +588,7 @@ impl Study {
         for (name, method) in &self.methods {
             let sources: Vec<String> = match method {
                 MethodSpec::Rl { reward_sources, .. } => reward_sources.clone(),
-                MethodSpec::FewShot { .. } | MethodSpec::Base => vec!["-".to_string()],
+                MethodSpec::FewShot { .. } | MethodSpec::Base {} => vec!["-".to_string()],
             };
             for source in sources {
                 for &seed in &self.seeds {
@@ -680,7 +701,7 @@ impl Study {
         let evaluation = &self.evaluation;
         let final_eval = (evaluation.test_size as u64) * (evaluation.max_new_tokens as u64) * (1 + evaluation.maj_k as u64);
         Ok(match &self.methods[&cell.method] {
-            MethodSpec::FewShot { .. } | MethodSpec::Base => CellCost { generated_tokens: final_eval, trained_tokens: 0 },
+            MethodSpec::FewShot { .. } | MethodSpec::Base {} => CellCost { generated_tokens: final_eval, trained_tokens: 0 },
             MethodSpec::Rl { algorithm, steps, prompts_per_step, config, .. } => {
                 let entry = registry().iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{}: algorithm {algorithm:?} is not registered", cell.method))?;
                 let shape = (entry.rollout_shape)(config).map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
@@ -930,9 +951,31 @@ steps = 2
         }
         let study = parse(&format!("{MINIMAL}[methods.fs]\nkind = \"few_shot\"\nk = 3\n[methods.b]\nkind = \"base\"\n")).unwrap();
         assert_eq!(study.methods["fs"], MethodSpec::FewShot { k: 3 });
-        assert_eq!(study.methods["b"], MethodSpec::Base);
+        assert_eq!(study.methods["b"], MethodSpec::Base {});
         let MethodSpec::Rl { prompts_per_step, config, .. } = &study.methods["grpo"] else { panic!() };
         assert_eq!((*prompts_per_step, config.clone()), (4, serde_json::json!({})), "defaults as before");
+    }
+
+    /// The same for the other tagged tables: the task, the base and the reward model (their type
+    /// errors named only `[task]`, `[policy.base]`, `[reward_model]`), nested tables included.
+    #[test]
+    fn errors_inside_the_task_base_and_reward_model_name_the_field() {
+        let cases = [
+            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nvocab_size = \"big\""), "policy.base.vocab_size: invalid type: string \"big\", expected usize"),
+            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nsft = { steps = \"x\" }"), "policy.base.sft.steps: invalid type: string \"x\", expected u64"),
+            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_nep\""), "policy.base.preset: unknown variant `tiny_gpt_nep`"),
+            (MINIMAL.replace("kind = \"preset\"", "kind = \"presets\""), "policy.base.kind: unknown variant `presets`"),
+            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"synthetic\"\nsynthetic = { train_size = \"x\" }"), "task.synthetic.train_size: invalid type: string \"x\""),
+            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\ntrain_limit = -3"), "task.train_limit: invalid value: integer `-3`"),
+            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\nsteps = 3"), "task.steps: unknown field `steps`"),
+            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\nhidden_size = \"x\"\n"), "reward_model.hidden_size: invalid type: string \"x\", expected usize"),
+            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = \"fast\" }}\n"), "reward_model.training.learning_rate: invalid type: string \"fast\""),
+            (format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\n"), "reward_model: missing field `model`"),
+        ];
+        for (text, named) in cases {
+            let error = parse(&text).expect_err(named).to_string();
+            assert!(error.contains(named), "expected {named:?} in: {error}");
+        }
     }
 
     /// Names become directories under reports/<study>/: before they were checked, `../../x`,
