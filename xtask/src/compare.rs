@@ -13,7 +13,10 @@ pub struct Args {
     /// Print the matrix and an estimate of its cost, and run nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Redo cells that are already complete.
+    /// Redo what reports/<name>/ holds from other settings than the study file's (the base, the
+    /// reward model, cells; each keeps its settings in identity.json), instead of refusing to
+    /// run. What was made with the same settings is kept: to redo everything, remove
+    /// reports/<name>/ or give the study a new name.
     #[arg(long)]
     force: bool,
     /// Plain log lines instead of progress bars.

@@ -295,3 +295,108 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     assert!(log.contains("grpo_hot__rules__seed0: diverged earlier, skipped") && log.contains("grpo__rules__seed0: done earlier, skipped"), "{log}");
     assert!(log.contains("few_shot_many__-__seed0: failed"), "{log}");
 }
+
+/// A study changed under the same name: a rerun refuses the results of the old settings, naming
+/// what changed and leaving config.json as it was; `--force` redoes exactly what the change
+/// touches (one method's learning rate: that method's cells; the supervised base's learning rate:
+/// the base and every cell). A base half saved by a killed run is removed and trained again, and
+/// one from an older cotlab (no identity.json) is refused as of unknown settings.
+#[test]
+fn a_changed_study_is_refused_and_force_redoes_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
+    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
+    let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
+    let methods = r#"
+[reward_sources.rules]
+rules = [{ kind = "strict_correct", format = "gsm8k_marker", weight = 1.0 }]
+
+[methods.few_shot_0]
+kind = "few_shot"
+k = 0
+
+[methods.grpo]
+kind = "rl"
+algorithm = "grpo"
+reward_sources = ["rules"]
+steps = 2
+prompts_per_step = 2
+optim = { learning_rate = 1e-4, max_grad_norm = 1.0 }
+config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperature = 0.7 }
+
+"#;
+    let study = format!("{}{methods}{tail}", head.replacen("name = \"default\"", "name = \"identity\"", 1));
+    assert!(study.contains("name = \"identity\"") && study.contains("learning_rate = 3e-3\n"), "configs/default.toml's name or sft.learning_rate moved");
+    let path = dir.path().join("configs/identity.toml");
+    std::fs::write(&path, &study).unwrap();
+    let run = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["compare", "configs/identity.toml", "--preset", "quick", "--quiet"])
+            .args(extra)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).to_string())
+    };
+    let (ok, log) = run(&[]);
+    assert!(ok, "{log}");
+    let reports = dir.path().join("reports/identity-quick");
+    for artefact in ["base", "cells/grpo__rules__seed0", "cells/few_shot_0__-__seed0"] {
+        let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join(artefact).join("identity.json")).unwrap()).unwrap();
+        assert_eq!(identity["hash"].as_str().map(str::len), Some(64), "{artefact}: {identity}");
+        assert!(identity["config"]["task"].is_object(), "{artefact}: {identity}");
+    }
+    let grpo_identity = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/identity.json")).unwrap();
+    assert!(grpo_identity.contains("\"learning_rate\": 0.0001"), "the resolved optim: {grpo_identity}");
+    assert!(!std::fs::read_to_string(reports.join("cells/few_shot_0__-__seed0/identity.json")).unwrap().contains("grpo"), "another method's settings are no part of a cell");
+    let config = || std::fs::read_to_string(reports.join("config.json")).unwrap();
+    let first_config = config();
+
+    // One method's learning rate: refused, naming the field, old and new values; nothing rewritten.
+    std::fs::write(&path, study.replace("optim = { learning_rate = 1e-4,", "optim = { learning_rate = 1e-3,")).unwrap();
+    let (ok, log) = run(&[]);
+    assert!(!ok, "{log}");
+    assert!(log.contains("cell grpo__rules__seed0") && log.contains("methods.grpo.optim.learning_rate: 0.0001 -> 0.001"), "{log}");
+    assert!(log.contains("--force") && log.contains("new name"), "{log}");
+    assert!(!log.contains("few_shot_0__-__seed0") && !log.contains("base policy ("), "only the changed method's cells: {log}");
+    assert_eq!(config(), first_config, "config.json keeps the settings of the results it sits beside");
+    let (ok, log) = run(&["--force"]);
+    assert!(ok, "{log}");
+    assert!(log.contains("cell grpo__rules__seed0: made with other settings") && log.contains("redone (--force)"), "{log}");
+    assert!(!log.contains("grpo__rules__seed0: done earlier"), "{log}");
+    assert!(log.contains("few_shot_0__-__seed0: done earlier, skipped") && log.contains("trained earlier"), "{log}");
+    assert!(config().contains("0.001") && std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/identity.json")).unwrap().contains("\"learning_rate\": 0.001"));
+
+    // Killed between the base's files: the half-saved base is removed and trained again.
+    std::fs::rename(reports.join("base"), reports.join(".base.partial")).unwrap();
+    std::fs::remove_file(reports.join(".base.partial/tokenizer.json")).unwrap();
+    let (ok, log) = run(&[]);
+    assert!(ok, "{log}");
+    assert!(log.contains("removed an incomplete base policy from an interrupted run: ") && log.contains(".base.partial"), "{log}");
+    assert!(log.contains("supervised steps, final loss"), "the base is trained again: {log}");
+    assert!(!reports.join(".base.partial").exists() && reports.join("base/tokenizer.json").is_file());
+
+    // What an older cotlab killed while saving the base left: weights, no tokenizer, no
+    // identity.json. Refused as of unknown settings (not "has no tokenizer"); --force redoes it.
+    std::fs::remove_file(reports.join("base/identity.json")).unwrap();
+    std::fs::remove_file(reports.join("base/tokenizer.json")).unwrap();
+    let (ok, log) = run(&[]);
+    assert!(!ok && log.contains("base policy (") && log.contains("older cotlab, no identity.json"), "{log}");
+    assert!(!log.contains("has no tokenizer"), "{log}");
+    let (ok, log) = run(&["--force"]);
+    assert!(ok, "{log}");
+    assert!(log.contains("base policy: made with other settings") && log.contains("supervised steps, final loss"), "{log}");
+    assert!(reports.join("base/tokenizer.json").is_file() && reports.join("base/identity.json").is_file());
+
+    // The supervised base's learning rate: the base and every cell.
+    let current = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, current.replace("learning_rate = 3e-3\n", "learning_rate = 2e-3\n")).unwrap();
+    let (ok, log) = run(&[]);
+    assert!(!ok, "{log}");
+    assert!(log.contains("policy.base.sft.learning_rate: 0.003 -> 0.002"), "{log}");
+    for artefact in ["base policy (", "cell grpo__rules__seed0", "cell few_shot_0__-__seed0"] {
+        assert!(log.contains(artefact), "{artefact}: {log}");
+    }
+    assert_eq!(log.matches("policy.base.sft.learning_rate").count(), 1, "artefacts that differ alike are listed together: {log}");
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use burn::tensor::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::optim::{AdamWSettings, Schedule};
@@ -16,7 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tasks::{Problem, TaskData};
 
+use crate::common::{install_dir, partial_dir};
 use crate::study::config::{PolicyBase, SftSpec, Study};
+use crate::study::identity::{IDENTITY_FILE, Identity, base_config};
 use crate::study::progress::log;
 use crate::study::prompts::{encode, fit};
 use crate::study::run::RunOptions;
@@ -100,18 +102,23 @@ pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokeni
     Ok(examples)
 }
 
-/// Trains (or locates) the base policy; returns its checkpoint directory.
+/// Trains (or locates) the base policy; returns its checkpoint directory. A preset's base is
+/// written into `.base.partial` and renamed to `base/` when complete (weights, configs,
+/// tokenizer, `identity.json`), so `base/` exists only whole; `run_study` has checked the
+/// identity of a `base/` already there (or removed it).
 pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
         PolicyBase::Checkpoint { model } => return Ok(ModelSource::parse(model)?.resolve()?),
         PolicyBase::Preset { preset, vocab_size, sft } => (*preset, *vocab_size, sft),
     };
     let base_dir = dir.join("base");
-    if base_dir.join("model.safetensors").is_file() && !options.force {
+    if base_dir.join(IDENTITY_FILE).is_file() {
         log(options.quiet, progress, format!("base policy: {} (trained earlier)", base_dir.display()));
         add_missing_bos_template(&base_dir)?;
         return Ok(base_dir);
     }
+    let identity = Identity::new(base_config(study)?);
+    let partial = partial_dir(&base_dir);
     let template = study.policy.template;
     let mut corpus_rng = ChaCha8Rng::seed_from_u64(1);
     let corpus = task.train.problems.iter().map(|p| {
@@ -154,13 +161,18 @@ pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &
     bar.finish_and_clear();
     let last = history.last().map_or(f64::NAN, |s| s.loss);
     log(options.quiet, progress, format!("base policy: {} supervised steps, final loss {last:.3}", history.len()));
-    trainer.model().save_dir(&base_dir, Some(&tokenizer))?;
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
+    }
+    trainer.model().save_dir(&partial, Some(&tokenizer))?;
     // What the cells will read must encode prompts exactly as training did.
-    let reloaded = PolicyTokenizer::load_dir(&base_dir)?;
+    let reloaded = PolicyTokenizer::load_dir(&partial)?;
     let probe = PromptBuilder::new(template).render(&task.test.problems[0].question)?;
     if encode(&reloaded, &probe, true)? != encode(&tokenizer, &probe, true)? {
-        bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", base_dir.display());
+        bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", partial.display());
     }
+    identity.write(&partial)?;
+    install_dir(&partial, &base_dir)?;
     Ok(base_dir)
 }
 

@@ -6,6 +6,7 @@ pub mod base;
 pub mod cell;
 pub mod config;
 pub mod evaluate;
+pub mod identity;
 pub mod progress;
 pub mod prompts;
 pub mod provenance;

@@ -16,8 +16,9 @@ use reward_model::{RobertaConfig, RobertaRegressor};
 use serde::{Deserialize, Serialize};
 use tasks::TaskData;
 
-use crate::common::write_atomically;
+use crate::common::{install_dir, partial_dir, write_atomically};
 use crate::study::config::{RewardModelSpec, Study};
+use crate::study::identity::{IDENTITY_FILE, Identity, reward_model_config};
 use crate::study::progress::log;
 use crate::study::run::RunOptions;
 
@@ -64,7 +65,7 @@ pub struct RewardModelReport {
 }
 
 /// Trains (or locates) the reward model when a reward source uses one; returns its directory
-/// (config.json, model.safetensors, tokenizer.json).
+/// (config.json, model.safetensors, tokenizer.json, metrics.json, identity.json).
 pub(crate) fn prepare_reward_model(
     study: &Study,
     task: &TaskData,
@@ -82,10 +83,13 @@ pub(crate) fn prepare_reward_model(
         RewardModelSpec::Train { training, .. } => (None, training),
     };
     let rm_dir = dir.join("reward_model");
-    if rm_dir.join("model.safetensors").is_file() && rm_dir.join("metrics.json").is_file() && !options.force {
+    // `run_study` has checked the identity of a reward model already there (or removed it).
+    if rm_dir.join(IDENTITY_FILE).is_file() && rm_dir.join("metrics.json").is_file() {
         log(options.quiet, progress, format!("reward model: {} (trained earlier)", rm_dir.display()));
         return Ok(Some(rm_dir));
     }
+    let identity = Identity::new(reward_model_config(study)?.context("a reward model is prepared only when a reward source uses it")?);
+    let partial = partial_dir(&rm_dir);
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
     let (tokenizer, model) = match (&checkpoint, spec) {
@@ -136,10 +140,16 @@ pub(crate) fn prepare_reward_model(
         steps: training.steps,
         train_seconds: started.elapsed().as_secs_f64(),
     };
-    trainer.into_model().without_token_head().save_dir(&rm_dir)?;
-    tokenizer.save(&rm_dir.join("tokenizer.json"))?;
-    // metrics.json last: its presence marks a finished reward model.
-    write_atomically(&rm_dir.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    // Written whole into `.reward_model.partial`, then renamed: `reward_model/` exists only
+    // complete (metrics.json and identity.json included).
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
+    }
+    trainer.into_model().without_token_head().save_dir(&partial)?;
+    tokenizer.save(&partial.join("tokenizer.json"))?;
+    write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    identity.write(&partial)?;
+    install_dir(&partial, &rm_dir)?;
     log(
         options.quiet,
         progress,

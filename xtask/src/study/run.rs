@@ -1,19 +1,21 @@
 //! Running a study: the base policy, the reward model, then every cell of the matrix, each
-//! written atomically under `reports/<study>/` so that a rerun skips what is done. The charts and
+//! written atomically under `reports/<study>/` with its identity (`identity`), so that a rerun
+//! skips what is done with the same settings and refuses to mix in what was done with others. The charts and
 //! `report.md` come after, from what was written (`compare`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::PolicyTokenizer;
 use tasks::TaskData;
 
-use crate::common::write_atomically;
+use crate::common::{remove_partial, write_atomically};
 use crate::study::base::prepare_base;
 use crate::study::cell::run_cell;
-use crate::study::config::{Study, TaskSpec};
+use crate::study::config::{Cell, PolicyBase, RewardModelSpec, Study, TaskSpec};
+use crate::study::identity::{Check, Identity, base_config, cell_config, check, reward_model_config};
 use crate::study::progress::log;
 use crate::study::report::{CellSummary, failed_summary, write_reports};
 use crate::study::reward_model::prepare_reward_model;
@@ -23,7 +25,8 @@ use crate::study::reward_model::prepare_reward_model;
 pub struct RunOptions {
     /// Where `reports/` is.
     pub reports: PathBuf,
-    /// Redo finished cells.
+    /// Redo what was made with other settings (the base, the reward model, cells) instead of
+    /// refusing to run; what matches is kept.
     pub force: bool,
     /// Plain log lines instead of progress bars.
     pub quiet: bool,
@@ -33,8 +36,11 @@ pub struct RunOptions {
 pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<CellSummary>> {
     let dir = options.reports.join(&study.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomically(&dir.join("config.json"), serde_json::to_string_pretty(study)?.as_bytes())?;
     let progress = if options.quiet { MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+    let matrix = study.matrix();
+    let cell_identities = check_artefacts(study, &dir, &matrix, options, &progress)?;
+    // Only now: every artefact kept was produced with these settings.
+    write_atomically(&dir.join("config.json"), serde_json::to_string_pretty(study)?.as_bytes())?;
     let device = study.backend.device()?;
     let task = load_task(study)?;
     let base_dir = prepare_base(study, &task, &dir, &device, options, &progress)?;
@@ -42,17 +48,17 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, options, &progress)?;
     // Before any cell: a study stopped early still says what it read.
     crate::study::provenance::write(&dir, study, &base_dir)?;
-    let matrix = study.matrix();
     let overall = progress.add(ProgressBar::new(matrix.len() as u64));
     overall.set_style(ProgressStyle::with_template("cells {bar:30} {pos}/{len} eta {eta} {msg}")?);
     let mut summaries = Vec::new();
-    for cell in &matrix {
+    for (cell, identity) in matrix.iter().zip(&cell_identities) {
         let cell_dir = dir.join("cells").join(cell.id());
         let summary_path = cell_dir.join("summary.json");
         // Finished and diverged cells are skipped on a rerun (the same settings diverge again);
-        // failed ones are tried again.
+        // failed ones are tried again. What is here was made with these settings
+        // (`check_artefacts`).
         let earlier = std::fs::read_to_string(&summary_path).ok().and_then(|text| serde_json::from_str::<CellSummary>(&text).ok());
-        if let (Some(summary), false) = (earlier.filter(|s| s.is_result() || s.is_diverged()), options.force) {
+        if let Some(summary) = earlier.filter(|s| s.is_result() || s.is_diverged()) {
             let what = if summary.is_diverged() { "diverged earlier" } else { "done earlier" };
             log(options.quiet, &progress, format!("{}: {what}, skipped", cell.id()));
             summaries.push(summary);
@@ -61,6 +67,8 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         }
         overall.set_message(cell.id());
         std::fs::create_dir_all(&cell_dir)?;
+        // First, so whatever the cell leaves behind is known by its settings.
+        identity.write(&cell_dir)?;
         let started = Instant::now();
         // A failing cell (an error, or a panic deep in a backend) is recorded and the others go on.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -92,6 +100,67 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     overall.finish_and_clear();
     write_reports(&dir, &summaries)?;
     Ok(summaries)
+}
+
+/// Checks every artefact already under `dir` (the base, the reward model, each cell of `matrix`)
+/// against the study's settings for it, after removing what an interrupted run left half
+/// written. An artefact made with other settings is an error that lists what changed; with
+/// `options.force` it is removed instead (a cell's whole directory, its checkpoints included),
+/// to be redone. Returns each cell's identity, in `matrix`'s order.
+pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<Vec<Identity>> {
+    let mut artefacts: Vec<(String, PathBuf, Identity)> = Vec::new();
+    if let PolicyBase::Preset { .. } = study.policy.base {
+        artefacts.push(("base policy".to_string(), dir.join("base"), Identity::new(base_config(study)?)));
+    }
+    let trained_here = matches!(study.reward_model, Some(RewardModelSpec::Train { .. } | RewardModelSpec::Checkpoint { fine_tune: Some(_), .. }));
+    if let (true, Some(config)) = (trained_here, reward_model_config(study)?) {
+        artefacts.push(("reward model".to_string(), dir.join("reward_model"), Identity::new(config)));
+    }
+    for (what, artefact, _) in &artefacts {
+        if let Some(partial) = remove_partial(artefact)? {
+            log(options.quiet, progress, format!("removed an incomplete {what} from an interrupted run: {}", partial.display()));
+        }
+    }
+    let mut cells = Vec::new();
+    for cell in matrix {
+        let identity = Identity::new(cell_config(study, cell)?);
+        artefacts.push((format!("cell {}", cell.id()), dir.join("cells").join(cell.id()), identity.clone()));
+        cells.push(identity);
+    }
+    let mut changed: Vec<(String, PathBuf, Vec<String>)> = Vec::new();
+    for (what, artefact, identity) in artefacts {
+        if let Check::Differs(lines) = check(&artefact, &identity)? {
+            changed.push((what, artefact, lines));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(cells);
+    }
+    if !options.force {
+        // Artefacts that differ alike (every cell, after a change to the base) are listed once.
+        let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        for (what, artefact, lines) in &changed {
+            let named = format!("{what} ({})", artefact.display());
+            match groups.iter_mut().find(|(known, _)| known == lines) {
+                Some((_, names)) => names.push(named),
+                None => groups.push((lines.clone(), vec![named])),
+            }
+        }
+        let mut message = format!("{} holds results of other settings than this study's; reusing them would report them under the new settings:\n", dir.display());
+        for (lines, names) in groups {
+            message.push_str(&format!("  {}:\n", names.join(", ")));
+            for line in lines {
+                message.push_str(&format!("    {line}\n"));
+            }
+        }
+        message.push_str("Rerun with --force to redo these (what still matches is kept), or give the study a new name to keep the old results apart.");
+        bail!(message);
+    }
+    for (what, artefact, lines) in &changed {
+        log(options.quiet, progress, format!("{what}: made with other settings ({}), redone (--force)", lines.join("; ")));
+        std::fs::remove_dir_all(artefact).with_context(|| format!("cannot remove {} to redo it", artefact.display()))?;
+    }
+    Ok(cells)
 }
 
 pub(crate) fn load_task(study: &Study) -> anyhow::Result<TaskData> {
