@@ -13,7 +13,8 @@ pub struct Args {
     /// Print the matrix and an estimate of its cost, and run nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Redo cells that are already complete.
+    /// Redo cells that are already complete, and start interrupted cells over (deleting their
+    /// checkpoints) instead of resuming them.
     #[arg(long)]
     force: bool,
     /// Plain log lines instead of progress bars.

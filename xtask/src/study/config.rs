@@ -46,10 +46,23 @@ pub struct Study {
     /// How every cell is evaluated.
     #[serde(default)]
     pub evaluation: EvaluationSpec,
+    /// An RL cell writes a checkpoint (`cells/<id>/checkpoint/`: the policy or its adapters, the
+    /// optimizer state and the runner's state) every this many steps, and a rerun of an
+    /// interrupted cell resumes from it with the results of an uninterrupted run. 0: never (an
+    /// interrupted cell starts over). Default 10. Each checkpoint writes the policy's weights (merged,
+    /// with the adapters beside them under LoRA) and AdamW's two moments of every trained weight:
+    /// for full fine-tuning of a 135M model about 1.6 GB (a few seconds), under LoRA the weights
+    /// and a few MB.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
 }
 
 fn default_seeds() -> Vec<u64> {
     vec![0, 1, 2]
+}
+
+fn default_checkpoint_every() -> u64 {
+    10
 }
 
 /// Where problems come from.

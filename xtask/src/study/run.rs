@@ -13,6 +13,7 @@ use tasks::TaskData;
 use crate::common::write_atomically;
 use crate::study::base::prepare_base;
 use crate::study::cell::run_cell;
+use crate::study::checkpoint::{self, Interrupted};
 use crate::study::config::{Study, TaskSpec};
 use crate::study::progress::log;
 use crate::study::report::{CellSummary, failed_summary, write_reports};
@@ -23,7 +24,7 @@ use crate::study::reward_model::prepare_reward_model;
 pub struct RunOptions {
     /// Where `reports/` is.
     pub reports: PathBuf,
-    /// Redo finished cells.
+    /// Redo finished cells, and start interrupted ones over (their checkpoints are deleted).
     pub force: bool,
     /// Plain log lines instead of progress bars.
     pub quiet: bool,
@@ -59,6 +60,9 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         }
         overall.set_message(cell.id());
         std::fs::create_dir_all(&cell_dir)?;
+        if options.force {
+            checkpoint::remove(&cell_dir)?;
+        }
         let started = Instant::now();
         // A failing cell (an error, or a panic deep in a backend) is recorded and the others go on.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -66,6 +70,11 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         }));
         let summary = match outcome {
             Ok(Ok(summary)) => summary,
+            // Ctrl-C: the cell wrote a checkpoint and no result; the study stops here.
+            Ok(Err(error)) if error.is::<Interrupted>() => {
+                overall.finish_and_clear();
+                return Err(error);
+            }
             Ok(Err(error)) => {
                 log(options.quiet, &progress, format!("{}: failed: {error:#}", cell.id()));
                 failed_summary(cell, format!("{error:#}"))
@@ -84,6 +93,10 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         };
         log(options.quiet, &progress, line);
         write_atomically(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        // A finished or diverged cell is not run again; a failed one resumes from its checkpoint.
+        if summary.is_result() || summary.is_diverged() {
+            checkpoint::remove(&cell_dir)?;
+        }
         summaries.push(summary);
         overall.inc(1);
     }
