@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const CELL: &str = "grpo__rules__seed0";
-
 /// A tiny study: a 30-step base, one GRPO cell of 8 steps with a checkpoint every 2 and a
 /// held-out evaluation every 3 (so a resumed cell also has evaluation rows to carry).
 const STUDY: &str = r#"
@@ -87,12 +85,13 @@ fn finish(child: Child) -> (Output, String) {
 }
 
 /// What a cell's run produced, less its timings: metrics.csv without the timing columns,
-/// summary.json without `train_seconds`, samples.jsonl.
+/// summary.json without `train_seconds`, samples.jsonl, and a hash of a LoRA cell's adapters.
 #[derive(Debug, PartialEq)]
 struct Results {
     metrics: Vec<Vec<String>>,
     summary: serde_json::Value,
     samples: String,
+    adapters: Option<u64>,
 }
 
 fn results(cell_dir: &Path) -> Results {
@@ -106,7 +105,13 @@ fn results(cell_dir: &Path) -> Results {
     }));
     let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cell_dir.join("summary.json")).unwrap()).unwrap();
     assert!(summary.as_object_mut().unwrap().remove("train_seconds").is_some());
-    Results { metrics, summary, samples: std::fs::read_to_string(cell_dir.join("samples.jsonl")).unwrap() }
+    let adapters = std::fs::read(cell_dir.join("adapter/adapter_model.safetensors")).ok().map(|bytes| {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        hasher.finish()
+    });
+    Results { metrics, summary, samples: std::fs::read_to_string(cell_dir.join("samples.jsonl")).unwrap(), adapters }
 }
 
 /// The step of the cell's checkpoint, if it has a complete one.
@@ -143,21 +148,41 @@ fn start_and_wait_for_checkpoint(dir: &Path, cell_dir: &Path) -> Child {
     }
 }
 
-fn rerun_and_compare(dir: &Path, cell_dir: &Path, from_step: u64, reference: &Results) {
+fn rerun_and_compare(dir: &Path, cell: &str, cell_dir: &Path, from_step: u64, reference: &Results) {
     let (output, stderr) = finish(start(dir));
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("resuming {CELL} from step {from_step}\n")), "{stderr}");
+    assert!(stderr.contains(&format!("resuming {cell} from step {from_step}\n")), "{stderr}");
     assert!(stderr.contains("(trained earlier)"), "the base is reused: {stderr}");
     assert_eq!(&results(cell_dir), reference, "the resumed cell differs from the uninterrupted one");
     assert!(!cell_dir.join("checkpoint").exists(), "a finished cell keeps no checkpoint");
 }
 
 #[test]
-fn a_killed_or_interrupted_cell_resumes_to_the_uninterrupted_results() {
+fn a_killed_or_interrupted_grpo_cell_resumes_to_the_uninterrupted_results() {
+    check_resume(STUDY, "grpo__rules__seed0", false);
+}
+
+/// PPO (its value head and optimizer moments in the checkpoint) under LoRA (the adapters
+/// resumed onto the frozen base).
+#[test]
+fn a_killed_or_interrupted_lora_ppo_cell_resumes_to_the_uninterrupted_results() {
+    let study = STUDY.replacen("[policy]\n", "[policy]\nlora = { rank = 2, alpha = 4.0 }\n", 1).replacen(
+        "[methods.grpo]\nkind = \"rl\"\nalgorithm = \"grpo\"",
+        "[methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"",
+        1,
+    );
+    let study = study.replacen("config = { num_generations = 4, max_completion_length = 16, beta = 0.04, temperature = 0.7 }", "config = { max_completion_length = 16, num_ppo_epochs = 2, num_mini_batches = 2, temperature = 0.7 }", 1);
+    assert!(study.contains("lora = {") && study.contains("algorithm = \"ppo\"") && study.contains("num_ppo_epochs"), "{study}");
+    check_resume(&study, "ppo__rules__seed0", true);
+}
+
+/// (a) an uninterrupted run of `study`; (b) a run killed with SIGKILL after a checkpoint, then
+/// rerun; (c) a run stopped by SIGINT, then rerun: (b) and (c) end with (a)'s results.
+fn check_resume(study: &str, cell: &str, lora: bool) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
-    std::fs::write(dir.path().join("configs/resume.toml"), STUDY).unwrap();
-    let cell_dir: PathBuf = dir.path().join("reports/resume/cells").join(CELL);
+    std::fs::write(dir.path().join("configs/resume.toml"), study).unwrap();
+    let cell_dir: PathBuf = dir.path().join("reports/resume/cells").join(cell);
 
     // (a) Uninterrupted.
     let (output, stderr) = finish(start(dir.path()));
@@ -168,6 +193,7 @@ fn a_killed_or_interrupted_cell_resumes_to_the_uninterrupted_results() {
     assert_eq!(reference.summary["status"], "finished", "{}", reference.summary);
     assert!(reference.summary["final_reward"].is_number(), "{}", reference.summary);
     assert!(!cell_dir.join("checkpoint").exists(), "a finished cell keeps no checkpoint");
+    assert_eq!(reference.adapters.is_some(), lora, "a LoRA cell keeps its adapters");
 
     // (b) SIGKILL after a checkpoint, mid-step: the rerun resumes from the checkpoint.
     std::fs::remove_dir_all(&cell_dir).unwrap();
@@ -183,7 +209,7 @@ fn a_killed_or_interrupted_cell_resumes_to_the_uninterrupted_results() {
     });
     let killed_at = killed_at.expect("a complete checkpoint survives the kill");
     assert!(killed_at >= 2 && killed_at < 8, "{killed_at}");
-    rerun_and_compare(dir.path(), &cell_dir, killed_at, &reference);
+    rerun_and_compare(dir.path(), cell, &cell_dir, killed_at, &reference);
 
     // (c) Ctrl-C: the step ends, a checkpoint is written, compare exits non-zero and says how
     // to resume; no result is written.
@@ -194,8 +220,8 @@ fn a_killed_or_interrupted_cell_resumes_to_the_uninterrupted_results() {
     assert!(!output.status.success(), "{stderr}");
     assert_eq!(output.status.code(), Some(1), "an error exit, not death by the signal: {stderr}");
     let interrupted_at = checkpoint_step(&cell_dir).expect("Ctrl-C writes a checkpoint");
-    assert!(stderr.contains(&format!("interrupted at step {interrupted_at} of {CELL}; rerun the same command to resume")), "{stderr}");
+    assert!(stderr.contains(&format!("interrupted at step {interrupted_at} of {cell}; rerun the same command to resume")), "{stderr}");
     assert_eq!(last_metrics_step(&cell_dir), Some(interrupted_at), "the checkpoint holds every step run: {stderr}");
     assert!(!cell_dir.join("summary.json").exists() && !cell_dir.join("samples.jsonl").exists(), "an interrupted cell writes no result");
-    rerun_and_compare(dir.path(), &cell_dir, interrupted_at, &reference);
+    rerun_and_compare(dir.path(), cell, &cell_dir, interrupted_at, &reference);
 }
