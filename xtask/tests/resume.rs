@@ -208,7 +208,7 @@ fn check_resume(study: &str, cell: &str, lora: bool) {
         serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
     });
     let killed_at = killed_at.expect("a complete checkpoint survives the kill");
-    assert!(killed_at >= 2 && killed_at < 8, "{killed_at}");
+    assert!((2..8).contains(&killed_at), "{killed_at}");
     rerun_and_compare(dir.path(), cell, &cell_dir, killed_at, &reference);
 
     // (c) Ctrl-C: the step ends, a checkpoint is written, compare exits non-zero and says how

@@ -849,6 +849,22 @@ steps = 2
         }
     }
 
+    /// `checkpoint_every`: 10 when absent, 0 (never) allowed, a wrong value names the field; the
+    /// SmolLM2 study, with steps of minutes, checkpoints every 2.
+    #[test]
+    fn checkpoint_every_defaults_to_ten_and_zero_turns_it_off() {
+        assert_eq!(parse(MINIMAL).unwrap().checkpoint_every, 10);
+        let with = |value: &str| format!("checkpoint_every = {value}\n{MINIMAL}");
+        assert_eq!(parse(&with("0")).unwrap().checkpoint_every, 0);
+        assert_eq!(parse(&with("3")).unwrap().checkpoint_every, 3);
+        for value in ["-1", "\"often\""] {
+            let error = parse(&with(value)).unwrap_err().to_string();
+            assert!(error.contains("checkpoint_every"), "{value}: {error}");
+        }
+        let smollm = Study::load(&configs_dir().join("smollm2-135m-arithmetic.toml")).unwrap();
+        assert_eq!(smollm.checkpoint_every, 2);
+    }
+
     /// Type errors inside `[methods.x]` used to name the table only (serde's tagged enums buffer
     /// it); now they name the field.
     #[test]
