@@ -14,9 +14,9 @@ pub struct Args {
     #[arg(long)]
     dry_run: bool,
     /// Redo what reports/<name>/ holds from other settings than the study file's (the base, the
-    /// reward model, cells; each keeps its settings in identity.json), instead of refusing to
-    /// run. What was made with the same settings is kept: to redo everything, remove
-    /// reports/<name>/ or give the study a new name.
+    /// reward model, cells, their checkpoints; each keeps its settings in identity.json), instead
+    /// of refusing to run. What was made with the same settings is kept (an interrupted cell
+    /// resumes): to redo everything, remove reports/<name>/ or give the study a new name.
     #[arg(long)]
     force: bool,
     /// Plain log lines instead of progress bars.

@@ -17,7 +17,9 @@ use tasks::{Problem, TaskData};
 
 use crate::common::write_atomically;
 use crate::study::config::{Cell, MethodSpec, PolicyBase, Study, registry};
-use crate::study::evaluate::{evaluate, majority_accuracy};
+use crate::study::checkpoint;
+use crate::study::evaluate::{Sample, evaluate, majority_accuracy};
+use crate::study::progress::log;
 use crate::study::prompts::{encode_prompt, fit, prompt_builder};
 use crate::study::report::{CellStatus, CellSummary, MetricsFile, unfinished_summary};
 use crate::study::reward_model::load_reward_function;
@@ -59,7 +61,7 @@ pub(crate) fn run_cell(
     let method = &study.methods[&cell.method];
     let test: &[Problem] = &task.test.problems[..study.evaluation.test_size.min(task.test.len())];
     let sample_questions = &test[..study.evaluation.samples.min(test.len())];
-    let mut samples_before = Vec::new();
+    let mut samples_before: Vec<Sample> = Vec::new();
     // Written as the steps come, so the rows of a cell that diverges or crashes stay on disk.
     let mut metrics_file = MetricsFile::create(cell, cell_dir)?;
     let (policy, k, train_seconds, metrics) = match method {
@@ -77,13 +79,57 @@ pub(crate) fn run_cell(
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let optim = study.rl_optim(&cell.method, registry())?;
-            let inputs = AlgorithmInputs { policy: training_policy(study, base_dir, &autodiff, cell.seed)?, config: config.clone(), optim, seed: cell.seed };
-            let mut algorithm = (entry.build)(inputs)?;
-            // The scale an update is judged against (see `divergence`).
-            let weight_norm = parameter_norm(algorithm.policy());
+            let start = training_policy(study, base_dir, &autodiff, cell.seed)?;
+            // The scale an update is judged against (see `divergence`): the starting policy's,
+            // for a resumed cell too.
+            let weight_norm = parameter_norm(&start);
+            let inputs = AlgorithmInputs { policy: start, config: config.clone(), optim, seed: cell.seed };
+            let method_value = serde_json::to_value(method)?;
+            let resume = match checkpoint::recover(cell_dir)? {
+                Some(dir) => {
+                    let state = checkpoint::RunnerState::read(&dir).with_context(|| format!("delete {} or rerun with --force to start {} over", dir.display(), cell.id()))?;
+                    if state.method == method_value && state.step <= *steps {
+                        Some((dir, state))
+                    } else {
+                        log(quiet, progress, format!("{}: the checkpoint at step {} was written with other settings of methods.{}; starting over", cell.id(), state.step, cell.method));
+                        checkpoint::remove(cell_dir)?;
+                        None
+                    }
+                }
+                None => None,
+            };
             let builder = prompt_builder(study, task, base_dir, *few_shot_k, cell.seed)?;
-            // What the policy wrote before training, for samples.jsonl.
-            samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions)?.samples;
+            let mut rng = ChaCha8Rng::seed_from_u64(cell.seed);
+            let mut history = Vec::new();
+            // Training and evaluation seconds of the runs before this one (a resumed cell).
+            let (mut earlier_train_seconds, mut earlier_eval_seconds) = (0.0, 0.0);
+            let mut algorithm = match &resume {
+                Some((dir, state)) => {
+                    log(quiet, progress, format!("resuming {} from step {}", cell.id(), state.step));
+                    let algorithm = (entry.resume)(inputs, dir).with_context(|| format!("cannot resume {} from {}; delete it or rerun with --force to start the cell over", cell.id(), dir.display()))?;
+                    anyhow::ensure!(
+                        algorithm.steps() == state.step,
+                        "{}: the algorithm's checkpoint is at step {}, the runner's at {}; delete {} or rerun with --force",
+                        cell.id(),
+                        algorithm.steps(),
+                        state.step,
+                        dir.display()
+                    );
+                    state.restore_rng(&mut rng)?;
+                    history = state.metrics_rows()?;
+                    metrics_file = MetricsFile::restore(cell, cell_dir, history.clone())?;
+                    samples_before = state.samples_before.clone();
+                    (earlier_train_seconds, earlier_eval_seconds) = (state.train_seconds, state.eval_seconds);
+                    algorithm
+                }
+                None => {
+                    let algorithm = (entry.build)(inputs)?;
+                    // What the policy wrote before training, for samples.jsonl.
+                    samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions)?.samples;
+                    algorithm
+                }
+            };
+            let first_step = resume.as_ref().map_or(0, |(_, state)| state.step) + 1;
             let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
             let environment = Environment {
                 decode: &decode,
@@ -95,15 +141,17 @@ pub(crate) fn run_cell(
             let bar = progress.add(ProgressBar::new(*steps));
             bar.set_style(ProgressStyle::with_template("  {prefix:30} {bar:30} {pos}/{len} {msg} eta {eta}")?);
             bar.set_prefix(cell.id());
+            bar.set_position(first_step - 1);
             let started = Instant::now();
-            let mut rng = ChaCha8Rng::seed_from_u64(cell.seed);
             let completion_limit = (entry.rollout_shape)(config).map_err(anyhow::Error::msg)?.max_completion_length;
             let rl_prompt_limit = study.policy.max_length.saturating_sub(completion_limit).max(8);
             let eval_every = study.evaluation.eval_every;
             let eval_problems = &test[..study.evaluation.train_eval_size.min(test.len())];
-            let mut history = Vec::new();
             let mut eval_seconds = 0.0;
-            if eval_every > 0 {
+            // Seconds spent writing checkpoints, which are not training either.
+            let mut checkpoint_seconds = 0.0;
+            let train_seconds = |not_training: f64| earlier_train_seconds + started.elapsed().as_secs_f64() - not_training;
+            if eval_every > 0 && resume.is_none() {
                 // Step 0: the held-out accuracy the training starts from, so curves begin at the base.
                 let eval_started = Instant::now();
                 let before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems)?;
@@ -115,7 +163,9 @@ pub(crate) fn run_cell(
                 history.push(row);
                 eval_seconds += eval_started.elapsed().as_secs_f64();
             }
-            for step in 1..=*steps {
+            // Ctrl-C from here on ends the step, writes a checkpoint and stops the cell.
+            let interrupt = checkpoint::InterruptGuard::install();
+            for step in first_step..=*steps {
                 let prompts: Vec<PromptItem> = (0..*prompts_per_step)
                     .map(|_| {
                         let problem = &task.train.problems[rng.random_range(0..task.train.len())];
@@ -134,7 +184,7 @@ pub(crate) fn run_cell(
                             "step {step}: the {quantity} is {value}; lower methods.{}.optim.learning_rate or set its max_grad_norm",
                             cell.method
                         );
-                        return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, started.elapsed().as_secs_f64() - eval_seconds));
+                        return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, train_seconds(eval_seconds + checkpoint_seconds)));
                     }
                     Err(error) => return Err(anyhow::Error::new(error).context(format!("step {step}"))),
                 };
@@ -146,7 +196,7 @@ pub(crate) fn run_cell(
                     // Clipping bounds the gradient, not AdamW's step (about the learning rate per
                     // weight): the learning rate is the fix.
                     let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate", cell.method);
-                    return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, started.elapsed().as_secs_f64() - eval_seconds));
+                    return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, train_seconds(eval_seconds + checkpoint_seconds)));
                 }
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
                     // Held-out accuracy during training (not counted as training time).
@@ -164,9 +214,22 @@ pub(crate) fn run_cell(
                 metrics_file.push(&row)?;
                 history.push(row);
                 bar.inc(1);
+                let interrupted = interrupt.requested();
+                if interrupted || (study.checkpoint_every > 0 && step % study.checkpoint_every == 0) {
+                    let writing = Instant::now();
+                    let seconds = (train_seconds(eval_seconds + checkpoint_seconds), earlier_eval_seconds + eval_seconds);
+                    let state = checkpoint::RunnerState::new(step, method_value.clone(), &rng, seconds.0, seconds.1, &history, &samples_before);
+                    checkpoint::write(cell_dir, algorithm.as_ref(), &state)?;
+                    checkpoint_seconds += writing.elapsed().as_secs_f64();
+                }
+                if interrupted {
+                    bar.finish_and_clear();
+                    return Err(checkpoint::Interrupted { step, cell: cell.id() }.into());
+                }
             }
+            drop(interrupt);
             bar.finish_and_clear();
-            let seconds = started.elapsed().as_secs_f64() - eval_seconds;
+            let seconds = train_seconds(eval_seconds + checkpoint_seconds);
             let trained = algorithm.into_policy().valid();
             if study.policy.lora.is_some() {
                 // The trained policy of a LoRA cell, small enough to keep: PEFT loads it over the base.

@@ -47,10 +47,23 @@ pub struct Study {
     /// How every cell is evaluated.
     #[serde(default)]
     pub evaluation: EvaluationSpec,
+    /// An RL cell writes a checkpoint (`cells/<id>/checkpoint/`: the policy or its adapters, the
+    /// optimizer state and the runner's state) every this many steps, and a rerun of an
+    /// interrupted cell resumes from it with the results of an uninterrupted run. 0: never (an
+    /// interrupted cell starts over). Default 10. Each checkpoint writes the policy's weights (merged,
+    /// with the adapters beside them under LoRA) and AdamW's two moments of every trained weight:
+    /// for full fine-tuning of a 135M model about 1.6 GB (a few seconds), under LoRA the weights
+    /// and a few MB.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
 }
 
 fn default_seeds() -> Vec<u64> {
     vec![0, 1, 2]
+}
+
+fn default_checkpoint_every() -> u64 {
+    10
 }
 
 /// Where problems come from.
@@ -928,6 +941,22 @@ steps = 2
             let error = parse(&reward_model(fields)).unwrap_err().to_string();
             assert!(error.contains(&format!("reward_model.{named}")), "{error}");
         }
+    }
+
+    /// `checkpoint_every`: 10 when absent, 0 (never) allowed, a wrong value names the field; the
+    /// SmolLM2 study, with steps of minutes, checkpoints every 2.
+    #[test]
+    fn checkpoint_every_defaults_to_ten_and_zero_turns_it_off() {
+        assert_eq!(parse(MINIMAL).unwrap().checkpoint_every, 10);
+        let with = |value: &str| format!("checkpoint_every = {value}\n{MINIMAL}");
+        assert_eq!(parse(&with("0")).unwrap().checkpoint_every, 0);
+        assert_eq!(parse(&with("3")).unwrap().checkpoint_every, 3);
+        for value in ["-1", "\"often\""] {
+            let error = parse(&with(value)).unwrap_err().to_string();
+            assert!(error.contains("checkpoint_every"), "{value}: {error}");
+        }
+        let smollm = Study::load(&configs_dir().join("smollm2-135m-arithmetic.toml")).unwrap();
+        assert_eq!(smollm.checkpoint_every, 2);
     }
 
     /// Type errors inside `[methods.x]` used to name the table only (serde's tagged enums buffer

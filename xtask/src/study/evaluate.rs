@@ -4,13 +4,13 @@ use eval::{AccuracySummary, score_completion};
 use policy_models::generate::{GenerationConfig, Sampler, generate};
 use policy_models::{CausalLm, PolicyTokenizer};
 use prompting::PromptBuilder;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tasks::Problem;
 
 use crate::study::config::Study;
 use crate::study::prompts::{encode_prompt, fit};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Sample {
     pub(crate) question: String,
     pub(crate) answer: String,

@@ -1,9 +1,10 @@
 //! The study runner: the study file and its matrix (`config`), and running it (`run`, which
-//! drives the base, the reward model and the cells; `evaluate`, `prompts`, `report` and
-//! `progress` serve them).
+//! drives the base, the reward model and the cells; `checkpoint`, `evaluate`, `prompts`,
+//! `report` and `progress` serve them).
 
 pub mod base;
 pub mod cell;
+pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
 pub mod identity;

@@ -202,6 +202,15 @@ impl MetricsFile {
         Ok(file)
     }
 
+    /// The file of a resumed cell: `rows` (those of its checkpoint) and nothing after them,
+    /// dropping rows of steps written after the checkpoint by the run that stopped.
+    pub(crate) fn restore(cell: &Cell, cell_dir: &Path, rows: Vec<rl_algos::Metrics>) -> anyhow::Result<Self> {
+        let columns = rows.iter().flat_map(|row| row.keys().filter(|key| *key != "step").cloned()).collect();
+        let file = Self { path: cell_dir.join("metrics.csv"), cell: cell.clone(), columns, rows };
+        file.rewrite()?;
+        Ok(file)
+    }
+
     fn header(&self) -> Vec<String> {
         ["method", "reward_source", "seed", "step"].iter().map(|s| s.to_string()).chain(self.columns.iter().cloned()).collect()
     }
@@ -445,6 +454,11 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "method,reward_source,seed,step,eval/accuracy_lenient,loss,reward\ngrpo,rules,2,0,0.25,,\ngrpo,rules,2,1,,1.5,0.5\ngrpo,rules,2,2,0.5,1.25,0.75\n"
         );
+        let written = std::fs::read_to_string(&path).unwrap();
+        file.push(&row(&[("step", 3.0), ("reward", 0.8), ("entropy", 2.0)])).unwrap();
+        // A resumed cell keeps the rows of its checkpoint, byte for byte, and drops the rest.
+        MetricsFile::restore(&cell("grpo", 2), dir.path(), file.rows[..3].to_vec()).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
         // A fresh file for a rerun of the cell starts over.
         MetricsFile::create(&cell("grpo", 2), dir.path()).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);

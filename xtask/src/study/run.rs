@@ -14,6 +14,7 @@ use tasks::TaskData;
 use crate::common::{remove_partial, write_atomically};
 use crate::study::base::prepare_base;
 use crate::study::cell::run_cell;
+use crate::study::checkpoint::{self, Interrupted};
 use crate::study::config::{Cell, PolicyBase, RewardModelSpec, Study, TaskSpec};
 use crate::study::identity::{Check, Identity, base_config, cell_config, check, reward_model_config};
 use crate::study::progress::log;
@@ -25,8 +26,9 @@ use crate::study::reward_model::prepare_reward_model;
 pub struct RunOptions {
     /// Where `reports/` is.
     pub reports: PathBuf,
-    /// Redo what was made with other settings (the base, the reward model, cells) instead of
-    /// refusing to run; what matches is kept.
+    /// Redo what was made with other settings (the base, the reward model, cells with their
+    /// checkpoints) instead of refusing to run; what matches is kept, and an interrupted cell
+    /// with matching settings resumes.
     pub force: bool,
     /// Plain log lines instead of progress bars.
     pub quiet: bool,
@@ -76,6 +78,11 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         }));
         let summary = match outcome {
             Ok(Ok(summary)) => summary,
+            // Ctrl-C: the cell wrote a checkpoint and no result; the study stops here.
+            Ok(Err(error)) if error.is::<Interrupted>() => {
+                overall.finish_and_clear();
+                return Err(error);
+            }
             Ok(Err(error)) => {
                 log(options.quiet, &progress, format!("{}: failed: {error:#}", cell.id()));
                 failed_summary(cell, format!("{error:#}"))
@@ -94,6 +101,10 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         };
         log(options.quiet, &progress, line);
         write_atomically(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        // A finished or diverged cell is not run again; a failed one resumes from its checkpoint.
+        if summary.is_result() || summary.is_diverged() {
+            checkpoint::remove(&cell_dir)?;
+        }
         summaries.push(summary);
         overall.inc(1);
     }
