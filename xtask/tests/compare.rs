@@ -169,6 +169,15 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
     }
 }
 
+/// configs/default.toml cut around its reward model, reward sources and methods: what comes
+/// before `[reward_model]` (name, task, policy) and from `[evaluation]` on.
+fn default_study_around_methods() -> (String, String) {
+    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
+    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
+    let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
+    (head.to_string(), tail.to_string())
+}
+
 /// Cells that are no result: one fails at run time (more exemplars than the train split holds,
 /// which only the loaded task can tell), one diverges (learning rate 1e3). The others finish;
 /// `compare` runs them all, writes readable summaries (no `null` accuracies), draws the charts of
@@ -178,10 +187,8 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
 fn failed_and_diverged_cells_are_reported_and_the_rest_charted() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
-    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
     // The default's task, policy and evaluation; no reward model; four methods.
-    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
-    let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
+    let (head, tail) = default_study_around_methods();
     let methods = r#"
 [reward_sources.rules]
 # Lenient correctness varies within a group even for the tiny base: the step has a gradient.
@@ -305,9 +312,7 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
 fn a_changed_study_is_refused_and_force_redoes_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
-    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
-    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
-    let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
+    let (head, tail) = default_study_around_methods();
     let methods = r#"
 [reward_sources.rules]
 rules = [{ kind = "strict_correct", format = "gsm8k_marker", weight = 1.0 }]
