@@ -98,6 +98,14 @@ def messages(question: str):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
+
+
 def median_after_warmup(values):
     measured = values[1:] if len(values) > 1 else values
     return statistics.median(measured) if measured else None
@@ -184,7 +192,8 @@ def run_grpo(args, rows, torch, result):
 
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
-                step_logs.append(dict(logs))
+                # The printing callback, which runs first, may have formatted the values as text.
+                step_logs.append({key: float(value) for key, value in logs.items() if isinstance(value, (int, float, str)) and _is_number(value)})
 
     trainer = GRPOTrainer(
         model=model,
@@ -203,6 +212,8 @@ def run_grpo(args, rows, torch, result):
         step_seconds=seconds,
         completion_mean_length=mean("completions/mean_length"),
         reward_mean=mean("reward"),
+        # TRL's own per-step timer, a cross-check of step_seconds.
+        trl_step_time=[log.get("step_time") for log in step_logs],
     )
 
 

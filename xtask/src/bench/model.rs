@@ -190,8 +190,9 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let optim = OptimSettings { learning_rate: config.learning_rate, adamw, ..OptimSettings::default() };
             let optim = entry.run_optim(&grpo, &optim, config.steps as u64, config.prompts_per_step).map_err(anyhow::Error::msg)?;
             let mut algorithm = (entry.build)(AlgorithmInputs { policy, config: grpo, optim, seed: 0 })?;
-            // The TRL GRPO demo's format reward and correctness: the format reward varies with
-            // every completion, so no group is flat and every step computes a full update.
+            // The TRL GRPO demo's format reward and correctness. A flat group (all rewards 0 when
+            // no completion writes the tags) still goes through forward, backward and the
+            // optimizer step (zero_std_groups = keep, as TRL), so the work per step is the same.
             let rewards = WeightedRewards::new(vec![
                 (Box::new(RewardKind::XmlCount) as Box<dyn RewardFunction>, 1.0),
                 (Box::new(RewardKind::XmlCorrectness) as Box<dyn RewardFunction>, 1.0),
