@@ -1,9 +1,12 @@
 //! `cargo xtask bench [--json]`: training and generation throughput of a tiny GPT-Neo on the
 //! chosen backend, beside PyTorch + transformers on the same shapes (`tools/bench/torch_ref.py`,
 //! run with the `python3` on PATH or `$COTLAB_PYTHON`; null where torch is not installed).
+//! With `--model`, a real checkpoint at the issue's size instead, beside TRL (`model.rs`).
 //!
 //! Speed is only meaningful in a release build: from a debug build this command re-runs itself
 //! with `cargo run --release`.
+
+mod model;
 
 use std::process::Command;
 use std::time::Instant;
@@ -37,6 +40,51 @@ pub struct Args {
     /// Measure even in a debug build (numbers are then not meaningful).
     #[arg(long)]
     allow_debug: bool,
+    /// Benchmark this checkpoint instead of the tiny presets: a directory in the Hugging Face
+    /// layout, a `.gguf` file, or a hub id `owner/name[@revision]`.
+    #[arg(long)]
+    model: Option<String>,
+    /// With --model: GRPO steps (beside TRL's GRPOTrainer), sampling only, or forward + backward
+    /// + AdamW on fixed sequences (beside transformers).
+    #[arg(long, value_enum, default_value = "grpo", requires = "model")]
+    workload: model::Workload,
+    /// With --model: distinct prompts (GSM8K test questions) per step.
+    #[arg(long, default_value_t = 8, requires = "model")]
+    prompts: usize,
+    /// With --model: completions per prompt (GRPO's num_generations).
+    #[arg(long, default_value_t = 8, requires = "model")]
+    generations: usize,
+    /// With --model: most tokens per completion (max_completion_length; generate and train: exactly this many).
+    #[arg(long, default_value_t = 64, requires = "model")]
+    new_tokens: usize,
+    /// With --model: steps measured, the first a warm-up.
+    #[arg(long, default_value_t = 3, requires = "model")]
+    steps: usize,
+    /// With --model: train LoRA adapters of this rank (alpha = 2 x rank) instead of every weight.
+    #[arg(long, requires = "model")]
+    lora_rank: Option<usize>,
+    /// With --model: micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, requires = "model")]
+    grad_accum: usize,
+    /// With --model: sampling temperature (TRL's default 1.0).
+    #[arg(long, default_value_t = 1.0, requires = "model")]
+    temperature: f32,
+    /// With --model: AdamW's learning rate (TRL's GRPO default 1e-6).
+    #[arg(long, default_value_t = 1e-6, requires = "model")]
+    learning_rate: f64,
+    /// With --model: compute dtype of both sides.
+    #[arg(long, value_enum, default_value_t, requires = "model")]
+    dtype: crate::common::ComputeDtype,
+    /// With --model: CPU threads of each side (default: rayon's pool, `RAYON_NUM_THREADS` or the cores).
+    #[arg(long, requires = "model")]
+    threads: Option<usize>,
+    /// With --model: the GSM8K file the questions come from (default: the shared test split,
+    /// `$COTLAB_SHARED/datasets/gsm8k/test.jsonl`).
+    #[arg(long, requires = "model")]
+    data: Option<std::path::PathBuf>,
+    /// With --model: do not append the run to `reports/bench/models.jsonl`.
+    #[arg(long, requires = "model")]
+    no_record: bool,
 }
 
 /// The shapes measured; printed so anyone can rerun them elsewhere.
@@ -75,6 +123,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .context("running cargo")?;
         anyhow::ensure!(status.success(), "the release bench failed");
         return Ok(());
+    }
+    if args.model.is_some() {
+        return run_model(&args);
     }
     let preset = match args.preset.as_str() {
         "tiny-gpt-neo" => Preset::TinyGptNeo,
@@ -177,6 +228,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--model`: cotlab's side in this process, then the reference as a child process (never both
+/// at once), side by side; the run is appended to `reports/bench/models.jsonl`.
+fn run_model(args: &Args) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("setting --threads (rayon's pool was already started)")?;
+    }
+    let config = model::BenchConfig {
+        model: args.model.clone().expect("run_model is called with --model"),
+        workload: args.workload,
+        prompts_per_step: args.prompts,
+        num_generations: args.generations,
+        max_completion_length: args.new_tokens,
+        temperature: args.temperature,
+        learning_rate: args.learning_rate,
+        weight_decay: policy_models::optim::AdamWSettings::default().weight_decay,
+        loss_type: "dapo".to_string(),
+        beta: 0.0,
+        steps: args.steps,
+        grad_accum: args.grad_accum,
+        threads: rayon::current_num_threads(),
+        dtype: match args.dtype {
+            crate::common::ComputeDtype::F32 => "f32",
+            crate::common::ComputeDtype::Bf16 => "bf16",
+        }
+        .to_string(),
+        lora: args.lora_rank,
+        data: args.data.clone().unwrap_or_else(model::default_data),
+        backend: args.backend.to_string(),
+    };
+    config.validate()?;
+    eprintln!("bench: cotlab {} on {} ({} x {} x {} tokens, {} steps, {} threads)", config.workload.name(), config.model, config.prompts_per_step, config.num_generations, config.max_completion_length, config.steps, config.threads);
+    let cotlab = model::measure(&config)?;
+    let (reference, reference_error) = if args.no_torch {
+        (None, Some("skipped (--no-torch)".to_string()))
+    } else {
+        eprintln!("bench: reference (tools/bench/trl_grpo.py), after cotlab's side");
+        match model::reference(&config) {
+            Ok(value) => (Some(value), None),
+            Err(why) => {
+                eprintln!("bench: no reference: {why}");
+                (None, Some(why))
+            }
+        }
+    };
+    let report = model::Report {
+        date: model::utc_now(),
+        commit: model::commit(),
+        machine: model::Machine { cpu: crate::study::provenance::cpu_model(), threads: config.threads },
+        command: format!("cargo xtask bench {}", std::env::args().skip(2).collect::<Vec<_>>().join(" ")),
+        speedup: model::Report::speedup(&cotlab, reference.as_ref()),
+        cotlab,
+        reference,
+        reference_error,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    if !args.no_record && !cfg!(debug_assertions) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/bench/models.jsonl");
+        model::record(&report, &path)?;
+        eprintln!("bench: recorded in {}", path.display());
+    }
+    Ok(())
+}
+
 /// Runs `tools/bench/torch_ref.py` on the same shapes; `None` when Python or torch is missing.
 fn torch_reference(shape: &BenchShape) -> Option<serde_json::Value> {
     let python = std::env::var("COTLAB_PYTHON").unwrap_or_else(|_| "python3".to_string());
@@ -195,4 +313,31 @@ fn torch_reference(shape: &BenchShape) -> Option<serde_json::Value> {
         return None;
     }
     serde_json::from_slice(String::from_utf8_lossy(&output.stdout).lines().last()?.as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn model_flags_have_the_issues_defaults_and_need_model() {
+        let cli = Cli::try_parse_from(["bench", "--model", "m.gguf"]).unwrap();
+        let args = cli.args;
+        assert_eq!((args.workload, args.prompts, args.generations, args.new_tokens, args.steps, args.grad_accum), (model::Workload::Grpo, 8, 8, 64, 3, 1));
+        assert_eq!((args.temperature, args.learning_rate, args.lora_rank, args.threads), (1.0, 1e-6, None, None));
+        let cli = Cli::try_parse_from(["bench", "--model", "m", "--workload", "generate", "--prompts", "4", "--generations", "4", "--new-tokens", "32", "--steps", "2", "--lora-rank", "8", "--grad-accum", "2", "--threads", "1"]).unwrap();
+        assert_eq!((cli.args.workload, cli.args.prompts, cli.args.generations, cli.args.new_tokens, cli.args.steps), (model::Workload::Generate, 4, 4, 32, 2));
+        assert_eq!((cli.args.lora_rank, cli.args.grad_accum, cli.args.threads), (Some(8), 2, Some(1)));
+        // The toy bench stays the default; the model flags are refused without --model.
+        assert!(Cli::try_parse_from(["bench"]).unwrap().args.model.is_none());
+        assert!(Cli::try_parse_from(["bench", "--workload", "train"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--steps", "2"]).is_err());
+    }
 }

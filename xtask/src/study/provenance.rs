@@ -193,14 +193,18 @@ pub fn cpu_features() -> Vec<String> {
     features
 }
 
-fn machine(study: &Study) -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+/// The CPU's model name in `/proc/cpuinfo`, where the OS says.
+pub fn cpu_model() -> Option<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|text| text.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split_once(':')).map(|(_, name)| name.trim().to_string()));
+        .and_then(|text| text.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split_once(':')).map(|(_, name)| name.trim().to_string()))
+}
+
+fn machine(study: &Study) -> Machine {
     Machine {
         backend: study.backend.to_string(),
         threads: rayon::current_num_threads(),
-        cpu,
+        cpu: cpu_model(),
         cpu_features: cpu_features(),
         os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
     }
