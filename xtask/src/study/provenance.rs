@@ -30,8 +30,8 @@ pub struct Provenance {
 pub struct Build {
     /// The crate version.
     pub version: String,
-    /// `git rev-parse HEAD` of the source tree the binary was built from; absent outside a
-    /// git checkout.
+    /// `git rev-parse HEAD` of the source tree when the study ran (the checkout the binary
+    /// was compiled in, which `cargo xtask` rebuilds from first); absent outside a git checkout.
     pub commit: Option<String>,
     /// Whether that tree had uncommitted changes (`git status --porcelain` printed anything):
     /// then the commit alone does not reproduce the run.
