@@ -39,7 +39,7 @@ pub struct RlooConfig {
     /// many as `max_tokens_per_micro_batch` asks.
     pub gradient_accumulation_steps: Option<usize>,
     /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length) per
-    /// micro-batch. Default 4096, as GRPO's.
+    /// micro-batch. Default 1024, as GRPO's.
     pub max_tokens_per_micro_batch: usize,
 }
 

@@ -81,8 +81,8 @@ pub struct GrpoConfig {
     pub gradient_accumulation_steps: Option<usize>,
     /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded prompt +
     /// completion length) per micro-batch, which bounds the activations a backward pass holds.
-    /// Default 4096: SmolLM2-135M's 64 rows of ~200 tokens in 4 micro-batches, within TRL's
-    /// memory for the same step.
+    /// Default 1024: SmolLM2-135M's 64 rows of ~235 tokens in 16 micro-batches, within TRL's
+    /// memory for the same step (see [`crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH`]).
     pub max_tokens_per_micro_batch: usize,
 }
 
