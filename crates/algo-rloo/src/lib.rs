@@ -34,11 +34,25 @@ pub struct RlooConfig {
     pub temperature: f32,
     /// Weight of the k3 KL to the starting policy. Default 0.0.
     pub beta: f64,
+    /// Split the update's completions into this many micro-batches, accumulating gradients
+    /// (the loss is a token mean over the whole batch, so the update is the same). Default: as
+    /// many as `max_tokens_per_micro_batch` asks.
+    pub gradient_accumulation_steps: Option<usize>,
+    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length) per
+    /// micro-batch. Default 1024, as GRPO's.
+    pub max_tokens_per_micro_batch: usize,
 }
 
 impl Default for RlooConfig {
     fn default() -> Self {
-        Self { num_generations: 4, max_completion_length: 128, temperature: 1.0, beta: 0.0 }
+        Self {
+            num_generations: 4,
+            max_completion_length: 128,
+            temperature: 1.0,
+            beta: 0.0,
+            gradient_accumulation_steps: None,
+            max_tokens_per_micro_batch: rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+        }
     }
 }
 
@@ -50,6 +64,9 @@ impl RlooConfig {
         }
         if self.max_completion_length == 0 || !(self.temperature > 0.0) || self.beta < 0.0 {
             return Err("rloo.max_completion_length must be at least 1, temperature positive and beta >= 0".to_string());
+        }
+        if self.gradient_accumulation_steps == Some(0) || self.max_tokens_per_micro_batch == 0 {
+            return Err("rloo.gradient_accumulation_steps and max_tokens_per_micro_batch must be at least 1".to_string());
         }
         Ok(())
     }
@@ -169,33 +186,46 @@ impl RlAlgorithm for Rloo {
         let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
         let (temperature, beta) = (self.config.temperature, self.config.beta as f32);
         let reference = self.reference.as_ref();
-        // One shard of rows per thread on the CPU; each loss is its share of the token mean.
-        let shard = |policy: &CausalLm, rows: std::ops::Range<usize>| {
-            let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
-            let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-            let pick = |t: &Tensor<2>| t.clone().slice([rows.clone(), 0..completion_len]);
-            let sub_mask = pick(&mask);
-            let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
-            let mut per_token = -(logps.clone() * advantages.clone().slice([rows.clone(), 0..1]));
-            let mut kl_sum = 0.0;
-            if let Some(reference) = reference {
-                let reference_logps = Tensor::from_inner(completion_log_probs(reference, &sub_input, completion_len, temperature).0);
-                let difference = reference_logps - logps;
-                let kl = difference.clone().exp() - difference - 1.0;
-                kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());
-                per_token = per_token + kl * beta;
-            }
-            let loss = ((per_token * sub_mask.clone()).sum() / tokens as f32).reshape([1]);
-            let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
-            (loss, (kl_sum, entropy_sum))
-        };
-        let (loss, grads, shards) = match sharded_backward(&policy, count, shard) {
-            Ok(computed) => computed,
-            Err(bad) => {
-                self.policy = Some(policy);
-                return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-            }
-        };
+        // Micro-batches of rows (bounded by the token budget), each one shard of rows per thread
+        // on the CPU; each loss is its share of the whole batch's token mean.
+        let (input, _) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
+        drop(input);
+        let mut accumulator = burn::optim::GradientsAccumulator::new();
+        let (mut loss, mut shards) = (0.0, Vec::new());
+        for start in (0..count).step_by(micro) {
+            let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
+                let rows = start + shard_rows.start..start + shard_rows.end;
+                let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
+                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
+                let pick = |t: &Tensor<2>| t.clone().slice([rows.clone(), 0..completion_len]);
+                let sub_mask = pick(&mask);
+                let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                let mut per_token = -(logps.clone() * advantages.clone().slice([rows.clone(), 0..1]));
+                let mut kl_sum = 0.0;
+                if let Some(reference) = reference {
+                    let reference_logps = Tensor::from_inner(completion_log_probs(reference, &sub_input, completion_len, temperature).0);
+                    let difference = reference_logps - logps;
+                    let kl = difference.clone().exp() - difference - 1.0;
+                    kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());
+                    per_token = per_token + kl * beta;
+                }
+                let loss = ((per_token * sub_mask.clone()).sum() / tokens as f32).reshape([1]);
+                let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
+                (loss, (kl_sum, entropy_sum))
+            };
+            let (micro_loss, grads, micro_shards) = match sharded_backward(&policy, (start + micro).min(count) - start, shard) {
+                Ok(computed) => computed,
+                Err(bad) => {
+                    self.policy = Some(policy);
+                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
+                }
+            };
+            loss += micro_loss;
+            shards.extend(micro_shards);
+            accumulator.accumulate(&policy, grads);
+        }
+        let grads = accumulator.grads();
         let kl_mean = shards.iter().map(|(kl, _)| kl).sum::<f64>() / tokens;
         let entropy = shards.iter().map(|(_, entropy)| entropy).sum::<f64>() / tokens;
         // 4. The update.

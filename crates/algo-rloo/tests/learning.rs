@@ -151,3 +151,38 @@ fn one_thread_and_three_give_the_same_update() {
         }
     }
 }
+
+/// A token budget splits the update into micro-batches without changing it: one micro-batch
+/// (`gradient_accumulation_steps = 1`) and the budget's split (one row per micro-batch, and two)
+/// give the same step, for GRPO's token-mean and sequence-mean losses and for RLOO.
+#[test]
+fn a_token_budget_splits_micro_batches_without_changing_the_update() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    seeded_policy(2, &device).save_dir(dir.path(), None).unwrap();
+    let grpo = |loss_type: &str| serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "loss_type": loss_type });
+    let cases = [
+        (rl_algos::grpo::ENTRY, grpo("dapo")),
+        (rl_algos::grpo::ENTRY, grpo("grpo")),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
+    ];
+    for (entry, config) in cases {
+        let with = |key: &str, value: usize| {
+            let mut config = config.clone();
+            config[key] = value.into();
+            step_with_threads(&entry, &config, dir.path(), 2)
+        };
+        let (whole, metrics_whole) = with("gradient_accumulation_steps", 1);
+        // Rows are at most 5 prompt + 4 completion tokens: a budget of 1 token gives one row per
+        // micro-batch (16 of them), 18 tokens two rows.
+        for budget in [1, 18] {
+            let (split, metrics_split) = with("max_tokens_per_micro_batch", budget);
+            let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{} {config}: logits after one step differ by {worst} with a budget of {budget}", entry.name);
+            for name in ["loss", "kl", "entropy", "grad_norm"] {
+                let (a, b) = (metrics_whole[name], metrics_split[name]);
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{} {config}: {name} {a} in one micro-batch, {b} with a budget of {budget}", entry.name);
+            }
+        }
+    }
+}

@@ -13,9 +13,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, Slice, backend_extension};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 /// Elements per parallel task: below this a tensor is processed on one thread.
@@ -47,6 +48,26 @@ pub trait FusedOps: Backend {
     /// and `value` [B, K, S, D] (any strides; query head h reads key/value head h / (H / K)),
     /// `blocked` [B, 1, 1, S] true where masked → [B, H, 1, D]. Inference only.
     fn decode_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, blocked: BoolTensor<Self>, scale: f32) -> FloatTensor<Self>;
+    /// The LM head fused with log-softmax and the gather of the target: for `hidden` [R, C],
+    /// `head` [C, V] (a `Linear` weight; [V, C] when `transposed`, a tied embedding table) and
+    /// `targets` [R], per row [log p(target), entropy, logsumexp] ([R, 3]) of
+    /// softmax(hidden · head / temperature), in blocks of [`HEAD_ROWS`] x [`HEAD_VOCAB`] logits.
+    fn head_log_probs(hidden: FloatTensor<Self>, head: FloatTensor<Self>, targets: IntTensor<Self>, temperature: f32, transposed: bool) -> FloatTensor<Self>;
+    /// The gradients of [`FusedOps::head_log_probs`] w.r.t. `hidden` and `head` (each only when
+    /// wanted, else an empty tensor) from its `output` and the output gradient, recomputing the
+    /// logits block by block.
+    #[allow(clippy::too_many_arguments, reason = "one op's inputs, output and options")]
+    fn head_log_probs_backward(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        temperature: f32,
+        transposed: bool,
+        want_hidden: bool,
+        want_head: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 impl FusedOps for Flex {
@@ -121,6 +142,233 @@ impl FusedOps for Flex {
             }
         }
         FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, dim]))
+    }
+
+    fn head_log_probs(hidden: FlexTensor, head: FlexTensor, targets: FlexTensor, temperature: f32, transposed: bool) -> FlexTensor {
+        let (rows, vocab) = head_dims(&hidden, &head, transposed);
+        let targets = host_ids(&targets, rows, vocab);
+        let inverse = 1.0 / temperature;
+        let mut states = vec![HeadRow::default(); rows];
+        for row_block in blocks(rows, HEAD_ROWS) {
+            let h = slice_rows(&hidden, row_block.clone());
+            for vocab_block in blocks(vocab, HEAD_VOCAB) {
+                let width = vocab_block.len();
+                let logits = Flex::float_matmul(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
+                let logits = logits.as_slice::<f32>().expect("contiguous f32");
+                states[row_block.clone()].par_iter_mut().zip(logits.par_chunks(width)).zip(&targets[row_block.clone()]).for_each(|((state, z), &target)| {
+                    let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
+                    state.update(z, inverse, local);
+                });
+            }
+        }
+        let out: Vec<f32> = states.iter().flat_map(HeadRow::finish).collect();
+        FlexTensor::from_data(TensorData::new(out, [rows, 3]))
+    }
+
+    fn head_log_probs_backward(
+        hidden: FlexTensor,
+        head: FlexTensor,
+        targets: FlexTensor,
+        output: FlexTensor,
+        grad: FlexTensor,
+        temperature: f32,
+        transposed: bool,
+        want_hidden: bool,
+        want_head: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        let (rows, vocab) = head_dims(&hidden, &head, transposed);
+        let depth = hidden.layout().shape()[1];
+        let targets = host_ids(&targets, rows, vocab);
+        let (output, grad) = (output.to_contiguous(), grad.to_contiguous());
+        let (output, grad) = (output.as_slice::<f32>().expect("f32"), grad.as_slice::<f32>().expect("f32"));
+        let inverse = 1.0 / temperature;
+        let mut d_hidden = vec![0.0f32; if want_hidden { rows * depth } else { 0 }];
+        let mut d_head = vec![0.0f32; if want_head { vocab * depth } else { 0 }];
+        for vocab_block in blocks(vocab, HEAD_VOCAB) {
+            let width = vocab_block.len();
+            let w = head_columns(&head, vocab_block.clone(), transposed); // [C, v]
+            let mut d_w: Option<FlexTensor> = None; // [C, v], or [v, C] when transposed
+            for row_block in blocks(rows, HEAD_ROWS) {
+                let h = slice_rows(&hidden, row_block.clone());
+                let mut logits = Flex::float_matmul(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
+                logits.par_chunks_mut(width).zip(row_block.clone()).for_each(|(z, row)| {
+                    let target = targets[row];
+                    let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
+                    head_grad_row(z, inverse, &output[row * 3..row * 3 + 3], &grad[row * 3..row * 3 + 3], local);
+                });
+                let g = FlexTensor::from_data(TensorData::new(logits, [row_block.len(), width])); // dloss/dz [r, v]
+                if want_hidden {
+                    let d_h = Flex::float_matmul(g.clone(), Flex::float_transpose(w.clone())).into_data().try_into_vec::<f32>().expect("f32"); // [r, C]
+                    d_hidden[row_block.start * depth..row_block.end * depth].par_iter_mut().zip(d_h).for_each(|(total, value)| *total += value);
+                }
+                if want_head {
+                    let block = if transposed { Flex::float_matmul(Flex::float_transpose(g), h) } else { Flex::float_matmul(Flex::float_transpose(h), g) };
+                    d_w = Some(match d_w {
+                        Some(total) => Flex::float_add(total, block),
+                        None => block,
+                    });
+                }
+            }
+            if let Some(d_w) = d_w {
+                let d_w = d_w.to_contiguous();
+                let d_w = d_w.as_slice::<f32>().expect("f32");
+                if transposed {
+                    d_head[vocab_block.start * depth..vocab_block.end * depth].copy_from_slice(d_w);
+                } else {
+                    for (k, row) in d_w.chunks_exact(width).enumerate() {
+                        d_head[k * vocab + vocab_block.start..k * vocab + vocab_block.end].copy_from_slice(row);
+                    }
+                }
+            }
+        }
+        let head_shape = if transposed { [vocab, depth] } else { [depth, vocab] };
+        let d_hidden = if want_hidden { TensorData::new(d_hidden, [rows, depth]) } else { TensorData::new(Vec::<f32>::new(), [0, depth]) };
+        let d_head = if want_head { TensorData::new(d_head, head_shape) } else { TensorData::new(Vec::<f32>::new(), [0, depth]) };
+        (FlexTensor::from_data(d_hidden), FlexTensor::from_data(d_head))
+    }
+}
+
+/// Rows and vocabulary entries per block of logits in [`FusedOps::head_log_probs`] and its
+/// backward pass: at most 1024 x 4096 floats (16 MB) of logits exist at a time, whatever the
+/// batch and the vocabulary, where the unfused path holds [R, V] logits and several tensors of
+/// that size for the backward pass (3 GB each for 64 rows of 250 tokens over SmolLM2's 49152).
+pub const HEAD_ROWS: usize = 1024;
+/// See [`HEAD_ROWS`].
+pub const HEAD_VOCAB: usize = 4096;
+
+/// `0..len` in ranges of `size`.
+fn blocks(len: usize, size: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len).step_by(size.max(1)).map(move |start| start..(start + size).min(len))
+}
+
+/// (R, V) of a fused head's inputs, checked.
+fn head_dims(hidden: &FlexTensor, head: &FlexTensor, transposed: bool) -> (usize, usize) {
+    let [rows, depth] = <[usize; 2]>::try_from(hidden.layout().shape().as_slice()).expect("hidden states [R, C]");
+    let [a, b] = <[usize; 2]>::try_from(head.layout().shape().as_slice()).expect("a head weight of rank 2");
+    let (head_depth, vocab) = if transposed { (b, a) } else { (a, b) };
+    assert_eq!(head_depth, depth, "head_log_probs: hidden width {depth}, head {:?} (transposed: {transposed})", [a, b]);
+    (rows, vocab)
+}
+
+/// Target ids as indices, checked against the vocabulary.
+fn host_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
+    let ids: Vec<i64> = targets.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("integer ids");
+    assert_eq!(ids.len(), rows, "head_log_probs: one target per row");
+    ids.into_iter()
+        .map(|id| {
+            assert!((0..vocab as i64).contains(&id), "head_log_probs: target id {id} outside the vocabulary of {vocab}");
+            id as usize
+        })
+        .collect()
+}
+
+/// Rows `range` of a [R, C] tensor (a view).
+fn slice_rows(x: &FlexTensor, range: std::ops::Range<usize>) -> FlexTensor {
+    Flex::float_slice(x.clone(), &[Slice::new(range.start as isize, Some(range.end as isize), 1), Slice::new(0, None, 1)])
+}
+
+/// Vocabulary entries `range` of a head as a [C, v] view (strided when `transposed`; flex's
+/// matmul reads strides without copying).
+fn head_columns(head: &FlexTensor, range: std::ops::Range<usize>, transposed: bool) -> FlexTensor {
+    let range = Slice::new(range.start as isize, Some(range.end as isize), 1);
+    if transposed {
+        Flex::float_transpose(Flex::float_slice(head.clone(), &[range, Slice::new(0, None, 1)]))
+    } else {
+        Flex::float_slice(head.clone(), &[Slice::new(0, None, 1), range])
+    }
+}
+
+/// One row's running state over vocabulary blocks, an online log-sum-exp of u = z / temperature:
+/// the maximum m so far, S = Σ e^(u - m) and D = Σ e^(u - m) (u - m), from which
+///   logsumexp = m + ln S,  entropy = -Σ p log p = ln S - D / S
+/// (relative to m, so that a small entropy is not the difference of two large numbers).
+#[derive(Debug, Clone, Copy)]
+struct HeadRow {
+    max: f32,
+    sum: f64,
+    spread: f64,
+    target: f32,
+}
+
+impl Default for HeadRow {
+    fn default() -> Self {
+        Self { max: f32::NEG_INFINITY, sum: 0.0, spread: 0.0, target: f32::NAN }
+    }
+}
+
+impl HeadRow {
+    /// Folds in a block of raw logits `z`; `target` is the target's index in the block, if there.
+    fn update(&mut self, z: &[f32], inverse: f32, target: Option<usize>) {
+        if let Some(t) = target {
+            self.target = z[t] * inverse;
+        }
+        let max = self.max.max(row_max(z) * inverse);
+        if !max.is_finite() {
+            return;
+        }
+        let (sum, spread) = shifted_sums(z, inverse, max);
+        if self.sum > 0.0 {
+            // Moving the reference from m to m': e^(u - m') = e^(m - m') e^(u - m), and
+            // u - m' = (u - m) + (m - m').
+            let (shift, scale) = (f64::from(self.max - max), f64::from(self.max - max).exp());
+            self.spread = scale * (self.spread + shift * self.sum);
+            self.sum *= scale;
+        }
+        self.sum += f64::from(sum);
+        self.spread += f64::from(spread);
+        self.max = max;
+    }
+
+    /// [log p(target), entropy, logsumexp].
+    fn finish(&self) -> [f32; 3] {
+        let log_sum = self.sum.ln();
+        let lse = f64::from(self.max) + log_sum;
+        [(f64::from(self.target) - lse) as f32, (log_sum - self.spread / self.sum) as f32, lse as f32]
+    }
+}
+
+/// (Σ e^(z/T - shift), Σ e^(z/T - shift) (z/T - shift)) over a block, eight lanes.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn shifted_sums(z: &[f32], inverse: f32, shift: f32) -> (f32, f32) {
+    let (mut sums, mut spreads) = ([0.0f32; 8], [0.0f32; 8]);
+    let chunks = z.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for i in 0..8 {
+            let d = chunk[i] * inverse - shift;
+            let e = exp(d);
+            sums[i] += e;
+            spreads[i] = e.mul_add(d, spreads[i]);
+        }
+    }
+    let (mut sum, mut spread) = (sums.iter().sum::<f32>(), spreads.iter().sum::<f32>());
+    for &v in rest {
+        let d = v * inverse - shift;
+        let e = exp(d);
+        sum += e;
+        spread += e * d;
+    }
+    (sum, spread)
+}
+
+/// Turns a block of one row's raw logits `z` into d loss / d z in place. With u = z / T,
+/// p = softmax(u), the row's output [log p_t, H, lse] and its gradient [g_l, g_h, g_s]:
+///   d log p_t / d u_j = [j = t] - p_j
+///   d H / d u_j       = -p_j (log p_j + H) = p_j (E_p[u] - u_j)      (E_p[u] = lse - H)
+///   d lse / d u_j     = p_j
+/// so d loss / d z_j = (g_l [j = t] + p_j (g_h (E_p[u] - u_j) + g_s - g_l)) / T.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn head_grad_row(z: &mut [f32], inverse: f32, output: &[f32], grad: &[f32], target: Option<usize>) {
+    let (lse, entropy) = (output[2], output[1]);
+    let (g_l, g_h, g_s) = (grad[0], grad[1], grad[2]);
+    let mean = lse - entropy;
+    for v in z.iter_mut() {
+        let u = *v * inverse;
+        let p = exp(u - lse);
+        *v = p * (g_h * (mean - u) + g_s - g_l) * inverse;
+    }
+    if let Some(t) = target {
+        z[t] += g_l * inverse;
     }
 }
 
@@ -247,6 +495,55 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn decode_attention(_q: FloatTensor<Self>, _k: FloatTensor<Self>, _v: FloatTensor<Self>, _blocked: BoolTensor<Self>, _scale: f32) -> FloatTensor<Self> {
         unimplemented!("decode attention is for inference: `fused_decode_attention` never sends autodiff tensors")
     }
+
+    fn head_log_probs(hidden: FloatTensor<Self>, head: FloatTensor<Self>, targets: IntTensor<Self>, temperature: f32, transposed: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct HeadLogProbs;
+
+        impl<B: Backend + FusedOps> Backward<B, 2> for HeadLogProbs {
+            // Inputs, targets, output, temperature, transposed: the logits are recomputed.
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::IntTensorPrimitive, B::FloatTensorPrimitive, f32, bool);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let (hidden, head, targets, output, temperature, transposed) = ops.state;
+                let grad = grads.consume::<B>(&ops.node);
+                let [hidden_node, head_node] = ops.parents;
+                // A frozen head (LoRA) gets no gradient, and none is computed.
+                let (d_hidden, d_head) =
+                    B::head_log_probs_backward(hidden, head, targets, output, grad, temperature, transposed, hidden_node.is_some(), head_node.is_some());
+                if let Some(node) = hidden_node {
+                    grads.register::<B>(node.id, d_hidden);
+                }
+                if let Some(node) = head_node {
+                    grads.register::<B>(node.id, d_head);
+                }
+            }
+        }
+
+        let (hidden, hidden_node) = hidden.into_parts();
+        let (head, head_node) = head.into_parts();
+        match HeadLogProbs.prepare::<C>([hidden_node, head_node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output = B::head_log_probs(hidden.clone(), head.clone(), targets.clone(), temperature, transposed);
+                prep.finish((hidden, head, targets, output.clone(), temperature, transposed), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::head_log_probs(hidden, head, targets, temperature, transposed)),
+        }
+    }
+
+    fn head_log_probs_backward(
+        _hidden: FloatTensor<Self>,
+        _head: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _output: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _temperature: f32,
+        _transposed: bool,
+        _want_hidden: bool,
+        _want_head: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("the fused head has no second derivative here")
+    }
 }
 
 /// Whether `x` is a tensor the fused kernels serve: f32 on the CPU backend (with or without
@@ -289,6 +586,42 @@ pub fn softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
 /// Log-softmax over the last dimension: fused on the CPU, burn's op elsewhere.
 pub fn log_softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
     fused_log_softmax_last(x).unwrap_or_else(|x| burn::tensor::activation::log_softmax(x, N - 1))
+}
+
+/// Per row of `hidden` [R, C]: the log-probability of `targets` [R] and the entropy of
+/// softmax(hidden · head / temperature), without the [R, V] logits (see
+/// [`FusedOps::head_log_probs`]); differentiable w.r.t. `hidden` and `head` (both outputs).
+/// `head` is [C, V] (a `Linear` weight), or [V, C] when `transposed` (a tied embedding table).
+///
+/// Fused on the CPU backend in f32: logits exist [`HEAD_ROWS`] x [`HEAD_VOCAB`] at a time, in
+/// the forward pass and again in the backward pass. Elsewhere (GPU backends, bf16) burn's ops
+/// per block of [`HEAD_ROWS`] rows, in the head's dtype.
+///
+/// # Shapes
+/// - returns (log_probs [R], entropies [R])
+pub fn head_log_probs(hidden: Tensor<2>, head: Tensor<2>, transposed: bool, targets: Tensor<1, Int>, temperature: f32) -> (Tensor<1>, Tensor<1>) {
+    let rows = hidden.dims()[0];
+    if served(&hidden) && served(&head) {
+        let out = Tensor::<2>::from_dispatch(<Dispatch as FusedOps>::head_log_probs(
+            hidden.into_dispatch(),
+            head.into_dispatch(),
+            targets.into_dispatch(),
+            temperature,
+            transposed,
+        )); // [R, 3]
+        return (out.clone().slice([0..rows, 0..1]).reshape([rows]), out.slice([0..rows, 1..2]).reshape([rows]));
+    }
+    let head = if transposed { head.transpose() } else { head }; // [C, V]
+    let dtype = head.dtype();
+    let (mut log_probs, mut entropies) = (Vec::new(), Vec::new());
+    for range in blocks(rows, HEAD_ROWS) {
+        let logits = hidden.clone().slice([range.clone()]).cast(dtype).matmul(head.clone()).cast(burn::tensor::FloatDType::F32) / temperature; // [r, V]
+        let log_p = log_softmax_last(logits);
+        let chosen = targets.clone().slice([range.clone()]).reshape([range.len(), 1]);
+        log_probs.push(log_p.clone().gather(1, chosen).reshape([range.len()]));
+        entropies.push(-(log_p.clone().exp() * log_p).sum_dim(1).reshape([range.len()]));
+    }
+    (Tensor::cat(log_probs, 0), Tensor::cat(entropies, 0))
 }
 
 /// Output features per strip of a packed weight (two AVX2 registers).

@@ -358,15 +358,41 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
 /// `completion_len` positions. Logits are divided by `temperature` first (TRL does the same, so
 /// that log-probs match the sampling distribution's temperature).
 ///
+/// Only the N positions that predict completion tokens go through the LM head, fused with the
+/// log-softmax and the gather ([`CausalLm::token_log_probs`]): no [B, P+N, V] logits are held
+/// (for SmolLM2's vocabulary of 49152, 200 tokens of 64 rows are 2.5 GB of logits, and the
+/// unfused backward pass holds several such tensors).
+///
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])
 pub fn completion_log_probs(model: &CausalLm, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
-    let logits = model.forward(input, &mut model.new_cache()); // [B, P+N, V]
-    log_probs_from_logits(logits, input, completion_len, temperature)
+    let hidden = model.hidden_states(input, &mut model.new_cache()); // [B, P+N, C]
+    log_probs_from_hidden(model, hidden, input, completion_len, temperature)
 }
 
-/// As [`completion_log_probs`], from logits already computed for `input` ([B, P+N, V]) — for
-/// callers that also need the hidden states (a value head, say).
+/// As [`completion_log_probs`], from hidden states already computed for `input` ([B, P+N, C]):
+/// for callers that also read them (a value head, say).
+///
+/// # Shapes
+/// - returns (log_probs [B, N], entropies [B, N])
+pub fn log_probs_from_hidden(model: &CausalLm, hidden: Tensor<3>, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+    let batch = input.batch_size;
+    let total = input.seq_len();
+    assert!(completion_len < total, "the input must hold at least one prompt token before the completion");
+    let width = hidden.dims()[2];
+    // The hidden state at position t predicts token t + 1.
+    let predicting = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]).reshape([batch * completion_len, width]); // [B N, C]
+    let targets: Vec<i64> = (0..batch)
+        .flat_map(|b| input.input_ids[b * total + total - completion_len..(b + 1) * total].to_vec())
+        .collect();
+    let targets: Tensor<1, Int> = Tensor::from_data(TensorData::new(targets, [batch * completion_len]), &predicting.device());
+    let (log_probs, entropies) = model.token_log_probs(predicting, targets, temperature);
+    (log_probs.reshape([batch, completion_len]), entropies.reshape([batch, completion_len]))
+}
+
+/// The unfused [`completion_log_probs`], from logits already computed for `input` ([B, P+N, V]):
+/// for callers that hold full logits anyway, and as the reference the fused head is tested
+/// against.
 ///
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])

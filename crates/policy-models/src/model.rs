@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Device, FloatDType, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::decoder::Decoder;
@@ -286,6 +286,40 @@ impl CausalLm {
             Body::Decoder(model) => model.logits_cached(hidden, cache),
         };
         logits.cast(FloatDType::F32)
+    }
+
+    /// The LM head's weight as [`crate::fused::head_log_probs`] takes it: ([C, V], false) for a
+    /// `Linear` head, ([V, C], true) for a head tied to the token embeddings; `None` for a head
+    /// with a bias (no checkpoint of the three architectures has one).
+    fn head_weight(&self) -> Option<(Tensor<2>, bool)> {
+        match &self.body {
+            Body::GptNeo(model) => Some((model.token_embedding().weight.val(), true)),
+            Body::Decoder(model) => match model.lm_head() {
+                Some(head) if head.bias.is_some() => None,
+                Some(head) => Some((head.weight.val(), false)),
+                None => Some((model.token_embedding().weight.val(), true)),
+            },
+        }
+    }
+
+    /// Log-probabilities of `targets` and entropies of softmax(logits / temperature) at hidden
+    /// states `hidden` (from [`CausalLm::hidden_states`]), through the fused head: the [R, V]
+    /// logits are never materialised (see [`crate::fused::head_log_probs`]). Differentiable
+    /// w.r.t. the hidden states and the head, both outputs.
+    ///
+    /// # Shapes
+    /// - `hidden`: [R, C], `targets`: [R] → (log_probs [R], entropies [R])
+    pub fn token_log_probs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>, temperature: f32) -> (Tensor<1>, Tensor<1>) {
+        match self.head_weight() {
+            Some((head, transposed)) => crate::fused::head_log_probs(hidden, head, transposed, targets, temperature),
+            None => {
+                let rows = hidden.dims()[0];
+                let logits = self.logits(hidden.unsqueeze::<3>()).reshape([rows as i32, -1]) / temperature; // [R, V]
+                let log_p = crate::fused::log_softmax_last(logits);
+                let chosen = log_p.clone().gather(1, targets.reshape([rows, 1])).reshape([rows]);
+                (chosen, -(log_p.clone().exp() * log_p).sum_dim(1).reshape([rows]))
+            }
+        }
     }
 
     /// Logits of the new positions of `input`.

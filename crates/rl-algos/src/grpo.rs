@@ -77,8 +77,13 @@ pub struct GrpoConfig {
     pub max_resample_tries: usize,
     /// Split each update's completions into this many micro-batches, accumulating gradients
     /// before one optimizer step (bounds memory; the loss is normalised over the whole batch,
-    /// so the update is the same). Default 1.
-    pub gradient_accumulation_steps: usize,
+    /// so the update is the same). Default: as many as `max_tokens_per_micro_batch` asks.
+    pub gradient_accumulation_steps: Option<usize>,
+    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded prompt +
+    /// completion length) per micro-batch, which bounds the activations a backward pass holds.
+    /// Default 1024: SmolLM2-135M's 64 rows of ~235 tokens in 16 micro-batches, within TRL's
+    /// memory for the same step (see [`crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH`]).
+    pub max_tokens_per_micro_batch: usize,
 }
 
 impl Default for GrpoConfig {
@@ -97,7 +102,8 @@ impl Default for GrpoConfig {
             mask_truncated_completions: false,
             zero_std_groups: ZeroStdGroups::Keep,
             max_resample_tries: 3,
-            gradient_accumulation_steps: 1,
+            gradient_accumulation_steps: None,
+            max_tokens_per_micro_batch: crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
         }
     }
 }
@@ -116,8 +122,8 @@ impl GrpoConfig {
                 self.num_generations
             ));
         }
-        if self.max_completion_length == 0 || self.num_iterations == 0 || self.gradient_accumulation_steps == 0 {
-            return Err("grpo.max_completion_length, num_iterations and gradient_accumulation_steps must be at least 1".to_string());
+        if self.max_completion_length == 0 || self.num_iterations == 0 || self.gradient_accumulation_steps == Some(0) || self.max_tokens_per_micro_batch == 0 {
+            return Err("grpo.max_completion_length, num_iterations, gradient_accumulation_steps and max_tokens_per_micro_batch must be at least 1".to_string());
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
             return Err(format!("grpo.epsilon = {}: use a value in (0, 1), typically 0.2", self.epsilon));
@@ -455,7 +461,7 @@ impl RlAlgorithm for Grpo {
         let count = rollout.len();
         let mask_host = mask.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
         let totals = BatchTotals { sequences: count, tokens: mask_host.iter().sum::<f32>() };
-        let micro = count.div_ceil(self.config.gradient_accumulation_steps);
+        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
         let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
         // Token-weighted sums of the objective's metrics and of the entropy over the
         // micro-batches of every iteration, whose mean is reported (TRL logs them at each).

@@ -15,7 +15,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData};
-use policy_models::generate::{Sampler, log_probs_from_logits};
+use policy_models::generate::{Sampler, log_probs_from_hidden};
 use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 use policy_models::{CausalLm, StepInput};
 use serde::{Deserialize, Serialize};
@@ -270,8 +270,8 @@ impl PolicyWithValueHead {
     pub fn score(&self, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         let hidden = self.policy.hidden_states(input, &mut self.policy.new_cache()); // [N, P+T, C]
         let [batch, total, width] = hidden.dims();
-        let logits = self.policy.logits(hidden.clone());
-        let (logps, entropies) = log_probs_from_logits(logits, input, completion_len, temperature);
+        // The fused head: no [N, P+T, V] logits; entropies carry gradients (entropy_coef).
+        let (logps, entropies) = log_probs_from_hidden(&self.policy, hidden.clone(), input, completion_len, temperature);
         // The value of the state before each completion token: the same positions that predict it.
         let states = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]);
         let values = self.value_head.forward(states).reshape([batch, completion_len]);

@@ -258,7 +258,7 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
     for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::Dapo, LossType::DrGrpo] {
         let scale_rewards = if loss_type == LossType::DrGrpo { rl_algos::advantages::ScaleRewards::None } else { rl_algos::advantages::ScaleRewards::Group };
         let after = |accumulation: usize| {
-            let config = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, loss_type, scale_rewards, gradient_accumulation_steps: accumulation, ..GrpoConfig::default() };
+            let config = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, loss_type, scale_rewards, gradient_accumulation_steps: Some(accumulation), ..GrpoConfig::default() };
             let mut grpo = Grpo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim(1), 5).unwrap();
             let metrics = grpo.train_step(&prompts(), &environment).unwrap();
             let logits = grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap();
@@ -284,7 +284,7 @@ fn clip_ratios_count_every_pass_over_the_rollout() {
     let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
     let fast = OptimSettings { learning_rate: 0.1, ..optim(1) };
     let grpo_step = |num_iterations: usize| {
-        let config = GrpoConfig { num_generations: 8, max_completion_length: 4, num_iterations, gradient_accumulation_steps: 2, ..GrpoConfig::default() };
+        let config = GrpoConfig { num_generations: 8, max_completion_length: 4, num_iterations, gradient_accumulation_steps: Some(2), ..GrpoConfig::default() };
         let mut grpo = Grpo::new(tiny_policy(&device), config, fast.clone(), 0).unwrap();
         grpo.train_step(&prompts(), &environment).unwrap()
     };
