@@ -63,9 +63,10 @@ pub struct Args {
     /// With --model: train LoRA adapters of this rank (alpha = 2 x rank) instead of every weight.
     #[arg(long, requires = "model")]
     lora_rank: Option<usize>,
-    /// With --model: micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1, requires = "model")]
-    grad_accum: usize,
+    /// With --model: micro-batches per optimizer step on both sides. Unset: TRL's default (one)
+    /// for the reference, cotlab's token budget (`max_tokens_per_micro_batch`) for cotlab.
+    #[arg(long, requires = "model")]
+    grad_accum: Option<usize>,
     /// With --model: sampling temperature (TRL's default 1.0).
     #[arg(long, default_value_t = 1.0, requires = "model")]
     temperature: f32,
@@ -330,11 +331,11 @@ mod tests {
     fn model_flags_have_the_issues_defaults_and_need_model() {
         let cli = Cli::try_parse_from(["bench", "--model", "m.gguf"]).unwrap();
         let args = cli.args;
-        assert_eq!((args.workload, args.prompts, args.generations, args.new_tokens, args.steps, args.grad_accum), (model::Workload::Grpo, 8, 8, 64, 3, 1));
+        assert_eq!((args.workload, args.prompts, args.generations, args.new_tokens, args.steps, args.grad_accum), (model::Workload::Grpo, 8, 8, 64, 3, None));
         assert_eq!((args.temperature, args.learning_rate, args.lora_rank, args.threads), (1.0, 1e-6, None, None));
         let cli = Cli::try_parse_from(["bench", "--model", "m", "--workload", "generate", "--prompts", "4", "--generations", "4", "--new-tokens", "32", "--steps", "2", "--lora-rank", "8", "--grad-accum", "2", "--threads", "1"]).unwrap();
         assert_eq!((cli.args.workload, cli.args.prompts, cli.args.generations, cli.args.new_tokens, cli.args.steps), (model::Workload::Generate, 4, 4, 32, 2));
-        assert_eq!((cli.args.lora_rank, cli.args.grad_accum, cli.args.threads), (Some(8), 2, Some(1)));
+        assert_eq!((cli.args.lora_rank, cli.args.grad_accum, cli.args.threads), (Some(8), Some(2), Some(1)));
         // The toy bench stays the default; the model flags are refused without --model.
         assert!(Cli::try_parse_from(["bench"]).unwrap().args.model.is_none());
         assert!(Cli::try_parse_from(["bench", "--workload", "train"]).is_err());

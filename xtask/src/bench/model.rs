@@ -73,8 +73,9 @@ pub struct BenchConfig {
     pub beta: f64,
     /// Steps measured, the first of them a warm-up.
     pub steps: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
+    /// Micro-batches per optimizer step; unset: one for TRL (its default), cotlab's token
+    /// budget for cotlab (`max_tokens_per_micro_batch`).
+    pub grad_accum: Option<usize>,
     /// CPU threads of each side (rayon's pool; torch.set_num_threads).
     pub threads: usize,
     /// `f32` or `bf16`.
@@ -100,7 +101,9 @@ impl BenchConfig {
         anyhow::ensure!(self.workload != Workload::Grpo || self.num_generations >= 2, "--generations {}: GRPO compares completions within a group; use at least 2", self.num_generations);
         anyhow::ensure!(self.max_completion_length >= 1, "--new-tokens must be at least 1");
         anyhow::ensure!(self.steps >= 1, "--steps must be at least 1 (the first step is a warm-up: use 2 or more for a median)");
-        anyhow::ensure!(self.grad_accum >= 1 && self.rows() % self.grad_accum == 0, "--grad-accum {} must divide prompts x generations = {} (TRL's per-device batch is their quotient)", self.grad_accum, self.rows());
+        if let Some(grad_accum) = self.grad_accum {
+            anyhow::ensure!(grad_accum >= 1 && self.rows() % grad_accum == 0, "--grad-accum {grad_accum} must divide prompts x generations = {} (TRL's per-device batch is their quotient)", self.rows());
+        }
         anyhow::ensure!(self.lora != Some(0), "--lora-rank must be at least 1 (omit it for full fine-tuning)");
         Ok(())
     }
@@ -176,14 +179,16 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 autodiff.seed(0);
                 policy = policy.with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() }).map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
             }
-            let grpo = serde_json::json!({
+            let mut grpo = serde_json::json!({
                 "num_generations": config.num_generations,
                 "max_completion_length": config.max_completion_length,
                 "temperature": config.temperature,
                 "loss_type": config.loss_type,
                 "beta": config.beta,
-                "gradient_accumulation_steps": config.grad_accum,
             });
+            if let Some(steps) = config.grad_accum {
+                grpo["gradient_accumulation_steps"] = steps.into();
+            }
             let entry = registry().iter().find(|entry| entry.name == "grpo").context("grpo is not registered")?;
             let mut adamw = policy_models::optim::AdamWSettings::default();
             adamw.weight_decay = config.weight_decay;
@@ -347,7 +352,7 @@ pub fn reference_args(config: &BenchConfig) -> Vec<String> {
         ("--loss-type", config.loss_type.clone()),
         ("--beta", config.beta.to_string()),
         ("--steps", config.steps.to_string()),
-        ("--grad-accum", config.grad_accum.to_string()),
+        ("--grad-accum", config.grad_accum.unwrap_or(1).to_string()),
         ("--threads", config.threads.to_string()),
         ("--dtype", config.dtype.clone()),
     ]
@@ -407,7 +412,7 @@ impl Report {
         let lora = c.lora.map_or("none".to_string(), |rank| format!("rank {rank}"));
         let mut text = format!(
             "cotlab bench --model {} --workload {}\n  {} prompts x {} completions, max_completion_length {}, temperature {}, learning_rate {:e}, loss_type {}, beta {}, {} steps (first = warm-up), grad_accum {}, {} threads, {}, LoRA {}, backend {}\n  machine: {} ({}), commit {}, {}\n",
-            c.model, c.workload.name(), c.prompts_per_step, c.num_generations, c.max_completion_length, c.temperature, c.learning_rate, c.loss_type, c.beta, c.steps, c.grad_accum, c.threads, c.dtype, lora, c.backend,
+            c.model, c.workload.name(), c.prompts_per_step, c.num_generations, c.max_completion_length, c.temperature, c.learning_rate, c.loss_type, c.beta, c.steps, c.grad_accum.map_or("auto (cotlab: token budget; TRL: 1)".to_string(), |n| n.to_string()), c.threads, c.dtype, lora, c.backend,
             self.machine.cpu.as_deref().unwrap_or("unknown CPU"), self.date, self.commit.as_deref().unwrap_or("unknown"), if cfg!(debug_assertions) { "DEBUG build: not meaningful" } else { "release build" },
         );
         let theirs = |key: &str| self.reference.as_ref().and_then(|value| value[key].as_f64());
@@ -524,7 +529,7 @@ mod tests {
             loss_type: "dapo".to_string(),
             beta: 0.0,
             steps: 1,
-            grad_accum: 1,
+            grad_accum: None,
             threads: 2,
             dtype: "f32".to_string(),
             lora: None,
@@ -565,7 +570,7 @@ mod tests {
         bad.num_generations = 1;
         assert!(bad.validate().unwrap_err().to_string().contains("--generations"));
         let mut bad = config(Path::new("m"), Workload::Grpo);
-        bad.grad_accum = 3;
+        bad.grad_accum = Some(3);
         assert!(bad.validate().unwrap_err().to_string().contains("--grad-accum 3"));
         let mut good = config(Path::new("m.gguf"), Workload::Grpo);
         good.lora = Some(8);
