@@ -323,9 +323,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn reference(config: &BenchConfig) -> Result<serde_json::Value, String> {
     let python = std::env::var("COTLAB_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench/trl_grpo.py");
+    let mut args = reference_args(config);
+    // A GGUF file is handed over as the directory cotlab converted it into: both sides then read
+    // the same f32 weights, and the reference's peak memory is its training's, not that of
+    // transformers' GGUF dequantization (which held about 13 GB here).
+    if let Ok(source @ ModelSource::Gguf(_)) = ModelSource::parse(&config.model)
+        && let Ok(dir) = source.resolve()
+    {
+        args[1] = dir.display().to_string();
+    }
     let output = Command::new(&python)
         .arg(&script)
-        .args(reference_args(config))
+        .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|error| format!("cannot run {python} (set COTLAB_PYTHON to a Python with torch, transformers and trl): {error}"))?;
