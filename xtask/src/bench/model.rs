@@ -325,8 +325,7 @@ pub fn reference(config: &BenchConfig) -> Result<serde_json::Value, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench/trl_grpo.py");
     let mut args = reference_args(config);
     // A GGUF file is handed over as the directory cotlab converted it into: both sides then read
-    // the same f32 weights, and the reference's peak memory is its training's, not that of
-    // transformers' GGUF dequantization (which held about 13 GB here).
+    // the same f32 weights, through the same tokenizer files.
     if let Ok(source @ ModelSource::Gguf(_)) = ModelSource::parse(&config.model)
         && let Ok(dir) = source.resolve()
     {
