@@ -87,7 +87,7 @@ pub(crate) fn run_cell(
             let method_value = serde_json::to_value(method)?;
             let resume = match checkpoint::recover(cell_dir)? {
                 Some(dir) => {
-                    let state = checkpoint::RunnerState::read(&dir).with_context(|| format!("delete {} or rerun with --force to start {} over", dir.display(), cell.id()))?;
+                    let state = checkpoint::RunnerState::read(&dir).with_context(|| format!("delete {} to start {} over", dir.display(), cell.id()))?;
                     if state.method == method_value && state.step <= *steps {
                         Some((dir, state))
                     } else {
@@ -106,10 +106,10 @@ pub(crate) fn run_cell(
             let mut algorithm = match &resume {
                 Some((dir, state)) => {
                     log(quiet, progress, format!("resuming {} from step {}", cell.id(), state.step));
-                    let algorithm = (entry.resume)(inputs, dir).with_context(|| format!("cannot resume {} from {}; delete it or rerun with --force to start the cell over", cell.id(), dir.display()))?;
+                    let algorithm = (entry.resume)(inputs, dir).with_context(|| format!("cannot resume {} from {}; delete it to start the cell over", cell.id(), dir.display()))?;
                     anyhow::ensure!(
                         algorithm.steps() == state.step,
-                        "{}: the algorithm's checkpoint is at step {}, the runner's at {}; delete {} or rerun with --force",
+                        "{}: the algorithm's checkpoint is at step {}, the runner's at {}; delete {} to start the cell over",
                         cell.id(),
                         algorithm.steps(),
                         state.step,

@@ -23,7 +23,7 @@ pub enum CellStatus {
     Failed,
     /// Its training diverged (see [`divergence`]; the step and the quantity in `error`): not a
     /// result, left out of the means, the intervals and the charts. A rerun does not retry it
-    /// (the same settings diverge again); `--force` does.
+    /// (the same settings diverge again): changed settings, or deleting `cells/<id>/`, do.
     Diverged,
 }
 
