@@ -485,15 +485,12 @@ pub fn utc_now() -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", of_day / 3600, of_day % 3600 / 60, of_day % 60)
 }
 
-/// `git rev-parse --short HEAD` of the source tree, with `+` when it has uncommitted changes.
+/// The source tree's commit, short, with `+` when it has uncommitted changes (from the same
+/// lookup as a study's provenance).
 pub fn commit() -> Option<String> {
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git").arg("-C").arg(&tree).args(args).output().ok().filter(|output| output.status.success()).map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"])?;
-    let modified = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|text| !text.is_empty());
-    Some(if modified { format!("{head}+") } else { head })
+    let build = crate::study::provenance::build();
+    let short = build.commit?.chars().take(7).collect::<String>();
+    Some(if build.modified == Some(true) { format!("{short}+") } else { short })
 }
 
 /// The default question file: `$COTLAB_SHARED/datasets/gsm8k/test.jsonl`, else the shared

@@ -167,7 +167,7 @@ pub fn inputs(study: &Study, base_dir: &Path) -> anyhow::Result<Vec<Input>> {
 }
 
 /// The build: version, and the commit of the source tree when it is a git checkout.
-fn build() -> Build {
+pub fn build() -> Build {
     let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| {
         std::process::Command::new("git").arg("-C").arg(&tree).args(args).output().ok().filter(|output| output.status.success()).map(|output| String::from_utf8_lossy(&output.stdout).to_string())
