@@ -7,7 +7,8 @@
 //!
 //! - [`ppo`]: PPO with a value head, GAE and the clipped policy and value losses.
 //!
-//! Still to come (rl-algos issue): checkpoints and resume of RL runs, gradient accumulation.
+//! Every algorithm checkpoints and resumes through [`RlAlgorithm`], and splits its updates into
+//! micro-batches with gradient accumulation (`max_tokens_per_micro_batch`).
 //!
 //! Architecture invariant: reward functions do no I/O.
 
