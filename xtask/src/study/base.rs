@@ -2,11 +2,9 @@
 //! fine-tuning on worked problems).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::tensor::Device;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::optim::{AdamWSettings, Schedule};
 use policy_models::presets::train_tokenizer;
 use policy_models::train::{SftConfig, SftExample, SftTrainer};
@@ -19,9 +17,8 @@ use tasks::{Problem, TaskData};
 use crate::common::{install_dir, partial_dir};
 use crate::study::config::{PolicyBase, SftSpec, Study};
 use crate::study::identity::{IDENTITY_FILE, Identity, base_config};
-use crate::study::progress::log;
+use crate::study::progress::Progress;
 use crate::study::prompts::{encode, fit};
-use crate::study::run::RunOptions;
 
 /// A base saved before its tokenizer carried the BOS template was trained on sequences that
 /// start with its BOS all the same (its config then decided): writes the template into its
@@ -106,14 +103,14 @@ pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokeni
 /// written into `.base.partial` and renamed to `base/` when complete (weights, configs,
 /// tokenizer, `identity.json`), so `base/` exists only whole; `run_study` has checked the
 /// identity of a `base/` already there (or removed it).
-pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<PathBuf> {
+pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, progress: &Progress) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
         PolicyBase::Checkpoint { model } => return Ok(ModelSource::parse(model)?.resolve()?),
         PolicyBase::Preset { preset, vocab_size, sft } => (*preset, *vocab_size, sft),
     };
     let base_dir = dir.join("base");
     if base_dir.join(IDENTITY_FILE).is_file() {
-        log(options.quiet, progress, format!("base policy: {} (trained earlier)", base_dir.display()));
+        progress.log(format!("base policy: {} (trained earlier)", base_dir.display()));
         add_missing_bos_template(&base_dir)?;
         return Ok(base_dir);
     }
@@ -147,20 +144,15 @@ pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &
         seed: 0,
         pad_token_id: pad,
     };
-    let bar = progress.add(ProgressBar::new(sft.steps));
-    bar.set_style(ProgressStyle::with_template("base policy (supervised) {bar:30} {pos}/{len} {msg} eta {eta}")?);
+    let mut bar = progress.bar(sft.steps, "base policy (supervised)", 1);
     let mut trainer = SftTrainer::new(model, config);
-    let started = Instant::now();
     let history = trainer.run(&examples, None, None, |step| {
         bar.set_message(format!("loss {:.3}", step.loss));
         bar.inc(1);
-        if options.quiet && (step.step % 50 == 0 || step.step == sft.steps) {
-            eprintln!("base policy: step {}/{} loss {:.3} ({:.0} s)", step.step, sft.steps, step.loss, started.elapsed().as_secs_f64());
-        }
     })?;
-    bar.finish_and_clear();
+    drop(bar);
     let last = history.last().map_or(f64::NAN, |s| s.loss);
-    log(options.quiet, progress, format!("base policy: {} supervised steps, final loss {last:.3}", history.len()));
+    progress.log(format!("base policy: {} supervised steps, final loss {last:.3}", history.len()));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
     }

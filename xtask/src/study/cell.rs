@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::tensor::Device;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::{CausalLm, ModelSource, PolicyTokenizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -19,7 +18,7 @@ use crate::common::write_atomically;
 use crate::study::config::{Cell, MethodSpec, PolicyBase, Study, registry};
 use crate::study::checkpoint;
 use crate::study::evaluate::{Sample, evaluate, majority_accuracy};
-use crate::study::progress::log;
+use crate::study::progress::Progress;
 use crate::study::prompts::{encode_prompt, fit, prompt_builder};
 use crate::study::report::{CellStatus, CellSummary, MetricsFile, unfinished_summary};
 use crate::study::reward_model::load_reward_function;
@@ -55,8 +54,7 @@ pub(crate) fn run_cell(
     reward_model: Option<&PathBuf>,
     cell_dir: &Path,
     device: &Device,
-    progress: &MultiProgress,
-    quiet: bool,
+    progress: &Progress,
 ) -> anyhow::Result<CellSummary> {
     let method = &study.methods[&cell.method];
     let test: &[Problem] = &task.test.problems[..study.evaluation.test_size.min(task.test.len())];
@@ -91,7 +89,7 @@ pub(crate) fn run_cell(
                     if state.method == method_value && state.step <= *steps {
                         Some((dir, state))
                     } else {
-                        log(quiet, progress, format!("{}: the checkpoint at step {} was written with other settings of methods.{}; starting over", cell.id(), state.step, cell.method));
+                        progress.log(format!("{}: the checkpoint at step {} was written with other settings of methods.{}; starting over", cell.id(), state.step, cell.method));
                         checkpoint::remove(cell_dir)?;
                         None
                     }
@@ -105,7 +103,7 @@ pub(crate) fn run_cell(
             let (mut earlier_train_seconds, mut earlier_eval_seconds) = (0.0, 0.0);
             let mut algorithm = match &resume {
                 Some((dir, state)) => {
-                    log(quiet, progress, format!("resuming {} from step {}", cell.id(), state.step));
+                    progress.log(format!("resuming {} from step {}", cell.id(), state.step));
                     let algorithm = (entry.resume)(inputs, dir).with_context(|| format!("cannot resume {} from {}; delete it to start the cell over", cell.id(), dir.display()))?;
                     anyhow::ensure!(
                         algorithm.steps() == state.step,
@@ -125,7 +123,7 @@ pub(crate) fn run_cell(
                 None => {
                     let algorithm = (entry.build)(inputs)?;
                     // What the policy wrote before training, for samples.jsonl.
-                    samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions)?.samples;
+                    samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions, progress)?.samples;
                     algorithm
                 }
             };
@@ -138,9 +136,7 @@ pub(crate) fn run_cell(
                 stop_strings: study.policy.template.stop_sequences().iter().map(|s| s.to_string()).collect(),
                 rewards: &rewards,
             };
-            let bar = progress.add(ProgressBar::new(*steps));
-            bar.set_style(ProgressStyle::with_template("  {prefix:30} {bar:30} {pos}/{len} {msg} eta {eta}")?);
-            bar.set_prefix(cell.id());
+            let mut bar = progress.bar(*steps, cell.id(), 1);
             bar.set_position(first_step - 1);
             let started = Instant::now();
             let completion_limit = (entry.rollout_shape)(config).map_err(anyhow::Error::msg)?.max_completion_length;
@@ -154,7 +150,7 @@ pub(crate) fn run_cell(
             if eval_every > 0 && resume.is_none() {
                 // Step 0: the held-out accuracy the training starts from, so curves begin at the base.
                 let eval_started = Instant::now();
-                let before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems)?;
+                let before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
                 let mut row = rl_algos::Metrics::new();
                 row.insert("step".to_string(), 0.0);
                 row.insert("eval/accuracy_lenient".to_string(), before.accuracy.lenient.accuracy);
@@ -179,7 +175,6 @@ pub(crate) fn run_cell(
                     // The algorithm names the step itself; a NaN or infinite loss or gradient
                     // norm is divergence, not a failure of the study.
                     Err(rl_algos::RlError::NotFinite { step, quantity, value }) => {
-                        bar.finish_and_clear();
                         let reason = format!(
                             "step {step}: the {quantity} is {value}; lower methods.{}.optim.learning_rate or set its max_grad_norm",
                             cell.method
@@ -192,7 +187,6 @@ pub(crate) fn run_cell(
                 if let Some(why) = divergence(&row, weight_norm) {
                     // The row that shows it is kept; the model is not evaluated (it is no result).
                     metrics_file.push(&row)?;
-                    bar.finish_and_clear();
                     // Clipping bounds the gradient, not AdamW's step (about the learning rate per
                     // weight): the learning rate is the fix.
                     let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate", cell.method);
@@ -201,15 +195,12 @@ pub(crate) fn run_cell(
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
                     // Held-out accuracy during training (not counted as training time).
                     let eval_started = Instant::now();
-                    let during = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems)?;
+                    let during = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
                     row.insert("eval/accuracy_lenient".to_string(), during.accuracy.lenient.accuracy);
                     row.insert("eval/accuracy_strict".to_string(), during.accuracy.strict.accuracy);
                     eval_seconds += eval_started.elapsed().as_secs_f64();
                 }
                 let reward = row.get("reward").copied().unwrap_or(f64::NAN);
-                if quiet && (step % 10 == 0 || step == *steps) {
-                    eprintln!("{}: step {step}/{steps} reward {reward:.3}", cell.id());
-                }
                 bar.set_message(format!("reward {reward:.3}"));
                 metrics_file.push(&row)?;
                 history.push(row);
@@ -223,12 +214,11 @@ pub(crate) fn run_cell(
                     checkpoint_seconds += writing.elapsed().as_secs_f64();
                 }
                 if interrupted {
-                    bar.finish_and_clear();
                     return Err(checkpoint::Interrupted { step, cell: cell.id() }.into());
                 }
             }
             drop(interrupt);
-            bar.finish_and_clear();
+            drop(bar);
             let seconds = train_seconds(eval_seconds + checkpoint_seconds);
             let trained = algorithm.into_policy().valid();
             if study.policy.lora.is_some() {
@@ -239,8 +229,8 @@ pub(crate) fn run_cell(
         }
     };
     let builder = prompt_builder(study, task, base_dir, k, cell.seed)?;
-    let evaluation = evaluate(study, &policy, tokenizer, &builder, test)?;
-    let accuracy_maj = if study.evaluation.maj_k > 0 { Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed)?) } else { None };
+    let evaluation = evaluate(study, &policy, tokenizer, &builder, test, progress)?;
+    let accuracy_maj = if study.evaluation.maj_k > 0 { Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed, progress)?) } else { None };
     let mut lines = String::new();
     for (stage, sample) in samples_before.iter().map(|s| ("before", s)).chain(evaluation.samples.iter().take(sample_questions.len()).map(|s| ("after", s))) {
         let mut value = serde_json::to_value(sample)?;

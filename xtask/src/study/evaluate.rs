@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tasks::Problem;
 
 use crate::study::config::Study;
+use crate::study::progress::Progress;
 use crate::study::prompts::{encode_prompt, fit};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,8 +31,19 @@ pub(crate) struct Evaluation {
     pub(crate) samples: Vec<Sample>,
 }
 
-/// Completions of `policy` for `problems` with `sampler`, cut at the template's stop strings.
-pub(crate) fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, problems: &[Problem], sampler: Sampler, seed: u64) -> anyhow::Result<Vec<String>> {
+/// Completions of `policy` for `problems` with `sampler`, cut at the template's stop strings;
+/// a bar named `label` counts the problems done.
+#[allow(clippy::too_many_arguments, reason = "the evaluation's whole context")]
+pub(crate) fn complete(
+    study: &Study,
+    policy: &CausalLm,
+    tokenizer: &PolicyTokenizer,
+    builder: &PromptBuilder,
+    problems: &[Problem],
+    sampler: Sampler,
+    seed: u64,
+    progress: (&Progress, &str),
+) -> anyhow::Result<Vec<String>> {
     let stops: Vec<String> = study.policy.template.stop_sequences().iter().map(|s| s.to_string()).collect();
     let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
     let config = GenerationConfig {
@@ -43,6 +55,7 @@ pub(crate) fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyToken
     };
     let limit = prompt_limit(study, policy);
     let mut completions = Vec::with_capacity(problems.len());
+    let mut bar = progress.0.bar(problems.len() as u64, progress.1, 2);
     for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
         let bos = tokenizer.prepended_bos().map(i64::from);
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode_prompt(tokenizer, builder, &builder.render(&p.question)?)?, limit, bos))).collect::<anyhow::Result<_>>()?;
@@ -56,14 +69,15 @@ pub(crate) fn complete(study: &Study, policy: &CausalLm, tokenizer: &PolicyToken
             }
             completions.push(completion);
         }
+        bar.inc(chunk.len() as u64);
     }
     Ok(completions)
 }
 
 /// Greedy answers to the held-out problems, scored.
-pub(crate) fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem]) -> anyhow::Result<Evaluation> {
+pub(crate) fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], progress: &Progress) -> anyhow::Result<Evaluation> {
     let format = study.policy.template.answer_format();
-    let completions = complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0)?;
+    let completions = complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0, (progress, "evaluation (greedy)"))?;
     let mut scores = Vec::with_capacity(test.len());
     let mut samples = Vec::with_capacity(test.len());
     for (problem, completion) in test.iter().zip(completions) {
@@ -75,12 +89,13 @@ pub(crate) fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyToken
 }
 
 /// maj@k: `maj_k` sampled completions per problem, the most common lenient answer wins.
-pub(crate) fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], seed: u64) -> anyhow::Result<f64> {
+pub(crate) fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], seed: u64, progress: &Progress) -> anyhow::Result<f64> {
     let format = study.policy.template.answer_format();
     let sampler = Sampler::Sample { temperature: study.evaluation.maj_temperature, top_k: None, top_p: None };
     let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(); test.len()];
     for draw in 0..study.evaluation.maj_k {
-        let completions = complete(study, policy, tokenizer, builder, test, sampler, seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1))?;
+        let label = format!("maj@{} draw {}", study.evaluation.maj_k, draw + 1);
+        let completions = complete(study, policy, tokenizer, builder, test, sampler, seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1), (progress, &label))?;
         for (slot, completion) in answers.iter_mut().zip(completions) {
             slot.push(eval::extract::lenient(&completion, format).as_deref().and_then(tasks::normalize_number));
         }

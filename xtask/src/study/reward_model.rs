@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::tensor::Device;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::{ModelSource, PolicyTokenizer};
 use prompting::PromptBuilder;
 use reward_model::comparisons::{Comparison, build_comparisons};
@@ -19,8 +18,7 @@ use tasks::TaskData;
 use crate::common::{install_dir, partial_dir, write_atomically};
 use crate::study::config::{RewardModelSpec, Study};
 use crate::study::identity::{IDENTITY_FILE, Identity, reward_model_config};
-use crate::study::progress::log;
-use crate::study::run::RunOptions;
+use crate::study::progress::Progress;
 
 /// Comparisons as the policy's rollouts present them to the reward model: the prompt the
 /// policy is given (zero-shot) and the completion it writes after it.
@@ -72,8 +70,7 @@ pub(crate) fn prepare_reward_model(
     dir: &Path,
     base_dir: &Path,
     device: &Device,
-    options: &RunOptions,
-    progress: &MultiProgress,
+    progress: &Progress,
 ) -> anyhow::Result<Option<PathBuf>> {
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
@@ -85,7 +82,7 @@ pub(crate) fn prepare_reward_model(
     let rm_dir = dir.join("reward_model");
     // `run_study` has checked the identity of a reward model already there (or removed it).
     if rm_dir.join(IDENTITY_FILE).is_file() && rm_dir.join("metrics.json").is_file() {
-        log(options.quiet, progress, format!("reward model: {} (trained earlier)", rm_dir.display()));
+        progress.log(format!("reward model: {} (trained earlier)", rm_dir.display()));
         return Ok(Some(rm_dir));
     }
     let identity = Identity::new(reward_model_config(study)?.context("a reward model is prepared only when a reward source uses it")?);
@@ -96,7 +93,7 @@ pub(crate) fn prepare_reward_model(
         (Some(checkpoint), _) => {
             let tokenizer = PolicyTokenizer::load_dir(checkpoint).with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
             let (model, head) = RobertaRegressor::load_dir(checkpoint, &autodiff)?;
-            log(options.quiet, progress, format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
+            progress.log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
             (tokenizer, model)
         }
         (None, RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) => {
@@ -113,8 +110,7 @@ pub(crate) fn prepare_reward_model(
     let builder = PromptBuilder::new(study.policy.template);
     let train = as_rollouts(build_comparisons(&task.train, study.policy.template, 2, training.seed), &builder)?;
     let held_out = as_rollouts(build_comparisons(&task.test, study.policy.template, 1, training.seed + 1), &builder)?;
-    let bar = progress.add(ProgressBar::new(training.steps));
-    bar.set_style(ProgressStyle::with_template("reward model {bar:30} {pos}/{len} {msg} eta {eta}")?);
+    let mut bar = progress.bar(training.steps, "reward model", 1);
     let started = Instant::now();
     let mut trainer = RewardTrainer::new(model, training.clone());
     let mut final_loss = f64::NAN;
@@ -124,7 +120,7 @@ pub(crate) fn prepare_reward_model(
         bar.set_message(format!("loss {:.3} acc {:.2}", step.loss, step.accuracy));
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    drop(bar);
     let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64);
     let metrics = reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
     let by_corruption = per_kind
@@ -150,9 +146,7 @@ pub(crate) fn prepare_reward_model(
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     identity.write(&partial)?;
     install_dir(&partial, &rm_dir)?;
-    log(
-        options.quiet,
-        progress,
+    progress.log(
         format!(
             "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split; {}), margin {:.3}, {:.0} s",
             report.held_out_accuracy * 100.0,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use policy_models::PolicyTokenizer;
 use tasks::TaskData;
 
@@ -17,7 +16,7 @@ use crate::study::cell::run_cell;
 use crate::study::checkpoint::{self, Interrupted};
 use crate::study::config::{Cell, PolicyBase, RewardModelSpec, Study, TaskSpec};
 use crate::study::identity::{Check, Identity, base_config, cell_config, check, reward_model_config};
-use crate::study::progress::log;
+use crate::study::progress::Progress;
 use crate::study::report::{CellSummary, failed_summary, write_reports};
 use crate::study::reward_model::prepare_reward_model;
 
@@ -38,20 +37,19 @@ pub struct RunOptions {
 pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<CellSummary>> {
     let dir = options.reports.join(&study.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let progress = if options.quiet { MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+    let progress = Progress::new(options.quiet);
     let matrix = study.matrix();
     let cell_identities = check_artefacts(study, &dir, &matrix, options, &progress)?;
     // Only now: every artefact kept was produced with these settings.
     write_atomically(&dir.join("config.json"), serde_json::to_string_pretty(study)?.as_bytes())?;
     let device = study.backend.device()?;
     let task = load_task(study)?;
-    let base_dir = prepare_base(study, &task, &dir, &device, options, &progress)?;
+    let base_dir = prepare_base(study, &task, &dir, &device, &progress)?;
     let tokenizer = PolicyTokenizer::load_dir(&base_dir).with_context(|| format!("the base policy in {} has no tokenizer", base_dir.display()))?;
-    let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, options, &progress)?;
+    let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, &progress)?;
     // Before any cell: a study stopped early still says what it read.
     crate::study::provenance::write(&dir, study, &base_dir)?;
-    let overall = progress.add(ProgressBar::new(matrix.len() as u64));
-    overall.set_style(ProgressStyle::with_template("cells {bar:30} {pos}/{len} eta {eta} {msg}")?);
+    let mut overall = progress.bar(matrix.len() as u64, "cells", 0);
     let mut summaries = Vec::new();
     for (cell, identity) in matrix.iter().zip(&cell_identities) {
         let cell_dir = dir.join("cells").join(cell.id());
@@ -62,7 +60,7 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         let earlier = std::fs::read_to_string(&summary_path).ok().and_then(|text| serde_json::from_str::<CellSummary>(&text).ok());
         if let Some(summary) = earlier.filter(|s| s.is_result() || s.is_diverged()) {
             let what = if summary.is_diverged() { "diverged earlier" } else { "done earlier" };
-            log(options.quiet, &progress, format!("{}: {what}, skipped", cell.id()));
+            progress.log(format!("{}: {what}, skipped", cell.id()));
             summaries.push(summary);
             overall.inc(1);
             continue;
@@ -74,22 +72,22 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         let started = Instant::now();
         // A failing cell (an error, or a panic deep in a backend) is recorded and the others go on.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_cell(study, cell, &task, &base_dir, &tokenizer, reward_model.as_ref(), &cell_dir, &device, &progress, options.quiet)
+            run_cell(study, cell, &task, &base_dir, &tokenizer, reward_model.as_ref(), &cell_dir, &device, &progress)
         }));
         let summary = match outcome {
             Ok(Ok(summary)) => summary,
             // Ctrl-C: the cell wrote a checkpoint and no result; the study stops here.
             Ok(Err(error)) if error.is::<Interrupted>() => {
-                overall.finish_and_clear();
+                drop(overall);
                 return Err(error);
             }
             Ok(Err(error)) => {
-                log(options.quiet, &progress, format!("{}: failed: {error:#}", cell.id()));
+                progress.log(format!("{}: failed: {error:#}", cell.id()));
                 failed_summary(cell, format!("{error:#}"))
             }
             Err(panic) => {
                 let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                log(options.quiet, &progress, format!("{}: failed (panic): {message}", cell.id()));
+                progress.log(format!("{}: failed (panic): {message}", cell.id()));
                 failed_summary(cell, format!("panic: {message}"))
             }
         };
@@ -99,7 +97,7 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
             _ if summary.is_diverged() => format!("{}: diverged, not a result: {} ({seconds:.0} s)", cell.id(), summary.error.as_deref().unwrap_or("")),
             _ => format!("{}: failed ({seconds:.0} s)", cell.id()),
         };
-        log(options.quiet, &progress, line);
+        progress.log(line);
         write_atomically(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         // A finished or diverged cell is not run again; a failed one resumes from its checkpoint.
         if summary.is_result() || summary.is_diverged() {
@@ -108,7 +106,7 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         summaries.push(summary);
         overall.inc(1);
     }
-    overall.finish_and_clear();
+    drop(overall);
     write_reports(&dir, &summaries)?;
     Ok(summaries)
 }
@@ -118,7 +116,7 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
 /// written. An artefact made with other settings is an error that lists what changed; with
 /// `options.force` it is removed instead (a cell's whole directory, its checkpoints included),
 /// to be redone. Returns each cell's identity, in `matrix`'s order.
-pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], options: &RunOptions, progress: &MultiProgress) -> anyhow::Result<Vec<Identity>> {
+pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], options: &RunOptions, progress: &Progress) -> anyhow::Result<Vec<Identity>> {
     let mut artefacts: Vec<(String, PathBuf, Identity)> = Vec::new();
     if let PolicyBase::Preset { .. } = study.policy.base {
         artefacts.push(("base policy".to_string(), dir.join("base"), Identity::new(base_config(study)?)));
@@ -129,7 +127,7 @@ pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], option
     }
     for (what, artefact, _) in &artefacts {
         if let Some(partial) = remove_partial(artefact)? {
-            log(options.quiet, progress, format!("removed an incomplete {what} from an interrupted run: {}", partial.display()));
+            progress.log(format!("removed an incomplete {what} from an interrupted run: {}", partial.display()));
         }
     }
     let mut cells = Vec::new();
@@ -168,7 +166,7 @@ pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], option
         bail!(message);
     }
     for (what, artefact, lines) in &changed {
-        log(options.quiet, progress, format!("{what}: made with other settings ({}), redone (--force)", lines.join("; ")));
+        progress.log(format!("{what}: made with other settings ({}), redone (--force)", lines.join("; ")));
         std::fs::remove_dir_all(artefact).with_context(|| format!("cannot remove {} to redo it", artefact.display()))?;
     }
     Ok(cells)
