@@ -22,7 +22,7 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Print JSON with the keys listed in the README.
+    /// Print JSON with the keys listed in `docs/performance.md`.
     #[arg(long)]
     json: bool,
     /// The model shape: tiny-gpt-neo (d=128) or small-gpt-neo (d=256), 4 layers each.

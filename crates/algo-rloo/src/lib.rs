@@ -1,5 +1,5 @@
 //! RLOO: REINFORCE with the leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024),
-//! as a cotlab algorithm crate. It is the worked example of the README's "Adding an algorithm":
+//! as a cotlab algorithm crate. It is the worked example of `docs/algorithms.md`:
 //! a config with `validate()`, an [`RlAlgorithm`] implementation, and an [`ENTRY`] that the study
 //! runner registers with one line.
 //!

@@ -40,7 +40,7 @@ pub struct Environment<'a> {
     pub rewards: &'a WeightedRewards,
 }
 
-/// Metrics of one step, by TRL's names (see the README's metric reference).
+/// Metrics of one step, by TRL's names (see the metric reference in `docs/study.md`).
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Errors of a training step.
