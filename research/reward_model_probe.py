@@ -8,7 +8,7 @@ answer after a correct derivation, or a broken format (marker dropped, or `The a
 Model: transformers' RobertaForSequenceClassification, one output, Bradley-Terry loss, AdamW,
 warmup + cosine. Prints held-out pairwise accuracy per kind of rejected answer.
 
-    python tools/research/reward_model_probe.py --hidden 64 --layers 2 --steps 1500
+    python research/reward_model_probe.py --hidden 64 --layers 2 --steps 1500
 """
 import argparse, math, random, re, time
 import torch

@@ -28,9 +28,9 @@ anywhere: with learned absolute positions, attending from a result to its own li
 has to be learned separately at every offset. The copy check (`#### N` against the last result)
 is learned (91-94%). This is what keeps the reward model's corrupted-step pairs near chance.
 
-    python tools/research/reward_model_probe_dense.py --results-only --inter 1024 --pc 0.5 --steps 12000
-    python tools/research/reward_model_probe_dense.py --results-only --facts 20 --inter 1024
-    python tools/research/reward_model_probe_dense.py --results-only --inter 512 --pc 0.5 --steps 3500 --completion-first
+    python research/reward_model_probe_dense.py --results-only --inter 1024 --pc 0.5 --steps 12000
+    python research/reward_model_probe_dense.py --results-only --facts 20 --inter 1024
+    python research/reward_model_probe_dense.py --results-only --inter 512 --pc 0.5 --steps 3500 --completion-first
 """
 import argparse, math, random, re, time, sys
 import torch, torch.nn as nn

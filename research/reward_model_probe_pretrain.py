@@ -18,7 +18,7 @@ Held-out pairwise accuracy, overall / corrupted step / wrong answer / broken for
 Corrupted steps stay at chance in every variant; wrong answers reach 80-86%. 90% overall would
 need about 75% on corrupted steps with the other two kinds near their best.
 
-    python tools/research/reward_model_probe_pretrain.py --pre 2000 --bt 1000 --pc 0.3
+    python research/reward_model_probe_pretrain.py --pre 2000 --bt 1000 --pc 0.3
 """
 import argparse, random, time, sys
 import torch, torch.nn as nn

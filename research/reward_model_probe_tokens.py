@@ -29,9 +29,9 @@ cotlab itself (`cargo xtask reward-model --steps 1000 --batch-size 32 --token-lo
 59.1% at seed 1 (and 60.2% at 2000 steps, seed 0). So: a few points in cotlab, more on lucky
 initialisations, nowhere near what 90% needs.
 
-    python tools/research/reward_model_probe_tokens.py --study-task --train-size 8000 --steps 2000 --aux 1.0
+    python research/reward_model_probe_tokens.py --study-task --train-size 8000 --steps 2000 --aux 1.0
     cargo xtask reward-model --steps 0 --dump-pairs /tmp/pairs --out /tmp/rm_init
-    python tools/research/reward_model_probe_tokens.py --pairs /tmp/pairs --aux 1 --steps 1000 --seed 1
+    python research/reward_model_probe_tokens.py --pairs /tmp/pairs --aux 1 --steps 1000 --seed 1
         [--init-from /tmp/rm_init]   # cotlab's initial weights
 """
 import argparse, json, math, random, re, time, sys

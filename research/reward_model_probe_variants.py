@@ -17,7 +17,7 @@ as a masked LM first (digits masked with --mlm-prob, other tokens at 0.1; --mlm-
 problems); --no-question drops the question from the input; --num-tokens makes whole numbers
 single tokens.
 
-    python tools/research/reward_model_probe_variants.py --fresh --mlm-steps 3000 --dropout 0 --steps 3000 --threads 2
+    python research/reward_model_probe_variants.py --fresh --mlm-steps 3000 --dropout 0 --steps 3000 --threads 2
 """
 import argparse, math, os, random, re, sys, time
 import torch

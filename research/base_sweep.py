@@ -5,7 +5,7 @@ A PyTorch prototype of the default study's supervised base (the same GPT-Neo sha
 the default study's task sizes, loss and step counts before spending burn CPU time on them.
 Prints greedy held-out accuracy against supervised steps for each setting.
 
-    python tools/research/base_sweep.py --ops "+-*" --max-operand 20 --steps 600 --loss full
+    python research/base_sweep.py --ops "+-*" --max-operand 20 --steps 600 --loss full
 """
 import argparse, random, re, time
 import torch
