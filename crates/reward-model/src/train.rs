@@ -141,7 +141,7 @@ pub struct RewardTrainingConfig {
     /// only which completion is worse. Experimental: held-out wrong-answer accuracy after 1,000
     /// steps of 32 pairs (`cargo xtask reward-model --token-loss-weight 1`) was 52-66% over three
     /// seeds against about 60% without it; a PyTorch probe on the same pairs gave 53-81%
-    /// depending on the initial weights (`tools/research/reward_model_probe_tokens.py`). The
+    /// depending on the initial weights (`research/reward_model_probe_tokens.py`). The
     /// head is dropped from the saved model
     /// ([`RobertaRegressor::without_token_head`]).
     pub token_loss_weight: f64,

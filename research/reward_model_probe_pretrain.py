@@ -18,16 +18,16 @@ Held-out pairwise accuracy, overall / corrupted step / wrong answer / broken for
 Corrupted steps stay at chance in every variant; wrong answers reach 80-86%. 90% overall would
 need about 75% on corrupted steps with the other two kinds near their best.
 
-    python tools/research/reward_model_probe_pretrain.py --pre 2000 --bt 1000 --pc 0.3
+    python research/reward_model_probe_pretrain.py --pre 2000 --bt 1000 --pc 0.3
 """
-import argparse, random, time, sys
+import argparse, random, time
 import torch, torch.nn as nn
 from transformers import RobertaConfig, RobertaForSequenceClassification
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-import reward_model_probe_tokens as P
-P.TASK.update(max_operand=9, ops="+-", max_operations=2)
+
+from problems import KINDS, STUDY_TASK, TOKEN
 import reward_model_probe_dense as V
-TOKEN = P.TOKEN; KINDS = P.KINDS
+from reward_model_probe_tokens import make_pair
+
 p = argparse.ArgumentParser()
 p.add_argument("--hidden", type=int, default=64); p.add_argument("--layers", type=int, default=2)
 p.add_argument("--inter", type=int, default=512); p.add_argument("--heads", type=int, default=4)
@@ -35,9 +35,10 @@ p.add_argument("--pre", type=int, default=2000); p.add_argument("--bt", type=int
 p.add_argument("--batch", type=int, default=32); p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--pc", type=float, default=0.3); p.add_argument("--aux", type=float, default=1.0)
 p.add_argument("--completion-first", action="store_true"); p.add_argument("--seed", type=int, default=0); p.add_argument("--threads", type=int, default=1)
+p.add_argument("--eval-every", type=int, default=500, help="Bradley-Terry steps between held-out evaluations")
 a = p.parse_args(); torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
 rng = random.Random(a.seed)
-test = [P.make_pair(rng, KINDS[i % 3]) for i in range(600)]
+test = [make_pair(rng, KINDS[i % 3], STUDY_TASK) for i in range(600)]
 testq = {t[0] for t in test}
 vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
 def tok(t): return [vocab.setdefault(x, len(vocab)) for x in TOKEN.findall(t)]
@@ -105,7 +106,7 @@ opt, sch = sched_opt(a.bt)
 for step in range(a.bt):
     items = []
     while len(items) < a.batch:
-        t = P.make_pair(rng, KINDS[len(items) % 3])
+        t = make_pair(rng, KINDS[len(items) % 3], STUDY_TASK)
         if t[0] not in testq: items.append(t)
     enc = [enc_pair(q, c, None) for q, c, r, k, b in items] + [enc_pair(q, r, b) for q, c, r, k, b in items]
     ids = pad([e[0] for e in enc], 0); labs = pad([e[1] for e in enc], 0)
@@ -115,4 +116,4 @@ for step in range(a.bt):
         lg = head(h).squeeze(-1); m = ids != 0
         loss = loss + a.aux * nn.functional.binary_cross_entropy_with_logits(lg[m], labs[m].float())
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step()
-    if (step + 1) % 500 == 0: print(f"bt {step+1} loss {loss.item():.3f} {evaluate()} ({time.time()-t0:.0f}s)", flush=True)
+    if (step + 1) % a.eval_every == 0: print(f"bt {step+1} loss {loss.item():.3f} {evaluate()} ({time.time()-t0:.0f}s)", flush=True)

@@ -17,61 +17,33 @@ as a masked LM first (digits masked with --mlm-prob, other tokens at 0.1; --mlm-
 problems); --no-question drops the question from the input; --num-tokens makes whole numbers
 single tokens.
 
-    python tools/research/reward_model_probe_variants.py --fresh --mlm-steps 3000 --dropout 0 --steps 3000 --threads 2
+    python research/reward_model_probe_variants.py --fresh --mlm-steps 3000 --dropout 0 --steps 3000 --threads 2
 """
-import argparse, math, os, random, re, sys, time
+import argparse, math, random, re, time
 import torch
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaForMaskedLM
 
-# The task itself (problems, solution text, corruptions, tokens) is the base probe's.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reward_model_probe as base
-from reward_model_probe import corrupt, evaluate, nearby, text
+from problems import KINDS, STUDY_TASK, TOKEN, comparisons, draw_chain, spoil
+from reward_model_probe import evaluate
 
-def problem(rng, max_ops=None):
-    if max_ops and max_ops > 2:
-        n = rng.randint(1, max_ops)
-        if n > 2:
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            o = rng.choice("+-"); r = a + b if o == "+" else a - b
-            steps = [(a, o, b, r)]; q = f"{a} {o} {b}"
-            for _ in range(n - 1):
-                c, o2 = rng.randint(1, 9), rng.choice("+-")
-                if rng.random() < 0.5:
-                    r2 = r + c if o2 == "+" else r - c
-                    steps.append((r, o2, c, r2)); q = f"({q}) {o2} {c}"
-                else:
-                    r2 = c + r if o2 == "+" else c - r
-                    steps.append((c, o2, r, r2)); q = f"{c} {o2} ({q})"
-                r = r2
-            return f"What is {q}?", steps, r
-    return base.problem(rng)
+def problem(rng, max_ops=0):
+    """A problem of the study's task as reward_model_probe.py draws it, or with `max_ops` > 2
+    a chain of up to `max_ops` operations (`draw_chain`'s `longer`)."""
+    return draw_chain(rng, STUDY_TASK, max_ops or 0)
 
-def fresh(rng, n, train_q, test_q=None, max_ops=None):
+def pairs(rng, n, per, max_ops=0):
+    return comparisons(rng, n, per, lambda rng: problem(rng, max_ops))
+
+def fresh(rng, n, train_q, test_q=None, max_ops=0):
+    """`n` pairs of a random kind each on training questions (`train_q`), or with `test_q` on
+    questions outside it."""
     out = []
     while len(out) < n:
-        p = pairs(rng, 1, 1, max_ops)[0]
-        if (test_q is None and p[0] in train_q) or (test_q is not None and p[0] not in test_q): out.append(p)
+        p = problem(rng, max_ops)
+        pair = spoil(rng, p, rng.choice(KINDS))
+        if (test_q is None and p.question in train_q) or (test_q is not None and p.question not in test_q): out.append(pair)
     return out
 
-def pairs(rng, n, per, max_ops=None):
-    result = []
-    for i in range(n):
-        q, steps, ans = problem(rng, max_ops)
-        chosen = text(steps, ans)
-        for k in range(per):
-            kind = ["corrupted_step", "wrong_answer", "broken_format"][(i + k) % 3] if per > 1 or n > 1 else rng.choice(["corrupted_step", "wrong_answer", "broken_format"])
-            if kind == "corrupted_step":
-                s2, a2 = corrupt(rng, steps)
-                rejected = text(s2, a2) if a2 != ans else text(steps, nearby(rng, ans))
-            elif kind == "wrong_answer":
-                rejected = text(steps, nearby(rng, ans))
-            else:
-                rejected = text(steps, ans, "free" if rng.random() < 0.5 else "none")
-            result.append((q, chosen, rejected, kind))
-    return result
-
-TOKEN = base.TOKEN
 NUMTOKEN = re.compile(r"(?<![\d)])-?\d+|[A-Za-z]+|\n|[^\sA-Za-z\d]")
 
 def main():
@@ -105,7 +77,7 @@ def main():
         text = c if a.no_question else q + "\n" + c
         ids = [1] + [vocab.setdefault(t, len(vocab)) for t in (NUMTOKEN if a.num_tokens else TOKEN).findall(text)] + [2]
         return ids
-    for q, c, r, _ in train + test:
+    for q, c, r, _, _ in train + test:
         enc(q, c); enc(q, r)
     cfg = RobertaConfig(vocab_size=len(vocab) + 200, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads, hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout,
                         intermediate_size=2 * a.hidden, max_position_embeddings=300, pad_token_id=0, type_vocab_size=1, num_labels=1)
@@ -118,7 +90,7 @@ def main():
         started = time.time()
         for step in range(a.mlm_steps):
             items = fresh(rng, a.batch, train_q, test_q, a.mlm_aug_ops) if a.mlm_aug_ops else rng.sample(train, a.batch)
-            seqs = [enc(q, c) for q, c, r, _ in items]
+            seqs = [enc(q, c) for q, c, r, _, _ in items]
             w = max(map(len, seqs))
             ids = torch.tensor([s + [0] * (w - len(s)) for s in seqs])
             att = (ids != 0).long()
@@ -136,11 +108,10 @@ def main():
         missing = model.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)
         print("loaded encoder", missing)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
-    train_problems = [(q, c) for q, c, r, k in train]
-    warm = a.steps // 20
+    warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm))))
     def batch(items):
-        seqs = [enc(q, c) for q, c, r, _ in items] + [enc(q, r) for q, c, r, _ in items]
+        seqs = [enc(q, c) for q, c, r, _, _ in items] + [enc(q, r) for q, c, r, _, _ in items]
         w = max(map(len, seqs))
         ids = torch.tensor([s + [0] * (w - len(s)) for s in seqs])
         return ids, (ids != 0).long()

@@ -29,79 +29,21 @@ cotlab itself (`cargo xtask reward-model --steps 1000 --batch-size 32 --token-lo
 59.1% at seed 1 (and 60.2% at 2000 steps, seed 0). So: a few points in cotlab, more on lucky
 initialisations, nowhere near what 90% needs.
 
-    python tools/research/reward_model_probe_tokens.py --study-task --train-size 8000 --steps 2000 --aux 1.0
+    python research/reward_model_probe_tokens.py --study-task --train-size 8000 --steps 2000 --aux 1.0
     cargo xtask reward-model --steps 0 --dump-pairs /tmp/pairs --out /tmp/rm_init
-    python tools/research/reward_model_probe_tokens.py --pairs /tmp/pairs --aux 1 --steps 1000 --seed 1
+    python research/reward_model_probe_tokens.py --pairs /tmp/pairs --aux 1 --steps 1000 --seed 1
         [--init-from /tmp/rm_init]   # cotlab's initial weights
 """
-import argparse, json, math, random, re, time, sys
+import argparse, json, math, random, time
 import torch, torch.nn as nn
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-OPS = "+-*"
-PREC = {"+": 1, "-": 1, "*": 2}
-def expr(rng, ops, depth):
-    if ops == 0: return number(rng)
-    cap = (1 << (depth - 1)) - 1
-    rem = ops - 1
-    lo, hi = max(0, rem - cap), min(rem, cap)
-    l = rng.randint(lo, hi)
-    op = rng.choice(TASK["ops"])
-    return ("op", op, expr(rng, l, depth - 1), expr(rng, rem - l, depth - 1))
-def prec(e): return 99 if e[0] == "n" else PREC[e[1]]
-def show(e):
-    if e[0] == "n": return str(e[1])
-    _, op, a, b = e
-    sa = f"({show(a)})" if prec(a) < PREC[op] else show(a)
-    sb = f"({show(b)})" if prec(b) <= PREC[op] else show(b)
-    return f"{sa} {op} {sb}"
-def apply(op, a, b): return a + b if op == "+" else a - b if op == "-" else a * b
-def steps_of(e, out):
-    if e[0] == "n": return e[1]
-    _, op, a, b = e
-    x = steps_of(a, out); y = steps_of(b, out)
-    z = apply(op, x, y); out.append((x, op, y, z)); return z
-TASK = {"max_operand": 20, "ops": OPS, "max_operations": 3}
-def number(rng): return ("n", rng.randint(1, TASK["max_operand"]))
-def problem(rng):
-    e = expr(rng, rng.randint(1, TASK["max_operations"]), 2)
-    st = []; ans = steps_of(e, st)
-    return f"What is {show(e)}?", st, ans
-CUE = "A: Let's break it down."
-def text(steps, answer, ending="marker"):
-    body = "\n".join(f"{x} {o} {y} = {z}" for x, o, y, z in steps)
-    if ending == "marker": return f"{CUE}\n{body}\n#### {answer}"
-    if ending == "free": return f"{CUE}\n{body}\nThe answer is {answer}."
-    return f"{CUE}\n{body}"
-def nearby(rng, v):
-    scale = max(abs(v) // 20, 1)
-    while True:
-        d = rng.randint(-5, 5) * scale
-        if d: return v + d
-def corrupt(rng, steps):
-    k = rng.randrange(len(steps)); out = list(steps)
-    x, o, y, z = out[k]; wrong = nearby(rng, z); out[k] = (x, o, y, wrong)
-    repl = [(z, wrong)]
-    for j in range(k + 1, len(out)):
-        x, o, y, z = out[j]
-        f = lambda v: next((t for s, t in repl if s == v), v)
-        x2, y2 = f(x), f(y); z2 = apply(o, x2, y2); out[j] = (x2, o, y2, z2); repl.append((z, z2))
-    return out, out[-1][3], k
-def make_pair(rng, kind):
-    q, st, ans = problem(rng)
-    chosen = text(st, ans)
-    bad_line = None  # index of line in completion whose last number is wrong
-    if kind == "corrupted_step":
-        s2, a2, k = corrupt(rng, st)
-        if a2 != ans: rej = text(s2, a2); bad_line = 1 + k
-        else: kind = "wrong_answer"
-    if kind == "wrong_answer":
-        rej = text(st, nearby(rng, ans)); bad_line = 1 + len(st)
-    if kind == "broken_format":
-        rej = text(st, ans, "free" if rng.random() < 0.5 else "none")
-    return q, chosen, rej, kind, bad_line
-TOKEN = re.compile(r"\d|[A-Za-z]+|\n|[^\sA-Za-z\d]")
-KINDS = ["corrupted_step", "wrong_answer", "broken_format"]
+from problems import DEFAULT_TASK, KINDS, STUDY_TASK, TOKEN, draw, spoil
+
+def make_pair(rng, kind, task=DEFAULT_TASK):
+    """A comparison of `kind` on a fresh problem of `task` (`kind` may fall back to a wrong answer)."""
+    return spoil(rng, draw(rng, task), kind)
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, default=64); p.add_argument("--layers", type=int, default=2)
@@ -114,16 +56,15 @@ def main():
     p.add_argument("--init-from", help="initial weights (a RobertaForSequenceClassification directory)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(); torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
-    if a.study_task:
-        TASK.update(max_operand=9, ops="+-", max_operations=2)
+    task = STUDY_TASK if a.study_task else DEFAULT_TASK
     rng = random.Random(a.seed)
-    test = [make_pair(rng, KINDS[i % 3]) for i in range(600)]
+    test = [make_pair(rng, KINDS[i % 3], task) for i in range(600)]
     test_q = {t[0] for t in test}
-    def draw():
+    def fresh_pair():
         while True:
-            t = make_pair(rng, KINDS[rng.randrange(3)])
+            t = make_pair(rng, KINDS[rng.randrange(3)], task)
             if t[0] not in test_q: return t
-    pool = [draw() for _ in range(a.train_size)] if a.train_size else None
+    pool = [fresh_pair() for _ in range(a.train_size)] if a.train_size else None
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in "0123456789": vocab[ch] = len(vocab)
     for w in ["What", "is", "A", "Let", "s", "break", "it", "down", "The", "answer"] + list("()?+-*=#:.'\n"): vocab.setdefault(w, len(vocab))
@@ -184,7 +125,7 @@ def main():
         model.train(); return " ".join(f"{k} {v:.1f}" for k, v in res.items())
     started = time.time()
     for step in range(a.steps):
-        items = rng.sample(pool, a.batch) if pool else [draw() for _ in range(a.batch)]
+        items = rng.sample(pool, a.batch) if pool else [fresh_pair() for _ in range(a.batch)]
         ids, mask, lab = batch(items)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=a.aux > 0)
         scores = out.logits.squeeze(-1)

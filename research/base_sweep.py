@@ -5,47 +5,18 @@ A PyTorch prototype of the default study's supervised base (the same GPT-Neo sha
 the default study's task sizes, loss and step counts before spending burn CPU time on them.
 Prints greedy held-out accuracy against supervised steps for each setting.
 
-    python tools/research/base_sweep.py --ops "+-*" --max-operand 20 --steps 600 --loss full
+    python research/base_sweep.py --ops "+-*" --max-operand 20 --steps 600 --loss full
 """
 import argparse, random, re, time
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-OPS = {"+": (1, lambda a, b: a + b), "-": (1, lambda a, b: a - b), "*": (2, lambda a, b: a * b)}
+from problems import CUE, Task, generate, prompt
 
-def expr(rng, ops, lo, hi, n, depth):
-    if n == 0:
-        return ("num", rng.randint(lo, hi))
-    cap = (1 << (depth - 1)) - 1
-    rem = n - 1
-    left = rng.randint(max(0, rem - cap), min(rem, cap))
-    op = rng.choice(ops)
-    return ("op", op, expr(rng, ops, lo, hi, left, depth - 1), expr(rng, ops, lo, hi, rem - left, depth - 1))
-
-def prec(e):
-    return 3 if e[0] == "num" else OPS[e[1]][0]
-
-def show(e):
-    if e[0] == "num":
-        return str(e[1])
-    _, op, l, r = e
-    ls = f"({show(l)})" if prec(l) < OPS[op][0] else show(l)
-    rs = f"({show(r)})" if prec(r) <= OPS[op][0] else show(r)
-    return f"{ls} {op} {rs}"
-
-def steps(e, out):
-    if e[0] == "num":
-        return e[1]
-    _, op, l, r = e
-    a = steps(l, out); b = steps(r, out)
-    v = OPS[op][1](a, b)
-    out.append(f"{a} {op} {b} = {v}")
-    return v
-
-def problem(e):
-    out = []
-    v = steps(e, out)
-    return f"Q: What is {show(e)}?\nA: Let's break it down.\n", "\n".join(out) + f"\n#### {v}", str(v)
+def problem(p):
+    """The study's supervised text of problem `p`: (prompt up to the cue line, solution with
+    `#### N`, answer), as `Template::Plain` writes it."""
+    return f"{prompt(p.question)}\n{CUE}\n", f"{p.solution}\n#### {p.answer}", str(p.answer)
 
 TOKEN = re.compile(r"[A-Za-z']+|\d| |\n|.")
 
@@ -70,14 +41,8 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rng = random.Random(0)
-    seen, test, train = set(), [], []
-    while len(test) < 200 or len(train) < a.train:
-        e = expr(rng, list(a.ops), a.min_operand, a.max_operand, rng.randint(1, a.max_ops), 2)
-        q = show(e)
-        if q in seen:
-            continue
-        seen.add(q)
-        (test if len(test) < 200 else train).append(problem(e))
+    task = Task(min_operand=a.min_operand, max_operand=a.max_operand, max_operations=a.max_ops, operators=a.ops)
+    test, train = (list(map(problem, split)) for split in generate(rng, task, 200, a.train))
     vocab = {"<eos>": 0}
     for pr, sol, _ in train + test:
         for t in TOKEN.findall(pr + sol):
@@ -145,4 +110,5 @@ def main():
             print(f"step {s} loss {loss.item():.3f} acc {evaluate(s == a.steps):.3f} ({time.time() - t0:.0f} s)", flush=True)
     print("example:", test[0])
 
-main()
+if __name__ == "__main__":
+    main()

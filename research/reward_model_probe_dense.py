@@ -28,37 +28,36 @@ anywhere: with learned absolute positions, attending from a result to its own li
 has to be learned separately at every offset. The copy check (`#### N` against the last result)
 is learned (91-94%). This is what keeps the reward model's corrupted-step pairs near chance.
 
-    python tools/research/reward_model_probe_dense.py --results-only --inter 1024 --pc 0.5 --steps 12000
-    python tools/research/reward_model_probe_dense.py --results-only --facts 20 --inter 1024
-    python tools/research/reward_model_probe_dense.py --results-only --inter 512 --pc 0.5 --steps 3500 --completion-first
+    python research/reward_model_probe_dense.py --results-only --inter 1024 --pc 0.5 --steps 12000
+    python research/reward_model_probe_dense.py --results-only --facts 20 --inter 1024
+    python research/reward_model_probe_dense.py --results-only --inter 512 --pc 0.5 --steps 3500 --completion-first
 """
-import argparse, math, random, re, time, sys
+import argparse, math, random, time
 import torch, torch.nn as nn
 from transformers import RobertaConfig, RobertaForTokenClassification
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-import reward_model_probe_tokens as P
-P.TASK.update(max_operand=9, ops="+-", max_operations=2)
-TOKEN = P.TOKEN
+
+from problems import CUE, STUDY_TASK, TOKEN, draw, nearby
+
 COMPLETION_FIRST = False  # the question after the solution: the solution's lines start at fixed positions
 FACTS = None  # None: whole solutions; an int: one `a op b = c` line after 0..FACTS filler words
 def example(rng, pc):
-    q, st, ans = P.problem(rng)
+    q, st, ans = draw(rng, STUDY_TASK)
     if FACTS is not None:
         x, o, y, z = st[0]
         bad = rng.random() < pc
-        zz = P.nearby(rng, z) if bad else z
+        zz = nearby(rng, z) if bad else z
         pre = " ".join(rng.choice(["What", "is", "A", ":", "Let", "break", "it", "down", "."]) for _ in range(rng.randint(0, FACTS)))
         return [(pre + " \n", 0), (f"{x} {o} {y} = ", 0), (f"{zz}", 2 if bad else 3), ("\n#### ", 0), ("0", 5)]
     out = []
     for (x, o, y, z) in st:
         bad = rng.random() < pc
-        zz = P.nearby(rng, z) if bad else z
+        zz = nearby(rng, z) if bad else z
         out.append((f"{x} {o} {y} = ", f"{zz}", bad))
     fin = out[-1][1]
     wa = rng.random() < pc
-    fa = str(P.nearby(rng, int(fin))) if wa else fin
+    fa = str(nearby(rng, int(fin))) if wa else fin
     pieces = [] if COMPLETION_FIRST else [(q + "\n", 0)]
-    pieces.append((P.CUE + "\n", 0))
+    pieces.append((CUE + "\n", 0))
     for i, (pre, res, bad) in enumerate(out):
         pieces.append((pre, 0)); pieces.append((res, 2 if bad else 3)); pieces.append(("\n", 0))
     pieces.append(("#### ", 0)); pieces.append((fa, 4 if wa else 5))
@@ -85,7 +84,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3); p.add_argument("--pc", type=float, default=0.3)
     p.add_argument("--dropout", type=float, default=0.0); p.add_argument("--results-only", action="store_true"); p.add_argument("--seed", type=int, default=0); p.add_argument("--threads", type=int, default=1)
     p.add_argument("--facts", type=int, default=None, metavar="MAX_FILLER", help="one step line after 0..MAX_FILLER filler words"); p.add_argument("--sin-pos", type=float, default=0.0)
-    p.add_argument("--completion-first", action="store_true")
+    p.add_argument("--completion-first", action="store_true"); p.add_argument("--eval-every", type=int, default=500)
     a = p.parse_args(); global FACTS, COMPLETION_FIRST; FACTS = a.facts; COMPLETION_FIRST = a.completion_first; torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
@@ -116,7 +115,7 @@ def main():
         tgt = ((lab == 2) | (lab == 4)).float()
         loss = nn.functional.binary_cross_entropy_with_logits(logits[m], tgt[m])
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
-        if (step + 1) % 500 == 0:
+        if (step + 1) % a.eval_every == 0:
             model.eval()
             with torch.no_grad():
                 ids, lab = batch(1000, 0.5)
