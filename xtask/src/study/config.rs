@@ -567,6 +567,9 @@ impl Study {
             if source.reward_model_weight.is_some() && self.reward_model.is_none() {
                 bail!("reward_sources.{name} uses the reward model but there is no [reward_model] section");
             }
+            for (index, rule) in source.rules.iter().enumerate() {
+                rule.kind.validate().map_err(|error| anyhow::anyhow!("reward_sources.{name}.rules[{index}]: {error}"))?;
+            }
         }
         for (name, method) in &self.methods {
             if let MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, config, optim, .. } = method {
