@@ -127,7 +127,8 @@ pub struct GrpoConfig {
     pub max_resample_tries: usize,
     /// Move the reference towards the policy every `ref_model_sync_steps` optimizer steps:
     /// ref <- alpha policy + (1 - alpha) ref (TR-DPO, arXiv 2404.09656, as TRL). Needs beta > 0
-    /// and a fully fine-tuned policy (TRL refuses PEFT models too). Default false.
+    /// and a fully fine-tuned policy (TRL refuses PEFT models too); checkpoints then hold the
+    /// moved reference (`reference/`). Default false.
     pub sync_ref_model: bool,
     /// alpha of `sync_ref_model`. Default 0.6.
     pub ref_model_mixup_alpha: f64,

@@ -7,8 +7,6 @@
 //!
 //! - [`ppo`]: PPO with a value head, GAE and the clipped policy and value losses.
 //!
-//! Still to come (rl-algos issue): checkpoints and resume of RL runs, gradient accumulation.
-//!
 //! Architecture invariant: reward functions do no I/O.
 
 pub mod advantages;
