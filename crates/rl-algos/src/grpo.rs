@@ -814,7 +814,7 @@ impl RlAlgorithm for Grpo {
                     }
                 };
             policy = updated;
-            if self.config.sync_ref_model && self.optimizer.steps() % self.config.ref_model_sync_steps == 0 {
+            if self.config.sync_ref_model && self.optimizer.steps().is_multiple_of(self.config.ref_model_sync_steps) {
                 let reference = self.reference.take().expect("sync_ref_model needs beta > 0, which keeps a reference");
                 self.reference = Some(mix_into_reference(reference, &policy.valid(), self.config.ref_model_mixup_alpha));
             }
