@@ -737,16 +737,18 @@ impl RlAlgorithm for Grpo {
                 let micro_mask = &mask_host[start * completion_len..end * completion_len];
                 let micro_tokens = micro_mask.iter().sum::<f32>();
                 // The entropy quantile is over the whole micro-batch (TRL's), which its shards
-                // cannot see: one gradient-free pass of the current policy finds it.
-                let (entropy_threshold, entropy_tokens) = if self.config.top_entropy_quantile < 1.0 {
+                // cannot see: one gradient-free pass of the current policy finds it, and its
+                // entropies are the values the shards select tokens by (so that a token at the
+                // threshold is not lost to rounding between the two passes).
+                let (entropy_threshold, entropy_tokens, micro_entropies) = if self.config.top_entropy_quantile < 1.0 {
                     let sub = rollout.select(&(start..end).collect::<Vec<_>>());
                     let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
                     let (_, entropies) = completion_log_probs(&policy.valid(), &sub_input, completion_len, temperature);
-                    let entropies = entropies.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
-                    let threshold = entropy_threshold(&entropies, micro_mask, self.config.top_entropy_quantile);
-                    (threshold, entropy_token_count(&entropies, micro_mask, threshold))
+                    let values = entropies.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+                    let threshold = entropy_threshold(&values, micro_mask, self.config.top_entropy_quantile);
+                    (threshold, entropy_token_count(&values, micro_mask, threshold), Some(Tensor::<2>::from_inner(entropies)))
                 } else {
-                    (None, micro_tokens)
+                    (None, micro_tokens, None)
                 };
                 let totals = BatchTotals {
                     sequences,
@@ -763,6 +765,11 @@ impl RlAlgorithm for Grpo {
                     let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
                     let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
                     let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                    // The pre-pass's values with this pass's gradient.
+                    let entropies = match &micro_entropies {
+                        Some(fixed) => entropies.clone() - entropies.detach() + fixed.clone().slice([shard_rows.clone(), 0..completion_len]),
+                        None => entropies,
+                    };
                     let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
                     let sub_mask = slice_rows(&mask, rows.clone());
                     let (loss, objective) = grpo_objective(
