@@ -86,15 +86,15 @@ fn a_tiny_reward_model_ranks_held_out_pairs() {
     let reward = RewardModelFunction::new(trainer.model(), setup.tokenizer.clone(), 8, false);
     let pair = &setup.held_out[0];
     let scores = reward.score(&[
-        RewardInput { prompt: &pair.prompt, completion: &pair.chosen, answer: "" },
-        RewardInput { prompt: &pair.prompt, completion: &pair.rejected, answer: "" },
+        RewardInput { prompt: &pair.prompt, completion: &pair.chosen, answer: "", completion_tokens: 0 },
+        RewardInput { prompt: &pair.prompt, completion: &pair.rejected, answer: "", completion_tokens: 0 },
     ]);
     assert_eq!(scores.len(), 2);
     assert!(scores.iter().all(|s| s.is_finite()));
     let normalized = RewardModelFunction::new(trainer.model(), setup.tokenizer.clone(), 8, true);
     let values = normalized.score(&[
-        RewardInput { prompt: &pair.prompt, completion: &pair.chosen, answer: "" },
-        RewardInput { prompt: &pair.prompt, completion: &pair.rejected, answer: "" },
+        RewardInput { prompt: &pair.prompt, completion: &pair.chosen, answer: "", completion_tokens: 0 },
+        RewardInput { prompt: &pair.prompt, completion: &pair.rejected, answer: "", completion_tokens: 0 },
     ]);
     assert!((values[0] + values[1]).abs() < 1e-4, "two values standardise to +-a: {values:?}");
 }

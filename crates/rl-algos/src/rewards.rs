@@ -6,6 +6,9 @@
 //! - Minimal-GRPO's style: a format penalty (-0.25 when the `<think>...</think><answer>...
 //!   </answer>` structure is missing) and correctness with partial credit for numeric closeness.
 //! - Plain 1/0 correctness under strict or lenient extraction (`eval`'s extractors).
+//! - DAPO's soft overlong punishment (Eq. 13 of arXiv 2503.14476, TRL's
+//!   `get_soft_overlong_punishment`), over the completion's token count |y|:
+//!   0 for |y| <= L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache up to L_max, -1 beyond.
 //!
 //! Several functions combine with weights ([`WeightedRewards`]); each one's mean and standard
 //! deviation are logged under `rewards/<name>/mean` and `rewards/<name>/std`.
@@ -25,6 +28,8 @@ pub struct RewardInput<'a> {
     pub completion: &'a str,
     /// The gold answer, normalised (`tasks::Problem::answer`).
     pub answer: &'a str,
+    /// Generated tokens of the completion (length rewards read it; text rewards ignore it).
+    pub completion_tokens: usize,
 }
 
 /// A reward function.
@@ -117,6 +122,16 @@ pub enum RewardKind {
         /// The format whose answer region lenient extraction prefers.
         format: AnswerFormat,
     },
+    /// DAPO's soft overlong punishment (TRL's `get_soft_overlong_punishment`, logged there as
+    /// `soft_overlong_punishment_reward`): 0 up to `max_completion_len - soft_punish_cache`
+    /// tokens, then falling linearly to -1 at `max_completion_len`, -1 beyond. Set
+    /// `max_completion_len` to GRPO's `max_completion_length`.
+    SoftOverlongPunishment {
+        /// L_max.
+        max_completion_len: usize,
+        /// L_cache, the length of the linear ramp (0: none, a step after L_max).
+        soft_punish_cache: usize,
+    },
 }
 
 impl RewardKind {
@@ -132,6 +147,7 @@ impl RewardKind {
             RewardKind::NumericCloseness => "numeric_closeness",
             RewardKind::StrictCorrect { .. } => "strict_correct",
             RewardKind::LenientCorrect { .. } => "lenient_correct",
+            RewardKind::SoftOverlongPunishment { .. } => "soft_overlong_punishment",
         }
     }
 
@@ -153,7 +169,32 @@ impl RewardKind {
             RewardKind::LenientCorrect { format } => {
                 flag(eval::score_completion(completion, input.answer, format).lenient, 1.0)
             }
+            RewardKind::SoftOverlongPunishment { max_completion_len, soft_punish_cache } => {
+                soft_overlong_punishment(input.completion_tokens, max_completion_len, soft_punish_cache)
+            }
         }
+    }
+
+    /// Checks the parameters; the message names the field and the fix.
+    pub fn validate(self) -> Result<(), String> {
+        match self {
+            RewardKind::SoftOverlongPunishment { max_completion_len, soft_punish_cache } if soft_punish_cache > max_completion_len => Err(format!(
+                "soft_overlong_punishment: soft_punish_cache = {soft_punish_cache} exceeds max_completion_len = {max_completion_len}; use a cache of at most max_completion_len (DAPO: 4096 of 20480)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// DAPO's Eq. 13 for a completion of `length` tokens (see [`RewardKind::SoftOverlongPunishment`]).
+pub fn soft_overlong_punishment(length: usize, max_completion_len: usize, soft_punish_cache: usize) -> f32 {
+    let free = max_completion_len.saturating_sub(soft_punish_cache);
+    if length <= free {
+        0.0
+    } else if length <= max_completion_len {
+        (free as f32 - length as f32) / soft_punish_cache as f32
+    } else {
+        -1.0
     }
 }
 
@@ -224,7 +265,7 @@ mod tests {
     use super::*;
 
     fn input<'a>(completion: &'a str, answer: &'a str) -> RewardInput<'a> {
-        RewardInput { prompt: "", completion, answer }
+        RewardInput { prompt: "", completion, answer, completion_tokens: 0 }
     }
 
     const PERFECT: &str = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n";

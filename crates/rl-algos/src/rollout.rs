@@ -125,7 +125,8 @@ pub fn reward(rollout: &Rollout, prompts: &[PromptItem], environment: &Environme
         .texts
         .iter()
         .zip(&rollout.prompt_index)
-        .map(|(text, &p)| RewardInput { prompt: &prompts[p].prompt_text, completion: text, answer: &prompts[p].answer })
+        .zip(rollout.lengths())
+        .map(|((text, &p), completion_tokens)| RewardInput { prompt: &prompts[p].prompt_text, completion: text, answer: &prompts[p].answer, completion_tokens })
         .collect();
     environment.rewards.score(&inputs)
 }

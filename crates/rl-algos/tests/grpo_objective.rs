@@ -71,6 +71,7 @@ fn losses_metrics_and_gradients_match_trl() {
             logps.clone(),
             Tensor::from_inner(old),
             Some(Tensor::from_inner(reference)),
+            None,
             Tensor::from_inner(advantages),
             Tensor::from_inner(mask),
             &config,
@@ -98,8 +99,19 @@ fn losses_metrics_and_gradients_match_trl() {
 fn validation_names_the_value_and_the_fix() {
     let bad = GrpoConfig { num_generations: 1, ..GrpoConfig::default() };
     assert!(bad.validate().unwrap_err().contains("num_generations = 1"));
-    let bad = GrpoConfig { loss_type: LossType::DrGrpo, ..GrpoConfig::default() };
-    assert!(bad.validate().unwrap_err().contains("scale_rewards = \"none\""));
+    // TRL accepts Dr. GRPO's aggregation with any reward scaling.
+    for scale_rewards in [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None] {
+        GrpoConfig { loss_type: LossType::DrGrpo, scale_rewards, ..GrpoConfig::default() }.validate().unwrap();
+    }
+    let bad = GrpoConfig { delta: Some(0.9), ..GrpoConfig::default() };
+    assert!(bad.validate().unwrap_err().contains("grpo.delta = 0.9"));
+    let bad = GrpoConfig { top_entropy_quantile: 1.5, ..GrpoConfig::default() };
+    assert!(bad.validate().unwrap_err().contains("grpo.top_entropy_quantile = 1.5"));
+    let bad = GrpoConfig { sync_ref_model: true, ..GrpoConfig::default() };
+    assert!(bad.validate().unwrap_err().contains("sync_ref_model = true with beta = 0"));
+    let bad = GrpoConfig { sync_ref_model: true, beta: 0.04, ref_model_mixup_alpha: 1.5, ..GrpoConfig::default() };
+    assert!(bad.validate().unwrap_err().contains("ref_model_mixup_alpha = 1.5"));
+    GrpoConfig { sync_ref_model: true, beta: 0.04, ..GrpoConfig::default() }.validate().unwrap();
     let bad = GrpoConfig { epsilon_high: Some(0.1), ..GrpoConfig::default() };
     assert!(bad.validate().unwrap_err().contains("epsilon_high"));
     GrpoConfig::default().validate().unwrap();

@@ -21,6 +21,7 @@ fn demo_rewards_equal_the_python_reference() {
             prompt: "",
             completion: case["completion"].as_str().unwrap(),
             answer: case["answer"].as_str().unwrap(),
+            completion_tokens: 0,
         };
         for kind in kinds {
             let expected = case[kind.name()].as_f64().unwrap() as f32;

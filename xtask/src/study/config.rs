@@ -567,6 +567,9 @@ impl Study {
             if source.reward_model_weight.is_some() && self.reward_model.is_none() {
                 bail!("reward_sources.{name} uses the reward model but there is no [reward_model] section");
             }
+            for (index, rule) in source.rules.iter().enumerate() {
+                rule.kind.validate().map_err(|error| anyhow::anyhow!("reward_sources.{name}.rules[{index}]: {error}"))?;
+            }
         }
         for (name, method) in &self.methods {
             if let MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, config, optim, .. } = method {
@@ -941,6 +944,38 @@ steps = 2
             let error = parse(&reward_model(fields)).unwrap_err().to_string();
             assert!(error.contains(&format!("reward_model.{named}")), "{error}");
         }
+    }
+
+    /// GRPO's TRL-named knobs and DAPO's overlong punishment are accepted in study files; a
+    /// misspelt knob or a bad value is an error that names it.
+    #[test]
+    fn grpo_knobs_and_the_overlong_punishment_are_study_settings() {
+        let knobs = "config = { beta = 0.04, importance_sampling_level = \"sequence\", loss_type = \"grpo\", delta = 1.5, \
+                     top_entropy_quantile = 0.2, entropy_coef = 0.001, sync_ref_model = true, ref_model_mixup_alpha = 0.5, \
+                     ref_model_sync_steps = 8, scale_rewards = \"batch\", zero_std_groups = \"skip\" }\n";
+        let study = parse(&format!("{MINIMAL}{knobs}")).unwrap();
+        let MethodSpec::Rl { config, .. } = &study.methods["grpo"] else { panic!() };
+        assert_eq!(config["importance_sampling_level"], "sequence");
+        for (text, named) in [
+            ("config = { top_entropy_quantiles = 0.2 }\n", "unknown field `top_entropy_quantiles`"),
+            ("config = { importance_sampling_level = \"sequence_token\" }\n", "unknown variant `sequence_token`"),
+            ("config = { delta = 0.5 }\n", "grpo.delta = 0.5"),
+            ("config = { sync_ref_model = true }\n", "sync_ref_model = true with beta = 0"),
+        ] {
+            let error = parse(&format!("{MINIMAL}{text}")).expect_err(named).to_string();
+            assert!(error.contains("methods.grpo.config") && error.contains(named), "expected {named:?} in: {error}");
+        }
+        let overlong = |fields: &str| {
+            MINIMAL.replace(
+                "rules = [{ kind = \"strict_correct\", format = \"gsm8k_marker\" }]",
+                &format!("rules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}, {{ kind = \"soft_overlong_punishment\", {fields} }}]"),
+            )
+        };
+        let study = parse(&overlong("max_completion_len = 64, soft_punish_cache = 16")).unwrap();
+        assert_eq!(study.reward_sources["rules"].rules[1].kind, RewardKind::SoftOverlongPunishment { max_completion_len: 64, soft_punish_cache: 16 });
+        let error = parse(&overlong("max_completion_len = 8, soft_punish_cache = 16")).unwrap_err().to_string();
+        assert!(error.contains("reward_sources.rules.rules[1]") && error.contains("soft_punish_cache = 16"), "{error}");
+        assert!(parse(&overlong("max_completion_len = 8")).is_err(), "soft_punish_cache is required");
     }
 
     /// `checkpoint_every`: 10 when absent, 0 (never) allowed, a wrong value names the field; the
