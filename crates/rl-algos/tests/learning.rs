@@ -186,6 +186,14 @@ fn grpo_and_ppo_resume_exactly() {
             lora,
         );
     }
+    // The adaptive KL coefficient moves every step (a tiny target and horizon), so a resume that
+    // did not restore it would differ; with whitened rewards and the missing-EOS penalty.
+    check_exact_resume(
+        rl_algos::ppo::ENTRY,
+        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.5,
+            "adaptive_kl": {"target": 1e-4, "horizon": 2.0}, "whiten_rewards": true, "missing_eos_penalty": 0.5}),
+        false,
+    );
 }
 
 /// Runs `count` steps on the toy reward; returns their metrics.
