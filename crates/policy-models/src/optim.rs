@@ -121,10 +121,9 @@ impl ModuleVisitor for PathVisitor<'_> {
         if let Some(values) = self.values.as_mut() {
             values.insert(path.clone(), param.base().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"));
         }
-        if let Some(no_decay) = self.no_decay.as_mut() {
-            if !decays(&path, self.holders.last().map_or("", String::as_str)) {
-                no_decay.insert(param.id);
-            }
+        let holder = self.holders.last().map_or("", String::as_str);
+        if let Some(no_decay) = self.no_decay.as_mut().filter(|_| !decays(&path, holder)) {
+            no_decay.insert(param.id);
         }
         self.found.push((path, param.id));
     }

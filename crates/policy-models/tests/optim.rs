@@ -171,3 +171,24 @@ fn weight_decay_leaves_out_biases_and_norm_weights_as_transformers_trainer() {
     assert!(decays("value_head.weight", "Struct:Linear"));
     assert_eq!(AdamWSettings::default().weight_decay, 0.0, "transformers' TrainingArguments default");
 }
+
+/// On the real architectures, decay leaves out exactly the biases and the norm weights.
+#[test]
+fn the_models_decay_their_weights_but_not_biases_or_norms() {
+    use policy_models::CausalLm;
+    use policy_models::presets::Preset;
+    let device = Device::flex();
+    for preset in [Preset::TinyGptNeo, Preset::TinyQwen2, Preset::TinyLlama] {
+        let model = CausalLm::init(&preset.config(300, 0, 64), &device).unwrap();
+        let no_decay = no_decay_parameters(&model);
+        let paths = parameter_paths(&model);
+        let left_out: Vec<&str> = paths.iter().filter(|(_, id)| no_decay.contains(id)).map(|(path, _)| path.as_str()).collect();
+        let is_norm_or_bias = |path: &str| {
+            path.ends_with(".bias") || ["ln_1.", "ln_2.", "ln_f.", "layernorm.", ".norm."].iter().any(|part| path.contains(part))
+        };
+        assert!(!left_out.is_empty(), "{preset:?}: norms present");
+        for (path, id) in &paths {
+            assert_eq!(no_decay.contains(id), is_norm_or_bias(path), "{preset:?}: {path}");
+        }
+    }
+}
