@@ -140,6 +140,7 @@ fn one_thread_and_three_give_the_same_update() {
     let cases = [
         (rl_algos::grpo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 })),
         (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 })),
+        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate" })),
         (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
         (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" })),
     ];

@@ -13,14 +13,16 @@
 //! kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) x N / horizon, KL being `objective/kl` (the
 //! per-token KL summed over each completion, averaged over completions).
 //!
-//! The value head sits on the policy's own last hidden state (a shared trunk), where TRL's
-//! PPOTrainer trains a separate value model (its `PolicyAndValueWrapper`). So the value loss's
-//! gradient, scaled by vf_coef (0.1 by default), also flows into the policy's weights: with
-//! vf_coef = 0.1 the trunk gets the policy gradient plus 0.1 x the value-loss gradient, and the
-//! value head starts at zero rather than from a reward model's weights. A separate value model
-//! would need a second `CausalLm` (a copy of the policy or of the reward model's trunk) with its
-//! own head, a second forward pass per minibatch, its parameters in the same AdamW step (or its
-//! own optimizer), and its weights in checkpoints; PPO's memory and time would roughly double.
+//! By default (`value_model = "shared"`) the value head sits on the policy's own last hidden
+//! state (a shared trunk), where TRL's PPOTrainer trains a separate value model (its
+//! `PolicyAndValueWrapper`). So the value loss's gradient, scaled by vf_coef (0.1 by default),
+//! also flows into the policy's weights: the trunk gets the policy gradient plus vf_coef x the
+//! value-loss gradient. `value_model = "separate"` is TRL's layout: the head sits on a second copy
+//! of the starting policy (its own parameters, trained in the same AdamW step, saved in
+//! checkpoints under `value_model/`), so the policy gets only the policy gradient, at the cost of
+//! a second trunk's memory, forward and backward passes. Either way the head starts at zero
+//! rather than from a reward model's weights (TRL initialises its value model from the reward
+//! model), and the global gradient clipping spans policy and value parameters together.
 //!
 //! Legend: `N` completions, `T` padded completion length, `C` model width.
 
@@ -99,6 +101,16 @@ pub fn epoch_order(count: usize, seed: u64, step: u64, epoch: usize) -> Vec<usiz
     order
 }
 
+/// Where PPO's value head sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueModel {
+    /// On the policy's last hidden state: one trunk, whose weights the value loss also moves.
+    Shared,
+    /// On its own copy of the starting policy (TRL's layout).
+    Separate,
+}
+
 /// PPO settings, with TRL's names and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,6 +151,9 @@ pub struct PpoConfig {
     /// Adaptive KL control, with `kl_coef` the initial coefficient, e.g. `adaptive_kl = { target =
     /// 6.0, horizon = 10000 }`. Default none: `kl_coef` stays fixed (TRL's PPOTrainer).
     pub adaptive_kl: Option<AdaptiveKl>,
+    /// Where the value head sits: `"shared"` (default; the policy's trunk) or `"separate"` (a
+    /// copy of the starting policy, TRL's layout; not with LoRA).
+    pub value_model: ValueModel,
 }
 
 impl Default for PpoConfig {
@@ -161,6 +176,7 @@ impl Default for PpoConfig {
             whiten_rewards: false,
             missing_eos_penalty: None,
             adaptive_kl: None,
+            value_model: ValueModel::Shared,
         }
     }
 }
@@ -367,13 +383,33 @@ pub fn ppo_objective_share(
     (loss.reshape([1]), metrics)
 }
 
-/// The policy with a scalar value head on its last hidden state.
+/// The policy with a scalar value head on its last hidden state, or on that of a separate value
+/// trunk.
 #[derive(Module, Debug)]
 pub struct PolicyWithValueHead {
     /// The language model.
     pub policy: CausalLm,
     /// C -> 1.
     pub value_head: Linear,
+    /// With `value_model = "separate"`: the trunk the value head reads.
+    pub value_trunk: Option<CausalLm>,
+}
+
+/// Gives every parameter a new id and a new autodiff leaf over the same values, so a copy of a
+/// model trains as parameters of its own (burn's `clone` keeps the ids, which key gradients and
+/// AdamW's moments).
+struct FreshParams;
+
+impl burn::module::ModuleMapper for FreshParams {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let (_, tensor, mapper) = param.consume();
+        let trainable = tensor.is_require_grad();
+        let mut tensor = tensor.detach();
+        if trainable {
+            tensor = tensor.require_grad();
+        }
+        burn::module::Param::from_mapped_value(burn::module::ParamId::new(), tensor, mapper)
+    }
 }
 
 impl PolicyWithValueHead {
@@ -386,6 +422,10 @@ impl PolicyWithValueHead {
         let [batch, total, width] = hidden.dims();
         // The fused head: no [N, P+T, V] logits; entropies carry gradients (entropy_coef).
         let (logps, entropies) = log_probs_from_hidden(&self.policy, hidden.clone(), input, completion_len, temperature);
+        let hidden = match &self.value_trunk {
+            Some(trunk) => trunk.hidden_states(input, &mut trunk.new_cache()),
+            None => hidden,
+        };
         // The value of the state before each completion token: the same positions that predict it.
         let states = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]);
         let values = self.value_head.forward(states).reshape([batch, completion_len]);
@@ -408,6 +448,9 @@ pub struct Ppo {
 
 /// The file in a checkpoint that keeps PPO's KL coefficient (it moves under `adaptive_kl`).
 const KL_STATE_FILE: &str = "ppo_state.json";
+
+/// The directory in a checkpoint that holds a separate value model's trunk.
+const VALUE_MODEL_DIR: &str = "value_model";
 
 /// The registry entry.
 pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
@@ -478,9 +521,18 @@ impl Ppo {
         // Zero-initialised: deterministic, and the first value estimates are 0 rather than noise.
         let value_head = LinearConfig::new(width, 1).with_initializer(burn::nn::Initializer::Zeros).init(&device);
         let reference = crate::algorithm::reference_policy(&policy);
+        let value_trunk = match config.value_model {
+            ValueModel::Shared => None,
+            ValueModel::Separate if policy.has_adapters() => {
+                return Err(RlError::Config(
+                    "ppo.value_model = \"separate\" with policy.lora is not supported: use value_model = \"shared\" or train without LoRA".to_string(),
+                ));
+            }
+            ValueModel::Separate => Some(policy.clone().map(&mut FreshParams)),
+        };
         Ok(Self {
             optim: optim.clone(),
-            model: Some(PolicyWithValueHead { policy, value_head }),
+            model: Some(PolicyWithValueHead { policy, value_head, value_trunk }),
             reference,
             optimizer: AdamW::new(optim.adamw),
             steps: 0,
@@ -502,7 +554,11 @@ impl Ppo {
         let width = ppo.model.as_ref().expect("model").value_head.weight.dims()[0];
         let value_head = heads.linear("value_head", width, 1, true)?;
         heads.finish()?;
-        let model = PolicyWithValueHead { policy, value_head };
+        let value_trunk = match ppo.config.value_model {
+            ValueModel::Shared => None,
+            ValueModel::Separate => Some(CausalLm::load_dir(&dir.join(VALUE_MODEL_DIR), &device)?),
+        };
+        let model = PolicyWithValueHead { policy, value_head, value_trunk };
         ppo.optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
         ppo.model = Some(model);
         ppo.steps = state.steps;
@@ -542,6 +598,9 @@ impl RlAlgorithm for Ppo {
         let mut heads = policy_models::weights::WeightWriter::default();
         heads.linear("value_head", &model.value_head);
         heads.write(&dir.join("value_head.safetensors"))?;
+        if let Some(trunk) = &model.value_trunk {
+            trunk.save_dir(&dir.join(VALUE_MODEL_DIR), None)?;
+        }
         self.optimizer.save(model, &dir.join("optimizer.safetensors"))?;
         let kl_state = dir.join(KL_STATE_FILE);
         std::fs::write(&kl_state, serde_json::json!({ "kl_coef": self.kl_coef }).to_string())

@@ -186,6 +186,12 @@ fn grpo_and_ppo_resume_exactly() {
             lora,
         );
     }
+    // TRL's layout: the value head on its own copy of the policy, saved and restored with it.
+    check_exact_resume(
+        rl_algos::ppo::ENTRY,
+        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate"}),
+        false,
+    );
     // The adaptive KL coefficient moves every step (a tiny target and horizon), so a resume that
     // did not restore it would differ; with whitened rewards and the missing-EOS penalty.
     check_exact_resume(
@@ -346,4 +352,30 @@ fn schedules_count_optimizer_steps_not_algorithm_steps() {
         }
         assert!(last > 0.0 && last < settings.learning_rate, "{} {config}: the last update's rate is {last}", entry.name);
     }
+}
+
+/// With a separate value model the value loss moves only the value trunk and head: the policy
+/// after a step is the same whatever vf_coef is. On the shared trunk (the default) it is not.
+#[test]
+fn a_separate_value_model_keeps_the_value_loss_out_of_the_policy() {
+    use rl_algos::ppo::{Ppo, PpoConfig, ValueModel};
+    let device = Device::flex().autodiff();
+    let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+    let after_one_step = |value_model: ValueModel, vf_coef: f64| {
+        let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, value_model, vf_coef, ..PpoConfig::default() };
+        // No clipping: the global norm spans the value parameters, and would couple them.
+        let settings = OptimSettings { max_grad_norm: None, ..optim(2) };
+        let mut ppo = Ppo::new(tiny_policy(&device), config, settings, 0).unwrap();
+        let metrics = steps(&mut ppo, 1).pop().unwrap();
+        assert!(metrics["loss/value"] > 0.0, "the value loss is there to leak: {metrics:?}");
+        let policy = ppo.policy();
+        policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap()
+    };
+    assert_eq!(after_one_step(ValueModel::Separate, 0.0), after_one_step(ValueModel::Separate, 5.0));
+    assert_ne!(after_one_step(ValueModel::Shared, 0.0), after_one_step(ValueModel::Shared, 5.0));
+    // And LoRA with a separate value model is refused with the way out.
+    let lora = with_lora(tiny_policy(&device), &device);
+    let config = PpoConfig { value_model: ValueModel::Separate, ..PpoConfig::default() };
+    let error = Ppo::new(lora, config, optim(2), 0).err().expect("refused").to_string();
+    assert!(error.contains("value_model = \"shared\""), "{error}");
 }
