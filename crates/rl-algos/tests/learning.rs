@@ -361,12 +361,29 @@ fn a_separate_value_model_keeps_the_value_loss_out_of_the_policy() {
     use rl_algos::ppo::{Ppo, PpoConfig, ValueModel};
     let device = Device::flex().autodiff();
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+    // One start, saved and reloaded: tests running alongside draw from the same global generator.
+    let dir = tempfile::tempdir().unwrap();
+    tiny_policy(&device).save_dir(dir.path(), None).unwrap();
     let after_one_step = |value_model: ValueModel, vf_coef: f64| {
         let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, value_model, vf_coef, ..PpoConfig::default() };
         // No clipping: the global norm spans the value parameters, and would couple them.
         let settings = OptimSettings { max_grad_norm: None, ..optim(2) };
-        let mut ppo = Ppo::new(tiny_policy(&device), config, settings, 0).unwrap();
-        let metrics = steps(&mut ppo, 1).pop().unwrap();
+        let mut ppo = Ppo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, settings, 0).unwrap();
+        // A reward of 1 for every completion: returns differ from the zero-initialised values
+        // (a value loss to leak) and GAE's advantages differ by position (a policy gradient).
+        struct One;
+        impl RewardFunction for One {
+            fn name(&self) -> &str {
+                "one"
+            }
+            fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
+                vec![1.0; batch.len()]
+            }
+        }
+        let rewards = WeightedRewards::new(vec![(Box::new(One), 1.0)]);
+        let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+        let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+        let metrics = ppo.train_step(&prompts(), &environment).unwrap();
         assert!(metrics["loss/value"] > 0.0, "the value loss is there to leak: {metrics:?}");
         let policy = ppo.policy();
         policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap()

@@ -993,7 +993,7 @@ steps = 2
              optim = { adamw = { weight_decay = 0.1 } }\n\
              config = { kl_in = \"loss\", beta = 0.02, epsilon = 0.2, epsilon_high = 0.28, normalize_advantages = true }\n\
              [methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"\nreward_sources = [\"rules\"]\nsteps = 2\n\
-             config = { whiten_rewards = true, missing_eos_penalty = 1.0, adaptive_kl = { target = 6.0, horizon = 10000 } }\n";
+             config = { whiten_rewards = true, missing_eos_penalty = 1.0, adaptive_kl = { target = 6.0, horizon = 10000 }, value_model = \"separate\" }\n";
         let study = parse(&format!("{MINIMAL}{methods}")).unwrap();
         let MethodSpec::Rl { optim, .. } = &study.methods["rloo"] else { panic!() };
         assert_eq!(optim.adamw.weight_decay, 0.1);
