@@ -39,7 +39,7 @@ def main():
         eos_token_id=0,
     )
     model = GPTNeoForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)  # cotlab's default (transformers')
     ids = torch.randint(2, args.vocab_size, (args.batch_size, args.seq_len))
 
     def train_step():

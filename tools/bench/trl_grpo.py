@@ -261,8 +261,16 @@ def run_train(args, rows, torch, result):
         model = get_peft_model(model, lora_config(args))
     model.train()
     prompts = encode_prompts(tokenizer, rows)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # transformers Trainer's parameter groups (cotlab's AdamW): no weight decay on biases and norm weights.
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
     seconds, rates = [], []
     for step in range(args.steps):
         sequences, labels = [], []

@@ -1,8 +1,12 @@
 """Reference numbers for cotlab's PPO, from TRL's PPOTrainer formulas (trl 0.2x, the PPO that
 TRL shipped before removing it; cleanrl's PPO for language models): per-token rewards
 (-kl_coef * KL, k1 or k3, plus the score at the last completion token), GAE, masked whitening,
-the clipped policy loss, the clipped value loss, approxkl, clipfrac and explained variance,
-with d loss / d new log-probs and d loss / d value predictions.
+the clipped policy loss, the clipped value loss, approxkl, clipfrac, val/clipfrac, objective/kl
+(the KL summed per sequence, averaged) and explained variance, with d loss / d new log-probs and
+d loss / d value predictions; `whiten_rewards` (TRL's masked_whiten with shift_mean=False over
+the real tokens: cotlab puts the score on the last real token, where TRL's padding_mask_p1 also
+counts one position past it), and the adaptive KL controller of Ziegler et al. (2019) as TRL's
+old PPOTrainer had it (AdaptiveKLController).
 
     python tools/parity/make_ppo_fixtures.py
 Writes crates/rl-algos/tests/fixtures/ppo_objective.json.
@@ -11,6 +15,7 @@ Writes crates/rl-algos/tests/fixtures/ppo_objective.json.
 import json
 import pathlib
 
+import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -30,17 +35,38 @@ def masked_var(values, mask):
     return variance * (mask.sum() / (mask.sum() - 1))
 
 
-def masked_whiten(values, mask):
+def masked_whiten(values, mask, shift_mean=True):
     mean, var = masked_mean(values, mask), masked_var(values, mask)
-    return (values - mean) * torch.rsqrt(var + 1e-8)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened += mean
+    return whitened
 
 
-def targets(logprobs, ref_logprobs, values, scores, lengths, mask, estimator):
+class AdaptiveKLController:
+    """Ziegler et al. (2019), as trl.trainer.utils.AdaptiveKLController (TRL <= 0.11)."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current, n_steps):
+        target = self.target
+        proportional_error = np.clip(current / target - 1, -0.2, 0.2)
+        mult = 1 + proportional_error * n_steps / self.horizon
+        self.value *= mult
+
+
+def targets(logprobs, ref_logprobs, values, scores, lengths, mask, estimator, whiten_rewards=False):
     logr = ref_logprobs - logprobs
     kl = -logr if estimator == "k1" else (logr.exp() - 1) - logr
+    kl = kl * mask  # TRL fills padding log-probs with INVALID_LOGPROB in both: kl is 0 there
     rewards = -KL_COEF * kl * mask
     for i in range(N):
         rewards[i, lengths[i] - 1] += scores[i]
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
     values = values * mask
     lastgaelam = 0
     reversed_advantages = []
@@ -52,7 +78,7 @@ def targets(logprobs, ref_logprobs, values, scores, lengths, mask, estimator):
     advantages = torch.stack(reversed_advantages[::-1], dim=1)
     returns = advantages + values
     advantages = masked_whiten(advantages, mask) * mask
-    return rewards, advantages, returns, masked_mean(kl, mask)
+    return rewards, advantages, returns, masked_mean(kl, mask), kl.sum(1).mean()
 
 
 def main():
@@ -71,8 +97,8 @@ def main():
         "values": values.tolist(), "scores": scores.tolist(), "new_logprobs": new_logprobs.tolist(), "vpred": vpred.tolist(),
         "cases": [],
     }
-    for estimator in ("k1", "k3"):
-        rewards, advantages, returns, kl = targets(logprobs, ref, values, scores, lengths, mask, estimator)
+    for estimator, whiten_rewards in (("k1", False), ("k3", False), ("k1", True)):
+        rewards, advantages, returns, kl, sequence_kl = targets(logprobs, ref, values, scores, lengths, mask, estimator, whiten_rewards)
         x = new_logprobs.clone().requires_grad_(True)
         v = vpred.clone().requires_grad_(True)
         vpredclipped = torch.clamp(v, values - CLIP_VALUE, values + CLIP_VALUE)
@@ -90,10 +116,13 @@ def main():
         explained = 1 - masked_var(residual, mask) / masked_var(returns, mask)
         out["cases"].append({
             "kl_estimator": estimator,
+            "whiten_rewards": whiten_rewards,
             "rewards": rewards.tolist(),
             "advantages": advantages.tolist(),
             "returns": returns.tolist(),
             "kl": kl.item(),
+            "objective/kl": sequence_kl.item(),
+            "val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask).item(),
             "loss": loss.item(),
             "loss/policy": pg_loss.item(),
             "loss/value": vf_loss.item(),
@@ -103,6 +132,15 @@ def main():
             "grad_logprobs": x.grad.tolist(),
             "grad_vpred": v.grad.tolist(),
         })
+    # The adaptive KL coefficient over a few steps: KLs below, near and above the target, with a
+    # batch large enough against the horizon that the +-20% clip of the error binds.
+    controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    observed, batch = [1.0, 5.5, 6.0, 9.0, 30.0, 0.0], 512
+    coefficients = []
+    for current in observed:
+        controller.update(current, batch)
+        coefficients.append(controller.value)
+    out["adaptive_kl"] = {"init_kl_coef": 0.2, "target": 6.0, "horizon": 10000, "batch": batch, "observed": observed, "coefficients": coefficients}
     OUT.write_text(json.dumps(out) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
 

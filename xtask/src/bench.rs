@@ -229,6 +229,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `--model` benchmark's AdamW weight decay, as the benchmark issue set it (cotlab's and
+/// transformers' default is 0); both sides leave biases and norm weights out of it.
+const BENCH_WEIGHT_DECAY: f64 = 0.01;
+
 /// `--model`: cotlab's side in this process, then the reference as a child process (never both
 /// at once), side by side; the run is appended to `reports/bench/models.jsonl`.
 fn run_model(args: &Args) -> anyhow::Result<()> {
@@ -243,7 +247,7 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
         max_completion_length: args.new_tokens,
         temperature: args.temperature,
         learning_rate: args.learning_rate,
-        weight_decay: policy_models::optim::AdamWSettings::default().weight_decay,
+        weight_decay: BENCH_WEIGHT_DECAY,
         loss_type: "dapo".to_string(),
         beta: 0.0,
         steps: args.steps,

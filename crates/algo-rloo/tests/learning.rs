@@ -74,6 +74,12 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
     println!("RLOO toy reward: {first:.3} -> {last:.3} (chance 0.062)");
     assert!(last > 0.5 && last > first + 0.3, "reward {first:.3} -> {last:.3}");
     assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "num_generations": 1 })).unwrap_err().contains("num_generations = 1"));
+    assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "epsilon": 1.5 })).unwrap_err().contains("rloo.epsilon = 1.5"));
+    let unknown = (algo_rloo::ENTRY.validate)(&serde_json::json!({ "kl_in": "logits" })).unwrap_err();
+    assert!(unknown.contains("logits") && unknown.contains("reward"), "{unknown}");
+    // TRL's defaults: the KL in the reward at beta 0.05, so the step logs a KL.
+    assert!(history.iter().all(|m| m["kl"].is_finite()) && history.iter().any(|m| m["kl"] != 0.0));
+    assert!(history.iter().all(|m| m["clip_ratio/region_mean"] == 0.0), "one update per rollout: the ratio is 1");
 }
 
 /// RLOO makes one update per step, so its schedule spans the run's steps and each step's
@@ -134,7 +140,9 @@ fn one_thread_and_three_give_the_same_update() {
     let cases = [
         (rl_algos::grpo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 })),
         (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 })),
+        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate" })),
         (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" })),
     ];
     for (entry, config) in cases {
         let (one, metrics_one) = step_with_threads(&entry, &config, dir.path(), 1);
@@ -164,7 +172,8 @@ fn a_token_budget_splits_micro_batches_without_changing_the_update() {
     let cases = [
         (rl_algos::grpo::ENTRY, grpo("dapo")),
         (rl_algos::grpo::ENTRY, grpo("grpo")),
-        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "normalize_advantages": true })),
+        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" })),
     ];
     for (entry, config) in cases {
         let with = |key: &str, value: usize| {

@@ -1,13 +1,16 @@
 //! Training utilities with PyTorch's semantics, written out rather than taken from burn where
-//! burn differs: AdamW with `torch.optim.AdamW`'s defaults given explicitly (burn's default
-//! epsilon is 1e-5 and weight decay 1e-4; PyTorch's are 1e-8 and 1e-2), gradient clipping by the
+//! burn differs: AdamW with `torch.optim.AdamW`'s update and betas / epsilon given explicitly
+//! (burn's default epsilon is 1e-5 and weight decay 1e-4; PyTorch's epsilon is 1e-8), gradient clipping by the
 //! *global* norm over all parameters as `torch.nn.utils.clip_grad_norm_` (burn clips each tensor
 //! on its own), and the linear-warmup cosine schedule of transformers'
-//! `get_cosine_schedule_with_warmup`. Optimizer state is keyed by parameter path, so it saves to
+//! `get_cosine_schedule_with_warmup`. Weight decay follows transformers' `Trainer` rather than
+//! bare `torch.optim.AdamW`: 0 by default (`TrainingArguments.weight_decay`), and when set it
+//! applies to every parameter except biases and normalisation weights
+//! (`Trainer.get_decay_parameter_names`; see [`decays`]). Optimizer state is keyed by parameter path, so it saves to
 //! and restores from safetensors across processes (burn's own record is keyed by parameter ids,
 //! which a model reloaded from safetensors does not keep).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -27,14 +30,33 @@ pub struct AdamWSettings {
     pub beta2: f64,
     /// Added to the root of the second moment. PyTorch default 1e-8.
     pub eps: f64,
-    /// Decoupled weight decay, applied as p *= 1 - lr * weight_decay. PyTorch default 0.01.
+    /// Decoupled weight decay, applied as p *= 1 - lr * weight_decay to the parameters that
+    /// [`decays`] selects (not biases, not LayerNorm / RMSNorm weights). Default 0.0, as
+    /// transformers' `TrainingArguments` (bare `torch.optim.AdamW` would use 0.01 on everything).
     pub weight_decay: f64,
 }
 
 impl Default for AdamWSettings {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
+}
+
+/// Whether weight decay applies to the parameter at dotted `path` whose field belongs to a module
+/// of type `holder` (burn's container type, `Struct:LayerNorm`): transformers'
+/// `Trainer.get_decay_parameter_names`, which leaves out parameters of `nn.LayerNorm` layers and
+/// any whose lower-cased name matches `bias`, `layernorm`, `rmsnorm`, `(^|\.)norm($|\.)` or
+/// `_norm($|\.)`. Burn's norms name their weights `gamma` / `beta`, so the layer type matters
+/// (GPT-Neo's `ln_1.gamma`); RMSNorm counts as a norm layer here as its name patterns do there.
+pub fn decays(path: &str, holder: &str) -> bool {
+    let holder = holder.rsplit(':').next().unwrap_or(holder);
+    if matches!(holder, "LayerNorm" | "RmsNorm") {
+        return false;
+    }
+    let lower = path.to_lowercase();
+    let by_name = ["bias", "layernorm", "rmsnorm"].iter().any(|pattern| lower.contains(pattern))
+        || lower.split('.').any(|segment| segment == "norm" || segment.ends_with("_norm"));
+    !by_name
 }
 
 /// Linear warmup from 0, then cosine decay to `min_lr_ratio` x the peak (transformers'
@@ -68,24 +90,40 @@ impl Schedule {
 /// Visits float parameters with their dotted module paths.
 struct PathVisitor<'a> {
     path: Vec<String>,
+    /// The container type of each entered field (a parameter's last one is the module holding it).
+    holders: Vec<String>,
     found: &'a mut Vec<(String, ParamId)>,
     /// When set, each parameter's values too (for tests that compare weights by path).
     values: Option<&'a mut std::collections::BTreeMap<String, Vec<f32>>>,
+    /// When set, the ids of the parameters [`decays`] leaves out.
+    no_decay: Option<&'a mut HashSet<ParamId>>,
+}
+
+impl<'a> PathVisitor<'a> {
+    fn new(found: &'a mut Vec<(String, ParamId)>) -> Self {
+        Self { path: Vec::new(), holders: Vec::new(), found, values: None, no_decay: None }
+    }
 }
 
 impl ModuleVisitor for PathVisitor<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
+        self.holders.push(container_type.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.path.pop();
+        self.holders.pop();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
         if let Some(values) = self.values.as_mut() {
             values.insert(path.clone(), param.base().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"));
+        }
+        let holder = self.holders.last().map_or("", String::as_str);
+        if let Some(no_decay) = self.no_decay.as_mut().filter(|_| !decays(&path, holder)) {
+            no_decay.insert(param.id);
         }
         self.found.push((path, param.id));
     }
@@ -94,14 +132,22 @@ impl ModuleVisitor for PathVisitor<'_> {
 /// Every float parameter of `module` with its dotted path (`body.GptNeo.blocks.0.query.weight`).
 pub fn parameter_paths<M: Module>(module: &M) -> Vec<(String, ParamId)> {
     let mut found = Vec::new();
-    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut found, values: None });
+    module.visit(&mut PathVisitor::new(&mut found));
     found
+}
+
+/// The ids of `module`'s parameters that weight decay leaves out (see [`decays`]).
+pub fn no_decay_parameters<M: Module>(module: &M) -> HashSet<ParamId> {
+    let (mut found, mut no_decay) = (Vec::new(), HashSet::new());
+    module.visit(&mut PathVisitor { no_decay: Some(&mut no_decay), ..PathVisitor::new(&mut found) });
+    no_decay
 }
 
 /// Every float parameter's values by dotted path (LoRA factors end in `.lora.a` / `.lora.b`).
 pub fn parameter_values<M: Module>(module: &M) -> std::collections::BTreeMap<String, Vec<f32>> {
     let mut values = std::collections::BTreeMap::new();
-    module.visit(&mut PathVisitor { path: Vec::new(), found: &mut Vec::new(), values: Some(&mut values) });
+    let mut found = Vec::new();
+    module.visit(&mut PathVisitor { values: Some(&mut values), ..PathVisitor::new(&mut found) });
     values
 }
 
@@ -157,7 +203,8 @@ struct Moments {
     exp_avg_sq: Tensor<1>,
 }
 
-/// AdamW with PyTorch's update: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
+/// AdamW with PyTorch's update: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), with wd = 0
+/// for the parameters [`decays`] leaves out.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     settings: AdamWSettings,
@@ -171,6 +218,8 @@ struct AdamWMapper<'a> {
     optimizer: &'a mut AdamW,
     grads: &'a mut GradientsParams,
     learning_rate: f64,
+    /// Parameters without weight decay.
+    no_decay: HashSet<ParamId>,
     /// Sum of squared parameter changes of this step, for `update_norm`.
     update_sum_of_squares: f64,
 }
@@ -200,6 +249,7 @@ impl ModuleMapper for AdamWMapper<'_> {
         let denominator = moments.exp_avg_sq.clone().div_scalar(bias_correction2 as f32).sqrt() + eps as f32;
         let update = moments.exp_avg.clone().div_scalar(bias_correction1 as f32) / denominator * self.learning_rate as f32;
         let flat: Tensor<1> = value.reshape([count]);
+        let weight_decay = if self.no_decay.contains(&id) { 0.0 } else { weight_decay };
         let new_flat = flat.clone() * (1.0 - self.learning_rate * weight_decay) as f32 - update;
         self.update_sum_of_squares += f64::from((new_flat.clone() - flat).square().sum().into_scalar::<f32>());
         self.optimizer.moments.insert(id, moments);
@@ -225,7 +275,8 @@ impl AdamW {
     /// Applies one update with `grads` at `learning_rate`; returns the updated module and the
     /// L2 norm of the parameter change (`update_norm`).
     pub fn step<M: Module>(&mut self, module: M, mut grads: GradientsParams, learning_rate: f64) -> (M, f64) {
-        let mut mapper = AdamWMapper { optimizer: self, grads: &mut grads, learning_rate, update_sum_of_squares: 0.0 };
+        let no_decay = if self.settings.weight_decay == 0.0 { HashSet::new() } else { no_decay_parameters(&module) };
+        let mut mapper = AdamWMapper { optimizer: self, grads: &mut grads, learning_rate, no_decay, update_sum_of_squares: 0.0 };
         let module = module.map(&mut mapper);
         let update_norm = mapper.update_sum_of_squares.sqrt();
         self.steps += 1;

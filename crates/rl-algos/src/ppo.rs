@@ -2,11 +2,27 @@
 //! and cleanrl compute it, with a value head on the policy's last hidden state.
 //!
 //! Per step: sample one completion per prompt; score it (rule rewards, a reward model, or both:
-//! anything behind the reward-function trait); per-token rewards are -kl_coef x KL(policy ||
-//! reference) (k1 or k3) plus the score at the last completion token; GAE(gamma, lambda) gives
-//! advantages (whitened) and returns; then `num_ppo_epochs` passes over `num_mini_batches`
-//! minibatches minimise the clipped policy loss + vf_coef x the clipped value loss - entropy_coef
-//! x entropy.
+//! anything behind the reward-function trait), less `missing_eos_penalty` when it did not end with
+//! the end-of-sequence token; per-token rewards are -kl_coef x KL(policy || reference) (k1 or k3)
+//! plus the score at the last completion token, optionally whitened (`whiten_rewards`: masked
+//! whitening that keeps the mean, TRL's `shift_mean=False`); GAE(gamma, lambda) gives advantages
+//! (whitened) and returns; then `num_ppo_epochs` passes, each over a fresh seeded permutation of
+//! the rollout cut into `num_mini_batches` minibatches (TRL's `np.random.permutation` per epoch),
+//! minimise the clipped policy loss + vf_coef x the clipped value loss - entropy_coef x entropy.
+//! With `adaptive_kl`, kl_coef follows Ziegler et al. (2019)'s controller after each step:
+//! kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) x N / horizon, KL being `objective/kl` (the
+//! per-token KL summed over each completion, averaged over completions).
+//!
+//! By default (`value_model = "shared"`) the value head sits on the policy's own last hidden
+//! state (a shared trunk), where TRL's PPOTrainer trains a separate value model (its
+//! `PolicyAndValueWrapper`). So the value loss's gradient, scaled by vf_coef (0.1 by default),
+//! also flows into the policy's weights: the trunk gets the policy gradient plus vf_coef x the
+//! value-loss gradient. `value_model = "separate"` is TRL's layout: the head sits on a second copy
+//! of the starting policy (its own parameters, trained in the same AdamW step, saved in
+//! checkpoints under `value_model/`), so the policy gets only the policy gradient, at the cost of
+//! a second trunk's memory, forward and backward passes. Either way the head starts at zero
+//! rather than from a reward model's weights (TRL initialises its value model from the reward
+//! model), and the global gradient clipping spans policy and value parameters together.
 //!
 //! Legend: `N` completions, `T` padded completion length, `C` model width.
 
@@ -15,7 +31,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData};
-use policy_models::generate::{Sampler, log_probs_from_hidden};
+use policy_models::generate::{Sampler, StopReason, log_probs_from_hidden};
 use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
 use policy_models::{CausalLm, StepInput};
 use serde::{Deserialize, Serialize};
@@ -35,6 +51,64 @@ pub enum KlEstimator {
     K1,
     /// exp(ref - logp) - (ref - logp) - 1: unbiased and never negative.
     K3,
+}
+
+/// Ziegler et al. (2019)'s adaptive KL controller (TRL's old PPOTrainer: `adap_kl_ctrl`, with
+/// `init_kl_coef` = [`PpoConfig::kl_coef`], `target`, `horizon`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveKl {
+    /// The per-completion KL (`objective/kl`) to steer towards. Default 6.0 (TRL's).
+    pub target: f64,
+    /// Completions over which the coefficient may move by up to 20%. Default 10000 (TRL's).
+    pub horizon: f64,
+}
+
+impl Default for AdaptiveKl {
+    fn default() -> Self {
+        Self { target: 6.0, horizon: 10000.0 }
+    }
+}
+
+/// The next KL coefficient after a step of `completions` completions whose mean summed KL was
+/// `current_kl`: value x (1 + clip(current_kl / target - 1, -0.2, 0.2) x completions / horizon).
+pub fn adaptive_kl_coef(value: f64, current_kl: f64, completions: usize, settings: &AdaptiveKl) -> f64 {
+    let error = (current_kl / settings.target - 1.0).clamp(-0.2, 0.2);
+    value * (1.0 + error * completions as f64 / settings.horizon)
+}
+
+/// Scores less `penalty` for the completions that did not end with the end-of-sequence token
+/// (TRL's `missing_eos_penalty`: stopped by a stop string or truncated at the length limit).
+pub fn penalise_missing_eos(scores: &[f32], stop_reasons: &[StopReason], penalty: Option<f64>) -> Vec<f32> {
+    scores
+        .iter()
+        .zip(stop_reasons)
+        .map(|(&score, reason)| match penalty {
+            Some(penalty) if *reason != StopReason::Eos => score - penalty as f32,
+            _ => score,
+        })
+        .collect()
+}
+
+/// The order in which epoch `epoch` of step `step` visits the rollout's `count` rows: a
+/// permutation drawn from the run's seed, so a rerun visits the same minibatches.
+pub fn epoch_order(count: usize, seed: u64, step: u64, epoch: usize) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..count).collect();
+    // Rounds from 1: round 0 is the step's sampling seed.
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(step_seed(seed, step, 1 + epoch as u64)));
+    order
+}
+
+/// Where PPO's value head sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueModel {
+    /// On the policy's last hidden state: one trunk, whose weights the value loss also moves.
+    Shared,
+    /// On its own copy of the starting policy (TRL's layout).
+    Separate,
 }
 
 /// PPO settings, with TRL's names and defaults.
@@ -69,6 +143,17 @@ pub struct PpoConfig {
     pub num_mini_batches: usize,
     /// Whiten advantages. Default true.
     pub whiten_advantages: bool,
+    /// Whiten the per-token rewards (keeping their mean) before GAE. Default false (TRL).
+    pub whiten_rewards: bool,
+    /// Subtracted from the score of a completion without the end-of-sequence token. Default
+    /// none (TRL).
+    pub missing_eos_penalty: Option<f64>,
+    /// Adaptive KL control, with `kl_coef` the initial coefficient, e.g. `adaptive_kl = { target =
+    /// 6.0, horizon = 10000 }`. Default none: `kl_coef` stays fixed (TRL's PPOTrainer).
+    pub adaptive_kl: Option<AdaptiveKl>,
+    /// Where the value head sits: `"shared"` (default; the policy's trunk) or `"separate"` (a
+    /// copy of the starting policy, TRL's layout; not with LoRA).
+    pub value_model: ValueModel,
 }
 
 impl Default for PpoConfig {
@@ -88,6 +173,10 @@ impl Default for PpoConfig {
             num_ppo_epochs: 4,
             num_mini_batches: 1,
             whiten_advantages: true,
+            whiten_rewards: false,
+            missing_eos_penalty: None,
+            adaptive_kl: None,
+            value_model: ValueModel::Shared,
         }
     }
 }
@@ -113,6 +202,15 @@ impl PpoConfig {
         if !(self.temperature > 0.0) || !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("ppo.temperature = {} must be positive and top_p = {} in (0, 1]", self.temperature, self.top_p));
         }
+        if let Some(penalty) = self.missing_eos_penalty.filter(|p| !p.is_finite()) {
+            return Err(format!("ppo.missing_eos_penalty = {penalty} must be a finite number (or left out for none)"));
+        }
+        if let Some(adaptive) = self.adaptive_kl.filter(|a| !(a.target > 0.0 && a.horizon > 0.0)) {
+            return Err(format!(
+                "ppo.adaptive_kl = {{ target = {}, horizon = {} }}: both must be positive (or leave adaptive_kl out for a fixed kl_coef)",
+                adaptive.target, adaptive.horizon
+            ));
+        }
         Ok(())
     }
 }
@@ -128,6 +226,11 @@ pub struct PpoTargets {
     pub returns: Vec<Vec<f32>>,
     /// Mean per-token KL over completion tokens.
     pub kl: f64,
+    /// The KL summed over each completion's tokens, averaged over completions (TRL's
+    /// `objective/kl`).
+    pub sequence_kl: f64,
+    /// -kl_coef x the summed KL, averaged over completions (`objective/non_score_reward`).
+    pub non_score_reward: f64,
 }
 
 /// Computes PPO's per-token rewards, GAE advantages and returns from the rollout's log-probs,
@@ -143,7 +246,7 @@ pub fn ppo_targets(
 ) -> PpoTargets {
     let width = logprobs.first().map_or(0, Vec::len);
     let (mut rewards, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut kl_sum, mut tokens) = (0.0f64, 0usize);
+    let (mut kl_sum, mut non_score_sum, mut tokens) = (0.0f64, 0.0f64, 0usize);
     for row in 0..logprobs.len() {
         let length = lengths[row];
         let mut row_rewards = vec![0.0f32; width];
@@ -155,17 +258,32 @@ pub fn ppo_targets(
             };
             kl_sum += f64::from(kl);
             row_rewards[t] = -(config.kl_coef as f32) * kl;
+            non_score_sum += f64::from(row_rewards[t]);
         }
         tokens += length;
         if length > 0 {
             row_rewards[length - 1] += scores[row];
         }
+        rewards.push(row_rewards);
+    }
+    if config.whiten_rewards {
+        // TRL's masked_whiten(shift_mean=False): centred and scaled, then the mean added back.
+        let real: Vec<f32> = rewards.iter().zip(lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect();
+        let mean = real.iter().sum::<f32>() / real.len().max(1) as f32;
+        let mut whitened = whiten(&real).into_iter();
+        for (row, &length) in rewards.iter_mut().zip(lengths) {
+            for value in row.iter_mut().take(length) {
+                *value = whitened.next().expect("one whitened value per real token") + mean;
+            }
+        }
+    }
+    for (row, row_rewards) in rewards.iter().enumerate() {
+        let length = lengths[row];
         let (row_advantages, row_returns) = gae(&row_rewards[..length], &values[row][..length], config.gamma as f32, config.lam as f32);
         let pad = |mut v: Vec<f32>| {
             v.resize(width, 0.0);
             v
         };
-        rewards.push(row_rewards);
         advantages.push(pad(row_advantages));
         returns.push(pad(row_returns));
     }
@@ -178,7 +296,15 @@ pub fn ppo_targets(
             }
         }
     }
-    PpoTargets { rewards, advantages, returns, kl: kl_sum / tokens.max(1) as f64 }
+    let completions = logprobs.len().max(1) as f64;
+    PpoTargets {
+        rewards,
+        advantages,
+        returns,
+        kl: kl_sum / tokens.max(1) as f64,
+        sequence_kl: kl_sum / completions,
+        non_score_reward: non_score_sum / completions,
+    }
 }
 
 /// Metrics of the PPO objective, with TRL's names.
@@ -192,6 +318,8 @@ pub struct PpoLossMetrics {
     pub approxkl: f64,
     /// Share of tokens where clipping bound the policy loss (`policy/clipfrac`).
     pub clipfrac: f64,
+    /// Share of tokens where the clipped value loss was the larger (`val/clipfrac`).
+    pub value_clipfrac: f64,
 }
 
 /// The PPO loss: clipped policy loss + vf_coef x clipped value loss.
@@ -234,6 +362,7 @@ pub fn ppo_objective_share(
     let vpred_clipped = vpred.clone().max_pair(old_values.clone() - value_clip).min_pair(old_values + value_clip);
     let value_losses = (vpred - returns.clone()).powi_scalar(2);
     let value_losses_clipped = (vpred_clipped - returns).powi_scalar(2);
+    let value_clipped = value_losses_clipped.clone().greater(value_losses.clone()).float().detach();
     let value_loss = masked_mean(value_losses.max_pair(value_losses_clipped)) * 0.5;
     let log_ratio = new_logprobs - old_logprobs;
     let ratio = log_ratio.clone().exp();
@@ -249,17 +378,38 @@ pub fn ppo_objective_share(
         value_loss: scalar(value_loss),
         approxkl: scalar(masked_mean(log_ratio.detach().powi_scalar(2)) * 0.5),
         clipfrac: scalar(masked_mean(clipped.detach())),
+        value_clipfrac: scalar(masked_mean(value_clipped)),
     };
     (loss.reshape([1]), metrics)
 }
 
-/// The policy with a scalar value head on its last hidden state.
+/// The policy with a scalar value head on its last hidden state, or on that of a separate value
+/// trunk.
 #[derive(Module, Debug)]
 pub struct PolicyWithValueHead {
     /// The language model.
     pub policy: CausalLm,
     /// C -> 1.
     pub value_head: Linear,
+    /// With `value_model = "separate"`: the trunk the value head reads.
+    pub value_trunk: Option<CausalLm>,
+}
+
+/// Gives every parameter a new id and a new autodiff leaf over the same values, so a copy of a
+/// model trains as parameters of its own (burn's `clone` keeps the ids, which key gradients and
+/// AdamW's moments).
+struct FreshParams;
+
+impl burn::module::ModuleMapper for FreshParams {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let (_, tensor, mapper) = param.consume();
+        let trainable = tensor.is_require_grad();
+        let mut tensor = tensor.detach();
+        if trainable {
+            tensor = tensor.require_grad();
+        }
+        burn::module::Param::from_mapped_value(burn::module::ParamId::new(), tensor, mapper)
+    }
 }
 
 impl PolicyWithValueHead {
@@ -272,6 +422,10 @@ impl PolicyWithValueHead {
         let [batch, total, width] = hidden.dims();
         // The fused head: no [N, P+T, V] logits; entropies carry gradients (entropy_coef).
         let (logps, entropies) = log_probs_from_hidden(&self.policy, hidden.clone(), input, completion_len, temperature);
+        let hidden = match &self.value_trunk {
+            Some(trunk) => trunk.hidden_states(input, &mut trunk.new_cache()),
+            None => hidden,
+        };
         // The value of the state before each completion token: the same positions that predict it.
         let states = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]);
         let values = self.value_head.forward(states).reshape([batch, completion_len]);
@@ -288,7 +442,15 @@ pub struct Ppo {
     optimizer: AdamW,
     steps: u64,
     seed: u64,
+    /// The KL coefficient of the next step: `config.kl_coef`, moved by `adaptive_kl` when set.
+    kl_coef: f64,
 }
+
+/// The file in a checkpoint that keeps PPO's KL coefficient (it moves under `adaptive_kl`).
+const KL_STATE_FILE: &str = "ppo_state.json";
+
+/// The directory in a checkpoint that holds a separate value model's trunk.
+const VALUE_MODEL_DIR: &str = "value_model";
 
 /// The registry entry.
 pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
@@ -359,14 +521,24 @@ impl Ppo {
         // Zero-initialised: deterministic, and the first value estimates are 0 rather than noise.
         let value_head = LinearConfig::new(width, 1).with_initializer(burn::nn::Initializer::Zeros).init(&device);
         let reference = crate::algorithm::reference_policy(&policy);
+        let value_trunk = match config.value_model {
+            ValueModel::Shared => None,
+            ValueModel::Separate if policy.has_adapters() => {
+                return Err(RlError::Config(
+                    "ppo.value_model = \"separate\" with policy.lora is not supported: use value_model = \"shared\" or train without LoRA".to_string(),
+                ));
+            }
+            ValueModel::Separate => Some(policy.clone().map(&mut FreshParams)),
+        };
         Ok(Self {
-            config,
             optim: optim.clone(),
-            model: Some(PolicyWithValueHead { policy, value_head }),
+            model: Some(PolicyWithValueHead { policy, value_head, value_trunk }),
             reference,
             optimizer: AdamW::new(optim.adamw),
             steps: 0,
             seed,
+            kl_coef: config.kl_coef,
+            config,
         })
     }
 }
@@ -382,10 +554,23 @@ impl Ppo {
         let width = ppo.model.as_ref().expect("model").value_head.weight.dims()[0];
         let value_head = heads.linear("value_head", width, 1, true)?;
         heads.finish()?;
-        let model = PolicyWithValueHead { policy, value_head };
+        let value_trunk = match ppo.config.value_model {
+            ValueModel::Shared => None,
+            ValueModel::Separate => Some(CausalLm::load_dir(&dir.join(VALUE_MODEL_DIR), &device)?),
+        };
+        let model = PolicyWithValueHead { policy, value_head, value_trunk };
         ppo.optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
         ppo.model = Some(model);
         ppo.steps = state.steps;
+        let kl_state = dir.join(KL_STATE_FILE);
+        if kl_state.exists() {
+            let text = std::fs::read_to_string(&kl_state).map_err(|e| RlError::Config(format!("reading {}: {e}", kl_state.display())))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| RlError::Config(format!("{}: {e}", kl_state.display())))?;
+            ppo.kl_coef = value["kl_coef"]
+                .as_f64()
+                .ok_or_else(|| RlError::Config(format!("{}: no number kl_coef; delete the checkpoint to restart the cell", kl_state.display())))?;
+        }
         Ok(ppo)
     }
 }
@@ -413,7 +598,13 @@ impl RlAlgorithm for Ppo {
         let mut heads = policy_models::weights::WeightWriter::default();
         heads.linear("value_head", &model.value_head);
         heads.write(&dir.join("value_head.safetensors"))?;
+        if let Some(trunk) = &model.value_trunk {
+            trunk.save_dir(&dir.join(VALUE_MODEL_DIR), None)?;
+        }
         self.optimizer.save(model, &dir.join("optimizer.safetensors"))?;
+        let kl_state = dir.join(KL_STATE_FILE);
+        std::fs::write(&kl_state, serde_json::json!({ "kl_coef": self.kl_coef }).to_string())
+            .map_err(|e| RlError::Config(format!("writing {}: {e}", kl_state.display())))?;
         crate::algorithm::CheckpointState { steps: self.steps, seed: self.seed }.write(dir)
     }
 
@@ -438,9 +629,22 @@ impl RlAlgorithm for Ppo {
         let (old_logprobs, _, old_values) = inference.score(&input, completion_len, temperature);
         let (ref_logprobs, _) = policy_models::generate::completion_log_probs(&self.reference, &input, completion_len, temperature);
         let lengths = rollout.lengths();
-        let old_values_host = rows(old_values.clone());
-        let targets = ppo_targets(&rows(old_logprobs.clone()), &rows(ref_logprobs), &old_values_host, &scored.total, &lengths, &self.config);
-        metrics.insert("kl".to_string(), targets.kl);
+        let old_values_host = rows(old_values);
+        let scores = penalise_missing_eos(&scored.total, &rollout.stop_reasons, self.config.missing_eos_penalty);
+        let step_config = PpoConfig { kl_coef: self.kl_coef, ..self.config.clone() };
+        let old_logprobs_host = rows(old_logprobs);
+        let targets = ppo_targets(&old_logprobs_host, &rows(ref_logprobs), &old_values_host, &scores, &lengths, &step_config);
+        let mean_score = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64;
+        for (name, value) in [
+            ("kl", targets.kl),
+            ("objective/kl", targets.sequence_kl),
+            ("objective/kl_coef", self.kl_coef),
+            ("objective/scores", mean_score),
+            ("objective/non_score_reward", targets.non_score_reward),
+            ("objective/rlhf_reward", targets.non_score_reward + mean_score),
+        ] {
+            metrics.insert(name.to_string(), value);
+        }
         // Explained variance of the rollout's values against the returns, over real tokens.
         let real = |table: &[Vec<f32>]| -> Vec<f32> { table.iter().zip(&lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect() };
         let returns_real = real(&targets.returns);
@@ -450,30 +654,31 @@ impl RlAlgorithm for Ppo {
 
         let count = rollout.len();
         let width = completion_len;
-        let table = |values: &[Vec<f32>]| {
-            Tensor::<2>::from_data(TensorData::new(values.iter().flatten().copied().collect::<Vec<f32>>(), [count, width]), &device)
+        // Minibatch tables: the rows `indices` of a host table ([N][T]).
+        let gather = |values: &[Vec<f32>], indices: &[usize]| {
+            let flat: Vec<f32> = indices.iter().flat_map(|&i| values[i].iter().copied()).collect();
+            Tensor::<2>::from_data(TensorData::new(flat, [indices.len(), width]), &device)
         };
-        let advantages = table(&targets.advantages);
-        let returns = table(&targets.returns);
-        let old_logprobs = Tensor::<2>::from_inner(old_logprobs);
-        let old_values = Tensor::<2>::from_inner(old_values);
-        let mask = rollout::loss_mask(&rollout, false, &device);
         let schedule = self.optim.schedule();
-        let mut sums = [0.0f64; 6]; // policy loss, value loss, approxkl, clipfrac, entropy, grad norm
+        let mut sums = [0.0f64; 7]; // policy loss, value loss, approxkl, clipfrac, value clipfrac, entropy, grad norm
         let mut updates = 0usize;
         let mut update_norm_sum = 0.0;
         let mut learning_rate = 0.0;
-        for _epoch in 0..self.config.num_ppo_epochs {
+        for epoch in 0..self.config.num_ppo_epochs {
+            let order = epoch_order(count, self.seed, self.steps, epoch);
             for rows_range in minibatches(count, self.config.num_mini_batches) {
-                let start = rows_range.start;
+                let indices = &order[rows_range];
+                let batch = rollout.select(indices);
+                let mask = rollout::loss_mask(&batch, false, &device);
+                let (old_logprobs, advantages) = (gather(&old_logprobs_host, indices), gather(&targets.advantages, indices));
+                let (old_values, returns) = (gather(&old_values_host, indices), gather(&targets.returns, indices));
                 let pick = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..width]);
-                let minibatch_tokens = f64::from(pick(&mask, rows_range.clone()).sum().into_scalar::<f32>()).max(1.0);
+                let minibatch_tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
                 let entropy_coef = self.config.entropy_coef as f32;
                 let config = &self.config;
                 // One shard of rows per thread on the CPU, each loss its share of the minibatch's.
-                let shard = |model: &PolicyWithValueHead, shard_rows: std::ops::Range<usize>| {
-                    let rows = start + shard_rows.start..start + shard_rows.end;
-                    let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
+                let shard = |model: &PolicyWithValueHead, rows: std::ops::Range<usize>| {
+                    let sub = batch.select(&rows.clone().collect::<Vec<usize>>());
                     let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
                     let (logps, entropies, vpred) = model.score(&sub_input, completion_len, temperature);
                     let sub_mask = pick(&mask, rows.clone());
@@ -495,7 +700,7 @@ impl RlAlgorithm for Ppo {
                     let entropy = f64::from(entropy.detach().into_scalar::<f32>());
                     (loss, (objective, entropy))
                 };
-                let (loss, grads, shards) = match sharded_backward(&model, rows_range.len(), shard) {
+                let (loss, grads, shards) = match sharded_backward(&model, indices.len(), shard) {
                     Ok(computed) => computed,
                     Err(bad) => {
                         self.model = Some(model);
@@ -515,6 +720,7 @@ impl RlAlgorithm for Ppo {
                     value_loss: total.value_loss + part.value_loss,
                     approxkl: total.approxkl + part.approxkl,
                     clipfrac: total.clipfrac + part.clipfrac,
+                    value_clipfrac: total.value_clipfrac + part.value_clipfrac,
                 });
                 let entropy: f64 = shards.iter().map(|(_, entropy)| entropy).sum();
                 model = updated;
@@ -523,6 +729,7 @@ impl RlAlgorithm for Ppo {
                     objective.value_loss,
                     objective.approxkl,
                     objective.clipfrac,
+                    objective.value_clipfrac,
                     entropy,
                     stats.grad_norm,
                 ]) {
@@ -533,12 +740,15 @@ impl RlAlgorithm for Ppo {
             }
         }
         let average = |sum: f64| sum / updates.max(1) as f64;
-        for (name, sum) in ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "entropy", "grad_norm"].iter().zip(sums) {
+        for (name, sum) in ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "entropy", "grad_norm"].iter().zip(sums) {
             metrics.insert(name.to_string(), average(sum));
         }
         metrics.insert("update_norm".to_string(), average(update_norm_sum));
         metrics.insert("learning_rate".to_string(), learning_rate);
         self.model = Some(model);
+        if let Some(adaptive) = &self.config.adaptive_kl {
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, targets.sequence_kl, count, adaptive);
+        }
         self.steps += 1;
         let seconds = started.elapsed().as_secs_f64();
         metrics.insert("step_time".to_string(), seconds);

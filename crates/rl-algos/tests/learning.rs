@@ -196,6 +196,20 @@ fn grpo_and_ppo_resume_exactly() {
         serde_json::json!({"num_generations": 4, "max_completion_length": 3, "beta": 0.5, "sync_ref_model": true, "ref_model_sync_steps": 1}),
         false,
     );
+    // TRL's layout: the value head on its own copy of the policy, saved and restored with it.
+    check_exact_resume(
+        rl_algos::ppo::ENTRY,
+        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate"}),
+        false,
+    );
+    // The adaptive KL coefficient moves every step (a tiny target and horizon), so a resume that
+    // did not restore it would differ; with whitened rewards and the missing-EOS penalty.
+    check_exact_resume(
+        rl_algos::ppo::ENTRY,
+        serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.5,
+            "adaptive_kl": {"target": 1e-4, "horizon": 2.0}, "whiten_rewards": true, "missing_eos_penalty": 0.5}),
+        false,
+    );
 }
 
 /// TR-DPO's soft update: every parameter of the reference becomes alpha policy + (1 - alpha) ref;
@@ -456,4 +470,47 @@ fn grpo_knobs_run_in_training_steps() {
             assert!((share - share.round()).abs() < 1e-9, "{history:?}");
         }
     }
+}
+
+/// With a separate value model the value loss moves only the value trunk and head: the policy
+/// after a step is the same whatever vf_coef is. On the shared trunk (the default) it is not.
+#[test]
+fn a_separate_value_model_keeps_the_value_loss_out_of_the_policy() {
+    use rl_algos::ppo::{Ppo, PpoConfig, ValueModel};
+    let device = Device::flex().autodiff();
+    let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
+    // One start, saved and reloaded: tests running alongside draw from the same global generator.
+    let dir = tempfile::tempdir().unwrap();
+    tiny_policy(&device).save_dir(dir.path(), None).unwrap();
+    let after_one_step = |value_model: ValueModel, vf_coef: f64| {
+        let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, value_model, vf_coef, ..PpoConfig::default() };
+        // No clipping: the global norm spans the value parameters, and would couple them.
+        let settings = OptimSettings { max_grad_norm: None, ..optim(2) };
+        let mut ppo = Ppo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, settings, 0).unwrap();
+        // A reward of 1 for every completion: returns differ from the zero-initialised values
+        // (a value loss to leak) and GAE's advantages differ by position (a policy gradient).
+        struct One;
+        impl RewardFunction for One {
+            fn name(&self) -> &str {
+                "one"
+            }
+            fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
+                vec![1.0; batch.len()]
+            }
+        }
+        let rewards = WeightedRewards::new(vec![(Box::new(One), 1.0)]);
+        let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+        let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+        let metrics = ppo.train_step(&prompts(), &environment).unwrap();
+        assert!(metrics["loss/value"] > 0.0, "the value loss is there to leak: {metrics:?}");
+        let policy = ppo.policy();
+        policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap()
+    };
+    assert_eq!(after_one_step(ValueModel::Separate, 0.0), after_one_step(ValueModel::Separate, 5.0));
+    assert_ne!(after_one_step(ValueModel::Shared, 0.0), after_one_step(ValueModel::Shared, 5.0));
+    // And LoRA with a separate value model is refused with the way out.
+    let lora = with_lora(tiny_policy(&device), &device);
+    let config = PpoConfig { value_model: ValueModel::Separate, ..PpoConfig::default() };
+    let error = Ppo::new(lora, config, optim(2), 0).err().expect("refused").to_string();
+    assert!(error.contains("value_model = \"shared\""), "{error}");
 }

@@ -310,13 +310,14 @@ mod tests {
     use rl_algos::rewards::RewardInput;
 
     /// Rewards that differ within a group, so every method gets a gradient.
-    struct Length;
-    impl RewardFunction for Length {
+    struct ByteSum;
+    impl RewardFunction for ByteSum {
         fn name(&self) -> &str {
-            "length"
+            "byte_sum"
         }
         fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
-            batch.iter().map(|input| (input.completion.len() % 5) as f32).collect()
+            // By content, not length: every completion here runs to the length limit.
+            batch.iter().map(|input| (input.completion.bytes().map(u32::from).sum::<u32>() % 5) as f32).collect()
         }
     }
 
@@ -337,7 +338,7 @@ mod tests {
         let lora: Study = toml::from_str(&text("lora = { rank = 2, alpha = 4.0 }")).unwrap();
         let full: Study = toml::from_str(&text("")).unwrap();
         assert_eq!(lora.policy.lora.as_ref().map(|l| (l.rank, l.alpha)), Some((2, 4.0)));
-        let rewards = WeightedRewards::new(vec![(Box::new(Length) as Box<dyn RewardFunction>, 1.0)]);
+        let rewards = WeightedRewards::new(vec![(Box::new(ByteSum) as Box<dyn RewardFunction>, 1.0)]);
         let decode = |ids: &[i64]| ids.iter().map(|id| char::from(b'a' + (id % 26) as u8)).collect::<String>();
         let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
         let prompts: Vec<PromptItem> = (0..2).map(|i| PromptItem { prompt_ids: vec![1 + i, 2, 3], prompt_text: String::new(), answer: "1".into() }).collect();

@@ -1020,6 +1020,35 @@ steps = 2
         assert_eq!((*prompts_per_step, config.clone()), (4, serde_json::json!({})), "defaults as before");
     }
 
+    /// The TRL-level settings of RLOO, PPO and AdamW are accepted in study files, and their
+    /// mistakes name the method and the field.
+    #[test]
+    fn rloo_ppo_and_adamw_settings_are_accepted_and_checked() {
+        let methods = "[methods.rloo]\nkind = \"rl\"\nalgorithm = \"rloo\"\nreward_sources = [\"rules\"]\nsteps = 2\n\
+             optim = { adamw = { weight_decay = 0.1 } }\n\
+             config = { kl_in = \"loss\", beta = 0.02, epsilon = 0.2, epsilon_high = 0.28, normalize_advantages = true }\n\
+             [methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"\nreward_sources = [\"rules\"]\nsteps = 2\n\
+             config = { whiten_rewards = true, missing_eos_penalty = 1.0, adaptive_kl = { target = 6.0, horizon = 10000 }, value_model = \"separate\" }\n";
+        let study = parse(&format!("{MINIMAL}{methods}")).unwrap();
+        let MethodSpec::Rl { optim, .. } = &study.methods["rloo"] else { panic!() };
+        assert_eq!(optim.adamw.weight_decay, 0.1);
+        let MethodSpec::Rl { optim, .. } = &study.methods["grpo"] else { panic!() };
+        assert_eq!(optim.adamw.weight_decay, 0.0, "transformers' default");
+        for (change, named) in [
+            ("kl_in = \"loss\"", "methods.rloo.config: [rloo] config: unknown variant `logits`, expected `reward` or `loss`"),
+            ("epsilon = 0.2,", "methods.rloo.config: rloo.epsilon = 1.5"),
+            ("horizon = 10000", "methods.ppo.config: ppo.adaptive_kl = { target = 6, horizon = 0 }"),
+        ] {
+            let replacement = match change {
+                "kl_in = \"loss\"" => "kl_in = \"logits\"",
+                "epsilon = 0.2," => "epsilon = 1.5,",
+                _ => "horizon = 0",
+            };
+            let error = parse(&format!("{MINIMAL}{}", methods.replace(change, replacement))).expect_err(named).to_string();
+            assert!(error.contains(named), "expected {named:?} in: {error}");
+        }
+    }
+
     /// The same for the other tagged tables: the task, the base and the reward model (their type
     /// errors named only `[task]`, `[policy.base]`, `[reward_model]`), nested tables included.
     #[test]
