@@ -184,7 +184,15 @@ pub fn rloo_sequence_loss(
 }
 
 /// The registry entry: the one line the study runner adds is `algo_rloo::ENTRY`.
-pub const ENTRY: AlgorithmEntry = AlgorithmEntry { name: "rloo", validate, optimizer_steps_per_step, rollout_shape, build, resume };
+pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
+    name: "rloo",
+    validate,
+    resolve: |value| rl_algos::algorithm::resolved_config("rloo", value, RlooConfig::validate),
+    optimizer_steps_per_step,
+    rollout_shape,
+    build,
+    resume,
+};
 
 fn validate(value: &serde_json::Value) -> Result<(), String> {
     parse_config::<RlooConfig>("rloo", value)?.validate()

@@ -236,6 +236,9 @@ pub struct AlgorithmEntry {
     pub name: &'static str,
     /// Validates the config block without building anything (for `--dry-run` and config tests).
     pub validate: fn(&serde_json::Value) -> Result<(), String>,
+    /// The config block as the algorithm reads it, every default filled in (see
+    /// [`resolved_config`]).
+    pub resolve: fn(&serde_json::Value) -> Result<serde_json::Value, String>,
     /// Optimizer steps one training step takes with this config block and this many prompts
     /// per step (the learning-rate schedule counts optimizer steps, not training steps).
     pub optimizer_steps_per_step: fn(&serde_json::Value, usize) -> Result<u64, String>,
@@ -261,6 +264,19 @@ impl AlgorithmEntry {
 /// Parses and validates a config block with serde, naming the algorithm in errors.
 pub fn parse_config<T: serde::de::DeserializeOwned>(name: &str, value: &serde_json::Value) -> Result<T, String> {
     serde_json::from_value(value.clone()).map_err(|error| format!("[{name}] config: {error}"))
+}
+
+/// A config block parsed, validated and written back with every default filled in. A study
+/// cell's identity records this, not the block as written, so that a changed default (a new
+/// release's) counts as a changed setting and the cell is not silently reused.
+pub fn resolved_config<T: serde::de::DeserializeOwned + serde::Serialize>(
+    name: &str,
+    value: &serde_json::Value,
+    validate: fn(&T) -> Result<(), String>,
+) -> Result<serde_json::Value, String> {
+    let config = parse_config::<T>(name, value)?;
+    validate(&config)?;
+    serde_json::to_value(&config).map_err(|error| format!("[{name}] config: {error}"))
 }
 
 /// Mean and (Bessel-corrected) standard deviation.

@@ -534,6 +534,7 @@ pub struct Grpo {
 pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
     name: "grpo",
     validate: validate_entry,
+    resolve: |value| crate::algorithm::resolved_config("grpo", value, GrpoConfig::validate),
     optimizer_steps_per_step: optimizer_steps_entry,
     rollout_shape: rollout_shape_entry,
     build: build_entry,

@@ -456,6 +456,7 @@ const VALUE_MODEL_DIR: &str = "value_model";
 pub const ENTRY: AlgorithmEntry = AlgorithmEntry {
     name: "ppo",
     validate: validate_entry,
+    resolve: |value| crate::algorithm::resolved_config("ppo", value, PpoConfig::validate),
     optimizer_steps_per_step: optimizer_steps_entry,
     rollout_shape: rollout_shape_entry,
     build: build_entry,

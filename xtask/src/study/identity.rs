@@ -113,8 +113,12 @@ pub fn cell_config(study: &Study, cell: &Cell) -> anyhow::Result<Value> {
     let mut config = base_config(study)?;
     let method = study.methods.get(&cell.method).with_context(|| format!("cell {}: no [methods.{}]", cell.id(), cell.method))?;
     let mut method_value = serde_json::to_value(method)?;
-    if let MethodSpec::Rl { .. } = method {
+    if let MethodSpec::Rl { algorithm, config: algorithm_config, .. } = method {
         method_value["optim"] = serde_json::to_value(study.rl_optim(&cell.method, registry())?)?;
+        // With the algorithm's defaults filled in: a release that changes a default changes
+        // the cells that relied on it.
+        let entry = registry().iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{}: no algorithm {algorithm}", cell.method))?;
+        method_value["config"] = (entry.resolve)(algorithm_config).map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
         let source = study.reward_sources.get(&cell.reward_source).with_context(|| format!("cell {}: no [reward_sources.{}]", cell.id(), cell.reward_source))?;
         if source.reward_model_weight.is_some()
             && let Some(reward_model) = reward_model_config(study)?
@@ -295,6 +299,24 @@ mod tests {
         assert_eq!(b, base);
         assert_eq!(c.len(), cells.len() + 7, "a third seed of every cell and the base method's");
         assert!(stale(&c).is_empty(), "{:?}", stale(&c));
+    }
+
+    /// A cell records its algorithm's settings with the defaults filled in: writing a default out
+    /// changes nothing, and a release that changes a default (RLOO's `beta` did) would change the
+    /// recorded value, so the cell is redone rather than reused.
+    #[test]
+    fn a_cell_records_the_algorithm_defaults_it_ran_with() {
+        let config = |study: &Study| cell_config(study, &cell("rloo", "rules", 0)).unwrap();
+        let implicit = config(&study(""));
+        assert_eq!(implicit["methods"]["rloo"]["config"]["beta"], json!(0.05), "{implicit}");
+        let mut explicit = study("");
+        let Some(MethodSpec::Rl { config: written, .. }) = explicit.methods.get_mut("rloo") else { panic!() };
+        *written = json!({ "beta": 0.05, "num_generations": 4 });
+        assert_eq!(Identity::new(config(&explicit)).hash, Identity::new(implicit.clone()).hash);
+        *match explicit.methods.get_mut("rloo") { Some(MethodSpec::Rl { config, .. }) => config, _ => panic!() } = json!({ "beta": 0.0 });
+        let mut lines = Vec::new();
+        differences("", &implicit, &config(&explicit), &mut lines);
+        assert_eq!(lines, ["methods.rloo.config.beta: 0.05 -> 0.0"]);
     }
 
     #[test]
