@@ -63,7 +63,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let heads = RobertaConfig::TINY_HEADS;
-    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size % heads == 0, "--hidden-size {}: use a positive multiple of {heads} (the tiny model's attention heads)", args.hidden_size);
+    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size.is_multiple_of(heads), "--hidden-size {}: use a positive multiple of {heads} (the tiny model's attention heads)", args.hidden_size);
     anyhow::ensure!(args.layers > 0 && args.intermediate_size != Some(0), "--layers and --intermediate-size must be at least 1");
     let study_path = args.study.clone().or_else(|| Some(PathBuf::from("configs/default.toml")).filter(|p| p.is_file()));
     let base_task = match &study_path {

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 16 * 1024;
 
 /// `gelu_new`'s constants: y = x · sigmoid(K (x + C x³)), K = 2 sqrt(2/π).
-const K: f32 = 1.595_769_1;
+const K: f32 = 1.595_769;
 const C: f32 = 0.044_715;
 
 /// Custom operations with fused CPU kernels.
@@ -831,7 +831,7 @@ fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 5e-1);
     let y = p.mul_add(r * r, r) + 1.0;
     // SAFETY: n is an integer in [-126, 127] after the clamp, so the conversion is exact (and
     // compiles to one vector instruction, where `as` adds saturation checks).

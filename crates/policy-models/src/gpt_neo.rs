@@ -104,7 +104,7 @@ impl GptNeoConfig {
 
     /// Checks the fields against each other.
     pub fn validate(&self) -> Result<(), String> {
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!("hidden_size {} is not a multiple of num_heads {}", self.hidden_size, self.num_heads));
         }
         if self.attention_layers().len() != self.num_layers {

@@ -145,10 +145,10 @@ struct GradCounter<'a> {
 impl burn::module::ModuleVisitor for GradCounter<'_> {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
         *self.visited += 1;
-        if let Some(grad) = param.val().grad(self.gradients) {
-            if grad.abs().sum().into_scalar::<f32>() > 0.0 {
-                *self.nonzero += 1;
-            }
+        if let Some(grad) = param.val().grad(self.gradients)
+            && grad.abs().sum().into_scalar::<f32>() > 0.0
+        {
+            *self.nonzero += 1;
         }
     }
 }

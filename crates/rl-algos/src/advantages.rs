@@ -41,7 +41,7 @@ fn std(values: &[f32]) -> f32 {
 /// `isclose(std, 0)`: equal rewards whose f32 mean rounds (8 x 2.6) have a std of 2.5e-7, which
 /// that test may miss and which would give each member a spurious nonzero advantage.
 pub fn group_advantages(rewards: &[f32], num_generations: usize, scale: ScaleRewards) -> (Vec<f32>, Vec<bool>) {
-    assert!(num_generations > 0 && rewards.len() % num_generations == 0, "rewards must come in whole groups");
+    assert!(num_generations > 0 && rewards.len().is_multiple_of(num_generations), "rewards must come in whole groups");
     let batch_std = std(rewards);
     let mut advantages = Vec::with_capacity(rewards.len());
     let mut zero_std = Vec::with_capacity(rewards.len());
