@@ -444,3 +444,61 @@ pub fn apply_gradients<M: Module>(
     let (model, update_norm) = optimizer.step(model, grads, learning_rate);
     Ok((model, UpdateStats { loss, grad_norm, update_norm }))
 }
+
+/// A model under training and its optimizer: the one update path of every trainer (SFT, the
+/// reward model, GRPO, PPO, RLOO). [`Self::backward`] differentiates a sharded loss on the model
+/// in place; [`Self::update`] clips, checks and steps AdamW. burn's optimizer takes the module by
+/// value, so the model leaves its slot only inside `update`, and goes back on every path: a
+/// step that fails (a NaN gradient norm) leaves the trainer holding its model.
+pub struct Updater<M> {
+    model: Option<M>,
+    optimizer: AdamW,
+}
+
+impl<M: Module + Sync> Updater<M> {
+    /// Trains `model` (on an autodiff device) with `optimizer`.
+    pub fn new(model: M, optimizer: AdamW) -> Self {
+        Self { model: Some(model), optimizer }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        self.model.as_ref().expect("the model is back in place after every update")
+    }
+
+    /// The optimizer (its step count, its state for checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The model, handed back.
+    pub fn into_model(self) -> M {
+        self.model.expect("the model is back in place after every update")
+    }
+
+    /// Replaces the model by `f(model)` (a module transformation between updates).
+    pub fn map_model(&mut self, f: impl FnOnce(M) -> M) {
+        let model = self.model.take().expect("the model is back in place after every update");
+        self.model = Some(f(model));
+    }
+
+    /// [`sharded_backward`] on the model.
+    pub fn backward<T, F>(&self, rows: usize, shard_loss: F) -> Result<(f64, GradientsParams, Vec<T>), NonFinite>
+    where
+        T: Send,
+        F: Fn(&M, std::ops::Range<usize>) -> (Tensor<1>, T) + Sync,
+    {
+        sharded_backward(self.model(), rows, shard_loss)
+    }
+
+    /// [`apply_gradients`] to the model; on a non-finite gradient norm the model is kept as it was.
+    pub fn update(&mut self, grads: GradientsParams, loss: f64, max_grad_norm: Option<f64>, learning_rate: f64) -> Result<UpdateStats, NonFinite> {
+        let model = self.model.take().expect("the model is back in place after every update");
+        let (model, outcome) = match apply_gradients(model, grads, loss, &mut self.optimizer, max_grad_norm, learning_rate) {
+            Ok((model, stats)) => (model, Ok(stats)),
+            Err((model, bad)) => (model, Err(bad)),
+        };
+        self.model = Some(model);
+        outcome
+    }
+}

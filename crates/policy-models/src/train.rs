@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::StepInput;
 use crate::model::CausalLm;
-use crate::optim::{AdamW, AdamWSettings, NonFinite, Schedule, apply_gradients, sharded_backward};
+use crate::optim::{AdamW, AdamWSettings, NonFinite, Schedule, Updater};
 use crate::tokenizer::PolicyTokenizer;
 use crate::weights::LoadError;
 
@@ -140,8 +140,7 @@ pub fn sft_loss_share(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64
 
 /// A model under supervised training with its optimizer and step count.
 pub struct SftTrainer {
-    model: Option<CausalLm>,
-    optimizer: AdamW,
+    updater: Updater<CausalLm>,
     config: SftConfig,
 }
 
@@ -154,7 +153,7 @@ struct TrainerState {
 impl SftTrainer {
     /// Starts training `model` (which must live on an autodiff device).
     pub fn new(model: CausalLm, config: SftConfig) -> Self {
-        Self { model: Some(model), optimizer: AdamW::new(config.adamw), config }
+        Self { updater: Updater::new(model, AdamW::new(config.adamw)), config }
     }
 
     /// Resumes from a checkpoint directory written by [`SftTrainer::save_checkpoint`], on
@@ -193,22 +192,22 @@ impl SftTrainer {
                 message: format!("trainer step {} but optimizer step {}: a partial checkpoint", state.step, optimizer.steps()),
             });
         }
-        Ok(Self { model: Some(model), optimizer, config })
+        Ok(Self { updater: Updater::new(model, optimizer), config })
     }
 
     /// Steps completed.
     pub fn step(&self) -> u64 {
-        self.optimizer.steps()
+        self.updater.optimizer().steps()
     }
 
     /// The model.
     pub fn model(&self) -> &CausalLm {
-        self.model.as_ref().expect("the model is always present between steps")
+        self.updater.model()
     }
 
     /// Hands the model back.
     pub fn into_model(self) -> CausalLm {
-        self.model.expect("the model is always present between steps")
+        self.updater.into_model()
     }
 
     /// The examples of step `step`: consecutive slices of a per-epoch permutation.
@@ -236,29 +235,15 @@ impl SftTrainer {
             return Err(TrainError::NoExamples);
         }
         let started = Instant::now();
-        let step = self.optimizer.steps();
+        let step = self.updater.optimizer().steps();
         let batch: Vec<&SftExample> = self.batch_indices(step, examples.len()).into_iter().map(|i| &examples[i]).collect();
-        let model = self.model.take().expect("model present");
         let tokens = batch.iter().map(|example| example.target_tokens()).sum::<usize>();
         let pad = self.config.pad_token_id;
         let learning_rate = self.config.schedule.learning_rate_at(step);
         // One shard of rows per thread on the CPU: see `sharded_backward`.
         let not_finite = |bad: NonFinite| TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
-        let (loss, grads, _) = match sharded_backward(&model, batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ())) {
-            Ok(computed) => computed,
-            Err(bad) => {
-                self.model = Some(model);
-                return Err(not_finite(bad));
-            }
-        };
-        let (model, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
-            Ok(updated) => updated,
-            Err((model, bad)) => {
-                self.model = Some(model);
-                return Err(not_finite(bad));
-            }
-        };
-        self.model = Some(model);
+        let (loss, grads, _) = self.updater.backward(batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ())).map_err(not_finite)?;
+        let stats = self.updater.update(grads, loss, self.config.max_grad_norm, learning_rate).map_err(not_finite)?;
         Ok(SftStep {
             step: step + 1,
             loss: stats.loss,
@@ -282,7 +267,7 @@ impl SftTrainer {
             std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
         }
         self.model().save_dir(&temporary, tokenizer)?;
-        self.optimizer.save(self.model(), &temporary.join("optimizer.safetensors"))?;
+        self.updater.optimizer().save(self.model(), &temporary.join("optimizer.safetensors"))?;
         let state = TrainerState { step, config: self.config.clone() };
         let state_path = temporary.join("trainer_state.json");
         std::fs::write(&state_path, serde_json::to_string_pretty(&state).expect("json")).map_err(|error| fail(&state_path, error))?;

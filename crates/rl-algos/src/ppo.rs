@@ -32,7 +32,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData};
 use policy_models::generate::{Sampler, StopReason, log_probs_from_hidden};
-use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
+use policy_models::optim::{AdamW, NonFinite, Updater};
 use policy_models::{CausalLm, StepInput};
 use serde::{Deserialize, Serialize};
 
@@ -322,6 +322,29 @@ pub struct PpoLossMetrics {
     pub value_clipfrac: f64,
 }
 
+impl PpoLossMetrics {
+    /// Field by field sum (shards' shares, minibatches' values).
+    fn plus(self, other: Self) -> Self {
+        Self {
+            policy_loss: self.policy_loss + other.policy_loss,
+            value_loss: self.value_loss + other.value_loss,
+            approxkl: self.approxkl + other.approxkl,
+            clipfrac: self.clipfrac + other.clipfrac,
+            value_clipfrac: self.value_clipfrac + other.value_clipfrac,
+        }
+    }
+}
+
+/// Sums over one step's minibatch updates, averaged into its metrics.
+#[derive(Default)]
+struct UpdateSums {
+    objective: PpoLossMetrics,
+    entropy: f64,
+    grad_norm: f64,
+    update_norm: f64,
+    updates: usize,
+}
+
 /// The PPO loss: clipped policy loss + vf_coef x clipped value loss.
 ///
 /// # Shapes
@@ -437,9 +460,9 @@ impl PolicyWithValueHead {
 pub struct Ppo {
     config: PpoConfig,
     optim: OptimSettings,
-    model: Option<PolicyWithValueHead>,
+    /// The policy with its value head, and their optimizer.
+    updater: Updater<PolicyWithValueHead>,
     reference: CausalLm,
-    optimizer: AdamW,
     steps: u64,
     seed: u64,
     /// The KL coefficient of the next step: `config.kl_coef`, moved by `adaptive_kl` when set.
@@ -533,9 +556,8 @@ impl Ppo {
         };
         Ok(Self {
             optim: optim.clone(),
-            model: Some(PolicyWithValueHead { policy, value_head, value_trunk }),
+            updater: Updater::new(PolicyWithValueHead { policy, value_head, value_trunk }, AdamW::new(optim.adamw)),
             reference,
-            optimizer: AdamW::new(optim.adamw),
             steps: 0,
             seed,
             kl_coef: config.kl_coef,
@@ -552,7 +574,7 @@ impl Ppo {
         let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut ppo = Self::new(start, config, optim, state.seed)?;
         let mut heads = policy_models::weights::WeightMap::open_files(dir, &[dir.join("value_head.safetensors")], &device)?;
-        let width = ppo.model.as_ref().expect("model").value_head.weight.dims()[0];
+        let width = ppo.updater.model().value_head.weight.dims()[0];
         let value_head = heads.linear("value_head", width, 1, true)?;
         heads.finish()?;
         let value_trunk = match ppo.config.value_model {
@@ -560,8 +582,8 @@ impl Ppo {
             ValueModel::Separate => Some(CausalLm::load_dir(&dir.join(VALUE_MODEL_DIR), &device)?),
         };
         let model = PolicyWithValueHead { policy, value_head, value_trunk };
-        ppo.optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
-        ppo.model = Some(model);
+        let optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
+        ppo.updater = Updater::new(model, optimizer);
         ppo.steps = state.steps;
         let kl_state = dir.join(KL_STATE_FILE);
         if kl_state.exists() {
@@ -586,15 +608,15 @@ impl RlAlgorithm for Ppo {
     }
 
     fn policy(&self) -> &CausalLm {
-        &self.model.as_ref().expect("the model is present between steps").policy
+        &self.updater.model().policy
     }
 
     fn into_policy(self: Box<Self>) -> CausalLm {
-        self.model.expect("the model is present between steps").policy
+        self.updater.into_model().policy
     }
 
     fn save_checkpoint(&self, dir: &std::path::Path) -> Result<(), RlError> {
-        let model = self.model.as_ref().expect("the model is present between steps");
+        let model = self.updater.model();
         model.policy.save_dir(&dir.join("policy"), None)?;
         let mut heads = policy_models::weights::WeightWriter::default();
         heads.linear("value_head", &model.value_head);
@@ -602,7 +624,7 @@ impl RlAlgorithm for Ppo {
         if let Some(trunk) = &model.value_trunk {
             trunk.save_dir(&dir.join(VALUE_MODEL_DIR), None)?;
         }
-        self.optimizer.save(model, &dir.join("optimizer.safetensors"))?;
+        self.updater.optimizer().save(model, &dir.join("optimizer.safetensors"))?;
         let kl_state = dir.join(KL_STATE_FILE);
         std::fs::write(&kl_state, serde_json::json!({ "kl_coef": self.kl_coef }).to_string())
             .map_err(|e| RlError::Config(format!("writing {}: {e}", kl_state.display())))?;
@@ -611,7 +633,7 @@ impl RlAlgorithm for Ppo {
 
     fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
         let started = Instant::now();
-        let mut model = self.model.take().expect("the model is present between steps");
+        let model = self.updater.model();
         let device = model.policy.devices().into_iter().next().expect("the policy has parameters");
         let inference = model.valid();
         let sampler = Sampler::Sample {
@@ -661,9 +683,7 @@ impl RlAlgorithm for Ppo {
             Tensor::<2>::from_data(TensorData::new(flat, [indices.len(), width]), &device)
         };
         let schedule = self.optim.schedule();
-        let mut sums = [0.0f64; 7]; // policy loss, value loss, approxkl, clipfrac, value clipfrac, entropy, grad norm
-        let mut updates = 0usize;
-        let mut update_norm_sum = 0.0;
+        let mut sums = UpdateSums::default();
         let mut learning_rate = 0.0;
         for epoch in 0..self.config.num_ppo_epochs {
             let order = epoch_order(count, self.seed, self.steps, epoch);
@@ -701,52 +721,34 @@ impl RlAlgorithm for Ppo {
                     let entropy = f64::from(entropy.detach().into_scalar::<f32>());
                     (loss, (objective, entropy))
                 };
-                let (loss, grads, shards) = match sharded_backward(&model, indices.len(), shard) {
-                    Ok(computed) => computed,
-                    Err(bad) => {
-                        self.model = Some(model);
-                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-                    }
-                };
-                learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-                let (updated, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
-                    Ok(updated) => updated,
-                    Err((model, bad)) => {
-                        self.model = Some(model);
-                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-                    }
-                };
-                let objective = shards.iter().fold(PpoLossMetrics::default(), |total, (part, _)| PpoLossMetrics {
-                    policy_loss: total.policy_loss + part.policy_loss,
-                    value_loss: total.value_loss + part.value_loss,
-                    approxkl: total.approxkl + part.approxkl,
-                    clipfrac: total.clipfrac + part.clipfrac,
-                    value_clipfrac: total.value_clipfrac + part.value_clipfrac,
-                });
-                let entropy: f64 = shards.iter().map(|(_, entropy)| entropy).sum();
-                model = updated;
-                for (sum, value) in sums.iter_mut().zip([
-                    objective.policy_loss,
-                    objective.value_loss,
-                    objective.approxkl,
-                    objective.clipfrac,
-                    objective.value_clipfrac,
-                    entropy,
-                    stats.grad_norm,
-                ]) {
-                    *sum += value;
+                let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+                let (loss, grads, shards) = self.updater.backward(indices.len(), shard).map_err(not_finite)?;
+                learning_rate = schedule.learning_rate_at(self.updater.optimizer().steps());
+                let stats = self.updater.update(grads, loss, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
+                for (objective, entropy) in shards {
+                    sums.objective = sums.objective.plus(objective);
+                    sums.entropy += entropy;
                 }
-                update_norm_sum += stats.update_norm;
-                updates += 1;
+                sums.grad_norm += stats.grad_norm;
+                sums.update_norm += stats.update_norm;
+                sums.updates += 1;
             }
         }
-        let average = |sum: f64| sum / updates.max(1) as f64;
-        for (name, sum) in ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "entropy", "grad_norm"].iter().zip(sums) {
+        let average = |sum: f64| sum / sums.updates.max(1) as f64;
+        let objective = sums.objective;
+        for (name, sum) in [
+            ("loss/policy", objective.policy_loss),
+            ("loss/value", objective.value_loss),
+            ("policy/approxkl", objective.approxkl),
+            ("policy/clipfrac", objective.clipfrac),
+            ("val/clipfrac", objective.value_clipfrac),
+            ("entropy", sums.entropy),
+            ("grad_norm", sums.grad_norm),
+            ("update_norm", sums.update_norm),
+        ] {
             metrics.insert(name.to_string(), average(sum));
         }
-        metrics.insert("update_norm".to_string(), average(update_norm_sum));
         metrics.insert("learning_rate".to_string(), learning_rate);
-        self.model = Some(model);
         if let Some(adaptive) = &self.config.adaptive_kl {
             self.kl_coef = adaptive_kl_coef(self.kl_coef, targets.sequence_kl, count, adaptive);
         }
