@@ -410,16 +410,11 @@ const WEIGHT_BANDS: [f64; 3] = [1e-2, 1e-4, 1e-8];
 /// SmolLM2 row for every sampled token cost more than the row's share of the decoding step.
 fn walk_by_weight(weights: &[f64], candidates: &[usize], mut stop: impl FnMut(usize) -> bool) -> Vec<usize> {
     let by_weight = |a: &usize, b: &usize| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b));
+    // The first bound a weight is above; none (the last band) for the smallest and for NaN.
+    let band_of = |weight: f64| WEIGHT_BANDS.iter().position(|&bound| weight > bound).unwrap_or(WEIGHT_BANDS.len());
     let mut walked = Vec::new();
-    let mut above: Option<f64> = None;
     for band in 0..=WEIGHT_BANDS.len() {
-        let below = WEIGHT_BANDS.get(band).copied();
-        // `!(w > above)` rather than `w <= above`: a NaN weight falls in the last band, not in none.
-        let mut members: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&index| above.is_none_or(|above| !(weights[index] > above)) && below.is_none_or(|below| weights[index] > below))
-            .collect();
+        let mut members: Vec<usize> = candidates.iter().copied().filter(|&index| band_of(weights[index]) == band).collect();
         members.sort_unstable_by(by_weight);
         for index in members {
             walked.push(index);
@@ -427,7 +422,6 @@ fn walk_by_weight(weights: &[f64], candidates: &[usize], mut stop: impl FnMut(us
                 return walked;
             }
         }
-        above = below;
     }
     walked
 }
