@@ -91,12 +91,28 @@ const MIN_ROWS_PER_THREAD: usize = 8;
 /// completion depends on the seed, its prompt and its index, not on the rest of the batch. That
 /// lets a large batch run as one sub-batch per thread: the per-step work of a small model is too
 /// fine-grained for the tensor ops to keep several cores busy on their own.
+///
+/// Rows of a sub-batch with the same prompt (a GRPO group's completions) share its prompt step:
+/// each distinct prompt runs once and its keys and values are copied to its rows, which then
+/// sample from their own streams as before (the completions are those of one prompt step per row).
 pub fn generate(
     model: &CausalLm,
     prompts: &[Vec<i64>],
     config: &GenerationConfig,
     stop_strings: &[String],
     decode: Option<Decode<'_>>,
+) -> Generation {
+    generate_with(model, prompts, config, stop_strings, decode, true)
+}
+
+/// [`generate`], with the prompt step shared by repeated prompts or run for every row.
+fn generate_with(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    config: &GenerationConfig,
+    stop_strings: &[String],
+    decode: Option<Decode<'_>>,
+    share_prompts: bool,
 ) -> Generation {
     use burn::module::Module;
     use rayon::prelude::*;
@@ -107,13 +123,13 @@ pub fn generate(
     let cpu = model.devices().first().is_none_or(|device| *device == burn::tensor::Device::flex());
     let packed = cpu.then(|| Arc::new(PackedWeights::default()));
     if parts == 1 || !cpu {
-        return generate_rows(model, prompts, 0, config, stop_strings, decode, packed);
+        return generate_rows(model, prompts, 0, config, stop_strings, decode, packed, share_prompts);
     }
     let size = batch.div_ceil(parts);
     let pieces: Vec<Generation> = prompts
         .par_chunks(size)
         .enumerate()
-        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode, packed.clone()))
+        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode, packed.clone(), share_prompts))
         .collect();
     let mut completion_ids = Vec::with_capacity(batch);
     let mut log_probs = Vec::with_capacity(batch);
@@ -130,6 +146,7 @@ pub fn generate(
 }
 
 /// [`generate`] on one sub-batch whose first row is row `first_row` of the whole batch.
+#[allow(clippy::too_many_arguments)]
 fn generate_rows(
     model: &CausalLm,
     prompts: &[Vec<i64>],
@@ -138,6 +155,7 @@ fn generate_rows(
     stop_strings: &[String],
     decode: Option<Decode<'_>>,
     packed: Option<Arc<PackedWeights>>,
+    share_prompts: bool,
 ) -> Generation {
     let batch = prompts.len();
     let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -151,26 +169,49 @@ fn generate_rows(
         .collect();
 
     // The prompt step: left-padded ids and their mask.
-    let padded: Vec<Vec<i64>> = prompts
-        .iter()
-        .map(|prompt| {
-            let mut row = vec![config.pad_token_id; prompt_len - prompt.len()];
-            row.extend_from_slice(prompt);
-            row
-        })
-        .collect();
-    let mut key_mask: Vec<Vec<bool>> = prompts
-        .iter()
-        .map(|prompt| (0..prompt_len).map(|i| i >= prompt_len - prompt.len()).collect())
-        .collect();
+    let left_padded = |prompt: &Vec<i64>| {
+        let mut row = vec![config.pad_token_id; prompt_len - prompt.len()];
+        row.extend_from_slice(prompt);
+        row
+    };
+    let prompt_mask = |prompt: &Vec<i64>| -> Vec<bool> { (0..prompt_len).map(|i| i >= prompt_len - prompt.len()).collect() };
+    let mut key_mask: Vec<Vec<bool>> = prompts.iter().map(prompt_mask).collect();
     let mut real_counts: Vec<i64> = prompts.iter().map(|prompt| prompt.len() as i64).collect();
     let mut cache = model.new_cache();
     if let Some(packed) = packed {
         cache = cache.with_packed_weights(packed);
     }
-    let logits = model.forward(&StepInput::from_padded(&padded, &key_mask), &mut cache); // [B, P, V]
-    let [_, _, vocab] = logits.dims();
-    let mut last = logits.slice([0..batch, prompt_len - 1..prompt_len, 0..vocab]);
+    let mut last = if share_prompts {
+        // Each distinct prompt once (padded to the same length as the whole sub-batch, so its
+        // rows see the same positions), then its keys, values and last logits copied to its rows.
+        let mut distinct: Vec<&Vec<i64>> = Vec::new();
+        let source: Vec<i64> = prompts
+            .iter()
+            .map(|prompt| {
+                let at = distinct.iter().position(|seen| *seen == prompt).unwrap_or_else(|| {
+                    distinct.push(prompt);
+                    distinct.len() - 1
+                });
+                at as i64
+            })
+            .collect();
+        let padded: Vec<Vec<i64>> = distinct.iter().map(|prompt| left_padded(prompt)).collect();
+        let mask: Vec<Vec<bool>> = distinct.iter().map(|prompt| prompt_mask(prompt)).collect();
+        let last = model.forward_last(&StepInput::from_padded(&padded, &mask), &mut cache); // [U, 1, V]
+        if distinct.len() < batch {
+            let source: Tensor<1, Int> = Tensor::from_data(TensorData::new(source, [batch]), &last.device());
+            cache.select_rows(source.clone());
+            last.select(0, source) // [B, 1, V]
+        } else {
+            last
+        }
+    } else {
+        let padded: Vec<Vec<i64>> = prompts.iter().map(left_padded).collect();
+        let logits = model.forward(&StepInput::from_padded(&padded, &key_mask), &mut cache); // [B, P, V]
+        let [_, _, vocab] = logits.dims();
+        logits.slice([0..batch, prompt_len - 1..prompt_len, 0..vocab])
+    };
+    let vocab = last.dims()[2];
 
     let mut completion_ids = vec![Vec::new(); batch];
     let mut log_probs = vec![Vec::new(); batch];
@@ -249,18 +290,32 @@ pub fn choose(logits: &[f32], sampler: Sampler, rng: &mut ChaCha8Rng) -> (i64, f
             (best as i64, log_softmax_at(logits, best))
         }
         Sampler::Sample { temperature, top_k, top_p } => {
-            let candidates = nucleus(logits, temperature, top_k, top_p.unwrap_or(1.0));
-            let total: f64 = candidates.iter().map(|(_, p)| p).sum();
-            let mut threshold = rng.random::<f64>() * total;
-            let mut chosen = candidates[candidates.len() - 1];
-            for &candidate in &candidates {
-                threshold -= candidate.1;
-                if threshold <= 0.0 {
-                    chosen = candidate;
-                    break;
-                }
+            let top_p = top_p.unwrap_or(1.0);
+            if top_p < 1.0 {
+                let candidates = nucleus(logits, temperature, top_k, top_p);
+                let total: f64 = candidates.iter().map(|(_, p)| p).sum();
+                let mut threshold = rng.random::<f64>() * total;
+                let (index, weight) = *candidates
+                    .iter()
+                    .find(|candidate| {
+                        threshold -= candidate.1;
+                        threshold <= 0.0
+                    })
+                    .unwrap_or(&candidates[candidates.len() - 1]);
+                return (index as i64, (weight / total).ln() as f32);
             }
-            (chosen.0 as i64, (chosen.1 / total).ln() as f32)
+            // Without top-p, the whole candidate list would be sorted for one draw: walk it in
+            // the same order, sorting only as far as the draw reaches (see `walk_by_weight`).
+            let weights = warped_weights(logits, temperature);
+            let candidates = top_k_candidates(logits, top_k);
+            let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
+            let mut threshold = rng.random::<f64>() * total;
+            let walked = walk_by_weight(&weights, &candidates, |index| {
+                threshold -= weights[index];
+                threshold <= 0.0
+            });
+            let index = walked[walked.len() - 1];
+            (index as i64, (weights[index] / total).ln() as f32)
         }
     }
 }
@@ -303,11 +358,31 @@ pub fn sampling_distribution(logits: &[f32], sampler: Sampler) -> Vec<(usize, f6
 /// Where top-p's cut falls inside a group of tied tokens, the lower ids stay: transformers'
 /// choice there follows torch's unstable sort, which has no fixed order for ties.
 fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -> Vec<(usize, f64)> {
+    let weights = warped_weights(logits, temperature);
+    let candidates = top_k_candidates(logits, top_k);
+    let kept = if top_p >= 1.0 {
+        walk_by_weight(&weights, &candidates, |_| false)
+    } else {
+        let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
+        let mut mass = 0.0;
+        walk_by_weight(&weights, &candidates, |index| {
+            mass += weights[index] / total;
+            mass >= f64::from(top_p)
+        })
+    };
+    kept.into_iter().map(|index| (index, weights[index])).collect()
+}
+
+/// exp((logit - max) / temperature) of every token: the largest is 1.
+fn warped_weights(logits: &[f32], temperature: f32) -> Vec<f64> {
     let temperature = f64::from(temperature.max(1e-6));
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&v| (f64::from(v - max) / temperature).exp()).collect();
-    // A total order (ties by id), so unstable sorts and selections give one answer.
-    let by_weight = |a: &usize, b: &usize| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b));
+    logits.iter().map(|&v| (f64::from(v - max) / temperature).exp()).collect()
+}
+
+/// The ids top-k keeps, in no particular order: every id when top-k is off (`None`, 0 or at
+/// least the vocabulary), else the k largest logits and every logit tied with the k-th.
+fn top_k_candidates(logits: &[f32], top_k: Option<usize>) -> Vec<usize> {
     let mut candidates: Vec<usize> = (0..logits.len()).collect();
     if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) {
         // The threshold is a logit, not a weight: weights far below the maximum underflow to
@@ -318,37 +393,37 @@ fn nucleus(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32) -
         candidates.truncate(k);
         candidates.extend(ties);
     }
-    if top_p >= 1.0 {
-        candidates.sort_unstable_by(by_weight);
-        return candidates.into_iter().map(|index| (index, weights[index])).collect();
-    }
-    let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
-    // The number of tokens kept from the front of `order`, if their mass reaches top_p there.
-    let reaching = |order: &[usize]| {
-        let mut mass = 0.0;
-        order.iter().position(|&index| {
-            mass += weights[index] / total;
-            mass >= f64::from(top_p)
-        })
-        .map(|last| last + 1)
-    };
-    // Select the best 64 candidates without sorting them all; when they do not reach top_p (a
-    // flat distribution), sort them all (an intermediate width only added a sort).
-    let wanted = candidates.len().min(64);
-    if wanted < candidates.len() {
-        // On a copy: sorting the whole list later is faster from its original order.
-        let mut best = candidates.clone();
-        best.select_nth_unstable_by(wanted - 1, by_weight);
-        best.truncate(wanted);
-        best.sort_unstable_by(by_weight);
-        if let Some(keep) = reaching(&best) {
-            best.truncate(keep);
-            return best.into_iter().map(|index| (index, weights[index])).collect();
+    candidates
+}
+
+/// Bounds of the weight bands [`walk_by_weight`] sorts one at a time, from the top: band `b`
+/// holds the candidates with weight at most bound `b - 1` and above bound `b` (the last band:
+/// all the rest). A draw or a nucleus usually ends in the first band, a few tokens of a
+/// vocabulary of tens of thousands.
+const WEIGHT_BANDS: [f64; 3] = [1e-2, 1e-4, 1e-8];
+
+/// `candidates` in decreasing weight (ties: the lower id first), up to and including the first
+/// for which `stop` is true (all of them if none is); `stop` sees them in that order.
+///
+/// The bands of [`WEIGHT_BANDS`] sorted one after another are the order of one sort of the
+/// whole list, so only the bands the walk reaches are sorted: sorting all 49k candidates of a
+/// SmolLM2 row for every sampled token cost more than the row's share of the decoding step.
+fn walk_by_weight(weights: &[f64], candidates: &[usize], mut stop: impl FnMut(usize) -> bool) -> Vec<usize> {
+    let by_weight = |a: &usize, b: &usize| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b));
+    // The first bound a weight is above; none (the last band) for the smallest and for NaN.
+    let band_of = |weight: f64| WEIGHT_BANDS.iter().position(|&bound| weight > bound).unwrap_or(WEIGHT_BANDS.len());
+    let mut walked = Vec::new();
+    for band in 0..=WEIGHT_BANDS.len() {
+        let mut members: Vec<usize> = candidates.iter().copied().filter(|&index| band_of(weights[index]) == band).collect();
+        members.sort_unstable_by(by_weight);
+        for index in members {
+            walked.push(index);
+            if stop(index) {
+                return walked;
+            }
         }
     }
-    candidates.sort_unstable_by(by_weight);
-    candidates.truncate(reaching(&candidates).unwrap_or(candidates.len()));
-    candidates.into_iter().map(|index| (index, weights[index])).collect()
+    walked
 }
 
 /// Per-token log-probabilities and entropies of completions given their prompts, in one
@@ -450,6 +525,84 @@ mod tests {
         let logits: Vec<f32> = [0.2f32, 0.2, 0.4, 0.2].iter().map(|p| p.ln()).collect();
         assert_eq!(ids(nucleus(&logits, 1.0, None, 0.55)), vec![2, 0]);
         assert_eq!(ids(nucleus(&logits, 1.0, None, 0.7)), vec![2, 0, 1]);
+    }
+
+    /// The sampler before the banded walk: one sort of every candidate per draw.
+    fn choose_by_full_sort(logits: &[f32], temperature: f32, top_k: Option<usize>, rng: &mut ChaCha8Rng) -> (i64, f32) {
+        let weights = warped_weights(logits, temperature);
+        let mut candidates = top_k_candidates(logits, top_k);
+        candidates.sort_unstable_by(|a, b| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b)));
+        let total: f64 = candidates.iter().map(|&index| weights[index]).sum();
+        let mut threshold = rng.random::<f64>() * total;
+        let mut chosen = candidates[candidates.len() - 1];
+        for &index in &candidates {
+            threshold -= weights[index];
+            if threshold <= 0.0 {
+                chosen = index;
+                break;
+            }
+        }
+        (chosen as i64, (weights[chosen] / total).ln() as f32)
+    }
+
+    #[test]
+    fn the_banded_walk_draws_what_one_full_sort_drew() {
+        // Peaked and flat rows over a vocabulary wide enough for every band to be reached, with
+        // repeated logits (ties across the walk).
+        let mut source = ChaCha8Rng::seed_from_u64(7);
+        let mut deepest_band = 0;
+        for (row, (spread, temperature, top_k)) in [(12.0f32, 1.0f32, None), (3.0, 1.0, None), (30.0, 0.7, None), (12.0, 1.3, Some(50)), (0.5, 1.0, None)].into_iter().enumerate() {
+            let logits: Vec<f32> = (0..4000).map(|_| (source.random::<f32>().powi(4) * spread * 8.0).round() / 8.0).collect();
+            let (mut new, mut old) = (ChaCha8Rng::seed_from_u64(row as u64), ChaCha8Rng::seed_from_u64(row as u64));
+            let sampler = Sampler::Sample { temperature, top_k, top_p: None };
+            for draw in 0..3000 {
+                let (token, log_prob) = choose(&logits, sampler, &mut new);
+                let (expected, expected_log_prob) = choose_by_full_sort(&logits, temperature, top_k, &mut old);
+                assert_eq!(token, expected, "row {row}, draw {draw}");
+                assert!((log_prob - expected_log_prob).abs() <= 1e-6 * expected_log_prob.abs().max(1.0), "row {row}, draw {draw}: {log_prob} vs {expected_log_prob}");
+                let weight = warped_weights(&logits, temperature)[token as usize];
+                deepest_band = deepest_band.max(WEIGHT_BANDS.iter().take_while(|&&bound| weight <= bound).count());
+            }
+        }
+        assert!(deepest_band >= 2, "some draws walked past two bands: {deepest_band}");
+        // The last band, which a draw rarely reaches: the walk through every band is one sort.
+        let weights: Vec<f64> = (0..3000).map(|i| 10f64.powi(-((i * 13) % 15)) * if i % 7 == 0 { 1.0 } else { 0.5 }).collect();
+        let mut sorted: Vec<usize> = (0..3000).collect();
+        sorted.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b)));
+        let candidates: Vec<usize> = (0..3000).rev().collect();
+        assert_eq!(walk_by_weight(&weights, &candidates, |_| false), sorted);
+        let mut seen = 0;
+        assert_eq!(walk_by_weight(&weights, &candidates, |_| { seen += 1; seen == 2500 }), sorted[..2500].to_vec());
+        assert!(weights[sorted[2500]] <= WEIGHT_BANDS[WEIGHT_BANDS.len() - 1], "the stop falls in the last band");
+        // Top-p's nucleus is the same prefix of the sorted order as before.
+        let logits: Vec<f32> = (0..4000).map(|i| ((i * 7919) % 4000) as f32 / 400.0).collect();
+        let weights = warped_weights(&logits, 1.0);
+        let mut sorted: Vec<usize> = (0..4000).collect();
+        sorted.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b)));
+        let kept: Vec<usize> = nucleus(&logits, 1.0, None, 0.999_999).into_iter().map(|(index, _)| index).collect();
+        assert_eq!(kept, sorted[..kept.len()].to_vec());
+        assert!(kept.len() > 1000, "the nucleus reaches past the first band: {}", kept.len());
+    }
+
+    #[test]
+    fn shared_prompt_steps_give_the_completions_of_one_prompt_step_per_row() {
+        let device = burn::tensor::Device::flex();
+        for preset in [crate::presets::Preset::TinyLlama, crate::presets::Preset::TinyGptNeo] {
+            device.seed(3);
+            let model = CausalLm::init(&preset.config(64, 3, 64), &device).unwrap();
+            // Groups of repeated prompts of different lengths (left padding), interleaved with a
+            // prompt seen once, and a prompt repeated at rows that are not adjacent.
+            let (a, b, c) = (vec![5, 9, 4, 17, 2], vec![8, 1], vec![30, 31, 32]);
+            let prompts = vec![a.clone(), a.clone(), a.clone(), b.clone(), b.clone(), c, a.clone(), b];
+            for sampler in [Sampler::Sample { temperature: 1.0, top_k: None, top_p: None }, Sampler::Sample { temperature: 0.8, top_k: Some(5), top_p: Some(0.9) }] {
+                let config = GenerationConfig { max_new_tokens: 12, sampler, eos_token_ids: vec![3], pad_token_id: 0, seed: 5 };
+                let shared = generate_with(&model, &prompts, &config, &[], None, true);
+                let per_row = generate_with(&model, &prompts, &config, &[], None, false);
+                assert_eq!(shared, per_row, "{preset:?}, {sampler:?}");
+                // Rows of one prompt still draw their own completions.
+                assert_ne!(shared.completion_ids[0], shared.completion_ids[1], "{preset:?}");
+            }
+        }
     }
 
     #[test]

@@ -330,6 +330,18 @@ impl CausalLm {
         let hidden = self.hidden_states(input, cache);
         self.logits_cached(hidden, cache)
     }
+
+    /// Logits of the last position of `input` only: what a prompt step of generation reads.
+    /// The LM head over every prompt position would be [B, P, V] (for SmolLM2's vocabulary,
+    /// 64 rows of 150 prompt tokens are 1.9 GB and 0.5 TFLOP) to keep one position of it.
+    ///
+    /// # Shapes
+    /// - returns [B, 1, V]
+    pub fn forward_last(&self, input: &StepInput, cache: &mut KvCache) -> Tensor<3> {
+        let hidden = self.hidden_states(input, cache);
+        let [batch, length, width] = hidden.dims();
+        self.logits_cached(hidden.slice([0..batch, length - 1..length, 0..width]), cache)
+    }
 }
 
 /// LoRA adapters (Hu et al., 2021), as Minimal-GRPO trains them.
