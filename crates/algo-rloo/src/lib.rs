@@ -16,8 +16,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::CausalLm;
-use policy_models::generate::{Sampler, completion_log_probs};
-use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
+use policy_models::generate::Sampler;
+use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
 use rl_algos::algorithm::{CheckpointState, mean_std, parse_config};
 use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, rollout};
 use serde::{Deserialize, Serialize};
@@ -38,9 +38,12 @@ pub struct RlooConfig {
     /// (the loss is a token mean over the whole batch, so the update is the same). Default: as
     /// many as `max_tokens_per_micro_batch` asks.
     pub gradient_accumulation_steps: Option<usize>,
-    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length) per
-    /// micro-batch. Default 1024, as GRPO's.
+    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length, a
+    /// shared prompt counted once per forward pass) per micro-batch. Default 1024, as GRPO's.
     pub max_tokens_per_micro_batch: usize,
+    /// Run each prompt once in the training and reference forwards, its k completions attending
+    /// over it (`policy_models::prefix`: the same numbers in fewer positions). Default true.
+    pub share_prompt_prefix: bool,
 }
 
 impl Default for RlooConfig {
@@ -52,6 +55,7 @@ impl Default for RlooConfig {
             beta: 0.0,
             gradient_accumulation_steps: None,
             max_tokens_per_micro_batch: rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+            share_prompt_prefix: true,
         }
     }
 }
@@ -188,23 +192,26 @@ impl RlAlgorithm for Rloo {
         let reference = self.reference.as_ref();
         // Micro-batches of rows (bounded by the token budget), each one shard of rows per thread
         // on the CPU; each loss is its share of the whole batch's token mean.
-        let (input, _) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
-        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
-        drop(input);
+        let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
+        // A micro-batch's tokens: what its shards' forward passes run.
+        let micro_tokens = |rows: std::ops::Range<usize>| {
+            let shards = shard_ranges(&policy, rows.len());
+            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+        };
+        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
         let mut accumulator = burn::optim::GradientsAccumulator::new();
         let (mut loss, mut shards) = (0.0, Vec::new());
         for start in (0..count).step_by(micro) {
             let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
                 let rows = start + shard_rows.start..start + shard_rows.end;
                 let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
-                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
                 let pick = |t: &Tensor<2>| t.clone().slice([rows.clone(), 0..completion_len]);
                 let sub_mask = pick(&mask);
-                let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                let (logps, entropies) = rollout::completion_scores(policy, &sub, prompts, pad, share, temperature);
                 let mut per_token = -(logps.clone() * advantages.clone().slice([rows.clone(), 0..1]));
                 let mut kl_sum = 0.0;
                 if let Some(reference) = reference {
-                    let reference_logps = Tensor::from_inner(completion_log_probs(reference, &sub_input, completion_len, temperature).0);
+                    let reference_logps = Tensor::from_inner(rollout::completion_scores(reference, &sub, prompts, pad, share, temperature).0);
                     let difference = reference_logps - logps;
                     let kl = difference.clone().exp() - difference - 1.0;
                     kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());

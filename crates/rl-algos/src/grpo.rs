@@ -80,10 +80,17 @@ pub struct GrpoConfig {
     /// so the update is the same). Default: as many as `max_tokens_per_micro_batch` asks.
     pub gradient_accumulation_steps: Option<usize>,
     /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded prompt +
-    /// completion length) per micro-batch, which bounds the activations a backward pass holds.
+    /// completion length; with `share_prompt_prefix`, each prompt once per forward pass that
+    /// runs it + rows x completion length) per micro-batch, which bounds the activations a
+    /// backward pass holds.
     /// Default 1024: SmolLM2-135M's 64 rows of ~235 tokens in 16 micro-batches, within TRL's
     /// memory for the same step (see [`crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH`]).
     pub max_tokens_per_micro_batch: usize,
+    /// Run each prompt once in the training and log-prob forwards, its G completions attending
+    /// over its keys and values (see [`policy_models::prefix`]; the same numbers in fewer
+    /// positions, and the token budget counts each prompt once per forward). Default true;
+    /// false runs every row as prompt + completion. GPT-Neo always takes the full path.
+    pub share_prompt_prefix: bool,
 }
 
 impl Default for GrpoConfig {
@@ -104,6 +111,7 @@ impl Default for GrpoConfig {
             max_resample_tries: 3,
             gradient_accumulation_steps: None,
             max_tokens_per_micro_batch: crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+            share_prompt_prefix: true,
         }
     }
 }
@@ -264,9 +272,9 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
-use policy_models::generate::{Sampler, completion_log_probs};
+use policy_models::generate::Sampler;
 use burn::optim::GradientsAccumulator;
-use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
+use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -441,7 +449,8 @@ impl RlAlgorithm for Grpo {
         metrics.insert("reward_std".to_string(), crate::algorithm::mean_std(&group_stds).0);
         metrics.insert("frac_reward_zero_std".to_string(), zero_std.iter().filter(|z| **z).count() as f64 / zero_std.len() as f64);
 
-        let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let completion_len = rollout.completion_len();
+        let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
         let mut mask = rollout::loss_mask(&rollout, self.config.mask_truncated_completions, &device);
         if self.config.zero_std_groups == ZeroStdGroups::Skip {
             let keep: Vec<f32> = zero_std.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
@@ -452,16 +461,21 @@ impl RlAlgorithm for Grpo {
         let temperature = self.config.temperature;
         // Old log-probs are needed only when the policy moves between passes over the rollout.
         let old = (self.config.num_iterations > 1)
-            .then(|| Tensor::from_inner(completion_log_probs(&inference, &input, completion_len, temperature).0));
+            .then(|| Tensor::from_inner(rollout::completion_scores(&inference, &rollout, prompts, pad, share, temperature).0));
         let reference = self
             .reference
             .as_ref()
-            .map(|reference| Tensor::from_inner(completion_log_probs(reference, &input, completion_len, temperature).0));
+            .map(|reference| Tensor::from_inner(rollout::completion_scores(reference, &rollout, prompts, pad, share, temperature).0));
         let schedule = self.optim.schedule();
         let count = rollout.len();
         let mask_host = mask.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
         let totals = BatchTotals { sequences: count, tokens: mask_host.iter().sum::<f32>() };
-        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
+        // A micro-batch's tokens: what its shards' forward passes run.
+        let micro_tokens = |rows: std::ops::Range<usize>| {
+            let shards = shard_ranges(&policy, rows.len());
+            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+        };
+        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
         let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
         // Token-weighted sums of the objective's metrics and of the entropy over the
         // micro-batches of every iteration, whose mean is reported (TRL logs them at each).
@@ -476,8 +490,7 @@ impl RlAlgorithm for Grpo {
                 let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
                     let rows = start + shard_rows.start..start + shard_rows.end;
                     let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
-                    let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-                    let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                    let (logps, entropies) = rollout::completion_scores(policy, &sub, prompts, pad, share, temperature);
                     let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
                     let sub_mask = slice_rows(&mask, rows.clone());
                     let (loss, objective) = grpo_objective(
