@@ -1,10 +1,12 @@
 //! The decoder body that Qwen2 and Llama share: token embedding, pre-RMSNorm blocks of rotary
 //! grouped-query attention and a SwiGLU MLP, a final RMSNorm and an LM head (tied or not).
 //! `qwen2.rs` and `llama.rs` hold the configs and say which biases exist; this file holds the
-//! computation, written once.
+//! computation, written once. [`Decoder::shared_prefix_hidden_states`] runs prompts once and
+//! the completions that continue them over their keys and values ([`crate::prefix`]).
 //!
 //! Legend: `B` batch, `T` new positions, `S` key positions, `H` query heads, `K` key/value
-//! heads, `D` head dim, `C` width, `I` MLP width, `V` vocabulary.
+//! heads, `D` head dim, `C` width, `I` MLP width, `V` vocabulary; with shared prefixes, `P`
+//! prompts of `Tp` positions, `R` completion rows of `Tc`.
 //!
 //! HF key (both architectures)                         → field
 //! `model.embed_tokens.weight` [V, C]                  → `embed_tokens`

@@ -449,6 +449,7 @@ impl RlAlgorithm for Grpo {
         metrics.insert("reward_std".to_string(), crate::algorithm::mean_std(&group_stds).0);
         metrics.insert("frac_reward_zero_std".to_string(), zero_std.iter().filter(|z| **z).count() as f64 / zero_std.len() as f64);
 
+        let update_started = Instant::now();
         let completion_len = rollout.completion_len();
         let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
         let mut mask = rollout::loss_mask(&rollout, self.config.mask_truncated_completions, &device);
@@ -553,6 +554,8 @@ impl RlAlgorithm for Grpo {
         let seconds = started.elapsed().as_secs_f64();
         let generated: usize = rollout.lengths().iter().sum();
         metrics.insert("step_time".to_string(), seconds);
+        // The update phase alone (scoring, backward passes, optimizer steps), without sampling.
+        metrics.insert("update_time".to_string(), update_started.elapsed().as_secs_f64());
         metrics.insert("tokens_per_second".to_string(), generated as f64 / seconds.max(1e-9));
         Ok(metrics)
     }
