@@ -42,9 +42,12 @@ fn tokens(n: usize, seed: u64) -> Vec<i64> {
     noise(n, seed).into_iter().map(|x| 1 + (x * (VOCAB - 1) as f32) as i64).collect()
 }
 
+/// (prompts, prompt of each row, completion ids, completion mask).
+type Rows = (Vec<Vec<i64>>, Vec<usize>, Vec<Vec<i64>>, Vec<Vec<bool>>);
+
 /// Three prompts of 5, 2 and 7 tokens; eight rows (prompt 0's rows not adjacent) of 6
 /// completion positions, right-padded to lengths 6, 3, 1, 6, 4, 2, 5, 6.
-fn rows() -> (Vec<Vec<i64>>, Vec<usize>, Vec<Vec<i64>>, Vec<Vec<bool>>) {
+fn rows() -> Rows {
     let prompts = vec![tokens(5, 100), tokens(2, 101), tokens(7, 102)];
     let groups = vec![0, 0, 1, 1, 0, 2, 2, 2];
     let lengths = [6, 3, 1, 6, 4, 2, 5, 6];
