@@ -67,6 +67,10 @@ pub struct Args {
     /// for the reference, cotlab's token budget (`max_tokens_per_micro_batch`) for cotlab.
     #[arg(long, requires = "model")]
     grad_accum: Option<usize>,
+    /// With --model --workload grpo: run every row as prompt + completion in cotlab's training
+    /// forwards instead of each prompt once (`share_prompt_prefix = false`), to compare.
+    #[arg(long, requires = "model")]
+    no_prompt_sharing: bool,
     /// With --model: sampling temperature (TRL's default 1.0).
     #[arg(long, default_value_t = 1.0, requires = "model")]
     temperature: f32,
@@ -252,6 +256,7 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
         beta: 0.0,
         steps: args.steps,
         grad_accum: args.grad_accum,
+        share_prompt_prefix: !args.no_prompt_sharing,
         threads: rayon::current_num_threads(),
         dtype: match args.dtype {
             crate::common::ComputeDtype::F32 => "f32",

@@ -66,7 +66,7 @@ samples = 2
 "#;
 
 /// Columns of metrics.csv that measure time, not the training.
-const TIMING_COLUMNS: [&str; 2] = ["step_time", "tokens_per_second"];
+const TIMING_COLUMNS: [&str; 3] = ["step_time", "update_time", "tokens_per_second"];
 
 fn start(dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_xtask"))

@@ -26,8 +26,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::CausalLm;
-use policy_models::generate::{Sampler, completion_log_probs};
-use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
+use policy_models::generate::Sampler;
+use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
 use rl_algos::algorithm::{CheckpointState, mean_std, parse_config};
 use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, rollout};
 use serde::{Deserialize, Serialize};
@@ -67,9 +67,12 @@ pub struct RlooConfig {
     /// (the loss is a mean over the whole batch, so the update is the same). Default: as
     /// many as `max_tokens_per_micro_batch` asks.
     pub gradient_accumulation_steps: Option<usize>,
-    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length) per
-    /// micro-batch. Default 1024, as GRPO's.
+    /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded length, a
+    /// shared prompt counted once per forward pass) per micro-batch. Default 1024, as GRPO's.
     pub max_tokens_per_micro_batch: usize,
+    /// Run each prompt once in the training and reference forwards, its k completions attending
+    /// over it (`policy_models::prefix`: the same numbers in fewer positions). Default true.
+    pub share_prompt_prefix: bool,
 }
 
 impl Default for RlooConfig {
@@ -85,6 +88,7 @@ impl Default for RlooConfig {
             normalize_advantages: false,
             gradient_accumulation_steps: None,
             max_tokens_per_micro_batch: rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+            share_prompt_prefix: true,
         }
     }
 }
@@ -284,14 +288,18 @@ impl RlAlgorithm for Rloo {
         let completion_len = rollout.completion_len();
         let mask = rollout::loss_mask(&rollout, false, &device);
         let count = rollout.len();
-        let (input, _) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
-        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
-        drop(input);
+        let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
+        // A micro-batch's tokens: what its shards' forward passes run.
+        let micro_tokens = |rows: std::ops::Range<usize>| {
+            let shards = shard_ranges(&policy, rows.len());
+            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+        };
+        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
         let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
         let temperature = self.config.temperature;
         let kl_in = self.config.kl_in;
         let penalty = match (&self.reference, kl_in) {
-            (Some(reference), KlIn::Reward) => Some(sequence_kl(&policy.valid(), reference, &rollout, prompts, environment.pad_token_id, &mask, micro, temperature)),
+            (Some(reference), KlIn::Reward) => Some(sequence_kl(&policy.valid(), reference, &rollout, prompts, (pad, share), &mask, micro, temperature)),
             _ => None,
         };
         let advantages = rloo_advantages(&scored.total, penalty.as_deref(), self.config.beta, k, self.config.normalize_advantages);
@@ -311,10 +319,9 @@ impl RlAlgorithm for Rloo {
             let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
                 let rows = start + shard_rows.start..start + shard_rows.end;
                 let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
-                let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
                 let sub_mask = mask.clone().slice([rows.clone(), 0..completion_len]);
                 let sub_advantages = advantages.clone().slice([rows.clone()]);
-                let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                let (logps, entropies) = rollout::completion_scores(policy, &sub, prompts, pad, share, temperature);
                 let entropy_sum = f64::from((entropies.detach() * sub_mask.clone()).sum().into_scalar::<f32>());
                 let (loss, kl_sum, clip) = match kl_in {
                     KlIn::Reward => {
@@ -327,7 +334,7 @@ impl RlAlgorithm for Rloo {
                         let mut per_token = -(logps.clone() * sub_advantages.reshape([rows.len(), 1]));
                         let mut kl_sum = 0.0;
                         if let Some(reference) = reference {
-                            let reference_logps = Tensor::from_inner(completion_log_probs(reference, &sub_input, completion_len, temperature).0);
+                            let reference_logps = Tensor::from_inner(rollout::completion_scores(reference, &sub, prompts, pad, share, temperature).0);
                             let difference = reference_logps - logps;
                             let kl = difference.clone().exp() - difference - 1.0;
                             kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());
@@ -398,7 +405,7 @@ fn sequence_kl(
     reference: &CausalLm,
     rollout: &rollout::Rollout,
     prompts: &[PromptItem],
-    pad_token_id: i64,
+    (pad_token_id, share): (i64, bool),
     mask: &Tensor<2>,
     micro: usize,
     temperature: f32,
@@ -408,9 +415,8 @@ fn sequence_kl(
     for start in (0..rollout.len()).step_by(micro.max(1)) {
         let rows = start..(start + micro).min(rollout.len());
         let sub = rollout.select(&rows.clone().collect::<Vec<usize>>());
-        let (input, _) = rollout::scoring_input(&sub, prompts, pad_token_id);
-        let logps = completion_log_probs(policy, &input, completion_len, temperature).0;
-        let reference_logps = completion_log_probs(reference, &input, completion_len, temperature).0;
+        let logps = rollout::completion_scores(policy, &sub, prompts, pad_token_id, share, temperature).0;
+        let reference_logps = rollout::completion_scores(reference, &sub, prompts, pad_token_id, share, temperature).0;
         kl.extend(sequence_kl_sums(logps, reference_logps, mask.clone().slice([rows, 0..completion_len]).inner()));
     }
     kl

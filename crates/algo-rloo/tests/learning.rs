@@ -195,3 +195,55 @@ fn a_token_budget_splits_micro_batches_without_changing_the_update() {
         }
     }
 }
+
+/// A tiny Llama: the shared decoder, which takes the shared-prefix path (GPT-Neo does not).
+fn tiny_llama(device: &Device) -> CausalLm {
+    let _turn = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(3);
+    let mut config = policy_models::presets::Preset::TinyLlama.config(16, 0, 32);
+    if let ModelConfig::Llama(llama) = &mut config {
+        llama.hidden_size = 32;
+        llama.intermediate_size = 64;
+        llama.num_hidden_layers = 2;
+        llama.num_attention_heads = 2;
+        llama.num_key_value_heads = Some(1);
+    }
+    CausalLm::init(&config, device).unwrap()
+}
+
+/// Running each prompt once (`share_prompt_prefix`) changes nothing but the cost: after one
+/// RLOO step with a KL term, over prompts of different lengths and a token budget that splits
+/// groups, the policy's logits and the metrics equal the full path's.
+#[test]
+fn shared_prompt_prefixes_give_the_same_update() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_llama(&device).save_dir(dir.path(), None).unwrap();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment { decode: &decode, eos_token_ids: vec![5], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let prompts: Vec<PromptItem> =
+        (0..4).map(|i| PromptItem { prompt_ids: (0..=i).map(|t| 2 + t + i).collect(), prompt_text: String::new(), answer: String::new() }).collect();
+    let probe = StepInput::from_padded(&[vec![2, 3, 4, 7, 7]], &[vec![true; 5]]);
+    let logits = |policy: &CausalLm| policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let step = |share: bool| {
+        let config = serde_json::json!({
+            "num_generations": 3, "max_completion_length": 6, "beta": 0.1, "max_tokens_per_micro_batch": 20, "share_prompt_prefix": share
+        });
+        let optim = OptimSettings { learning_rate: 1e-2, total_steps: 1, ..OptimSettings::default() };
+        let inputs = AlgorithmInputs { policy: CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim, seed: 9 };
+        let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
+        let metrics = rloo.train_step(&prompts, &environment).unwrap();
+        (logits(rloo.policy()), metrics)
+    };
+    let start = logits(&CausalLm::load_dir(dir.path(), &device).unwrap());
+    let ((shared, shared_metrics), (full, full_metrics)) = (step(true), step(false));
+    let moved = full.iter().zip(&start).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved > 1e-3, "the update moved the logits by only {moved}");
+    let worst = shared.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "logits differ by {worst}");
+    for key in ["loss", "kl", "entropy", "grad_norm"] {
+        let (a, b) = (shared_metrics[key], full_metrics[key]);
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{key}: {a} vs {b}");
+    }
+}

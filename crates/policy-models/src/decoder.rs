@@ -1,10 +1,12 @@
 //! The decoder body that Qwen2 and Llama share: token embedding, pre-RMSNorm blocks of rotary
 //! grouped-query attention and a SwiGLU MLP, a final RMSNorm and an LM head (tied or not).
 //! `qwen2.rs` and `llama.rs` hold the configs and say which biases exist; this file holds the
-//! computation, written once.
+//! computation, written once. [`Decoder::shared_prefix_hidden_states`] runs prompts once and
+//! the completions that continue them over their keys and values ([`crate::prefix`]).
 //!
 //! Legend: `B` batch, `T` new positions, `S` key positions, `H` query heads, `K` key/value
-//! heads, `D` head dim, `C` width, `I` MLP width, `V` vocabulary.
+//! heads, `D` head dim, `C` width, `I` MLP width, `V` vocabulary; with shared prefixes, `P`
+//! prompts of `Tp` positions, `R` completion rows of `Tc`.
 //!
 //! HF key (both architectures)                         → field
 //! `model.embed_tokens.weight` [V, C]                  → `embed_tokens`
@@ -22,7 +24,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde_json::Value;
 
 use crate::layers::{KvCache, Llama3Scaling, Rope, StepInput, attention};
@@ -255,6 +257,37 @@ impl Decoder {
         self.norm.forward(x)
     }
 
+    /// The final hidden states of prompts and of the completions that continue them, each
+    /// prompt run once ([`crate::prefix`]): per block, the completions' queries attend over
+    /// their prompt's keys and values (selected for each row, so the backward pass sums each
+    /// prompt's gradients over its rows) followed by their own.
+    ///
+    /// # Shapes
+    /// - `prompts`: [P, Tp]; `groups`: [R], the prompt of each completion row; `completions`:
+    ///   [R, Tc] new positions over [R, Tp + Tc] keys
+    /// - returns (prompt hidden states [P, Tp, C], completion hidden states [R, Tc, C])
+    pub fn shared_prefix_hidden_states(&self, prompts: &StepInput, groups: &[usize], completions: &StepInput) -> (Tensor<3>, Tensor<3>) {
+        let device = self.embed_tokens.weight.device();
+        let plain = KvCache::default();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(groups.iter().map(|&g| g as i64).collect::<Vec<_>>(), [groups.len()]), &device);
+        let mut prompt_x = self.embed_tokens.forward(prompts.ids_tensor(&device)); // [P, Tp, C]
+        let mut completion_x = self.embed_tokens.forward(completions.ids_tensor(&device)); // [R, Tc, C]
+        let prompt_rope = self.spec.rope.cos_sin(prompts.positions_tensor(&device));
+        let completion_rope = self.spec.rope.cos_sin(completions.positions_tensor(&device));
+        let prompt_blocked = prompts.blocked_mask(None, &device); // [P, 1, Tp, Tp]
+        let completion_blocked = completions.blocked_mask(None, &device); // [R, 1, Tc, Tp + Tc]
+        for layer in &self.layers {
+            let (query, key, value) = layer.project(prompt_x.clone(), &self.spec, prompt_rope.clone(), &plain);
+            let (c_query, c_key, c_value) = layer.project(completion_x.clone(), &self.spec, completion_rope.clone(), &plain);
+            // [R, K, Tp + Tc, D]: each row's prompt keys, then its own.
+            let c_key = Tensor::cat(vec![key.clone().select(0, rows.clone()), c_key], 2);
+            let c_value = Tensor::cat(vec![value.clone().select(0, rows.clone()), c_value], 2);
+            prompt_x = layer.attend(prompt_x, &self.spec, query, key, value, prompt_blocked.clone(), &plain);
+            completion_x = layer.attend(completion_x, &self.spec, c_query, c_key, c_value, completion_blocked.clone(), &plain);
+        }
+        (self.norm.forward(prompt_x), self.norm.forward(completion_x))
+    }
+
     /// Logits from hidden states.
     ///
     /// # Shapes
@@ -279,25 +312,45 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         spec: &DecoderSpec,
-        (cos, sin): (Tensor<4>, Tensor<4>),
+        rope: (Tensor<4>, Tensor<4>),
         blocked: Tensor<4, Bool>,
         cache: &mut KvCache,
         index: usize,
     ) -> Tensor<3> {
-        let [batch, length, width] = x.dims();
-        let head_dim = spec.head_dim;
-        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2);
-        let normed = self.input_layernorm.forward(x.clone());
+        let (query, key, value) = self.project(x.clone(), spec, rope, cache);
+        let (key, value) = cache.append(index, key, value);
+        self.attend(x, spec, query, key, value, blocked, cache)
+    }
+
+    /// The rotated queries [B, H, T, D] and keys [B, K, T, D], and the values [B, K, T, D], of `x` [B, T, C].
+    fn project(&self, x: Tensor<3>, spec: &DecoderSpec, (cos, sin): (Tensor<4>, Tensor<4>), cache: &KvCache) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [batch, length, _] = x.dims();
+        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, length, heads, spec.head_dim]).swap_dims(1, 2);
+        let normed = self.input_layernorm.forward(x);
         let query = split(cache.linear(&self.q_proj, normed.clone()), spec.num_heads); // [B, H, T, D]
         let key = split(cache.linear(&self.k_proj, normed.clone()), spec.num_kv_heads); // [B, K, T, D]
         let value = split(cache.linear(&self.v_proj, normed), spec.num_kv_heads);
-        let query = Rope::apply(query, cos.clone(), sin.clone());
-        let key = Rope::apply(key, cos, sin);
-        let (key, value) = cache.append(index, key, value);
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        (Rope::apply(query, cos.clone(), sin.clone()), Rope::apply(key, cos, sin), value)
+    }
+
+    /// The rest of the block after the projections: attention of `query` [B, H, T, D] over
+    /// `key`, `value` [B, K, S, D] (`blocked`: [B, 1, T, S]), the residual, the MLP.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        x: Tensor<3>,
+        spec: &DecoderSpec,
+        query: Tensor<4>,
+        key: Tensor<4>,
+        value: Tensor<4>,
+        blocked: Tensor<4, Bool>,
+        cache: &KvCache,
+    ) -> Tensor<3> {
+        let [batch, length, width] = x.dims();
+        let scale = 1.0 / (spec.head_dim as f32).sqrt();
         let attended = attention(query, key, value, blocked, scale) // [B, H, T, D]
             .swap_dims(1, 2)
-            .reshape([batch, length, spec.num_heads * head_dim]);
+            .reshape([batch, length, spec.num_heads * spec.head_dim]);
         let x = x + cache.linear(&self.o_proj, attended);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let mlp = cache.linear(&self.down_proj, silu(cache.linear(&self.gate_proj, normed.clone())) * cache.linear(&self.up_proj, normed));

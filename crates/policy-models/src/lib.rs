@@ -9,6 +9,7 @@
 //! - `weights.rs`: safetensors reading with missing/unused/shape checks.
 //! - `gguf.rs`: GGUF files (llama.cpp): container, dequantization, key map, config, tokenizer.
 //! - `model.rs`: [`CausalLm`], one type over the architectures, and [`ModelSource`].
+//! - `prefix.rs`: log-probs of completions sharing prompts, each prompt run once.
 //! - `lora.rs`: LoRA adapters in PEFT's layout (saving, loading, the base with them disabled).
 //!
 //! Architecture invariant: policy-models knows nothing about RL.
@@ -24,6 +25,7 @@ pub mod llama;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod prefix;
 pub mod presets;
 pub mod qwen2;
 pub mod tokenizer;

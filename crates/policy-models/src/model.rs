@@ -270,6 +270,23 @@ impl CausalLm {
         hidden.cast(FloatDType::F32)
     }
 
+    /// Final hidden states of prompts and of the completions continuing them, each prompt run
+    /// once (see [`crate::prefix`]); `None` for GPT-Neo, whose callers take the full path.
+    ///
+    /// # Shapes
+    /// - `prompts`: [P, Tp]; `groups`: [R]; `completions`: [R, Tc] over [R, Tp + Tc] keys
+    /// - returns (prompt hidden states [P, Tp, C], completion hidden states [R, Tc, C])
+    pub fn shared_prefix_hidden_states(&self, prompts: &StepInput, groups: &[usize], completions: &StepInput) -> Option<(Tensor<3>, Tensor<3>)> {
+        match &self.body {
+            // GPT-Neo's local layers would need the window across the prompt/completion seam.
+            Body::GptNeo(_) => None,
+            Body::Decoder(model) => {
+                let (prompt, completion) = model.shared_prefix_hidden_states(prompts, groups, completions);
+                Some((prompt.cast(FloatDType::F32), completion.cast(FloatDType::F32)))
+            }
+        }
+    }
+
     /// Logits from hidden states.
     ///
     /// # Shapes

@@ -140,10 +140,17 @@ pub struct GrpoConfig {
     /// micro-batch, as TRL's. Default: as many as `max_tokens_per_micro_batch` asks.
     pub gradient_accumulation_steps: Option<usize>,
     /// When `gradient_accumulation_steps` is not set: the most tokens (rows x padded prompt +
-    /// completion length) per micro-batch, which bounds the activations a backward pass holds.
+    /// completion length; with `share_prompt_prefix`, each prompt once per forward pass that
+    /// runs it + rows x completion length) per micro-batch, which bounds the activations a
+    /// backward pass holds.
     /// Default 1024: SmolLM2-135M's 64 rows of ~235 tokens in 16 micro-batches, within TRL's
     /// memory for the same step (see [`crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH`]).
     pub max_tokens_per_micro_batch: usize,
+    /// Run each prompt once in the training and log-prob forwards, its G completions attending
+    /// over its keys and values (see [`policy_models::prefix`]; the same numbers in fewer
+    /// positions, and the token budget counts each prompt once per forward). Default true;
+    /// false runs every row as prompt + completion. GPT-Neo always takes the full path.
+    pub share_prompt_prefix: bool,
 }
 
 impl Default for GrpoConfig {
@@ -171,6 +178,7 @@ impl Default for GrpoConfig {
             ref_model_sync_steps: 512,
             gradient_accumulation_steps: None,
             max_tokens_per_micro_batch: crate::rollout::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+            share_prompt_prefix: true,
         }
     }
 }
@@ -509,9 +517,9 @@ use std::time::Instant;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
-use policy_models::generate::{Sampler, completion_log_probs};
+use policy_models::generate::Sampler;
 use burn::optim::GradientsAccumulator;
-use policy_models::optim::{AdamW, apply_gradients, sharded_backward};
+use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -705,7 +713,9 @@ impl RlAlgorithm for Grpo {
         metrics.insert("reward_std".to_string(), reward_std);
         metrics.insert("frac_reward_zero_std".to_string(), frac_reward_zero_std);
 
-        let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
+        let update_started = Instant::now();
+        let completion_len = rollout.completion_len();
+        let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
         let mask = rollout::loss_mask(&rollout, self.config.mask_truncated_completions, &device);
         let mask_host = mask.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
         let (mask_host, sequences) = skip_zero_std(&mask_host, &zero_std, self.config.zero_std_groups);
@@ -714,15 +724,20 @@ impl RlAlgorithm for Grpo {
         let temperature = self.config.temperature;
         // Old log-probs are needed only when the policy moves between passes over the rollout.
         let old = (self.config.num_iterations > 1)
-            .then(|| Tensor::from_inner(completion_log_probs(&inference, &input, completion_len, temperature).0));
+            .then(|| Tensor::from_inner(rollout::completion_scores(&inference, &rollout, prompts, pad, share, temperature).0));
         let reference = self
             .reference
             .as_ref()
-            .map(|reference| Tensor::from_inner(completion_log_probs(reference, &input, completion_len, temperature).0));
+            .map(|reference| Tensor::from_inner(rollout::completion_scores(reference, &rollout, prompts, pad, share, temperature).0));
         let schedule = self.optim.schedule();
         let count = rollout.len();
         let tokens_total = mask_host.iter().sum::<f32>();
-        let micro = rollout::micro_batch_rows(count, input.seq_len(), self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch);
+        // A micro-batch's tokens: what its shards' forward passes run.
+        let micro_tokens = |rows: std::ops::Range<usize>| {
+            let shards = shard_ranges(&policy, rows.len());
+            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+        };
+        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
         let micro_batches = count.div_ceil(micro.max(1)).max(1);
         let per_sequence_clips = self.config.importance_sampling_level == ImportanceSamplingLevel::Sequence;
         let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
@@ -743,8 +758,7 @@ impl RlAlgorithm for Grpo {
                 // threshold is not lost to rounding between the two passes).
                 let (entropy_threshold, entropy_tokens, micro_entropies) = if self.config.top_entropy_quantile < 1.0 {
                     let sub = rollout.select(&(start..end).collect::<Vec<_>>());
-                    let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-                    let (_, entropies) = completion_log_probs(&policy.valid(), &sub_input, completion_len, temperature);
+                    let (_, entropies) = rollout::completion_scores(&policy.valid(), &sub, prompts, pad, share, temperature);
                     let values = entropies.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
                     let threshold = entropy_threshold(&values, micro_mask, self.config.top_entropy_quantile);
                     (threshold, entropy_token_count(&values, micro_mask, threshold), Some(Tensor::<2>::from_inner(entropies)))
@@ -764,8 +778,7 @@ impl RlAlgorithm for Grpo {
                 let shard = |policy: &CausalLm, shard_rows: std::ops::Range<usize>| {
                     let rows = start + shard_rows.start..start + shard_rows.end;
                     let sub = rollout.select(&rows.clone().collect::<Vec<_>>());
-                    let (sub_input, _) = rollout::scoring_input(&sub, prompts, environment.pad_token_id);
-                    let (logps, entropies) = completion_log_probs(policy, &sub_input, completion_len, temperature);
+                    let (logps, entropies) = rollout::completion_scores(policy, &sub, prompts, pad, share, temperature);
                     // The pre-pass's values with this pass's gradient.
                     let entropies = match &micro_entropies {
                         Some(fixed) => entropies.clone() - entropies.detach() + fixed.clone().slice([shard_rows.clone(), 0..completion_len]),
@@ -843,6 +856,8 @@ impl RlAlgorithm for Grpo {
         let seconds = started.elapsed().as_secs_f64();
         let generated: usize = rollout.lengths().iter().sum();
         metrics.insert("step_time".to_string(), seconds);
+        // The update phase alone (scoring, backward passes, optimizer steps), without sampling.
+        metrics.insert("update_time".to_string(), update_started.elapsed().as_secs_f64());
         metrics.insert("tokens_per_second".to_string(), generated as f64 / seconds.max(1e-9));
         Ok(metrics)
     }

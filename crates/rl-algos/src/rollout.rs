@@ -5,7 +5,8 @@
 //! Legend: `N` completions, `P` padded prompt length, `C` padded completion length.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use policy_models::generate::{GenerationConfig, Sampler, StopReason, generate};
+use policy_models::generate::{GenerationConfig, Sampler, StopReason, completion_log_probs, generate};
+use policy_models::prefix::{SharedPrefixInput, shared_prefix_log_probs};
 use policy_models::{CausalLm, StepInput};
 
 use crate::algorithm::{Environment, Metrics, PromptItem, mean_std};
@@ -151,6 +152,52 @@ pub fn scoring_input(rollout: &Rollout, prompts: &[PromptItem], pad_token_id: i6
     (StepInput::from_padded(&ids, &mask), rollout.completion_len())
 }
 
+/// The rollout's completions grouped by prompt, each prompt once ([`policy_models::prefix`]).
+pub fn shared_scoring_input(rollout: &Rollout, prompts: &[PromptItem], pad_token_id: i64) -> SharedPrefixInput {
+    let row_prompts: Vec<&[i64]> = rollout.prompt_index.iter().map(|&p| prompts[p].prompt_ids.as_slice()).collect();
+    SharedPrefixInput::new(&row_prompts, &rollout.completion_ids, &rollout.completion_mask, pad_token_id)
+}
+
+/// Per-token log-probs and entropies of the rollout's completions under `policy` at
+/// `temperature`, [N, C] each (with gradients on an autodiff device). With
+/// `share_prompt_prefix`, when rows share a prompt, each prompt runs once and its completions
+/// attend over it ([`shared_prefix_log_probs`], the same numbers); otherwise every row runs
+/// prompt + completion ([`scoring_input`]).
+pub fn completion_scores(
+    policy: &CausalLm,
+    rollout: &Rollout,
+    prompts: &[PromptItem],
+    pad_token_id: i64,
+    share_prompt_prefix: bool,
+    temperature: f32,
+) -> (Tensor<2>, Tensor<2>) {
+    if share_prompt_prefix {
+        let input = shared_scoring_input(rollout, prompts, pad_token_id);
+        if input.shares_prompts() {
+            return shared_prefix_log_probs(policy, &input, temperature);
+        }
+    }
+    let (input, completion_len) = scoring_input(rollout, prompts, pad_token_id);
+    completion_log_probs(policy, &input, completion_len, temperature)
+}
+
+/// Positions a scoring forward over `rows` of the rollout runs (a bound: prompts counted at the
+/// longest prompt's length): R (Tp + C), or with `share_prompt_prefix` and a shared prompt,
+/// (distinct prompts) Tp + R C.
+pub fn scoring_positions(rollout: &Rollout, prompts: &[PromptItem], rows: std::ops::Range<usize>, share_prompt_prefix: bool) -> usize {
+    let prompt_len = rollout.prompt_index.iter().map(|&p| prompts[p].prompt_ids.len()).max().unwrap_or(0);
+    let completion_len = rollout.completion_len();
+    let count = rows.len();
+    let mut distinct: Vec<usize> = rollout.prompt_index[rows].to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if share_prompt_prefix && distinct.len() < count {
+        distinct.len() * prompt_len + count * completion_len
+    } else {
+        count * (prompt_len + completion_len)
+    }
+}
+
 /// The loss mask [N, C]: generated tokens, without the truncated completions when asked.
 pub fn loss_mask(rollout: &Rollout, mask_truncated: bool, device: &Device) -> Tensor<2> {
     let width = rollout.completion_len();
@@ -197,8 +244,19 @@ pub const DEFAULT_MAX_TOKENS_PER_MICRO_BATCH: usize = 1024;
 /// bounds a step's memory whatever the batch; losses are normalised by whole-batch totals, so
 /// the split does not change the update.
 pub fn micro_batch_rows(rows: usize, padded_len: usize, steps: Option<usize>, max_tokens: usize) -> usize {
-    let steps = steps.unwrap_or_else(|| rows.div_ceil((max_tokens / padded_len.max(1)).max(1)));
-    rows.div_ceil(steps.clamp(1, rows.max(1))).max(1)
+    micro_batch_rows_by(rows, steps, max_tokens, |range| range.len() * padded_len)
+}
+
+/// [`micro_batch_rows`] with the tokens of a micro-batch of rows `range` counted by `tokens`
+/// (with shared prompt prefixes, a prompt counts once per forward pass that runs it, see
+/// [`scoring_positions`]): the fewest micro-batches, of equal row counts, whose every one fits
+/// `max_tokens` (a micro-batch of one row always does).
+pub fn micro_batch_rows_by(rows: usize, steps: Option<usize>, max_tokens: usize, tokens: impl Fn(std::ops::Range<usize>) -> usize) -> usize {
+    if let Some(steps) = steps {
+        return rows.div_ceil(steps.clamp(1, rows.max(1))).max(1);
+    }
+    let fits = |size: usize| (0..rows).step_by(size).all(|start| tokens(start..(start + size).min(rows)) <= max_tokens);
+    (1..=rows).map(|count| rows.div_ceil(count)).find(|&size| size == 1 || fits(size)).unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -216,5 +274,29 @@ mod micro_batch_tests {
         // A row longer than the budget still makes a micro-batch of one.
         assert_eq!(micro_batch_rows(5, 9000, None, 4096), 1);
         assert_eq!(micro_batch_rows(0, 10, None, 4096), 1);
+        assert_eq!(micro_batch_rows(10, 200, None, 800), 4);
+    }
+
+    #[test]
+    fn shared_prompts_count_once_per_forward_pass() {
+        // 64 rows, groups of 8, prompts of 171 and completions of 64 tokens, two shards per
+        // micro-batch each running its prompts once: 8 rows (one prompt in each half) are
+        // 2 x 171 + 8 x 64 = 854 tokens, within 1024; 16 rows would be 1366.
+        let group = |row: usize| row / 8;
+        let shard_tokens = |range: std::ops::Range<usize>| {
+            let half = range.len().div_ceil(2);
+            [range.start..range.start + half, range.start + half..range.end]
+                .into_iter()
+                .filter(|shard| !shard.is_empty())
+                .map(|shard| {
+                    let mut groups: Vec<usize> = shard.clone().map(group).collect();
+                    groups.dedup();
+                    groups.len() * 171 + shard.len() * 64
+                })
+                .sum()
+        };
+        assert_eq!(super::micro_batch_rows_by(64, None, 1024, shard_tokens), 8);
+        // Without sharing, the same budget takes 4 rows of 235 tokens.
+        assert_eq!(micro_batch_rows(64, 235, None, 1024), 4);
     }
 }

@@ -76,6 +76,8 @@ pub struct BenchConfig {
     /// Micro-batches per optimizer step; unset: one for TRL (its default), cotlab's token
     /// budget for cotlab (`max_tokens_per_micro_batch`).
     pub grad_accum: Option<usize>,
+    /// GRPO: cotlab runs each prompt once in its training forwards (`share_prompt_prefix`).
+    pub share_prompt_prefix: bool,
     /// CPU threads of each side (rayon's pool; torch.set_num_threads).
     pub threads: usize,
     /// `f32` or `bf16`.
@@ -123,6 +125,10 @@ pub struct Figures {
     pub peak_rss_bytes: Option<u64>,
     /// Seconds of every step or run, the warm-up first.
     pub step_seconds: Vec<f64>,
+    /// GRPO: seconds of each step's update phase (scoring, backward passes, optimizer), the
+    /// warm-up first; the rest of a step is sampling and rewards.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub update_seconds: Vec<f64>,
     /// GRPO: mean completion length over the measured steps (both sides should sample alike).
     pub completion_mean_length: Option<f64>,
     /// GRPO: mean reward over the measured steps.
@@ -167,6 +173,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
         train_tokens_per_s: None,
         peak_rss_bytes: None,
         step_seconds: Vec::new(),
+        update_seconds: Vec::new(),
         completion_mean_length: None,
         reward_mean: None,
         config: config.clone(),
@@ -185,6 +192,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 "temperature": config.temperature,
                 "loss_type": config.loss_type,
                 "beta": config.beta,
+                "share_prompt_prefix": config.share_prompt_prefix,
             });
             if let Some(steps) = config.grad_accum {
                 grpo["gradient_accumulation_steps"] = steps.into();
@@ -217,6 +225,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 let started = Instant::now();
                 let metrics = algorithm.train_step(batch, &environment).with_context(|| format!("GRPO step {}", step + 1))?;
                 figures.step_seconds.push(started.elapsed().as_secs_f64());
+                figures.update_seconds.extend(metrics.get("update_time").copied());
                 if step > 0 || config.steps == 1 {
                     lengths.extend(metrics.get("completions/mean_length").copied());
                     rewards_seen.extend(metrics.get("reward").copied());
@@ -442,6 +451,9 @@ impl Report {
         }
         let steps = |values: &[f64]| values.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ");
         text.push_str(&format!("{:<34} {}\n", "cotlab step seconds", steps(&self.cotlab.step_seconds)));
+        if !self.cotlab.update_seconds.is_empty() {
+            text.push_str(&format!("{:<34} {}\n", "cotlab update seconds", steps(&self.cotlab.update_seconds)));
+        }
         if let Some(values) = self.reference.as_ref().and_then(|value| value["step_seconds"].as_array()) {
             let values: Vec<f64> = values.iter().filter_map(serde_json::Value::as_f64).collect();
             text.push_str(&format!("{:<34} {}\n", format!("{reference_name} step seconds"), steps(&values)));
@@ -535,6 +547,7 @@ mod tests {
             beta: 0.0,
             steps: 1,
             grad_accum: None,
+            share_prompt_prefix: true,
             threads: 2,
             dtype: "f32".to_string(),
             lora: None,
@@ -615,6 +628,7 @@ mod tests {
             train_tokens_per_s: None,
             peak_rss_bytes: None,
             step_seconds: vec![],
+            update_seconds: vec![],
             completion_mean_length: None,
             reward_mean: None,
             config: config(Path::new("m"), workload),
