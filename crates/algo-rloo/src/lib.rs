@@ -27,8 +27,8 @@ use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::CausalLm;
 use policy_models::generate::Sampler;
-use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
-use rl_algos::algorithm::{CheckpointState, mean_std, parse_config};
+use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
+use rl_algos::algorithm::{CheckpointState, parse_config};
 use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, rollout};
 use serde::{Deserialize, Serialize};
 
@@ -224,8 +224,8 @@ fn resume(inputs: AlgorithmInputs, dir: &Path) -> Result<Box<dyn RlAlgorithm>, R
     let state = CheckpointState::read(dir)?;
     let policy = rl_algos::algorithm::checkpoint_policy(&inputs.policy, dir)?;
     let mut rloo = Rloo::new(inputs.policy, config, inputs.optim, state.seed)?;
-    rloo.optimizer = AdamW::load(rloo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
-    rloo.policy = Some(policy);
+    let optimizer = AdamW::load(rloo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
+    rloo.updater = Updater::new(policy, optimizer);
     rloo.steps = state.steps;
     Ok(Box::new(rloo))
 }
@@ -234,9 +234,9 @@ fn resume(inputs: AlgorithmInputs, dir: &Path) -> Result<Box<dyn RlAlgorithm>, R
 pub struct Rloo {
     config: RlooConfig,
     optim: OptimSettings,
-    policy: Option<CausalLm>,
+    /// The policy and its optimizer.
+    updater: Updater<CausalLm>,
     reference: Option<CausalLm>,
-    optimizer: AdamW,
     steps: u64,
     seed: u64,
 }
@@ -247,7 +247,7 @@ impl Rloo {
         config.validate().map_err(RlError::Config)?;
         optim.validate().map_err(RlError::Config)?;
         let reference = (config.beta > 0.0).then(|| rl_algos::algorithm::reference_policy(&policy));
-        Ok(Self { optimizer: AdamW::new(optim.adamw), config, optim, policy: Some(policy), reference, steps: 0, seed })
+        Ok(Self { updater: Updater::new(policy, AdamW::new(optim.adamw)), config, optim, reference, steps: 0, seed })
     }
 }
 
@@ -261,28 +261,29 @@ impl RlAlgorithm for Rloo {
     }
 
     fn policy(&self) -> &CausalLm {
-        self.policy.as_ref().expect("the policy is present between steps")
+        self.updater.model()
     }
 
     fn into_policy(self: Box<Self>) -> CausalLm {
-        self.policy.expect("the policy is present between steps")
+        self.updater.into_model()
     }
 
     fn save_checkpoint(&self, dir: &Path) -> Result<(), RlError> {
         self.policy().save_dir(&dir.join("policy"), None)?;
-        self.optimizer.save(self.policy(), &dir.join("optimizer.safetensors"))?;
+        self.updater.optimizer().save(self.policy(), &dir.join("optimizer.safetensors"))?;
         CheckpointState { steps: self.steps, seed: self.seed }.write(dir)
     }
 
     fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
         let started = Instant::now();
         let k = self.config.num_generations;
-        let policy = self.policy.take().expect("the policy is present between steps");
-        let device = policy.devices().into_iter().next().expect("the policy has parameters");
+        // Rollouts and the KL penalty run on a copy without autodiff.
+        let inference = self.updater.model().valid();
+        let device = self.updater.model().devices().into_iter().next().expect("the policy has parameters");
         // 1. Rollout on a copy without autodiff.
         let sampler = Sampler::Sample { temperature: self.config.temperature, top_k: None, top_p: None };
-        let seed = self.seed ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let rollout = rollout::sample(&policy.valid(), prompts, k, self.config.max_completion_length, sampler, environment, seed);
+        let seed = rollout::step_seed(self.seed, self.steps, 0);
+        let rollout = rollout::sample(&inference, prompts, k, self.config.max_completion_length, sampler, environment, seed);
         // 2. Rewards, the KL penalty (kl_in = "reward") and leave-one-out advantages.
         let scored = rollout::reward(&rollout, prompts, environment);
         let completion_len = rollout.completion_len();
@@ -291,7 +292,7 @@ impl RlAlgorithm for Rloo {
         let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
         // A micro-batch's tokens: what its shards' forward passes run.
         let micro_tokens = |rows: std::ops::Range<usize>| {
-            let shards = shard_ranges(&policy, rows.len());
+            let shards = shard_ranges(self.updater.model(), rows.len());
             shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
         };
         let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
@@ -299,13 +300,13 @@ impl RlAlgorithm for Rloo {
         let temperature = self.config.temperature;
         let kl_in = self.config.kl_in;
         let penalty = match (&self.reference, kl_in) {
-            (Some(reference), KlIn::Reward) => Some(sequence_kl(&policy.valid(), reference, &rollout, prompts, (pad, share), &mask, micro, temperature)),
+            (Some(reference), KlIn::Reward) => Some(sequence_kl(&inference, reference, &rollout, prompts, (pad, share), &mask, micro, temperature)),
             _ => None,
         };
         let advantages = rloo_advantages(&scored.total, penalty.as_deref(), self.config.beta, k, self.config.normalize_advantages);
         let mut metrics = Metrics::new();
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
-        metrics.insert("reward_std".to_string(), mean_std(&scored.total).1);
+        metrics.insert("reward_std".to_string(), eval::stats::mean_std(&scored.total).std);
         // 3. The loss over the batch, with gradients accumulated over micro-batches of rows
         // (bounded by the token budget), each one shard of rows per thread on the CPU; each
         // shard's loss is its share of the whole batch's mean.
@@ -313,6 +314,7 @@ impl RlAlgorithm for Rloo {
         let beta = self.config.beta as f32;
         let epsilons = (self.config.epsilon, self.config.epsilon_high());
         let reference = self.reference.as_ref().filter(|_| kl_in == KlIn::Loss);
+        let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
         let mut accumulator = burn::optim::GradientsAccumulator::new();
         let (mut loss, mut shards) = (0.0, Vec::new());
         for start in (0..count).step_by(micro) {
@@ -345,16 +347,10 @@ impl RlAlgorithm for Rloo {
                 };
                 (loss, (kl_sum, entropy_sum, clip))
             };
-            let (micro_loss, grads, micro_shards) = match sharded_backward(&policy, (start + micro).min(count) - start, shard) {
-                Ok(computed) => computed,
-                Err(bad) => {
-                    self.policy = Some(policy);
-                    return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-                }
-            };
+            let (micro_loss, grads, micro_shards) = self.updater.backward((start + micro).min(count) - start, shard).map_err(not_finite)?;
             loss += micro_loss;
             shards.extend(micro_shards);
-            accumulator.accumulate(&policy, grads);
+            accumulator.accumulate(self.updater.model(), grads);
         }
         let grads = accumulator.grads();
         // The mean per-token KL: k1 at sampling time (kl_in = "reward", TRL's `kl`), or k3.
@@ -366,15 +362,8 @@ impl RlAlgorithm for Rloo {
         let clip_low = shards.iter().map(|(_, _, clip)| clip.low).sum::<f64>();
         let clip_high = shards.iter().map(|(_, _, clip)| clip.high).sum::<f64>();
         // 4. The update.
-        let learning_rate = self.optim.schedule().learning_rate_at(self.optimizer.steps());
-        let (policy, stats) = match apply_gradients(policy, grads, loss, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
-            Ok(updated) => updated,
-            Err((policy, bad)) => {
-                self.policy = Some(policy);
-                return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-            }
-        };
-        self.policy = Some(policy);
+        let learning_rate = self.optim.schedule().learning_rate_at(self.updater.optimizer().steps());
+        let stats = self.updater.update(grads, loss, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
         self.steps += 1;
         for (name, value) in [
             ("loss", stats.loss),

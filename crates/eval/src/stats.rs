@@ -65,14 +65,15 @@ pub struct MeanStd {
     pub n: usize,
 }
 
-/// Mean and sample standard deviation.
-pub fn mean_std(values: &[f64]) -> MeanStd {
+/// Mean and sample standard deviation, of f64s or f32s (rewards), in f64.
+pub fn mean_std<T: Copy + Into<f64>>(values: &[T]) -> MeanStd {
+    let values: Vec<f64> = values.iter().map(|&value| value.into()).collect();
     let n = values.len();
     if n == 0 {
         return MeanStd { mean: f64::NAN, std: f64::NAN, n };
     }
     let mean = values.iter().sum::<f64>() / n as f64;
-    let std = sample_variance(values).sqrt();
+    let std = sample_variance(&values).sqrt();
     MeanStd { mean, std, n }
 }
 
@@ -223,7 +224,7 @@ mod tests {
         let summary = mean_std(&[0.5, 0.6, 0.7]);
         assert!(close(summary.mean, 0.6, 1e-12) && close(summary.std, 0.1, 1e-12));
         assert_eq!(mean_std(&[0.4]).std, 0.0);
-        assert!(mean_std(&[]).mean.is_nan());
+        assert!(mean_std::<f64>(&[]).mean.is_nan());
         assert!(close(sample_variance(&[1.0, 2.0, 3.0, 4.0]), 5.0 / 3.0, 1e-12));
     }
 

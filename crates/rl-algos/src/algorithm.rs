@@ -279,16 +279,3 @@ pub fn resolved_config<T: serde::de::DeserializeOwned + serde::Serialize>(
     serde_json::to_value(&config).map_err(|error| format!("[{name}] config: {error}"))
 }
 
-/// Mean and (Bessel-corrected) standard deviation.
-pub fn mean_std(values: &[f32]) -> (f64, f64) {
-    let n = values.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN);
-    }
-    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-    if n < 2 {
-        return (mean, 0.0);
-    }
-    let variance = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    (mean, variance.sqrt())
-}

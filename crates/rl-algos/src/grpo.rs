@@ -452,7 +452,7 @@ pub fn skip_zero_std(mask: &[f32], zero_std: &[bool], zero_std_groups: ZeroStdGr
 /// group's for `group` and `none` and the whole batch's for `batch` (the std the advantages are
 /// divided by). Zero spread is exact equality (see [`group_advantages`]).
 pub fn reward_spread(rewards: &[f32], num_generations: usize, scale: ScaleRewards) -> (f64, f64) {
-    let reward_std = crate::algorithm::mean_std(rewards).1;
+    let reward_std = eval::stats::mean_std(rewards).std;
     let all_equal = |values: &[f32]| values.iter().all(|&value| value == values[0]);
     let zero = match scale {
         ScaleRewards::Batch => {
@@ -519,7 +519,7 @@ use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::Sampler;
 use burn::optim::GradientsAccumulator;
-use policy_models::optim::{AdamW, apply_gradients, shard_ranges, sharded_backward};
+use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -527,13 +527,36 @@ use crate::algorithm::{
 };
 use crate::rollout::{self, Rollout};
 
+/// Sums over a step's micro-batches of the objective's metrics: the KL and the entropy weighted
+/// by tokens, the clip shares by tokens (or completions, at the sequence level).
+#[derive(Debug, Clone, Copy, Default)]
+struct ObjectiveSums {
+    kl: f64,
+    clip_low: f64,
+    clip_high: f64,
+    clip_region: f64,
+    entropy: f64,
+}
+
+impl ObjectiveSums {
+    fn plus(self, other: Self) -> Self {
+        Self {
+            kl: self.kl + other.kl,
+            clip_low: self.clip_low + other.clip_low,
+            clip_high: self.clip_high + other.clip_high,
+            clip_region: self.clip_region + other.clip_region,
+            entropy: self.entropy + other.entropy,
+        }
+    }
+}
+
 /// GRPO training state: the policy, the frozen reference (when `beta > 0`), the optimizer.
 pub struct Grpo {
     config: GrpoConfig,
     optim: OptimSettings,
-    policy: Option<CausalLm>,
+    /// The policy and its optimizer.
+    updater: Updater<CausalLm>,
     reference: Option<CausalLm>,
-    optimizer: AdamW,
     steps: u64,
     seed: u64,
 }
@@ -582,11 +605,6 @@ fn build_entry(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError>
     Ok(Box::new(Grpo::new(inputs.policy, config, inputs.optim, inputs.seed)?))
 }
 
-/// Seeds differ per step and per resampling round, deterministically.
-pub(crate) fn step_seed(seed: u64, step: u64, round: u64) -> u64 {
-    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-}
-
 impl Grpo {
     /// Starts GRPO on `policy` (on an autodiff device). With `beta > 0` a frozen copy of the
     /// policy becomes the reference; with `beta = 0` none is kept.
@@ -599,8 +617,8 @@ impl Grpo {
             ));
         }
         let reference = (config.beta > 0.0).then(|| crate::algorithm::reference_policy(&policy));
-        let optimizer = AdamW::new(optim.adamw);
-        Ok(Self { config, optim, policy: Some(policy), reference, optimizer, steps: 0, seed })
+        let updater = Updater::new(policy, AdamW::new(optim.adamw));
+        Ok(Self { config, optim, updater, reference, steps: 0, seed })
     }
 
     /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
@@ -608,8 +626,8 @@ impl Grpo {
         let state = crate::algorithm::CheckpointState::read(dir)?;
         let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut grpo = Self::new(start, config, optim, state.seed)?;
-        grpo.optimizer = AdamW::load(grpo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
-        grpo.policy = Some(policy);
+        let optimizer = AdamW::load(grpo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
+        grpo.updater = Updater::new(policy, optimizer);
         grpo.steps = state.steps;
         // A synchronised reference has moved away from the start: the checkpoint holds it.
         if grpo.config.sync_ref_model {
@@ -641,7 +659,7 @@ impl Grpo {
             }
             generated += flat.len() * g;
             let subset: Vec<PromptItem> = flat.iter().map(|&p| prompts[p].clone()).collect();
-            let fresh = rollout::sample(inference, &subset, g, self.config.max_completion_length, self.sampler(), environment, step_seed(self.seed, self.steps, round as u64));
+            let fresh = rollout::sample(inference, &subset, g, self.config.max_completion_length, self.sampler(), environment, rollout::step_seed(self.seed, self.steps, round as u64));
             let fresh_rewards = rollout::reward(&fresh, &subset, environment);
             for (k, &p) in flat.iter().enumerate() {
                 for j in 0..g {
@@ -676,16 +694,16 @@ impl RlAlgorithm for Grpo {
     }
 
     fn policy(&self) -> &CausalLm {
-        self.policy.as_ref().expect("the policy is present between steps")
+        self.updater.model()
     }
 
     fn into_policy(self: Box<Self>) -> CausalLm {
-        self.policy.expect("the policy is present between steps")
+        self.updater.into_model()
     }
 
     fn save_checkpoint(&self, dir: &std::path::Path) -> Result<(), RlError> {
         self.policy().save_dir(&dir.join("policy"), None)?;
-        self.optimizer.save(self.policy(), &dir.join("optimizer.safetensors"))?;
+        self.updater.optimizer().save(self.policy(), &dir.join("optimizer.safetensors"))?;
         if let (true, Some(reference)) = (self.config.sync_ref_model, &self.reference) {
             reference.save_dir(&dir.join("reference"), None)?;
         }
@@ -695,11 +713,10 @@ impl RlAlgorithm for Grpo {
     fn train_step(&mut self, prompts: &[PromptItem], environment: &Environment<'_>) -> Result<Metrics, RlError> {
         let started = Instant::now();
         let g = self.config.num_generations;
-        let mut policy = self.policy.take().expect("the policy is present between steps");
-        let device = policy.devices().into_iter().next().expect("the policy has parameters");
+        let device = self.updater.model().devices().into_iter().next().expect("the policy has parameters");
         // Rollouts run on a copy without autodiff: no graph is built, none can leak.
-        let inference = policy.valid();
-        let mut rollout = rollout::sample(&inference, prompts, g, self.config.max_completion_length, self.sampler(), environment, step_seed(self.seed, self.steps, 0));
+        let inference = self.updater.model().valid();
+        let mut rollout = rollout::sample(&inference, prompts, g, self.config.max_completion_length, self.sampler(), environment, rollout::step_seed(self.seed, self.steps, 0));
         let mut scored = rollout::reward(&rollout, prompts, environment);
         let mut metrics = Metrics::new();
         if self.config.zero_std_groups == ZeroStdGroups::Resample {
@@ -734,7 +751,7 @@ impl RlAlgorithm for Grpo {
         let tokens_total = mask_host.iter().sum::<f32>();
         // A micro-batch's tokens: what its shards' forward passes run.
         let micro_tokens = |rows: std::ops::Range<usize>| {
-            let shards = shard_ranges(&policy, rows.len());
+            let shards = shard_ranges(self.updater.model(), rows.len());
             shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
         };
         let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
@@ -744,7 +761,7 @@ impl RlAlgorithm for Grpo {
         // Token-weighted sums of the objective's metrics and of the entropy over the
         // micro-batches of every iteration, whose mean is reported (TRL logs them at each).
         // Clipping can only show after the first iteration: until the policy moves, ratios are 1.
-        let mut weighted = [0.0f64; 5];
+        let mut weighted = ObjectiveSums::default();
         for _iteration in 0..self.config.num_iterations {
             let mut accumulator = GradientsAccumulator::new();
             let mut loss_sum = 0.0;
@@ -758,7 +775,7 @@ impl RlAlgorithm for Grpo {
                 // threshold is not lost to rounding between the two passes).
                 let (entropy_threshold, entropy_tokens, micro_entropies) = if self.config.top_entropy_quantile < 1.0 {
                     let sub = rollout.select(&(start..end).collect::<Vec<_>>());
-                    let (_, entropies) = rollout::completion_scores(&policy.valid(), &sub, prompts, pad, share, temperature);
+                    let (_, entropies) = rollout::completion_scores(&self.updater.model().valid(), &sub, prompts, pad, share, temperature);
                     let values = entropies.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
                     let threshold = entropy_threshold(&values, micro_mask, self.config.top_entropy_quantile);
                     (threshold, entropy_token_count(&values, micro_mask, threshold), Some(Tensor::<2>::from_inner(entropies)))
@@ -800,44 +817,30 @@ impl RlAlgorithm for Grpo {
                     let entropy_sum = f64::from((entropies.detach() * sub_mask).sum().into_scalar::<f32>());
                     // Sequence-level clip shares are over completions, as TRL reports them.
                     let clip_weight = if per_sequence_clips { rows.len() as f64 } else { sub_tokens };
-                    let sums = [
-                        objective.kl * sub_tokens,
-                        objective.clip_ratio_low_mean * clip_weight,
-                        objective.clip_ratio_high_mean * clip_weight,
-                        objective.clip_ratio_region_mean * clip_weight,
-                        entropy_sum,
-                    ];
+                    let sums = ObjectiveSums {
+                        kl: objective.kl * sub_tokens,
+                        clip_low: objective.clip_ratio_low_mean * clip_weight,
+                        clip_high: objective.clip_ratio_high_mean * clip_weight,
+                        clip_region: objective.clip_ratio_region_mean * clip_weight,
+                        entropy: entropy_sum,
+                    };
                     (loss, sums)
                 };
                 let rows = end - start;
-                let (loss, grads, shard_sums) = match sharded_backward(&policy, rows, shard) {
-                    Ok(computed) => computed,
-                    Err(bad) => {
-                        self.policy = Some(policy);
-                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-                    }
-                };
+                let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+                let (loss, grads, shard_sums) = self.updater.backward(rows, shard).map_err(not_finite)?;
                 loss_sum += loss;
                 for sums in shard_sums {
-                    for (total, value) in weighted.iter_mut().zip(sums) {
-                        *total += value;
-                    }
+                    weighted = weighted.plus(sums);
                 }
-                accumulator.accumulate(&policy, grads);
+                accumulator.accumulate(self.updater.model(), grads);
             }
-            let learning_rate = schedule.learning_rate_at(self.optimizer.steps());
-            let (updated, stats) =
-                match apply_gradients(policy, accumulator.grads(), loss_sum, &mut self.optimizer, self.optim.max_grad_norm, learning_rate) {
-                    Ok(updated) => updated,
-                    Err((policy, bad)) => {
-                        self.policy = Some(policy);
-                        return Err(RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() });
-                    }
-                };
-            policy = updated;
-            if self.config.sync_ref_model && self.optimizer.steps().is_multiple_of(self.config.ref_model_sync_steps) {
+            let learning_rate = schedule.learning_rate_at(self.updater.optimizer().steps());
+            let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+            let stats = self.updater.update(accumulator.grads(), loss_sum, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
+            if self.config.sync_ref_model && self.updater.optimizer().steps().is_multiple_of(self.config.ref_model_sync_steps) {
                 let reference = self.reference.take().expect("sync_ref_model needs beta > 0, which keeps a reference");
-                self.reference = Some(mix_into_reference(reference, &policy.valid(), self.config.ref_model_mixup_alpha));
+                self.reference = Some(mix_into_reference(reference, &self.updater.model().valid(), self.config.ref_model_mixup_alpha));
             }
             metrics.insert("loss".to_string(), stats.loss);
             metrics.insert("grad_norm".to_string(), stats.grad_norm);
@@ -847,11 +850,11 @@ impl RlAlgorithm for Grpo {
         let iterations = self.config.num_iterations as f64;
         let tokens = f64::from(tokens_total).max(1.0) * iterations;
         let clip_weight = if per_sequence_clips { count.max(1) as f64 * iterations } else { tokens };
-        for (name, sum) in ["kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"].iter().zip(weighted) {
-            let weight = if name.starts_with("clip_ratio") { clip_weight } else { tokens };
-            metrics.insert(name.to_string(), sum / weight);
-        }
-        self.policy = Some(policy);
+        metrics.insert("kl".to_string(), weighted.kl / tokens);
+        metrics.insert("entropy".to_string(), weighted.entropy / tokens);
+        metrics.insert("clip_ratio/low_mean".to_string(), weighted.clip_low / clip_weight);
+        metrics.insert("clip_ratio/high_mean".to_string(), weighted.clip_high / clip_weight);
+        metrics.insert("clip_ratio/region_mean".to_string(), weighted.clip_region / clip_weight);
         self.steps += 1;
         let seconds = started.elapsed().as_secs_f64();
         let generated: usize = rollout.lengths().iter().sum();

@@ -38,9 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantages::{gae, whiten};
 use crate::algorithm::{
-    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, mean_std, parse_config,
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, parse_config,
 };
-use crate::grpo::step_seed;
+use crate::rollout::step_seed;
 use crate::rollout;
 
 /// The KL estimator of the per-token penalty.
@@ -645,7 +645,7 @@ impl RlAlgorithm for Ppo {
         let scored = rollout::reward(&rollout, prompts, environment);
         let mut metrics = Metrics::new();
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
-        metrics.insert("reward_std".to_string(), mean_std(&scored.total).1);
+        metrics.insert("reward_std".to_string(), eval::stats::mean_std(&scored.total).std);
 
         let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
         let temperature = self.config.temperature;
@@ -672,7 +672,7 @@ impl RlAlgorithm for Ppo {
         let real = |table: &[Vec<f32>]| -> Vec<f32> { table.iter().zip(&lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect() };
         let returns_real = real(&targets.returns);
         let residual: Vec<f32> = returns_real.iter().zip(real(&old_values_host)).map(|(r, v)| r - v).collect();
-        let variance = |values: &[f32]| mean_std(values).1.powi(2);
+        let variance = |values: &[f32]| eval::stats::mean_std(values).std.powi(2);
         metrics.insert("val/explained_variance".to_string(), 1.0 - variance(&residual) / variance(&returns_real).max(1e-12));
 
         let count = rollout.len();

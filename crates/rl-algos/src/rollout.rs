@@ -9,7 +9,9 @@ use policy_models::generate::{GenerationConfig, Sampler, StopReason, completion_
 use policy_models::prefix::{SharedPrefixInput, shared_prefix_log_probs};
 use policy_models::{CausalLm, StepInput};
 
-use crate::algorithm::{Environment, Metrics, PromptItem, mean_std};
+use eval::stats::mean_std;
+
+use crate::algorithm::{Environment, Metrics, PromptItem};
 use crate::rewards::{RewardInput, ScoredBatch};
 
 /// Completions of a batch of prompts, each prompt repeated `repeats` times (group layout:
@@ -79,6 +81,12 @@ impl Rollout {
             texts: keep.iter().map(|&i| self.texts[i].clone()).collect(),
         }
     }
+}
+
+/// The sampling seed of a step (and of a later round within it: GRPO's resampling, PPO's
+/// minibatch order), different per step and round and the same on a resumed run.
+pub fn step_seed(seed: u64, step: u64, round: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
 }
 
 /// Samples `repeats` completions per prompt with the inference copy of the policy.
@@ -216,15 +224,14 @@ pub fn loss_mask(rollout: &Rollout, mask_truncated: bool, device: &Device) -> Te
 /// TRL's reward and completion metrics: `reward`, `rewards/<fn>/mean`, `rewards/<fn>/std`,
 /// `completions/mean_length`, `completions/clipped_ratio`.
 pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Metrics) {
-    let (reward_mean, _) = mean_std(&scored.total);
-    metrics.insert("reward".to_string(), reward_mean);
+    metrics.insert("reward".to_string(), mean_std(&scored.total).mean);
     for (name, values) in &scored.per_function {
-        let (mean, std) = mean_std(values);
-        metrics.insert(format!("rewards/{name}/mean"), mean);
-        metrics.insert(format!("rewards/{name}/std"), std);
+        let summary = mean_std(values);
+        metrics.insert(format!("rewards/{name}/mean"), summary.mean);
+        metrics.insert(format!("rewards/{name}/std"), summary.std);
     }
-    let lengths: Vec<f32> = rollout.lengths().into_iter().map(|l| l as f32).collect();
-    metrics.insert("completions/mean_length".to_string(), mean_std(&lengths).0);
+    let lengths: Vec<f64> = rollout.lengths().into_iter().map(|l| l as f64).collect();
+    metrics.insert("completions/mean_length".to_string(), mean_std(&lengths).mean);
     let truncated = rollout.stop_reasons.iter().filter(|r| **r == StopReason::Length).count();
     metrics.insert("completions/clipped_ratio".to_string(), truncated as f64 / rollout.len().max(1) as f64);
 }
