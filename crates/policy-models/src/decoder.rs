@@ -66,13 +66,13 @@ pub struct DecoderSpec {
 impl DecoderSpec {
     /// Checks the head arithmetic.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} is odd; rotary embeddings need an even head dimension", self.head_dim));
         }
         Ok(())

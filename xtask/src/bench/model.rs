@@ -104,7 +104,7 @@ impl BenchConfig {
         anyhow::ensure!(self.max_completion_length >= 1, "--new-tokens must be at least 1");
         anyhow::ensure!(self.steps >= 1, "--steps must be at least 1 (the first step is a warm-up: use 2 or more for a median)");
         if let Some(grad_accum) = self.grad_accum {
-            anyhow::ensure!(grad_accum >= 1 && self.rows() % grad_accum == 0, "--grad-accum {grad_accum} must divide prompts x generations = {} (TRL's per-device batch is their quotient)", self.rows());
+            anyhow::ensure!(grad_accum >= 1 && self.rows().is_multiple_of(grad_accum), "--grad-accum {grad_accum} must divide prompts x generations = {} (TRL's per-device batch is their quotient)", self.rows());
         }
         anyhow::ensure!(self.lora != Some(0), "--lora-rank must be at least 1 (omit it for full fine-tuning)");
         Ok(())
@@ -198,8 +198,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 grpo["gradient_accumulation_steps"] = steps.into();
             }
             let entry = registry().iter().find(|entry| entry.name == "grpo").context("grpo is not registered")?;
-            let mut adamw = policy_models::optim::AdamWSettings::default();
-            adamw.weight_decay = config.weight_decay;
+            let adamw = policy_models::optim::AdamWSettings { weight_decay: config.weight_decay, ..Default::default() };
             let optim = OptimSettings { learning_rate: config.learning_rate, adamw, ..OptimSettings::default() };
             let optim = entry.run_optim(&grpo, &optim, config.steps as u64, config.prompts_per_step).map_err(anyhow::Error::msg)?;
             let mut algorithm = (entry.build)(AlgorithmInputs { policy, config: grpo, optim, seed: 0 })?;
@@ -275,8 +274,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 policy = policy.with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() }).map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
             }
             let steps = config.steps as u64;
-            let mut adamw = policy_models::optim::AdamWSettings::default();
-            adamw.weight_decay = config.weight_decay;
+            let adamw = policy_models::optim::AdamWSettings { weight_decay: config.weight_decay, ..Default::default() };
             let sft = SftConfig {
                 steps,
                 batch_size: config.rows(),
