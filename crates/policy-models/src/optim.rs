@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::weights::{LoadError, WeightMap, WeightWriter};
 
-/// AdamW settings; the defaults are `torch.optim.AdamW`'s.
+/// AdamW settings; the defaults are transformers' `TrainingArguments` (torch's betas and eps, no decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamWSettings {

@@ -80,10 +80,16 @@ fn merge(target: &mut Value, overlay: Value) {
 pub fn base_config(study: &Study) -> anyhow::Result<Value> {
     Ok(match &study.policy.base {
         PolicyBase::Checkpoint { .. } => json!({ "policy": { "base": study.policy.base } }),
-        PolicyBase::Preset { .. } => json!({
-            "task": study.task,
-            "policy": { "base": study.policy.base, "template": study.policy.template, "max_length": study.policy.max_length },
-        }),
+        PolicyBase::Preset { .. } => {
+            let mut config = json!({
+                "task": study.task,
+                "policy": { "base": study.policy.base, "template": study.policy.template, "max_length": study.policy.max_length },
+            });
+            // The supervised run's optimizer is not a study setting, but its defaults are
+            // cotlab's: a release that changes them retrains the base.
+            merge(&mut config, json!({ "policy": { "base": { "sft": { "adamw": policy_models::optim::AdamWSettings::default() } } } }));
+            config
+        }
     })
 }
 
