@@ -71,6 +71,9 @@ fn a_few_steps_raise_pairwise_accuracy_with_lora() {
         let after = evaluate(trainer.model(), &setup.tokenizer, &setup.held_out, 32);
         println!("{loss:?}: held-out accuracy {:.3} -> {:.3}, margin {:.3} -> {:.3}", before.accuracy, after.accuracy, before.mean_margin, after.mean_margin);
         assert!(after.accuracy >= 0.9, "{loss:?}: accuracy {:.3} -> {:.3}", before.accuracy, after.accuracy);
+        if loss == PairwiseLoss::BradleyTerry {
+            assert!(before.accuracy < 0.8, "the untrained start is near chance: {:.3}", before.accuracy);
+        }
         assert!(after.mean_margin > before.mean_margin + 0.1, "{loss:?}: margin {:.3} -> {:.3}", before.mean_margin, after.mean_margin);
         // LoRA: the base weights did not move (the adapters disabled give the start's trunk).
         let base = trainer.model().trunk().adapters_disabled();
