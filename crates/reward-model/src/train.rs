@@ -418,6 +418,11 @@ impl<M: RewardModel> RewardTrainer<M> {
         Ok(Self { model: Some(model), optimizer, config })
     }
 
+    /// The training settings.
+    pub fn config(&self) -> &RewardTrainingConfig {
+        &self.config
+    }
+
     /// The model.
     pub fn model(&self) -> &M {
         self.model.as_ref().expect("present between steps")
