@@ -40,7 +40,9 @@ fn setup() -> Setup {
     }
 }
 
-/// A seeded start (burn's initialisation draws from a process-wide generator: tests take turns).
+/// A random start (LoRA's A factors random, B zero). Runs that must start alike clone one
+/// start: seeding burn's generator does not make two initialisations equal when tests run
+/// side by side.
 fn start(setup: &Setup, device: &Device, seed: u64, lora: bool) -> CausalRewardModel {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -61,7 +63,16 @@ fn a_few_steps_raise_pairwise_accuracy_with_lora() {
     assert!(setup.train.len() >= 50 && setup.held_out.len() >= 20, "{} / {} pairs", setup.train.len(), setup.held_out.len());
     for loss in [PairwiseLoss::BradleyTerry, PairwiseLoss::Mse] {
         let steps = 30;
-        let model = start(&setup, &device, 7, true);
+        // A random start often ranks this set right by chance, at a margin near 0 (the rejected
+        // text lacks the tags, a surface difference any random feature may carry): for
+        // Bradley-Terry, draw starts until one ranks it no better than chance.
+        let mut model = start(&setup, &device, 7, true);
+        let mut draws = 1;
+        while loss == PairwiseLoss::BradleyTerry && evaluate(&model, &setup.tokenizer, &setup.held_out, 32).accuracy > 0.6 {
+            assert!(draws < 40, "40 random starts all rank the toy set above chance");
+            model = start(&setup, &device, 7 + draws, true);
+            draws += 1;
+        }
         let frozen = model.trunk().valid();
         let mut trainer = RewardTrainer::start(model, training(steps, loss)).unwrap();
         let before = evaluate(trainer.model(), &setup.tokenizer, &setup.held_out, 32);
@@ -72,7 +83,7 @@ fn a_few_steps_raise_pairwise_accuracy_with_lora() {
         println!("{loss:?}: held-out accuracy {:.3} -> {:.3}, margin {:.3} -> {:.3}", before.accuracy, after.accuracy, before.mean_margin, after.mean_margin);
         assert!(after.accuracy >= 0.9, "{loss:?}: accuracy {:.3} -> {:.3}", before.accuracy, after.accuracy);
         if loss == PairwiseLoss::BradleyTerry {
-            assert!(before.accuracy < 0.8, "the untrained start is near chance: {:.3}", before.accuracy);
+            assert!(before.accuracy <= 0.6 && after.accuracy > before.accuracy + 0.3, "accuracy {:.3} -> {:.3}", before.accuracy, after.accuracy);
         }
         assert!(after.mean_margin > before.mean_margin + 0.1, "{loss:?}: margin {:.3} -> {:.3}", before.mean_margin, after.mean_margin);
         // LoRA: the base weights did not move (the adapters disabled give the start's trunk).
@@ -92,16 +103,17 @@ fn causal_reward_model_training_resumes_exactly() {
     for lora in [false, true] {
         let config = training(6, PairwiseLoss::BradleyTerry);
         let dir = tempfile::tempdir().unwrap();
-        let mut straight = RewardTrainer::start(start(&setup, &device, 11, lora), config.clone()).unwrap();
+        let initial = start(&setup, &device, 11, lora);
+        let mut straight = RewardTrainer::start(initial.clone(), config.clone()).unwrap();
         for _ in 0..6 {
             straight.train_step(&setup.train, &setup.tokenizer).unwrap();
         }
-        let mut first = RewardTrainer::start(start(&setup, &device, 11, lora), config.clone()).unwrap();
+        let mut first = RewardTrainer::start(initial.clone(), config.clone()).unwrap();
         for _ in 0..3 {
             first.train_step(&setup.train, &setup.tokenizer).unwrap();
         }
         first.save_checkpoint(&dir.path().join("checkpoint")).unwrap();
-        let mut resumed = RewardTrainer::resume_causal(start(&setup, &device, 11, lora), &dir.path().join("checkpoint"), config.clone()).unwrap();
+        let mut resumed = RewardTrainer::resume_causal(initial, &dir.path().join("checkpoint"), config.clone()).unwrap();
         assert_eq!(resumed.step(), 3);
         for _ in 0..3 {
             resumed.train_step(&setup.train, &setup.tokenizer).unwrap();
