@@ -3,6 +3,7 @@
 
     COTLAB_KEEP_SAVED=/tmp/cotlab-saved cargo test -p policy-models --test generation a_saved_model
     COTLAB_KEEP_SAVED=/tmp/cotlab-saved cargo test -p reward-model --test parity
+    COTLAB_KEEP_SAVED=/tmp/cotlab-saved cargo test -p reward-model --test causal_parity a_saved_model
     python tools/parity/check_saved.py /tmp/cotlab-saved
 """
 
@@ -20,7 +21,7 @@ REWARD_FIXTURES = ROOT / "crates" / "reward-model" / "tests" / "fixtures"
 
 def main(saved_root):
     for folder in sorted(pathlib.Path(saved_root).iterdir()):
-        if folder.name == "roberta_regressor":
+        if folder.name == "roberta_regressor" or folder.name.startswith("causal_rm_"):
             reference = json.loads((REWARD_FIXTURES / folder.name / "reference.json").read_text())
             model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
             with torch.no_grad():

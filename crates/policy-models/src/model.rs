@@ -66,6 +66,24 @@ impl ModelConfig {
         }
     }
 
+    /// `C`, the width of the final hidden states.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::GptNeo(config) => config.hidden_size,
+            ModelConfig::Qwen2(config) => config.hidden_size,
+            ModelConfig::Llama(config) => config.hidden_size,
+        }
+    }
+
+    /// Standard deviation of the normal transformers initialises new weights with.
+    pub fn initializer_range(&self) -> f64 {
+        match self {
+            ModelConfig::GptNeo(config) => config.initializer_range,
+            ModelConfig::Qwen2(config) => config.initializer_range,
+            ModelConfig::Llama(config) => config.initializer_range,
+        }
+    }
+
     /// Longest sequence the model supports, when its config says.
     pub fn max_positions(&self) -> Option<usize> {
         match self {
@@ -122,6 +140,41 @@ impl CausalLm {
         };
         weights.finish()?;
         Ok(Self { body, config, compute_dtype: FloatDType::F32 })
+    }
+
+    /// [`CausalLm::load_dir`] for a checkpoint whose head is not the LM head (a reward model's
+    /// `score`): returns the model and the weights it left unread, for the caller to take its
+    /// head from and then `finish`. A `*ForSequenceClassification` checkpoint has no
+    /// `lm_head.weight` although its config may say untied; the model is then built tied (its
+    /// LM head is never used by such a caller).
+    pub fn load_trunk(dir: &Path, device: &Device) -> Result<(Self, WeightMap), LoadError> {
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = WeightMap::open(dir, device)?.ignore_suffixes(&[
+            ".attn.attention.bias",
+            ".attn.attention.masked_bias",
+            ".rotary_emb.inv_freq",
+        ]);
+        if !weights.contains("lm_head.weight") {
+            match &mut config {
+                ModelConfig::Qwen2(qwen) => qwen.tie_word_embeddings = true,
+                ModelConfig::Llama(llama) => llama.tie_word_embeddings = true,
+                ModelConfig::GptNeo(_) => {}
+            }
+        }
+        let bad_config = |message: String| LoadError::BadConfig { path: dir.join("config.json"), message };
+        let body = match &config {
+            ModelConfig::GptNeo(neo) => Body::GptNeo(GptNeo::load(neo, &mut weights)?),
+            ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+        };
+        Ok((Self { body, config, compute_dtype: FloatDType::F32 }, weights))
+    }
+
+    /// Adds every weight but the LM head to `writer` under its transformers key (LoRA-adapted
+    /// weights merged): the trunk of a `*ForSequenceClassification` checkpoint.
+    pub fn export_trunk(&self, writer: &mut WeightWriter) {
+        self.export(writer);
+        writer.remove("lm_head");
     }
 
     /// Loads a GGUF file (llama.cpp), dequantized to f32: what transformers'

@@ -419,6 +419,13 @@ impl WeightWriter {
         }
     }
 
+    /// Drops what was added under `prefix` (`{prefix}.weight`, `{prefix}.bias`, its linear entry).
+    pub fn remove(&mut self, prefix: &str) {
+        let (weight, bias) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        self.tensors.retain(|(key, _, _)| *key != weight && *key != bias);
+        self.linears.retain(|linear| linear.prefix != prefix);
+    }
+
     /// Adds an embedding table.
     pub fn embedding(&mut self, prefix: &str, embedding: &Embedding) {
         self.tensor(&format!("{prefix}.weight"), embedding.weight.val());

@@ -4,11 +4,10 @@
 
 use std::sync::Mutex;
 
-use burn::module::Module;
 use rl_algos::rewards::{RewardFunction, RewardInput};
 
 use crate::roberta::RobertaRegressor;
-use crate::train::RewardTokenizer;
+use crate::train::{RewardModel, RewardTokenizer};
 
 /// Running mean and variance (Welford), for reward normalisation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -39,17 +38,17 @@ impl RunningMeanStd {
 }
 
 /// A trained reward model behind the reward-function trait.
-pub struct RewardModelFunction {
-    model: RobertaRegressor,
+pub struct RewardModelFunction<M: RewardModel = RobertaRegressor> {
+    model: M,
     tokenizer: RewardTokenizer,
     batch_size: usize,
     normalizer: Option<Mutex<RunningMeanStd>>,
 }
 
-impl RewardModelFunction {
+impl<M: RewardModel> RewardModelFunction<M> {
     /// Wraps `model` (an inference copy is kept: scoring builds no autodiff graph). With
     /// `normalize`, scores are standardised by the running statistics of all scores so far.
-    pub fn new(model: &RobertaRegressor, tokenizer: RewardTokenizer, batch_size: usize, normalize: bool) -> Self {
+    pub fn new(model: &M, tokenizer: RewardTokenizer, batch_size: usize, normalize: bool) -> Self {
         Self { model: model.valid(), tokenizer, batch_size: batch_size.max(1), normalizer: normalize.then(|| Mutex::new(RunningMeanStd::default())) }
     }
 
@@ -59,13 +58,13 @@ impl RewardModelFunction {
         for chunk in batch.chunks(self.batch_size) {
             let texts: Vec<(&str, &str)> = chunk.iter().map(|input| (input.prompt, input.completion)).collect();
             let (ids, masks) = self.tokenizer.batch(&texts);
-            scores.extend(self.model.score(&ids, &masks).into_data().try_to_vec::<f32>().expect("f32 scores"));
+            scores.extend(self.model.score_rows(&ids, &masks).into_data().try_to_vec::<f32>().expect("f32 scores"));
         }
         scores
     }
 }
 
-impl RewardFunction for RewardModelFunction {
+impl<M: RewardModel> RewardFunction for RewardModelFunction<M> {
     fn name(&self) -> &str {
         "reward_model"
     }

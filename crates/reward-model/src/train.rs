@@ -2,7 +2,7 @@
 //! -log sigmoid(r_chosen - r_rejected) by default, or MSE regression on scalar labels (chosen 1,
 //! rejected 0: the GPT-Neo seed's criterion); AdamW with PyTorch's semantics, warmup + cosine,
 //! global gradient clipping, checkpoints and exact resume. Metrics: loss, pairwise accuracy,
-//! mean score margin.
+//! mean score margin. One trainer serves both models through [`RewardModel`].
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,77 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::causal::CausalRewardModel;
 use crate::comparisons::Comparison;
 use crate::roberta::RobertaRegressor;
+
+/// What the trainer, the evaluation and the reward function need of a reward model: scores of
+/// padded rows, through the final hidden states (which the token loss also reads).
+pub trait RewardModel: burn::module::Module + Sync + Sized {
+    /// Final hidden states of padded rows; `attention_mask` marks real tokens.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: [B][T] → [B, T, C]
+    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3>;
+
+    /// The score of each row from [`RewardModel::encode`]'s hidden states.
+    ///
+    /// # Shapes
+    /// - `hidden`: [B, T, C], `input_ids`: [B][T] → [B]
+    fn score_hidden(&self, hidden: Tensor<3>, input_ids: &[Vec<i64>]) -> Tensor<1>;
+
+    /// Scores of padded rows.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: [B][T] → [B]
+    fn score_rows(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<1> {
+        self.score_hidden(self.encode(input_ids, attention_mask), input_ids)
+    }
+
+    /// Per-token error logits for [`RewardTrainingConfig::token_loss_weight`], when the model
+    /// has a token head.
+    fn token_logits(&self, _hidden: Tensor<3>) -> Option<Tensor<2>> {
+        None
+    }
+
+    /// The model with a token head, for the token loss; an error when it cannot have one.
+    fn with_token_head(self) -> Result<Self, String> {
+        Err("token_loss_weight > 0 needs a token head, which only the RoBERTa regressor has; set token_loss_weight = 0".to_string())
+    }
+
+    /// Saves the model in its Hugging Face layout.
+    fn save_dir(&self, dir: &Path) -> Result<(), LoadError>;
+}
+
+impl RewardModel for RobertaRegressor {
+    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
+        RobertaRegressor::encode(self, input_ids, attention_mask)
+    }
+    fn score_hidden(&self, hidden: Tensor<3>, _input_ids: &[Vec<i64>]) -> Tensor<1> {
+        RobertaRegressor::score_hidden(self, hidden)
+    }
+    fn token_logits(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
+        RobertaRegressor::token_logits(self, hidden)
+    }
+    fn with_token_head(self) -> Result<Self, String> {
+        Ok(RobertaRegressor::with_token_head(self))
+    }
+    fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
+        RobertaRegressor::save_dir(self, dir)
+    }
+}
+
+impl RewardModel for CausalRewardModel {
+    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
+        CausalRewardModel::encode(self, input_ids, attention_mask)
+    }
+    fn score_hidden(&self, hidden: Tensor<3>, input_ids: &[Vec<i64>]) -> Tensor<1> {
+        CausalRewardModel::score_hidden(self, hidden, input_ids)
+    }
+    fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
+        CausalRewardModel::save_dir(self, dir)
+    }
+}
 
 /// Turns (prompt, completion) text into the reward model's input: `<cls> prompt \n completion
 /// <sep>`, keeping the end when too long (the answer is at the end).
@@ -188,7 +257,7 @@ impl PairMetrics {
 }
 
 /// Scores chosen and rejected of `pairs` in batches of `batch_size`.
-pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison], batch_size: usize) -> PairMetrics {
+pub fn evaluate<M: RewardModel>(model: &M, tokenizer: &RewardTokenizer, pairs: &[Comparison], batch_size: usize) -> PairMetrics {
     let (mut correct, mut margin_sum) = (0usize, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let (chosen, rejected) = score_pairs(model, tokenizer, chunk);
@@ -205,8 +274,8 @@ pub fn evaluate(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[
 /// [`evaluate`] per kind of corruption (the kinds present in `pairs`, in order of appearance):
 /// which spoiled answers the model tells apart and which it does not. [`PairMetrics::pooled`]
 /// of the parts gives the figures over all pairs without scoring them again.
-pub fn evaluate_by_corruption(
-    model: &RobertaRegressor,
+pub fn evaluate_by_corruption<M: RewardModel>(
+    model: &M,
     tokenizer: &RewardTokenizer,
     pairs: &[Comparison],
     batch_size: usize,
@@ -227,13 +296,13 @@ pub fn evaluate_by_corruption(
 }
 
 /// Scores of the chosen and rejected completions, [B] each.
-fn score_pairs(model: &RobertaRegressor, tokenizer: &RewardTokenizer, pairs: &[Comparison]) -> (Tensor<1>, Tensor<1>) {
+fn score_pairs<M: RewardModel>(model: &M, tokenizer: &RewardTokenizer, pairs: &[Comparison]) -> (Tensor<1>, Tensor<1>) {
     let texts: Vec<(&str, &str)> = pairs
         .iter()
         .flat_map(|pair| [(pair.prompt.as_str(), pair.chosen.as_str()), (pair.prompt.as_str(), pair.rejected.as_str())])
         .collect();
     let (ids, masks) = tokenizer.batch(&texts);
-    split_pairs(model.score(&ids, &masks), pairs.len())
+    split_pairs(model.score_rows(&ids, &masks), pairs.len())
 }
 
 /// Scores of interleaved (chosen, rejected) rows [2B] split into chosen [B] and rejected [B].
@@ -285,6 +354,8 @@ pub enum RewardTrainError {
     NoPairs,
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error("{0}")]
+    Config(String),
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 }
@@ -295,33 +366,70 @@ struct TrainerState {
 }
 
 /// A reward model under training.
-pub struct RewardTrainer {
-    model: Option<RobertaRegressor>,
+pub struct RewardTrainer<M: RewardModel = RobertaRegressor> {
+    model: Option<M>,
     optimizer: AdamW,
     config: RewardTrainingConfig,
 }
 
-impl RewardTrainer {
+impl RewardTrainer<RobertaRegressor> {
     /// Starts training `model` (on an autodiff device).
     pub fn new(model: RobertaRegressor, config: RewardTrainingConfig) -> Self {
-        let model = if config.token_loss_weight > 0.0 { model.with_token_head() } else { model };
-        Self { model: Some(model), optimizer: AdamW::new(config.adamw), config }
+        Self::start(model, config).expect("the RoBERTa regressor takes a token head")
     }
 
     /// Resumes from a checkpoint written by [`RewardTrainer::save_checkpoint`].
     pub fn resume(dir: &Path, config: RewardTrainingConfig, device: &burn::tensor::Device) -> Result<Self, RewardTrainError> {
         let (model, _) = RobertaRegressor::load_dir(dir, device)?;
+        Self::resume_model(model, dir, config)
+    }
+}
+
+impl RewardTrainer<CausalRewardModel> {
+    /// Resumes a causal reward model's run: `start` is the run's starting model, with the same
+    /// LoRA adapters attached when the run had them ([`CausalRewardModel::with_checkpoint`]).
+    pub fn resume_causal(start: CausalRewardModel, dir: &Path, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
+        Self::resume_model(start.with_checkpoint(dir)?, dir, config)
+    }
+}
+
+impl<M: RewardModel> RewardTrainer<M> {
+    /// Starts training `model` (on an autodiff device); an error when the settings ask for what
+    /// the model lacks (a token head).
+    pub fn start(model: M, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
+        let model = if config.token_loss_weight > 0.0 { model.with_token_head().map_err(RewardTrainError::Config)? } else { model };
+        Ok(Self { model: Some(model), optimizer: AdamW::new(config.adamw), config })
+    }
+
+    /// Resumes with `model` holding a checkpoint's weights (written by
+    /// [`RewardTrainer::save_checkpoint`]) and the optimizer state and step read from it.
+    pub fn resume_model(model: M, dir: &Path, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
         let optimizer = AdamW::load(config.adamw, &model, &dir.join("optimizer.safetensors"))?;
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
+        if state.step != optimizer.steps() {
+            return Err(RewardTrainError::Checkpoint {
+                path: state_path,
+                message: format!("trainer step {} but optimizer step {}: a partial checkpoint", state.step, optimizer.steps()),
+            });
+        }
         Ok(Self { model: Some(model), optimizer, config })
     }
 
+    /// The training settings.
+    pub fn config(&self) -> &RewardTrainingConfig {
+        &self.config
+    }
+
     /// The model.
-    pub fn model(&self) -> &RobertaRegressor {
+    pub fn model(&self) -> &M {
         self.model.as_ref().expect("present between steps")
     }
 
     /// Hands the model back.
-    pub fn into_model(self) -> RobertaRegressor {
+    pub fn into_model(self) -> M {
         self.model.expect("present between steps")
     }
 
@@ -370,7 +478,7 @@ impl RewardTrainer {
                 .collect();
             let (ids, masks, labels) = tokenizer.batch_labelled(&texts);
             let hidden = model.encode(&ids, &masks);
-            let (chosen, rejected) = split_pairs(model.score_hidden(hidden.clone()), pairs.len());
+            let (chosen, rejected) = split_pairs(model.score_hidden(hidden.clone(), &ids), pairs.len());
             let margin = chosen.clone() - rejected.clone();
             let mut loss = match loss_kind {
                 PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).sum() / pair_count,

@@ -71,7 +71,7 @@ pub(crate) fn run_cell(
                 source.rules.iter().map(|rule| (Box::new(rule.kind) as Box<dyn RewardFunction>, rule.weight)).collect();
             if let Some(weight) = source.reward_model_weight {
                 let rm_dir = reward_model.with_context(|| format!("reward source {} needs the reward model, which was not prepared", cell.reward_source))?;
-                functions.push((Box::new(load_reward_function(rm_dir, device, source.normalize_reward_model)?), weight));
+                functions.push((load_reward_function(rm_dir, device, source.normalize_reward_model)?, weight));
             }
             let rewards = WeightedRewards::new(functions);
             let autodiff = device.clone().autodiff();

@@ -207,6 +207,34 @@ pub enum RewardModelSpec {
         #[serde(default)]
         fine_tune: Option<reward_model::train::RewardTrainingConfig>,
     },
+    /// A causal LM with a scalar head on its last non-padding token (transformers'
+    /// `LlamaForSequenceClassification` layout; `reward_model::CausalRewardModel`), trained
+    /// here on comparisons; it reads text with its own (the policy family's) tokenizer.
+    CausalLm {
+        /// Starting model: directory, GGUF file or hub id (a `*ForSequenceClassification`
+        /// checkpoint keeps its head; a causal-LM one gets a new head). Leave out with
+        /// `from_base = true`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        /// Start from the study's trained base policy (InstructGPT's choice: the reward model
+        /// begins from the supervised model). Default false.
+        #[serde(default)]
+        from_base: bool,
+        /// LoRA on the trunk (the head trains in full); absent: every weight trains.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lora: Option<policy_models::LoraSettings>,
+        /// Longest input in tokens (prompt and completion, kept from the end). Default 512.
+        #[serde(default = "default_causal_rm_tokens")]
+        max_tokens: usize,
+        /// Training settings (`learning_rate` around 1e-5 in full, 1e-4 with LoRA, for a
+        /// pretrained model; `token_loss_weight` must stay 0).
+        #[serde(default)]
+        training: reward_model::train::RewardTrainingConfig,
+    },
+}
+
+fn default_causal_rm_tokens() -> usize {
+    512
 }
 
 fn default_rm_width() -> usize {
@@ -473,6 +501,23 @@ impl Study {
         if let Some(RewardModelSpec::Checkpoint { model, .. }) = &self.reward_model {
             policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?;
         }
+        if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training }) = &self.reward_model {
+            match (model, from_base) {
+                (Some(_), true) => bail!("reward_model: both model and from_base = true; keep one (the starting model)"),
+                (None, false) => bail!("reward_model: kind = \"causal_lm\" needs model = \"<dir|gguf|hub id>\" or from_base = true"),
+                (Some(model), false) => drop(policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?),
+                (None, true) => {}
+            }
+            if let Some(lora) = lora {
+                lora.validate().map_err(|error| anyhow::anyhow!("reward_model.lora.{error}"))?;
+            }
+            if *max_tokens < 3 {
+                bail!("reward_model.max_tokens = {max_tokens}; use at least 3 (first token, text, last token), e.g. 512");
+            }
+            if training.token_loss_weight != 0.0 {
+                bail!("reward_model.training.token_loss_weight = {}: the causal-LM reward model has no token head; set it to 0", training.token_loss_weight);
+            }
+        }
         if self.policy.max_length == 0 {
             bail!("policy.max_length = 0; use at least 1 (the longest prompt + completion, in tokens)");
         }
@@ -548,7 +593,7 @@ impl Study {
             }
         }
         let reward_training = match &self.reward_model {
-            Some(RewardModelSpec::Train { training, .. }) => Some(("reward_model.training", training)),
+            Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) => Some(("reward_model.training", training)),
             Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => Some(("reward_model.fine_tune", training)),
             _ => None,
         };
@@ -629,7 +674,7 @@ impl Study {
         if let PolicyBase::Preset { sft, .. } = &mut self.policy.base {
             sft.steps = sft.steps.min(30);
         }
-        if let Some(RewardModelSpec::Train { training, .. }) = &mut self.reward_model {
+        if let Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) = &mut self.reward_model {
             training.steps = training.steps.min(20);
         }
         for method in self.methods.values_mut() {
@@ -701,7 +746,7 @@ impl Study {
         if let PolicyBase::Checkpoint { model: reference } = &self.policy.base {
             model("policy.base.model", reference);
         }
-        if let Some(RewardModelSpec::Checkpoint { model: reference, .. }) = &self.reward_model {
+        if let Some(RewardModelSpec::Checkpoint { model: reference, .. } | RewardModelSpec::CausalLm { model: Some(reference), .. }) = &self.reward_model {
             model("reward_model.model", reference);
         }
         if let TaskSpec::Gsm8k { source: tasks::gsm8k::Gsm8kSource::Hub { repo, revision }, .. } = &self.task
@@ -741,6 +786,7 @@ impl Study {
             Some(RewardModelSpec::Train { training, .. }) | Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => {
                 training.steps * (training.batch_size as u64) * 2 * 64
             }
+            Some(RewardModelSpec::CausalLm { training, max_tokens, .. }) => training.steps * (training.batch_size as u64) * 2 * (*max_tokens as u64).min(192),
             _ => 0,
         };
         base + reward_model
@@ -943,6 +989,20 @@ steps = 2
         for (fields, named) in [("intermediate_size = 0", "intermediate_size = 0"), ("hidden_size = 30", "hidden_size = 30"), ("num_layers = 0", "num_layers = 0")] {
             let error = parse(&reward_model(fields)).unwrap_err().to_string();
             assert!(error.contains(&format!("reward_model.{named}")), "{error}");
+        }
+        let causal = |fields: &str| format!("{MINIMAL}[reward_model]\nkind = \"causal_lm\"\n{fields}\n");
+        let study = parse(&causal("from_base = true\nlora = { rank = 4, alpha = 8.0 }\ntraining = { steps = 5 }")).unwrap();
+        assert!(matches!(study.reward_model, Some(RewardModelSpec::CausalLm { from_base: true, lora: Some(_), max_tokens: 512, .. })));
+        for (fields, named) in [
+            ("", "needs model"),
+            ("from_base = true\nmodel = \"o/n\"", "both model and from_base"),
+            ("from_base = true\nlora = { rank = 0 }", "reward_model.lora.rank = 0"),
+            ("from_base = true\nmax_tokens = 1", "reward_model.max_tokens = 1"),
+            ("from_base = true\ntraining = { token_loss_weight = 1.0 }", "reward_model.training.token_loss_weight"),
+            ("model = \"./no-such-dir\"", "reward_model.model"),
+        ] {
+            let error = parse(&causal(fields)).unwrap_err().to_string();
+            assert!(error.contains(named), "{fields}: {error}");
         }
     }
 

@@ -102,7 +102,8 @@ pub fn reward_model_config(study: &Study) -> anyhow::Result<Option<Value>> {
     Ok(Some(match spec {
         RewardModelSpec::Checkpoint { fine_tune: None, .. } => json!({ "reward_model": spec }),
         RewardModelSpec::Checkpoint { fine_tune: Some(_), .. } => json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
-        RewardModelSpec::Train { .. } => {
+        RewardModelSpec::CausalLm { from_base: false, .. } => json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
+        RewardModelSpec::Train { .. } | RewardModelSpec::CausalLm { from_base: true, .. } => {
             let mut config = base_config(study)?;
             merge(&mut config, json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }));
             config

@@ -160,7 +160,7 @@ pub fn inputs(study: &Study, base_dir: &Path) -> anyhow::Result<Vec<Input>> {
         }),
     }
     let reward_model_used = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
-    if let (true, Some(RewardModelSpec::Checkpoint { model, .. })) = (reward_model_used, &study.reward_model) {
+    if let (true, Some(RewardModelSpec::Checkpoint { model, .. } | RewardModelSpec::CausalLm { model: Some(model), .. })) = (reward_model_used, &study.reward_model) {
         inputs.push(model_input("reward_model", model)?);
     }
     Ok(inputs)

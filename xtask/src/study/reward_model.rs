@@ -11,7 +11,8 @@ use prompting::PromptBuilder;
 use reward_model::comparisons::{Comparison, build_comparisons};
 use reward_model::reward::RewardModelFunction;
 use reward_model::train::{RewardTokenizer, RewardTrainer};
-use reward_model::{RobertaConfig, RobertaRegressor};
+use reward_model::{CausalRewardModel, RewardModel, RobertaConfig, RobertaRegressor};
+use rl_algos::rewards::RewardFunction;
 use serde::{Deserialize, Serialize};
 use tasks::TaskData;
 
@@ -60,6 +61,9 @@ pub struct RewardModelReport {
     pub steps: u64,
     /// Training seconds.
     pub train_seconds: f64,
+    /// Longest input the causal-LM reward model reads (it is read back with the same length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
 }
 
 /// Trains (or locates) the reward model when a reward source uses one; returns its directory
@@ -74,10 +78,9 @@ pub(crate) fn prepare_reward_model(
 ) -> anyhow::Result<Option<PathBuf>> {
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
-    let (checkpoint, training) = match spec {
+    let training = match spec {
         RewardModelSpec::Checkpoint { model, fine_tune: None } => return Ok(Some(ModelSource::parse(model)?.resolve()?)),
-        RewardModelSpec::Checkpoint { model, fine_tune: Some(training) } => (Some(ModelSource::parse(model)?.resolve()?), training),
-        RewardModelSpec::Train { training, .. } => (None, training),
+        RewardModelSpec::Checkpoint { fine_tune: Some(training), .. } | RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. } => training,
     };
     let rm_dir = dir.join("reward_model");
     // `run_study` has checked the identity of a reward model already there (or removed it).
@@ -89,59 +92,56 @@ pub(crate) fn prepare_reward_model(
     let partial = partial_dir(&rm_dir);
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
-    let (tokenizer, model) = match (&checkpoint, spec) {
-        (Some(checkpoint), _) => {
-            let tokenizer = PolicyTokenizer::load_dir(checkpoint).with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
-            let (model, head) = RobertaRegressor::load_dir(checkpoint, &autodiff)?;
-            progress.log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
-            (tokenizer, model)
-        }
-        (None, RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) => {
-            // The tiny reward model reads text with the base policy's tokenizer (trained on the
-            // same problems).
-            let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
-            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192).with_intermediate_size(*intermediate_size);
-            (tokenizer, RobertaRegressor::init(&config, &autodiff))
-        }
-        (None, RewardModelSpec::Checkpoint { .. }) => unreachable!("a checkpoint spec has a checkpoint"),
-    };
-    let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
     let builder = PromptBuilder::new(study.policy.template);
     let train = as_rollouts(build_comparisons(&task.train, study.policy.template, 2, training.seed), &builder)?;
     let held_out = as_rollouts(build_comparisons(&task.test, study.policy.template, 1, training.seed + 1), &builder)?;
-    let mut bar = progress.bar(training.steps, "reward model", 1);
-    let started = Instant::now();
-    let mut trainer = RewardTrainer::new(model, training.clone());
-    let mut final_loss = f64::NAN;
-    for _ in 0..training.steps {
-        let step = trainer.train_step(&train, &reward_tokenizer)?;
-        final_loss = step.loss;
-        bar.set_message(format!("loss {:.3} acc {:.2}", step.loss, step.accuracy));
-        bar.inc(1);
-    }
-    drop(bar);
-    let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), &reward_tokenizer, &held_out, 64);
-    let metrics = reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
-    let by_corruption = per_kind
-        .into_iter()
-        .map(|(kind, metrics)| (serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), metrics.accuracy))
-        .collect();
-    let report = RewardModelReport {
-        held_out_accuracy: metrics.accuracy,
-        held_out_mean_margin: metrics.mean_margin,
-        held_out_pairs: metrics.pairs,
-        held_out_accuracy_by_corruption: by_corruption,
-        final_loss,
-        steps: training.steps,
-        train_seconds: started.elapsed().as_secs_f64(),
-    };
     // Written whole into `.reward_model.partial`, then renamed: `reward_model/` exists only
     // complete (metrics.json and identity.json included).
     if partial.exists() {
         std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
     }
-    trainer.into_model().without_token_head().save_dir(&partial)?;
+    let (tokenizer, report) = match spec {
+        RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, .. } => {
+            let start = if *from_base { base_dir.to_path_buf() } else { ModelSource::parse(model.as_deref().context("reward_model.model")?)?.resolve()? };
+            // The causal reward model reads text with its own (the policy family's) tokenizer;
+            // its padding id is the one the tokenizer pads with, so the scored token is found.
+            let tokenizer = PolicyTokenizer::load_dir(&start).with_context(|| format!("the reward model's start {} has no tokenizer", start.display()))?;
+            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+            let (model, head) = CausalRewardModel::load_dir(&start, Some(pad), &autodiff)?;
+            progress.log(format!("reward model: causal LM from {} (score head {head:?}{})", start.display(), if lora.is_some() { ", LoRA" } else { "" }));
+            let model = match lora {
+                Some(lora) => model.with_lora(lora).map_err(|error| anyhow::anyhow!("reward_model.lora.{error}"))?,
+                None => model,
+            };
+            let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), *max_tokens);
+            let (model, mut report) = train_reward_model(RewardTrainer::start(model, training.clone())?, &train, &held_out, &reward_tokenizer, progress)?;
+            report.max_tokens = Some(*max_tokens);
+            model.save_dir(&partial)?;
+            (tokenizer, report)
+        }
+        RewardModelSpec::Checkpoint { model: checkpoint, .. } => {
+            let checkpoint = ModelSource::parse(checkpoint)?.resolve()?;
+            let tokenizer = PolicyTokenizer::load_dir(&checkpoint).with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
+            let (model, head) = RobertaRegressor::load_dir(&checkpoint, &autodiff)?;
+            progress.log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
+            let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
+            let (model, report) = train_reward_model(RewardTrainer::new(model, training.clone()), &train, &held_out, &reward_tokenizer, progress)?;
+            model.without_token_head().save_dir(&partial)?;
+            (tokenizer, report)
+        }
+        RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. } => {
+            // The tiny reward model reads text with the base policy's tokenizer (trained on the
+            // same problems).
+            let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
+            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192).with_intermediate_size(*intermediate_size);
+            let model = RobertaRegressor::init(&config, &autodiff);
+            let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
+            let (model, report) = train_reward_model(RewardTrainer::new(model, training.clone()), &train, &held_out, &reward_tokenizer, progress)?;
+            model.without_token_head().save_dir(&partial)?;
+            (tokenizer, report)
+        }
+    };
     tokenizer.save(&partial.join("tokenizer.json"))?;
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     identity.write(&partial)?;
@@ -159,10 +159,62 @@ pub(crate) fn prepare_reward_model(
     Ok(Some(rm_dir))
 }
 
-/// The reward model of `rm_dir` as a reward function.
-pub(crate) fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bool) -> anyhow::Result<RewardModelFunction> {
-    let (model, _) = RobertaRegressor::load_dir(rm_dir, device)?;
+/// Trains for the configured steps, then evaluates on `held_out` per kind of rejected answer.
+fn train_reward_model<M: RewardModel>(
+    mut trainer: RewardTrainer<M>,
+    train: &[Comparison],
+    held_out: &[Comparison],
+    reward_tokenizer: &RewardTokenizer,
+    progress: &Progress,
+) -> anyhow::Result<(M, RewardModelReport)> {
+    let steps = trainer.config().steps;
+    let mut bar = progress.bar(steps, "reward model", 1);
+    let started = Instant::now();
+    let mut final_loss = f64::NAN;
+    for _ in 0..steps {
+        let step = trainer.train_step(train, reward_tokenizer)?;
+        final_loss = step.loss;
+        bar.set_message(format!("loss {:.3} acc {:.2}", step.loss, step.accuracy));
+        bar.inc(1);
+    }
+    drop(bar);
+    let train_seconds = started.elapsed().as_secs_f64();
+    let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64);
+    let metrics = reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
+    let by_corruption = per_kind
+        .into_iter()
+        .map(|(kind, metrics)| (serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), metrics.accuracy))
+        .collect();
+    let report = RewardModelReport {
+        held_out_accuracy: metrics.accuracy,
+        held_out_mean_margin: metrics.mean_margin,
+        held_out_pairs: metrics.pairs,
+        held_out_accuracy_by_corruption: by_corruption,
+        final_loss,
+        steps,
+        train_seconds,
+        max_tokens: None,
+    };
+    Ok((trainer.into_model(), report))
+}
+
+/// The reward model of `rm_dir` as a reward function: the RoBERTa regressor when its
+/// `config.json` says `model_type = "roberta"`, else the causal-LM reward model.
+pub(crate) fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bool) -> anyhow::Result<Box<dyn RewardFunction>> {
     let tokenizer = PolicyTokenizer::load_dir(rm_dir).with_context(|| format!("the reward model in {} has no tokenizer", rm_dir.display()))?;
-    let reward_tokenizer = RewardTokenizer::new(tokenizer, model.config().max_tokens());
-    Ok(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize))
+    let config_path = rm_dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?)
+        .with_context(|| format!("{} is not JSON", config_path.display()))?;
+    if config["model_type"] == "roberta" {
+        let (model, _) = RobertaRegressor::load_dir(rm_dir, device)?;
+        let reward_tokenizer = RewardTokenizer::new(tokenizer, model.config().max_tokens());
+        return Ok(Box::new(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize)));
+    }
+    let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+    let (model, head) = CausalRewardModel::load_dir(rm_dir, Some(pad), device)?;
+    anyhow::ensure!(head == reward_model::HeadSource::Loaded, "{}: no score head; it is not a trained reward model", rm_dir.display());
+    // The length it was trained with (metrics.json), else the default.
+    let metrics: Option<RewardModelReport> = std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let max_tokens = metrics.and_then(|metrics| metrics.max_tokens).unwrap_or(512);
+    Ok(Box::new(RewardModelFunction::new(&model, RewardTokenizer::new(tokenizer, max_tokens), 32, normalize)))
 }

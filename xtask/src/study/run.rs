@@ -121,7 +121,7 @@ pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], option
     if let PolicyBase::Preset { .. } = study.policy.base {
         artefacts.push(("base policy".to_string(), dir.join("base"), Identity::new(base_config(study)?)));
     }
-    let trained_here = matches!(study.reward_model, Some(RewardModelSpec::Train { .. } | RewardModelSpec::Checkpoint { fine_tune: Some(_), .. }));
+    let trained_here = matches!(study.reward_model, Some(RewardModelSpec::Train { .. } | RewardModelSpec::CausalLm { .. } | RewardModelSpec::Checkpoint { fine_tune: Some(_), .. }));
     if let (true, Some(config)) = (trained_here, reward_model_config(study)?) {
         artefacts.push(("reward model".to_string(), dir.join("reward_model"), Identity::new(config)));
     }
