@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 use burn::tensor::activation::log_sigmoid;
 use policy_models::PolicyTokenizer;
-use policy_models::optim::{AdamW, AdamWSettings, NonFinite, Schedule, apply_gradients, sharded_backward};
+use policy_models::optim::{AdamW, AdamWSettings, NonFinite, Schedule, Updater};
 use policy_models::weights::LoadError;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -367,8 +367,7 @@ struct TrainerState {
 
 /// A reward model under training.
 pub struct RewardTrainer<M: RewardModel = RobertaRegressor> {
-    model: Option<M>,
-    optimizer: AdamW,
+    updater: Updater<M>,
     config: RewardTrainingConfig,
 }
 
@@ -398,7 +397,7 @@ impl<M: RewardModel> RewardTrainer<M> {
     /// the model lacks (a token head).
     pub fn start(model: M, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
         let model = if config.token_loss_weight > 0.0 { model.with_token_head().map_err(RewardTrainError::Config)? } else { model };
-        Ok(Self { model: Some(model), optimizer: AdamW::new(config.adamw), config })
+        Ok(Self { updater: Updater::new(model, AdamW::new(config.adamw)), config })
     }
 
     /// Resumes with `model` holding a checkpoint's weights (written by
@@ -415,7 +414,7 @@ impl<M: RewardModel> RewardTrainer<M> {
                 message: format!("trainer step {} but optimizer step {}: a partial checkpoint", state.step, optimizer.steps()),
             });
         }
-        Ok(Self { model: Some(model), optimizer, config })
+        Ok(Self { updater: Updater::new(model, optimizer), config })
     }
 
     /// The training settings.
@@ -425,17 +424,17 @@ impl<M: RewardModel> RewardTrainer<M> {
 
     /// The model.
     pub fn model(&self) -> &M {
-        self.model.as_ref().expect("present between steps")
+        self.updater.model()
     }
 
     /// Hands the model back.
     pub fn into_model(self) -> M {
-        self.model.expect("present between steps")
+        self.updater.into_model()
     }
 
     /// Steps completed.
     pub fn step(&self) -> u64 {
-        self.optimizer.steps()
+        self.updater.optimizer().steps()
     }
 
     /// One optimizer step on the next batch of `pairs` (per-epoch permutations seeded by
@@ -444,7 +443,7 @@ impl<M: RewardModel> RewardTrainer<M> {
         if pairs.is_empty() {
             return Err(RewardTrainError::NoPairs);
         }
-        let step = self.optimizer.steps();
+        let step = self.updater.optimizer().steps();
         let start = step as usize * self.config.batch_size;
         let mut permutation: Option<(usize, Vec<usize>)> = None;
         let batch: Vec<Comparison> = (start..start + self.config.batch_size)
@@ -458,7 +457,6 @@ impl<M: RewardModel> RewardTrainer<M> {
                 pairs[permutation.as_ref().expect("filled").1[position % pairs.len()]].clone()
             })
             .collect();
-        let model = self.model.take().expect("present between steps");
         let schedule = Schedule {
             learning_rate: self.config.learning_rate,
             warmup_steps: self.config.warmup_steps,
@@ -470,7 +468,7 @@ impl<M: RewardModel> RewardTrainer<M> {
         let loss_kind = self.config.loss;
         let token_weight = self.config.token_loss_weight as f32;
         // One shard of pairs per thread on the CPU; each shard's loss is its share of the mean.
-        let sharded = sharded_backward(&model, batch.len(), |model, rows| {
+        let sharded = self.updater.backward(batch.len(), |model, rows| {
             let pairs = &batch[rows];
             let texts: Vec<(&str, &str, Option<&Range<usize>>)> = pairs
                 .iter()
@@ -490,22 +488,9 @@ impl<M: RewardModel> RewardTrainer<M> {
             (loss, margin.detach().into_data().try_to_vec::<f32>().expect("f32"))
         });
         let not_finite = |bad: NonFinite| RewardTrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
-        let (loss, grads, margins) = match sharded {
-            Ok(computed) => computed,
-            Err(bad) => {
-                self.model = Some(model);
-                return Err(not_finite(bad));
-            }
-        };
+        let (loss, grads, margins) = sharded.map_err(not_finite)?;
         let margins: Vec<f32> = margins.concat();
-        let (model, stats) = match apply_gradients(model, grads, loss, &mut self.optimizer, self.config.max_grad_norm, learning_rate) {
-            Ok(updated) => updated,
-            Err((model, bad)) => {
-                self.model = Some(model);
-                return Err(not_finite(bad));
-            }
-        };
-        self.model = Some(model);
+        let stats = self.updater.update(grads, loss, self.config.max_grad_norm, learning_rate).map_err(not_finite)?;
         Ok(RewardStep {
             step: step + 1,
             loss: stats.loss,
@@ -525,7 +510,7 @@ impl<M: RewardModel> RewardTrainer<M> {
             std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
         }
         self.model().save_dir(&temporary)?;
-        self.optimizer.save(self.model(), &temporary.join("optimizer.safetensors"))?;
+        self.updater.optimizer().save(self.model(), &temporary.join("optimizer.safetensors"))?;
         let state_path = temporary.join("trainer_state.json");
         std::fs::write(&state_path, serde_json::to_string(&TrainerState { step: self.step() }).expect("json"))
             .map_err(|error| fail(&state_path, error))?;
