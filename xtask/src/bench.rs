@@ -151,7 +151,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.backend.device()?;
     let config = preset.config(shape.vocab_size, 0, 256);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut random_ids = |count: usize| -> Vec<i64> { (0..count).map(|_| rng.random_range(2..shape.vocab_size as i64)).collect() };
+    let mut random_ids =
+        |count: usize| -> Vec<i64> { (0..count).map(|_| rng.random_range(2..shape.vocab_size as i64)).collect() };
 
     // Training: forward + backward + clipping + AdamW on B x T tokens, all trained on.
     let examples: Vec<SftExample> = (0..shape.batch_size)
@@ -213,7 +214,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let ratio = |ours: f64, theirs: Option<f64>| theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", ours / t));
         let torch_text = |value: Option<f64>| value.map_or("not installed".to_string(), |v| format!("{v:>9.0}"));
-        println!("cotlab bench: {} on {} (d={}, {} layers, vocab {})", report.preset, report.backend, report.config.hidden_size, report.config.num_layers, report.config.vocab_size);
+        println!(
+            "cotlab bench: {} on {} (d={}, {} layers, vocab {})",
+            report.preset,
+            report.backend,
+            report.config.hidden_size,
+            report.config.num_layers,
+            report.config.vocab_size
+        );
         println!("{:<34} {:>10} {:>14} {:>8}", "", "cotlab", "PyTorch", "ratio");
         println!(
             "{:<34} {:>10.0} {:>14} {:>8}",
@@ -241,7 +249,10 @@ const BENCH_WEIGHT_DECAY: f64 = 0.01;
 /// at once), side by side; the run is appended to `reports/bench/models.jsonl`.
 fn run_model(args: &Args) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("setting --threads (rayon's pool was already started)")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("setting --threads (rayon's pool was already started)")?;
     }
     let config = model::BenchConfig {
         model: args.model.clone().expect("run_model is called with --model"),
@@ -268,7 +279,16 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
         backend: args.backend.to_string(),
     };
     config.validate()?;
-    eprintln!("bench: cotlab {} on {} ({} x {} x {} tokens, {} steps, {} threads)", config.workload.name(), config.model, config.prompts_per_step, config.num_generations, config.max_completion_length, config.steps, config.threads);
+    eprintln!(
+        "bench: cotlab {} on {} ({} x {} x {} tokens, {} steps, {} threads)",
+        config.workload.name(),
+        config.model,
+        config.prompts_per_step,
+        config.num_generations,
+        config.max_completion_length,
+        config.steps,
+        config.threads
+    );
     let cotlab = model::measure(&config)?;
     let (reference, reference_error) = if args.no_torch {
         (None, Some("skipped (--no-torch)".to_string()))
@@ -319,7 +339,10 @@ fn torch_reference(shape: &BenchShape) -> Option<serde_json::Value> {
         .output()
         .ok()?;
     if !output.status.success() {
-        eprintln!("bench: PyTorch reference unavailable: {}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
+        eprintln!(
+            "bench: PyTorch reference unavailable: {}",
+            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+        );
         return None;
     }
     serde_json::from_slice(String::from_utf8_lossy(&output.stdout).lines().last()?.as_bytes()).ok()
@@ -340,10 +363,37 @@ mod tests {
     fn model_flags_have_the_issues_defaults_and_need_model() {
         let cli = Cli::try_parse_from(["bench", "--model", "m.gguf"]).unwrap();
         let args = cli.args;
-        assert_eq!((args.workload, args.prompts, args.generations, args.new_tokens, args.steps, args.grad_accum), (model::Workload::Grpo, 8, 8, 64, 3, None));
+        assert_eq!(
+            (args.workload, args.prompts, args.generations, args.new_tokens, args.steps, args.grad_accum),
+            (model::Workload::Grpo, 8, 8, 64, 3, None)
+        );
         assert_eq!((args.temperature, args.learning_rate, args.lora_rank, args.threads), (1.0, 1e-6, None, None));
-        let cli = Cli::try_parse_from(["bench", "--model", "m", "--workload", "generate", "--prompts", "4", "--generations", "4", "--new-tokens", "32", "--steps", "2", "--lora-rank", "8", "--grad-accum", "2", "--threads", "1"]).unwrap();
-        assert_eq!((cli.args.workload, cli.args.prompts, cli.args.generations, cli.args.new_tokens, cli.args.steps), (model::Workload::Generate, 4, 4, 32, 2));
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--model",
+            "m",
+            "--workload",
+            "generate",
+            "--prompts",
+            "4",
+            "--generations",
+            "4",
+            "--new-tokens",
+            "32",
+            "--steps",
+            "2",
+            "--lora-rank",
+            "8",
+            "--grad-accum",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.args.workload, cli.args.prompts, cli.args.generations, cli.args.new_tokens, cli.args.steps),
+            (model::Workload::Generate, 4, 4, 32, 2)
+        );
         assert_eq!((cli.args.lora_rank, cli.args.grad_accum, cli.args.threads), (Some(8), Some(2), Some(1)));
         // The toy bench stays the default; the model flags are refused without --model.
         assert!(Cli::try_parse_from(["bench"]).unwrap().args.model.is_none());

@@ -35,7 +35,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let temporary = dir.join(format!(".{}.tmp", path.file_name().and_then(|name| name.to_str()).unwrap_or("output")));
     std::fs::write(&temporary, bytes).with_context(|| format!("cannot write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("cannot move {} to {}", temporary.display(), path.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot move {} to {}", temporary.display(), path.display()))?;
     Ok(())
 }
 
@@ -53,7 +54,9 @@ pub fn remove_partial(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     if !partial.exists() {
         return Ok(None);
     }
-    std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}, left by an interrupted run; remove it by hand", partial.display()))?;
+    std::fs::remove_dir_all(&partial).with_context(|| {
+        format!("cannot remove {}, left by an interrupted run; remove it by hand", partial.display())
+    })?;
     Ok(Some(partial))
 }
 

@@ -34,7 +34,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let matrix = study.matrix();
     for reference in study.unpinned_hub_references() {
-        eprintln!("note: {reference} is not pinned to a commit; a rerun may read other files (provenance.json records the commit it resolved to: pin it with @<commit>)");
+        eprintln!(
+            "note: {reference} is not pinned to a commit; a rerun may read other files (provenance.json records the commit it resolved to: pin it with @<commit>)"
+        );
     }
     if args.dry_run {
         println!("study {} ({}): {} cells on {}", study.name, path.display(), matrix.len(), study.backend);
@@ -54,12 +56,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         println!(
             "total: ~{} generated and ~{} trained tokens in the cells, plus ~{} trained tokens for the base and reward model",
-            total.generated_tokens, total.trained_tokens, study.preparation_tokens()
+            total.generated_tokens,
+            total.trained_tokens,
+            study.preparation_tokens()
         );
         println!("{}", study.time_estimate(total));
         return Ok(());
     }
-    let options = crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };
+    let options =
+        crate::study::run::RunOptions { reports: PathBuf::from("reports"), force: args.force, quiet: args.quiet };
     let summaries = crate::study::run::run_study(&study, &options)?;
     let dir = options.reports.join(&study.name);
     // Charts, then the report that shows them; a plotting problem costs neither the results nor the report.

@@ -58,7 +58,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = match PolicyTokenizer::load_dir(&dir) {
         Ok(tokenizer) => Some(tokenizer),
         Err(policy_models::tokenizer::TokenizerError::NotFound { .. }) => None,
-        Err(error) => return Err(anyhow::anyhow!(error).context(format!("the tokenizer of {} is unreadable; fix or remove it", dir.display()))),
+        Err(error) => {
+            return Err(anyhow::anyhow!(error)
+                .context(format!("the tokenizer of {} is unreadable; fix or remove it", dir.display())));
+        }
     };
     let prompt: Vec<i64> = match (&args.prompt, &args.ids) {
         (Some(text), _) => {
@@ -68,7 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let ids = if args.chat {
                 let template = prompting::ChatTemplate::from_dir(&dir)?;
                 let options = prompting::RenderOptions { add_generation_prompt: true, ..Default::default() };
-                let rendered = template.render(&[prompting::Message::new(prompting::Role::User, text.as_str())], &options)?;
+                let rendered =
+                    template.render(&[prompting::Message::new(prompting::Role::User, text.as_str())], &options)?;
                 // The template wrote every special token it wants (transformers' and TRL's
                 // `add_special_tokens=False` after `apply_chat_template`).
                 tokenizer.encode(&rendered, false)?
@@ -87,9 +91,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Sampler::Sample { temperature: args.temperature.unwrap_or(1.0), top_k: args.top_k, top_p: args.top_p }
     };
-    let eos_ids: Vec<i64> = tokenizer.as_ref().map(|t| t.eos_ids.iter().map(|&id| i64::from(id)).collect()).unwrap_or_default();
+    let eos_ids: Vec<i64> =
+        tokenizer.as_ref().map(|t| t.eos_ids.iter().map(|&id| i64::from(id)).collect()).unwrap_or_default();
     let pad = tokenizer.as_ref().and_then(|t| t.pad_id).map_or(0, i64::from);
-    let config = GenerationConfig { max_new_tokens: args.max_new_tokens, sampler, eos_token_ids: eos_ids, pad_token_id: pad, seed: args.seed };
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampler,
+        eos_token_ids: eos_ids,
+        pad_token_id: pad,
+        seed: args.seed,
+    };
     let generation = generate(&model, &[prompt], &config, &[], None);
     let completion: Vec<i64> = generation.completion_ids[0]
         .iter()

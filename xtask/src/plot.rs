@@ -47,14 +47,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The most recently written study under `reports` (a directory with a `summary.json`).
 fn newest_study(reports: &Path) -> anyhow::Result<PathBuf> {
-    let entries = std::fs::read_dir(reports).with_context(|| format!("cannot read {}: run `cargo xtask compare` first", reports.display()))?;
+    let entries = std::fs::read_dir(reports)
+        .with_context(|| format!("cannot read {}: run `cargo xtask compare` first", reports.display()))?;
     let mut studies: Vec<(std::time::SystemTime, PathBuf)> = entries
         .filter_map(Result::ok)
         .map(|entry| entry.path().join("summary.json"))
         .filter_map(|summary| Some((summary.metadata().ok()?.modified().ok()?, summary.parent()?.to_path_buf())))
         .collect();
     studies.sort();
-    studies.pop().map(|(_, dir)| dir).with_context(|| format!("no study under {} has a summary.json: run `cargo xtask compare` first", reports.display()))
+    studies.pop().map(|(_, dir)| dir).with_context(|| {
+        format!("no study under {} has a summary.json: run `cargo xtask compare` first", reports.display())
+    })
 }
 
 /// One row of a cell's `metrics.csv`.
@@ -67,12 +70,17 @@ struct MetricRow {
 
 /// "method" or "method (reward source)": how charts name a (method, reward source) pair.
 fn group_name(method: &str, reward_source: &str) -> String {
-    if reward_source == "-" || reward_source.is_empty() { method.to_string() } else { format!("{method} ({reward_source})") }
+    if reward_source == "-" || reward_source.is_empty() {
+        method.to_string()
+    } else {
+        format!("{method} ({reward_source})")
+    }
 }
 
 fn read_summaries(dir: &Path) -> anyhow::Result<Vec<CellSummary>> {
     let path = dir.join("summary.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}: run `cargo xtask compare` for this study first", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}: run `cargo xtask compare` for this study first", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a study summary", path.display()))
 }
 
@@ -81,7 +89,12 @@ fn read_summaries(dir: &Path) -> anyhow::Result<Vec<CellSummary>> {
 fn read_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<Vec<MetricRow>> {
     let mut rows = Vec::new();
     let cells = dir.join("cells");
-    let mut paths: Vec<PathBuf> = summaries.iter().filter(|s| s.is_result()).map(|s| cells.join(s.id()).join("metrics.csv")).filter(|p| p.is_file()).collect();
+    let mut paths: Vec<PathBuf> = summaries
+        .iter()
+        .filter(|s| s.is_result())
+        .map(|s| cells.join(s.id()).join("metrics.csv"))
+        .filter(|p| p.is_file())
+        .collect();
     paths.sort();
     for path in paths {
         let mut reader = csv::Reader::from_path(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -89,7 +102,11 @@ fn read_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<Vec<Met
         for (line, record) in reader.records().enumerate() {
             let record = record.with_context(|| format!("{} line {}", path.display(), line + 2))?;
             let field = |name: &str| headers.iter().position(|h| h == name).and_then(|i| record.get(i)).unwrap_or("");
-            let parse_u64 = |name: &str| field(name).parse::<u64>().with_context(|| format!("{} line {}: column {name} is not a whole number", path.display(), line + 2));
+            let parse_u64 = |name: &str| {
+                field(name).parse::<u64>().with_context(|| {
+                    format!("{} line {}: column {name} is not a whole number", path.display(), line + 2)
+                })
+            };
             let mut values = BTreeMap::new();
             for (header, value) in headers.iter().zip(record.iter()) {
                 if !matches!(header, "method" | "reward_source" | "seed" | "step")
@@ -98,7 +115,11 @@ fn read_metrics(dir: &Path, summaries: &[CellSummary]) -> anyhow::Result<Vec<Met
                     values.insert(header.to_string(), number);
                 }
             }
-            rows.push(MetricRow { group: group_name(field("method"), field("reward_source")), step: parse_u64("step")?, values });
+            rows.push(MetricRow {
+                group: group_name(field("method"), field("reward_source")),
+                step: parse_u64("step")?,
+                values,
+            });
         }
     }
     Ok(rows)
@@ -133,8 +154,16 @@ fn group_accuracies(summaries: &[CellSummary]) -> Vec<GroupAccuracy> {
             // A result has its accuracies (`CellSummary::is_result`).
             let take = |f: fn(&CellSummary) -> Option<f64>| cells.iter().filter_map(|c| f(c)).collect::<Vec<f64>>();
             GroupAccuracy {
-                strict: percent(eval::stats::accuracy_interval(&take(|c| c.accuracy_strict), &take(|c| c.accuracy_strict_ci_low), &take(|c| c.accuracy_strict_ci_high))),
-                lenient: percent(eval::stats::accuracy_interval(&take(|c| c.accuracy_lenient), &take(|c| c.accuracy_lenient_ci_low), &take(|c| c.accuracy_lenient_ci_high))),
+                strict: percent(eval::stats::accuracy_interval(
+                    &take(|c| c.accuracy_strict),
+                    &take(|c| c.accuracy_strict_ci_low),
+                    &take(|c| c.accuracy_strict_ci_high),
+                )),
+                lenient: percent(eval::stats::accuracy_interval(
+                    &take(|c| c.accuracy_lenient),
+                    &take(|c| c.accuracy_lenient_ci_low),
+                    &take(|c| c.accuracy_lenient_ci_high),
+                )),
                 lenient_seed_std: 100.0 * mean_std(&take(|c| c.accuracy_lenient)).std,
                 name,
             }
@@ -163,8 +192,10 @@ macro_rules! both_formats {
             $draw.with_context(|| format!("drawing {}", svg.display()))?;
             $root.present().map_err(|e| anyhow!("cannot write {}: {e:?}", svg_tmp.display()))?;
         }
-        std::fs::rename(&png_tmp, &png).with_context(|| format!("cannot move {} to {}", png_tmp.display(), png.display()))?;
-        std::fs::rename(&svg_tmp, &svg).with_context(|| format!("cannot move {} to {}", svg_tmp.display(), svg.display()))?;
+        std::fs::rename(&png_tmp, &png)
+            .with_context(|| format!("cannot move {} to {}", png_tmp.display(), png.display()))?;
+        std::fs::rename(&svg_tmp, &svg)
+            .with_context(|| format!("cannot move {} to {}", svg_tmp.display(), svg.display()))?;
         [png, svg]
     }};
 }
@@ -182,8 +213,14 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&charts).with_context(|| format!("cannot create {}", charts.display()))?;
     let mut written = Vec::new();
     written.extend(both_formats!(&charts, "accuracy", (1200, 700), |root| draw_accuracy(&root, &accuracies)));
-    written.extend(both_formats!(&charts, "stability", (1200, 900), |root| draw_stability(&root, &metrics, &accuracies)));
-    written.extend(both_formats!(&charts, "convergence", (1200, 1200), |root| draw_convergence(&root, &metrics, &summaries)));
+    written.extend(both_formats!(&charts, "stability", (1200, 900), |root| draw_stability(
+        &root,
+        &metrics,
+        &accuracies
+    )));
+    written.extend(both_formats!(&charts, "convergence", (1200, 1200), |root| draw_convergence(
+        &root, &metrics, &summaries
+    )));
     Ok(written)
 }
 
@@ -195,7 +232,6 @@ fn register_fonts() {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold());
     });
 }
-
 
 const TITLE: u32 = 24;
 const LABEL: u32 = 16;
@@ -225,11 +261,19 @@ where
         .label_style(("sans-serif", LABEL))
         .axis_desc_style(("sans-serif", LABEL))
         .draw()?;
-    let series = [("strict (official format)", -0.38, -0.02, BLUE.mix(0.75)), ("lenient (last number)", 0.02, 0.38, GREEN.mix(0.75))];
+    let series = [
+        ("strict (official format)", -0.38, -0.02, BLUE.mix(0.75)),
+        ("lenient (last number)", 0.02, 0.38, GREEN.mix(0.75)),
+    ];
     for (index, (label, from, to, color)) in series.into_iter().enumerate() {
         let pick = |g: &GroupAccuracy| if index == 0 { g.strict } else { g.lenient };
         chart
-            .draw_series(groups.iter().enumerate().map(|(i, g)| Rectangle::new([(i as f64 + from, 0.0), (i as f64 + to, pick(g).0)], color.filled())))?
+            .draw_series(
+                groups
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| Rectangle::new([(i as f64 + from, 0.0), (i as f64 + to, pick(g).0)], color.filled())),
+            )?
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         for (i, g) in groups.iter().enumerate() {
@@ -238,7 +282,13 @@ where
             chart.draw_series(whisker(center, low, high, 0.06))?;
         }
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.9)).border_style(BLACK).label_font(("sans-serif", LABEL)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", LABEL))
+        .draw()?;
     Ok(())
 }
 
@@ -255,7 +305,11 @@ fn whisker(x: f64, low: f64, high: f64, cap: f64) -> Vec<PathElement<(f64, f64)>
 /// The name of the group at integer position `x` ("" between groups).
 fn label_at(names: &[String], x: f64) -> String {
     let index = x.round();
-    if (x - index).abs() > 1e-6 || index < 0.0 { String::new() } else { names.get(index as usize).cloned().unwrap_or_default() }
+    if (x - index).abs() > 1e-6 || index < 0.0 {
+        String::new()
+    } else {
+        names.get(index as usize).cloned().unwrap_or_default()
+    }
 }
 
 /// Tukey box: quartiles, and whiskers to the furthest values within 1.5 IQR.
@@ -296,7 +350,11 @@ fn metric_by_group(metrics: &[MetricRow], metric: &str) -> Vec<(String, Vec<f64>
 }
 
 /// Box plots of three per-step quantities, and the across-seed spread of final accuracy.
-fn draw_stability<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, metrics: &[MetricRow], accuracies: &[GroupAccuracy]) -> anyhow::Result<()>
+fn draw_stability<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    metrics: &[MetricRow],
+    accuracies: &[GroupAccuracy],
+) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -309,9 +367,16 @@ where
         ("reward_std", "reward_std: spread of rewards within a step", "reward units"),
     ];
     for ((metric, caption, unit), panel) in quantities.iter().zip(&panels) {
-        let groups: Vec<(String, BoxStats)> = metric_by_group(metrics, metric).into_iter().filter_map(|(name, values)| Some((name, box_stats(&values)?))).collect();
+        let groups: Vec<(String, BoxStats)> = metric_by_group(metrics, metric)
+            .into_iter()
+            .filter_map(|(name, values)| Some((name, box_stats(&values)?)))
+            .collect();
         if groups.is_empty() {
-            panel.draw(&Text::new(format!("{metric}: no trained method logged it"), (40, 60), ("sans-serif", LABEL)))?;
+            panel.draw(&Text::new(
+                format!("{metric}: no trained method logged it"),
+                (40, 60),
+                ("sans-serif", LABEL),
+            ))?;
             continue;
         }
         let low = groups.iter().map(|(_, b)| b.whisker_low).fold(f64::INFINITY, f64::min);
@@ -336,9 +401,15 @@ where
         for (i, (_, stats)) in groups.iter().enumerate() {
             let x = i as f64;
             let color = Palette99::pick(i);
-            chart.draw_series([Rectangle::new([(x - 0.25, stats.q1), (x + 0.25, stats.q3)], color.mix(0.35).filled())])?;
+            chart.draw_series([Rectangle::new(
+                [(x - 0.25, stats.q1), (x + 0.25, stats.q3)],
+                color.mix(0.35).filled(),
+            )])?;
             chart.draw_series([Rectangle::new([(x - 0.25, stats.q1), (x + 0.25, stats.q3)], color.stroke_width(2))])?;
-            chart.draw_series([PathElement::new(vec![(x - 0.25, stats.median), (x + 0.25, stats.median)], BLACK.stroke_width(3))])?;
+            chart.draw_series([PathElement::new(
+                vec![(x - 0.25, stats.median), (x + 0.25, stats.median)],
+                BLACK.stroke_width(3),
+            )])?;
             chart.draw_series(whisker(x, stats.whisker_low, stats.q1, 0.2))?;
             chart.draw_series(whisker(x, stats.q3, stats.whisker_high, 0.2))?;
         }
@@ -362,7 +433,13 @@ where
         .axis_desc_style(("sans-serif", 13))
         .draw()?;
     chart.draw_series(accuracies.iter().enumerate().map(|(i, g)| {
-        Rectangle::new([(i as f64 - 0.3, 0.0), (i as f64 + 0.3, if g.lenient_seed_std.is_finite() { g.lenient_seed_std } else { 0.0 })], Palette99::pick(i).mix(0.7).filled())
+        Rectangle::new(
+            [
+                (i as f64 - 0.3, 0.0),
+                (i as f64 + 0.3, if g.lenient_seed_std.is_finite() { g.lenient_seed_std } else { 0.0 }),
+            ],
+            Palette99::pick(i).mix(0.7).filled(),
+        )
     }))?;
     Ok(())
 }
@@ -395,12 +472,19 @@ fn curves(metrics: &[MetricRow], metric: &str) -> Vec<(String, Vec<(f64, f64, f6
 }
 
 /// Reward and held-out accuracy against step, with convergence points.
-fn draw_convergence<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, metrics: &[MetricRow], summaries: &[CellSummary]) -> anyhow::Result<()>
+fn draw_convergence<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    metrics: &[MetricRow],
+    summaries: &[CellSummary],
+) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
 {
     let (title, body) = root.split_vertically(50);
-    title.titled("Convergence: mean over seeds, band = ±1 std; ◆ = median steps to convergence", ("sans-serif", TITLE))?;
+    title.titled(
+        "Convergence: mean over seeds, band = ±1 std; ◆ = median steps to convergence",
+        ("sans-serif", TITLE),
+    )?;
     let third = body.dim_in_pixel().1 / 3;
     let (upper, rest) = body.split_vertically(third);
     let (middle, lower) = rest.split_vertically(third);
@@ -427,19 +511,36 @@ where
         .collect();
     let panels = [
         (&upper, "reward", "Training reward (mean of the step's completions)", "reward", true),
-        (&middle, "eval/accuracy_strict", "Held-out accuracy during training (strict: the official answer format, greedy)", "accuracy (%)", false),
-        (&lower, "eval/accuracy_lenient", "Held-out accuracy during training (lenient: the last number, greedy)", "accuracy (%)", false),
+        (
+            &middle,
+            "eval/accuracy_strict",
+            "Held-out accuracy during training (strict: the official answer format, greedy)",
+            "accuracy (%)",
+            false,
+        ),
+        (
+            &lower,
+            "eval/accuracy_lenient",
+            "Held-out accuracy during training (lenient: the last number, greedy)",
+            "accuracy (%)",
+            false,
+        ),
     ];
     for (panel, metric, caption, unit, mark) in panels {
         let series = curves(metrics, metric);
         if series.is_empty() {
-            panel.draw(&Text::new(format!("{caption}: not logged (set `eval_every` on a method to evaluate during training)"), (40, 60), ("sans-serif", LABEL)))?;
+            panel.draw(&Text::new(
+                format!("{caption}: not logged (set `eval_every` on a method to evaluate during training)"),
+                (40, 60),
+                ("sans-serif", LABEL),
+            ))?;
             continue;
         }
         let scale = if metric.starts_with("eval/") { 100.0 } else { 1.0 };
         let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0f64, f64::max);
         let low = series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 - q.2) * scale)).fold(f64::INFINITY, f64::min);
-        let high = series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 + q.2) * scale)).fold(f64::NEG_INFINITY, f64::max);
+        let high =
+            series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 + q.2) * scale)).fold(f64::NEG_INFINITY, f64::max);
         let pad = ((high - low) * 0.08).max(1e-3);
         let mut chart = ChartBuilder::on(panel)
             .caption(caption, ("sans-serif", LABEL))
@@ -466,11 +567,20 @@ where
             if mark && let Some(step) = convergence.get(group) {
                 let nearest = points.iter().min_by(|a, b| (a.0 - step).abs().total_cmp(&(b.0 - step).abs()));
                 if let Some((x, m, _)) = nearest {
-                    chart.draw_series([Polygon::new(diamond(*x, m * scale, x_max * 0.008, (high - low + 2.0 * pad) * 0.02), color.filled())])?;
+                    chart.draw_series([Polygon::new(
+                        diamond(*x, m * scale, x_max * 0.008, (high - low + 2.0 * pad) * 0.02),
+                        color.filled(),
+                    )])?;
                 }
             }
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.9)).border_style(BLACK).label_font(("sans-serif", 13)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
     }
     Ok(())
 }

@@ -63,24 +63,41 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let heads = RobertaConfig::TINY_HEADS;
-    anyhow::ensure!(args.hidden_size > 0 && args.hidden_size.is_multiple_of(heads), "--hidden-size {}: use a positive multiple of {heads} (the tiny model's attention heads)", args.hidden_size);
-    anyhow::ensure!(args.layers > 0 && args.intermediate_size != Some(0), "--layers and --intermediate-size must be at least 1");
+    anyhow::ensure!(
+        args.hidden_size > 0 && args.hidden_size.is_multiple_of(heads),
+        "--hidden-size {}: use a positive multiple of {heads} (the tiny model's attention heads)",
+        args.hidden_size
+    );
+    anyhow::ensure!(
+        args.layers > 0 && args.intermediate_size != Some(0),
+        "--layers and --intermediate-size must be at least 1"
+    );
     let study_path = args.study.clone().or_else(|| Some(PathBuf::from("configs/default.toml")).filter(|p| p.is_file()));
     let base_task = match &study_path {
         Some(path) => match crate::study::config::Study::load(path)?.task {
             crate::study::config::TaskSpec::Synthetic { synthetic } => synthetic,
-            crate::study::config::TaskSpec::Gsm8k { .. } => anyhow::bail!("{}: the reward-model command trains on synthetic arithmetic; this study uses GSM8K", path.display()),
+            crate::study::config::TaskSpec::Gsm8k { .. } => anyhow::bail!(
+                "{}: the reward-model command trains on synthetic arithmetic; this study uses GSM8K",
+                path.display()
+            ),
         },
         None => SyntheticConfig { max_operations: 2, ..SyntheticConfig::default() },
     };
-    let task = generate(&SyntheticConfig { train_size: args.train_size, test_size: args.test_size, seed: args.seed, ..base_task })?;
+    let task = generate(&SyntheticConfig {
+        train_size: args.train_size,
+        test_size: args.test_size,
+        seed: args.seed,
+        ..base_task
+    })?;
     let template = Template::Plain;
-    let corpus: Vec<String> = task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p))).collect();
+    let corpus: Vec<String> =
+        task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p))).collect();
     let tokenizer = train_tokenizer(corpus.into_iter(), 384)?;
     let device = args.backend.device()?.autodiff();
     device.seed(args.seed);
-    let config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120)
-        .with_intermediate_size(args.intermediate_size);
+    let config =
+        RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), args.hidden_size, args.layers, 120)
+            .with_intermediate_size(args.intermediate_size);
     let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), config.max_tokens());
     let train = build_comparisons(&task.train, template, 2, args.seed);
     let held_out = build_comparisons(&task.test, template, 1, args.seed + 1);
@@ -103,7 +120,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..RewardTrainingConfig::default()
     };
     let mut trainer = RewardTrainer::new(RobertaRegressor::init(&config, &device), training);
-    let progress = ProgressBar::new(args.steps).with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}")?);
+    let progress =
+        ProgressBar::new(args.steps).with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}")?);
     for _ in 0..args.steps {
         let step = trainer.train_step(&train, &reward_tokenizer)?;
         progress.set_message(format!("loss {:.3}", step.loss));

@@ -62,7 +62,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let gold_text = match &prediction.answer {
             serde_json::Value::String(text) => text.clone(),
             serde_json::Value::Number(number) => number.to_string(),
-            other => bail!("{}:{line_number}: \"answer\" should be a string or a number, found {other}", path.display()),
+            other => {
+                bail!("{}:{line_number}: \"answer\" should be a string or a number, found {other}", path.display())
+            }
         };
         let Some(gold) = parse_gold(&gold_text) else {
             bail!(

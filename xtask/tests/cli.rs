@@ -85,7 +85,15 @@ fn logits_of_a_tiny_checkpoint_match_transformers() {
     let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
     let out = tempfile::tempdir().unwrap();
     let out_file = out.path().join("logits.json");
-    let output = xtask(&["logits", "--model", fixture_dir("llama3").to_str().unwrap(), "--ids", &ids.join(","), "--out", out_file.to_str().unwrap()]);
+    let output = xtask(&[
+        "logits",
+        "--model",
+        fixture_dir("llama3").to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_file).unwrap()).unwrap();
     let ours = ours["logits"].as_array().unwrap();
@@ -102,7 +110,17 @@ fn logits_of_a_tiny_checkpoint_match_transformers() {
 fn generate_greedy_json_matches_transformers() {
     let reference = reference("gpt_neo");
     let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
-    let output = xtask(&["generate", "--model", fixture_dir("gpt_neo").to_str().unwrap(), "--ids", &ids.join(","), "--max-new-tokens", "8", "--greedy", "--json"]);
+    let output = xtask(&[
+        "generate",
+        "--model",
+        fixture_dir("gpt_neo").to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["completion_ids"], reference["greedy_new_tokens"][0]);
@@ -126,7 +144,8 @@ fn generate_greedy_json_matches_transformers() {
 fn generate_chat_on_the_shared_gguf_matches_transformers() {
     let shared = shared_gsm8k().join("../..");
     let gguf = shared.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/policy-models/tests/fixtures/gguf/smollm2.json");
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/policy-models/tests/fixtures/gguf/smollm2.json");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -151,7 +170,17 @@ fn bench_smoke_run_reports_every_key() {
     assert!(report["train_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["gen_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["torch_train_tokens_per_s"].is_null() && report["torch_gen_tokens_per_s"].is_null());
-    for key in ["hidden_size", "num_layers", "num_heads", "vocab_size", "batch_size", "seq_len", "gen_batch_size", "prompt_len", "new_tokens"] {
+    for key in [
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "vocab_size",
+        "batch_size",
+        "seq_len",
+        "gen_batch_size",
+        "prompt_len",
+        "new_tokens",
+    ] {
         assert!(report["config"][key].as_u64().unwrap() > 0, "config.{key}");
     }
 }
@@ -159,7 +188,8 @@ fn bench_smoke_run_reports_every_key() {
 #[test]
 fn logits_of_a_reward_model_is_its_score() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/reward-model/tests/fixtures/roberta_regressor");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<String> = reference["input_ids"][0].as_array().unwrap().iter().map(|id| id.to_string()).collect();
     let output = xtask(&["logits", "--model", dir.to_str().unwrap(), "--ids", &ids.join(",")]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -172,13 +202,36 @@ fn logits_of_a_reward_model_is_its_score() {
 fn reward_model_smoke_run_reports_held_out_accuracy_and_saves() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("rm");
-    let output = xtask(&["reward-model", "--steps", "2", "--train-size", "60", "--test-size", "10", "--hidden-size", "32", "--intermediate-size", "48", "--out", dir.to_str().unwrap()]);
+    let output = xtask(&[
+        "reward-model",
+        "--steps",
+        "2",
+        "--train-size",
+        "60",
+        "--test-size",
+        "10",
+        "--hidden-size",
+        "32",
+        "--intermediate-size",
+        "48",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.contains("held-out pairwise accuracy") && text.contains("over 10 pairs"), "{text}");
-    assert!(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["hidden_size"].as_u64(), config["intermediate_size"].as_u64()), (Some(32), Some(48)), "{config}");
+    assert!(
+        dir.join("model.safetensors").is_file()
+            && dir.join("config.json").is_file()
+            && dir.join("tokenizer.json").is_file()
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["hidden_size"].as_u64(), config["intermediate_size"].as_u64()),
+        (Some(32), Some(48)),
+        "{config}"
+    );
     let bad = xtask(&["reward-model", "--steps", "1", "--hidden-size", "30"]);
     let error = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && error.contains("--hidden-size 30"), "{error}");
@@ -187,7 +240,8 @@ fn reward_model_smoke_run_reports_held_out_accuracy_and_saves() {
 #[test]
 fn dry_run_prints_the_matrix_and_a_cost_estimate() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--dry-run"]).current_dir(&root).output().unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--dry-run"]).current_dir(&root).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.contains("grpo__rules__seed0") && text.contains("ppo__reward_model__seed2"), "{text}");
@@ -197,7 +251,11 @@ fn dry_run_prints_the_matrix_and_a_cost_estimate() {
 #[test]
 fn plot_without_a_study_says_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/missing"]).current_dir(dir.path()).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["plot", "reports/missing"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("reports/missing/summary.json") && error.contains("cargo xtask compare"), "{error}");
@@ -213,7 +271,16 @@ fn generate_refuses_a_broken_tokenizer_and_a_missing_path() {
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
     std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
-    let output = xtask(&["generate", "--model", dir.path().to_str().unwrap(), "--ids", "1,2", "--max-new-tokens", "2", "--json"]);
+    let output = xtask(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("tokenizer.json"), "{stderr}");

@@ -11,10 +11,20 @@ fn quick_study_writes_its_reports_and_resumes() {
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
     // A feed-forward width other than the default (twice the width) reaches the saved model.
     let text = std::fs::read_to_string(config).unwrap();
-    let text = text.replacen("[reward_model]\nkind = \"train\"\n", "[reward_model]\nkind = \"train\"\nintermediate_size = 96\n", 1);
+    let text = text.replacen(
+        "[reward_model]\nkind = \"train\"\n",
+        "[reward_model]\nkind = \"train\"\nintermediate_size = 96\n",
+        1,
+    );
     assert!(text.contains("intermediate_size = 96"), "configs/default.toml's [reward_model] section moved");
     std::fs::write(dir.path().join("configs/default.toml"), text).unwrap();
-    let run = || Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["compare", "--preset", "quick", "--quiet"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
     let first = run();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let reports = dir.path().join("reports/default-quick");
@@ -33,15 +43,26 @@ fn quick_study_writes_its_reports_and_resumes() {
         assert!(reports.join(file).is_file(), "{file} missing");
     }
     // What the study read and where it ran: the base it trained, hashed, and this machine.
-    let provenance: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("provenance.json")).unwrap()).unwrap();
+    let provenance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("provenance.json")).unwrap()).unwrap();
     let base = &provenance["inputs"][0];
     assert_eq!(base["role"], "policy.base", "{provenance}");
-    let weights = base["files"].as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().ends_with("base/model.safetensors")).expect("the base's weights are hashed");
+    let weights = base["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("base/model.safetensors"))
+        .expect("the base's weights are hashed");
     assert_eq!(weights["sha256"].as_str().unwrap().len(), 64);
-    assert!(provenance["machine"]["threads"].as_u64().unwrap() >= 1 && provenance["machine"]["backend"] == "flex", "{provenance}");
-    let rm_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/config.json")).unwrap()).unwrap();
+    assert!(
+        provenance["machine"]["threads"].as_u64().unwrap() >= 1 && provenance["machine"]["backend"] == "flex",
+        "{provenance}"
+    );
+    let rm_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/config.json")).unwrap()).unwrap();
     assert_eq!(rm_config["intermediate_size"], 96, "{rm_config}");
-    let rm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
+    let rm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
     let rm_accuracy = rm["held_out_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rm_accuracy) && rm["held_out_pairs"].as_u64().unwrap() > 0, "{rm}");
     // Per kind of rejected answer; the pairs rotate through the three kinds, so the overall
@@ -52,10 +73,20 @@ fn quick_study_writes_its_reports_and_resumes() {
     let values: Vec<f64> = by_kind.values().map(|v| v.as_f64().unwrap()).collect();
     let (low, high) = (values.iter().copied().fold(1.0, f64::min), values.iter().copied().fold(0.0, f64::max));
     assert!(low - 1e-9 <= rm_accuracy && rm_accuracy <= high + 1e-9, "{rm}");
-    let summaries: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(reports.join("summary.json")).unwrap()).unwrap();
+    let summaries: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summaries.len(), 6, "method x reward source x seed cells of the quick default study");
     for summary in &summaries {
-        for key in ["method", "reward_source", "seed", "accuracy_strict", "accuracy_lenient", "accuracy_lenient_ci_low", "accuracy_lenient_ci_high", "train_seconds"] {
+        for key in [
+            "method",
+            "reward_source",
+            "seed",
+            "accuracy_strict",
+            "accuracy_lenient",
+            "accuracy_lenient_ci_low",
+            "accuracy_lenient_ci_high",
+            "train_seconds",
+        ] {
             assert!(summary.get(key).is_some(), "{key} missing in {summary}");
         }
     }
@@ -69,13 +100,20 @@ fn quick_study_writes_its_reports_and_resumes() {
     for column in ["step", "reward", "kl", "update_norm", "rewards/strict_correct/mean", "eval/accuracy_lenient"] {
         assert!(header.split(',').any(|c| c == column), "metrics.csv lacks {column}: {header}");
     }
-    assert_eq!(metrics.lines().count(), 1 + 1 + 3, "the held-out evaluation before training (step 0), then a row per step");
+    assert_eq!(
+        metrics.lines().count(),
+        1 + 1 + 3,
+        "the held-out evaluation before training (step 0), then a row per step"
+    );
     let step_zero = metrics.lines().nth(1).unwrap();
     assert!(step_zero.starts_with("grpo,rules,0,0,"), "{step_zero}");
     let eval_column = header.split(',').position(|c| c == "eval/accuracy_strict").unwrap();
     let reward_column = header.split(',').position(|c| c == "reward").unwrap();
     let fields: Vec<&str> = step_zero.split(',').collect();
-    assert!(!fields[eval_column].is_empty() && fields[reward_column].is_empty(), "step 0 has an evaluation and no training: {step_zero}");
+    assert!(
+        !fields[eval_column].is_empty() && fields[reward_column].is_empty(),
+        "step 0 has an evaluation and no training: {step_zero}"
+    );
     let ppo = std::fs::read_to_string(reports.join("cells/ppo__reward_model__seed0/metrics.csv")).unwrap();
     let ppo_header = ppo.lines().next().unwrap();
     // The model's score and the true correctness side by side, so reward hacking would show.
@@ -89,16 +127,24 @@ fn quick_study_writes_its_reports_and_resumes() {
     for column in ["reward", "rewards/reward_model/mean", "val/explained_variance", "eval/accuracy_lenient"] {
         assert!(combined_header.contains(&column), "the study's metrics.csv lacks {column}");
     }
-    let rl_cells = summaries.iter().filter(|s| ["grpo", "ppo", "rloo"].contains(&s["method"].as_str().unwrap())).count();
+    let rl_cells =
+        summaries.iter().filter(|s| ["grpo", "ppo", "rloo"].contains(&s["method"].as_str().unwrap())).count();
     assert_eq!(combined.lines().count(), 1 + 4 * rl_cells, "step 0 and a row per step of every RL cell");
     assert!(combined.lines().any(|line| line.starts_with("ppo,reward_model,0,3,")), "{combined}");
     // Samples before and after training for the same questions.
     let samples = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/samples.jsonl")).unwrap();
-    let stages: Vec<String> = samples.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["stage"].as_str().unwrap().to_string()).collect();
+    let stages: Vec<String> = samples
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["stage"].as_str().unwrap().to_string())
+        .collect();
     assert!(stages.contains(&"before".to_string()) && stages.contains(&"after".to_string()), "{stages:?}");
 
     // compare rendered the charts; `plot` renders them again from the files alone.
-    let plot = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/default-quick"]).current_dir(dir.path()).output().unwrap();
+    let plot = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["plot", "reports/default-quick"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
     for chart in ["accuracy", "stability", "convergence"] {
         let png = reports.join(format!("charts/{chart}.png"));
@@ -139,11 +185,24 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
     let text = std::fs::read_to_string(config).unwrap();
-    let lora = text.replacen("[policy]\n", "[policy]\nlora = { rank = 2, alpha = 4.0 }\n", 1).replacen("name = \"default\"", "name = \"lora\"", 1);
-    assert!(lora.contains("lora = {") && lora.contains("name = \"lora\""), "configs/default.toml's [policy] or name moved");
+    let lora = text.replacen("[policy]\n", "[policy]\nlora = { rank = 2, alpha = 4.0 }\n", 1).replacen(
+        "name = \"default\"",
+        "name = \"lora\"",
+        1,
+    );
+    assert!(
+        lora.contains("lora = {") && lora.contains("name = \"lora\""),
+        "configs/default.toml's [policy] or name moved"
+    );
     std::fs::write(dir.path().join("configs/default.toml"), text).unwrap();
     std::fs::write(dir.path().join("configs/lora.toml"), lora).unwrap();
-    let run = |file: &str| Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", file, "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    let run = |file: &str| {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["compare", file, "--preset", "quick", "--quiet"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
     for file in ["configs/lora.toml", "configs/default.toml"] {
         let output = run(file);
         assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
@@ -151,18 +210,31 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
     let reports = dir.path().join("reports");
     for cell in ["grpo__rules__seed0", "ppo__reward_model__seed0", "rloo__rules__seed0"] {
         let adapter = reports.join("lora-quick/cells").join(cell).join("adapter");
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
-        assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some("LORA"), Some(2), Some(4.0)), "{cell}: {config}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(
+            (config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()),
+            (Some("LORA"), Some(2), Some(4.0)),
+            "{cell}: {config}"
+        );
         let base = std::path::PathBuf::from(config["base_model_name_or_path"].as_str().unwrap());
         assert!(base.join("model.safetensors").is_file(), "{cell}: the adapters name the study's base: {config}");
         assert!(adapter.join("adapter_model.safetensors").is_file());
-        assert!(!reports.join("default-quick/cells").join(cell).join("adapter").exists(), "{cell}: no adapters without policy.lora");
+        assert!(
+            !reports.join("default-quick/cells").join(cell).join("adapter").exists(),
+            "{cell}: no adapters without policy.lora"
+        );
         // The symptom of LoRA being ignored: the same gradient norms with and without it.
         let grad_norms = |study: &str| {
-            let text = std::fs::read_to_string(reports.join(study).join("cells").join(cell).join("metrics.csv")).unwrap();
+            let text =
+                std::fs::read_to_string(reports.join(study).join("cells").join(cell).join("metrics.csv")).unwrap();
             let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
             let column = header.iter().position(|c| *c == "grad_norm").unwrap();
-            text.lines().skip(1).map(|line| line.split(',').nth(column).unwrap().to_string()).filter(|v| !v.is_empty()).collect::<Vec<_>>()
+            text.lines()
+                .skip(1)
+                .map(|line| line.split(',').nth(column).unwrap().to_string())
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
         };
         let (with, without) = (grad_norms("lora-quick"), grad_norms("default-quick"));
         assert!(!with.is_empty() && with != without, "{cell}: LoRA {with:?} vs full {without:?}");
@@ -172,7 +244,9 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
 /// configs/default.toml cut around its reward model, reward sources and methods: what comes
 /// before `[reward_model]` (name, task, policy) and from `[evaluation]` on.
 fn default_study_around_methods() -> (String, String) {
-    let default = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")).unwrap();
+    let default =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"))
+            .unwrap();
     let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
     let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
     (head.to_string(), tail.to_string())
@@ -227,28 +301,45 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     let study = format!("{}{methods}{tail}", head.replacen("name = \"default\"", "name = \"integrity\"", 1));
     assert!(study.contains("name = \"integrity\""), "configs/default.toml's name moved");
     std::fs::write(dir.path().join("configs/integrity.toml"), study).unwrap();
-    let run = || Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "configs/integrity.toml", "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["compare", "configs/integrity.toml", "--preset", "quick", "--quiet"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
     let first = run();
     let stderr = String::from_utf8_lossy(&first.stderr).to_string();
     assert!(!first.status.success(), "a failed cell makes compare exit non-zero: {stderr}");
-    let last_line = stderr.lines().find(|line| line.starts_with("Error: ")).unwrap_or_else(|| panic!("no error message: {stderr}"));
-    assert!(last_line.contains("1 of 4 cells failed: few_shot_many__-__seed0"), "the message names the failed cell: {stderr}");
+    let last_line =
+        stderr.lines().find(|line| line.starts_with("Error: ")).unwrap_or_else(|| panic!("no error message: {stderr}"));
+    assert!(
+        last_line.contains("1 of 4 cells failed: few_shot_many__-__seed0"),
+        "the message names the failed cell: {stderr}"
+    );
     assert!(!last_line.contains("grpo_hot"), "a diverged cell is not a failure: {last_line}");
     let reports = dir.path().join("reports/integrity-quick");
 
     // summary.json parses as numbers or absent values: no `null` accuracy, no NaN.
     let text = std::fs::read_to_string(reports.join("summary.json")).unwrap();
     let summaries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let by_method = |method: &str| summaries.iter().find(|s| s["method"] == method).unwrap_or_else(|| panic!("{method} missing: {text}"));
+    let by_method = |method: &str| {
+        summaries.iter().find(|s| s["method"] == method).unwrap_or_else(|| panic!("{method} missing: {text}"))
+    };
     assert_eq!(summaries.len(), 4);
-    for (method, status) in [("few_shot_0", "finished"), ("grpo", "finished"), ("few_shot_many", "failed"), ("grpo_hot", "diverged")] {
+    for (method, status) in
+        [("few_shot_0", "finished"), ("grpo", "finished"), ("few_shot_many", "failed"), ("grpo_hot", "diverged")]
+    {
         let summary = by_method(method);
         assert_eq!(summary["status"], status, "{summary}");
         let accuracy = summary.get("accuracy_lenient");
         if status == "finished" {
             assert!(accuracy.and_then(|v| v.as_f64()).is_some(), "{summary}");
         } else {
-            assert!(accuracy.is_none() && summary.get("accuracy_strict_ci_low").is_none(), "no accuracy for a {status} cell: {summary}");
+            assert!(
+                accuracy.is_none() && summary.get("accuracy_strict_ci_low").is_none(),
+                "no accuracy for a {status} cell: {summary}"
+            );
             assert!(summary["error"].as_str().is_some_and(|e| !e.is_empty()), "{summary}");
         }
     }
@@ -257,7 +348,10 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     let reason = by_method("grpo_hot")["error"].as_str().unwrap().to_string();
     assert_eq!(reason.matches("step ").count(), 1, "{reason}");
     assert!(reason.starts_with("step 1: ") && reason.contains("learning_rate"), "{reason}");
-    let cell_summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join("cells/grpo_hot__rules__seed0/summary.json")).unwrap()).unwrap();
+    let cell_summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reports.join("cells/grpo_hot__rules__seed0/summary.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cell_summary["status"], "diverged");
 
     // The diverged cell's rows up to the divergence are on disk: step 0 (evaluation) and step 1.
@@ -274,22 +368,39 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     let combined = std::fs::read_to_string(reports.join("metrics.csv")).unwrap();
     assert!(combined.lines().any(|l| l.starts_with("grpo,rules,0,3,")) && !combined.contains("grpo_hot"), "{combined}");
     let csv = std::fs::read_to_string(reports.join("summary.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().starts_with("method,reward_source,seed,accuracy_strict,") && csv.lines().count() == 5, "{csv}");
+    assert!(
+        csv.lines().next().unwrap().starts_with("method,reward_source,seed,accuracy_strict,")
+            && csv.lines().count() == 5,
+        "{csv}"
+    );
 
     // Charts of the finished cells, from compare and again from `plot`.
-    let plot = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["plot", "reports/integrity-quick"]).current_dir(dir.path()).output().unwrap();
+    let plot = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["plot", "reports/integrity-quick"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
     let svg = std::fs::read_to_string(reports.join("charts/accuracy.svg")).unwrap();
     let document = roxmltree::Document::parse(&svg).unwrap();
     let labels: String = document.descendants().filter_map(|node| node.text()).collect::<Vec<_>>().join(" ");
     assert!(labels.contains("grpo (rules)") && labels.contains("few_shot_0"), "{labels}");
-    assert!(!labels.contains("grpo_hot") && !labels.contains("few_shot_many"), "no bar for a cell without a result: {labels}");
+    assert!(
+        !labels.contains("grpo_hot") && !labels.contains("few_shot_many"),
+        "no bar for a cell without a result: {labels}"
+    );
     for chart in ["stability", "convergence"] {
         assert!(reports.join(format!("charts/{chart}.svg")).is_file());
     }
     let report = std::fs::read_to_string(reports.join("report.md")).unwrap();
-    assert!(report.contains("| grpo | rules | 1 |") && report.contains("| grpo_hot | rules | 0 | diverged |"), "{report}");
-    assert!(report.contains("| few_shot_many | - | 0 | failed |") && report.contains("charts/accuracy.svg"), "{report}");
+    assert!(
+        report.contains("| grpo | rules | 1 |") && report.contains("| grpo_hot | rules | 0 | diverged |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("| few_shot_many | - | 0 | failed |") && report.contains("charts/accuracy.svg"),
+        "{report}"
+    );
     let diverged = &report[report.find("## Diverged cells").expect("a Diverged cells section")..];
     assert!(diverged.contains("- grpo_hot / rules / seed 0: step 1: "), "{report}");
     let failed = &report[report.find("## Failed cells").expect("a Failed cells section")..];
@@ -299,7 +410,11 @@ config = { num_generations = 4, max_completion_length = 16, beta = 0.04, tempera
     let second = run();
     assert!(!second.status.success());
     let log = String::from_utf8_lossy(&second.stderr);
-    assert!(log.contains("grpo_hot__rules__seed0: diverged earlier, skipped") && log.contains("grpo__rules__seed0: done earlier, skipped"), "{log}");
+    assert!(
+        log.contains("grpo_hot__rules__seed0: diverged earlier, skipped")
+            && log.contains("grpo__rules__seed0: done earlier, skipped"),
+        "{log}"
+    );
     assert!(log.contains("few_shot_many__-__seed0: failed"), "{log}");
 }
 
@@ -332,7 +447,10 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
 
 "#;
     let study = format!("{}{methods}{tail}", head.replacen("name = \"default\"", "name = \"identity\"", 1));
-    assert!(study.contains("name = \"identity\"") && study.contains("learning_rate = 3e-3\n"), "configs/default.toml's name or sft.learning_rate moved");
+    assert!(
+        study.contains("name = \"identity\"") && study.contains("learning_rate = 3e-3\n"),
+        "configs/default.toml's name or sft.learning_rate moved"
+    );
     let path = dir.path().join("configs/identity.toml");
     std::fs::write(&path, &study).unwrap();
     let run = |extra: &[&str]| {
@@ -348,13 +466,18 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
     assert!(ok, "{log}");
     let reports = dir.path().join("reports/identity-quick");
     for artefact in ["base", "cells/grpo__rules__seed0", "cells/few_shot_0__-__seed0"] {
-        let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reports.join(artefact).join("identity.json")).unwrap()).unwrap();
+        let identity: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(reports.join(artefact).join("identity.json")).unwrap())
+                .unwrap();
         assert_eq!(identity["hash"].as_str().map(str::len), Some(64), "{artefact}: {identity}");
         assert!(identity["config"]["task"].is_object(), "{artefact}: {identity}");
     }
     let grpo_identity = std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/identity.json")).unwrap();
     assert!(grpo_identity.contains("\"learning_rate\": 0.0001"), "the resolved optim: {grpo_identity}");
-    assert!(!std::fs::read_to_string(reports.join("cells/few_shot_0__-__seed0/identity.json")).unwrap().contains("grpo"), "another method's settings are no part of a cell");
+    assert!(
+        !std::fs::read_to_string(reports.join("cells/few_shot_0__-__seed0/identity.json")).unwrap().contains("grpo"),
+        "another method's settings are no part of a cell"
+    );
     let config = || std::fs::read_to_string(reports.join("config.json")).unwrap();
     let first_config = config();
 
@@ -362,23 +485,40 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
     std::fs::write(&path, study.replace("optim = { learning_rate = 1e-4,", "optim = { learning_rate = 1e-3,")).unwrap();
     let (ok, log) = run(&[]);
     assert!(!ok, "{log}");
-    assert!(log.contains("cell grpo__rules__seed0") && log.contains("methods.grpo.optim.learning_rate: 0.0001 -> 0.001"), "{log}");
+    assert!(
+        log.contains("cell grpo__rules__seed0") && log.contains("methods.grpo.optim.learning_rate: 0.0001 -> 0.001"),
+        "{log}"
+    );
     assert!(log.contains("--force") && log.contains("new name"), "{log}");
-    assert!(!log.contains("few_shot_0__-__seed0") && !log.contains("base policy ("), "only the changed method's cells: {log}");
+    assert!(
+        !log.contains("few_shot_0__-__seed0") && !log.contains("base policy ("),
+        "only the changed method's cells: {log}"
+    );
     assert_eq!(config(), first_config, "config.json keeps the settings of the results it sits beside");
     let (ok, log) = run(&["--force"]);
     assert!(ok, "{log}");
-    assert!(log.contains("cell grpo__rules__seed0: made with other settings") && log.contains("redone (--force)"), "{log}");
+    assert!(
+        log.contains("cell grpo__rules__seed0: made with other settings") && log.contains("redone (--force)"),
+        "{log}"
+    );
     assert!(!log.contains("grpo__rules__seed0: done earlier"), "{log}");
     assert!(log.contains("few_shot_0__-__seed0: done earlier, skipped") && log.contains("trained earlier"), "{log}");
-    assert!(config().contains("0.001") && std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/identity.json")).unwrap().contains("\"learning_rate\": 0.001"));
+    assert!(
+        config().contains("0.001")
+            && std::fs::read_to_string(reports.join("cells/grpo__rules__seed0/identity.json"))
+                .unwrap()
+                .contains("\"learning_rate\": 0.001")
+    );
 
     // Killed between the base's files: the half-saved base is removed and trained again.
     std::fs::rename(reports.join("base"), reports.join(".base.partial")).unwrap();
     std::fs::remove_file(reports.join(".base.partial/tokenizer.json")).unwrap();
     let (ok, log) = run(&[]);
     assert!(ok, "{log}");
-    assert!(log.contains("removed an incomplete base policy from an interrupted run: ") && log.contains(".base.partial"), "{log}");
+    assert!(
+        log.contains("removed an incomplete base policy from an interrupted run: ") && log.contains(".base.partial"),
+        "{log}"
+    );
     assert!(log.contains("supervised steps, final loss"), "the base is trained again: {log}");
     assert!(!reports.join(".base.partial").exists() && reports.join("base/tokenizer.json").is_file());
 
@@ -391,7 +531,10 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
     assert!(!log.contains("has no tokenizer"), "{log}");
     let (ok, log) = run(&["--force"]);
     assert!(ok, "{log}");
-    assert!(log.contains("base policy: made with other settings") && log.contains("supervised steps, final loss"), "{log}");
+    assert!(
+        log.contains("base policy: made with other settings") && log.contains("supervised steps, final loss"),
+        "{log}"
+    );
     assert!(reports.join("base/tokenizer.json").is_file() && reports.join("base/identity.json").is_file());
 
     // The supervised base's learning rate: the base and every cell.
@@ -403,7 +546,11 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
     for artefact in ["base policy (", "cell grpo__rules__seed0", "cell few_shot_0__-__seed0"] {
         assert!(log.contains(artefact), "{artefact}: {log}");
     }
-    assert_eq!(log.matches("policy.base.sft.learning_rate").count(), 1, "artefacts that differ alike are listed together: {log}");
+    assert_eq!(
+        log.matches("policy.base.sft.learning_rate").count(),
+        1,
+        "artefacts that differ alike are listed together: {log}"
+    );
 }
 
 /// `reward_model.kind = "causal_lm"` from the study's trained base, with LoRA: the reward model is
@@ -440,18 +587,28 @@ config = { max_completion_length = 16, num_ppo_epochs = 1, num_mini_batches = 1 
 "#;
     let study = format!("{head}{middle}{tail}").replacen("name = \"default\"", "name = \"causal_rm\"", 1);
     std::fs::write(dir.path().join("configs/causal_rm.toml"), study).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "configs/causal_rm.toml", "--preset", "quick", "--quiet"]).current_dir(dir.path()).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["compare", "configs/causal_rm.toml", "--preset", "quick", "--quiet"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let rm = dir.path().join("reports/causal_rm-quick/reward_model");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "GPTNeoForSequenceClassification", "{config}");
     assert_eq!(config["num_labels"], 1);
     for file in ["model.safetensors", "tokenizer.json", "adapter/adapter_config.json"] {
         assert!(rm.join(file).is_file(), "{file}");
     }
-    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(rm.join("metrics.json")).unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rm.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["max_tokens"], 160);
-    assert!(metrics["held_out_pairs"].as_u64().unwrap() > 0 && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some(), "{metrics}");
+    assert!(
+        metrics["held_out_pairs"].as_u64().unwrap() > 0
+            && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some(),
+        "{metrics}"
+    );
     let cell = dir.path().join("reports/causal_rm-quick/cells/ppo__reward_model__seed0/metrics.csv");
     let text = std::fs::read_to_string(cell).unwrap();
     assert!(text.lines().count() > 1, "PPO's steps are logged: {text}");

@@ -103,7 +103,8 @@ fn results(cell_dir: &Path) -> Results {
         let record = record.unwrap();
         keep.iter().map(|&i| record[i].to_string()).collect()
     }));
-    let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cell_dir.join("summary.json")).unwrap()).unwrap();
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cell_dir.join("summary.json")).unwrap()).unwrap();
     assert!(summary.as_object_mut().unwrap().remove("train_seconds").is_some());
     let adapters = std::fs::read(cell_dir.join("adapter/adapter_model.safetensors")).ok().map(|bytes| {
         use std::hash::{Hash, Hasher};
@@ -171,8 +172,15 @@ fn a_killed_or_interrupted_lora_ppo_cell_resumes_to_the_uninterrupted_results() 
         "[methods.ppo]\nkind = \"rl\"\nalgorithm = \"ppo\"",
         1,
     );
-    let study = study.replacen("config = { num_generations = 4, max_completion_length = 16, beta = 0.04, temperature = 0.7 }", "config = { max_completion_length = 16, num_ppo_epochs = 2, num_mini_batches = 2, temperature = 0.7 }", 1);
-    assert!(study.contains("lora = {") && study.contains("algorithm = \"ppo\"") && study.contains("num_ppo_epochs"), "{study}");
+    let study = study.replacen(
+        "config = { num_generations = 4, max_completion_length = 16, beta = 0.04, temperature = 0.7 }",
+        "config = { max_completion_length = 16, num_ppo_epochs = 2, num_mini_batches = 2, temperature = 0.7 }",
+        1,
+    );
+    assert!(
+        study.contains("lora = {") && study.contains("algorithm = \"ppo\"") && study.contains("num_ppo_epochs"),
+        "{study}"
+    );
     check_resume(&study, "ppo__rules__seed0", true);
 }
 
@@ -220,8 +228,14 @@ fn check_resume(study: &str, cell: &str, lora: bool) {
     assert!(!output.status.success(), "{stderr}");
     assert_eq!(output.status.code(), Some(1), "an error exit, not death by the signal: {stderr}");
     let interrupted_at = checkpoint_step(&cell_dir).expect("Ctrl-C writes a checkpoint");
-    assert!(stderr.contains(&format!("interrupted at step {interrupted_at} of {cell}; rerun the same command to resume")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("interrupted at step {interrupted_at} of {cell}; rerun the same command to resume")),
+        "{stderr}"
+    );
     assert_eq!(last_metrics_step(&cell_dir), Some(interrupted_at), "the checkpoint holds every step run: {stderr}");
-    assert!(!cell_dir.join("summary.json").exists() && !cell_dir.join("samples.jsonl").exists(), "an interrupted cell writes no result");
+    assert!(
+        !cell_dir.join("summary.json").exists() && !cell_dir.join("samples.jsonl").exists(),
+        "an interrupted cell writes no result"
+    );
     rerun_and_compare(dir.path(), cell, &cell_dir, interrupted_at, &reference);
 }

@@ -29,7 +29,10 @@ use policy_models::CausalLm;
 use policy_models::generate::Sampler;
 use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
 use rl_algos::algorithm::{CheckpointState, parse_config};
-use rl_algos::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, rollout};
+use rl_algos::{
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError,
+    RolloutShape, rollout,
+};
 use serde::{Deserialize, Serialize};
 
 /// Where the KL to the starting policy enters.
@@ -97,7 +100,10 @@ impl RlooConfig {
     /// Checks the settings; each message names the value and the fix.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_generations < 2 {
-            return Err(format!("rloo.num_generations = {}: the leave-one-out baseline needs at least 2", self.num_generations));
+            return Err(format!(
+                "rloo.num_generations = {}: the leave-one-out baseline needs at least 2",
+                self.num_generations
+            ));
         }
         if self.max_completion_length == 0 || !(self.temperature > 0.0) || !(self.beta >= 0.0) {
             return Err("rloo.max_completion_length must be at least 1, temperature positive and beta >= 0".to_string());
@@ -109,7 +115,9 @@ impl RlooConfig {
             ));
         }
         if self.gradient_accumulation_steps == Some(0) || self.max_tokens_per_micro_batch == 0 {
-            return Err("rloo.gradient_accumulation_steps and max_tokens_per_micro_batch must be at least 1".to_string());
+            return Err(
+                "rloo.gradient_accumulation_steps and max_tokens_per_micro_batch must be at least 1".to_string()
+            );
         }
         Ok(())
     }
@@ -180,7 +188,8 @@ pub fn rloo_sequence_loss(
     let clipped = ratio.clone().clamp(1.0 - eps_low as f32, 1.0 + eps_high as f32);
     let per_sequence = -(ratio.clone() * advantages.clone()).min_pair(clipped * advantages.clone());
     let loss = per_sequence.sum().div_scalar(total_sequences as f32).reshape([1]);
-    let share = |flags: Tensor<1, burn::tensor::Bool>| f64::from(flags.float().sum().into_scalar::<f32>()) / total_sequences;
+    let share =
+        |flags: Tensor<1, burn::tensor::Bool>| f64::from(flags.float().sum().into_scalar::<f32>()) / total_sequences;
     let ratio = ratio.detach();
     let low = share(ratio.clone().lower_elem(1.0 - eps_low as f32).bool_and(advantages.clone().lower_elem(0.0)));
     let high = share(ratio.greater_elem(1.0 + eps_high as f32).bool_and(advantages.greater_elem(0.0)));
@@ -211,7 +220,12 @@ fn optimizer_steps_per_step(value: &serde_json::Value, _prompts_per_step: usize)
 fn rollout_shape(value: &serde_json::Value) -> Result<RolloutShape, String> {
     let config = parse_config::<RlooConfig>("rloo", value)?;
     config.validate()?;
-    Ok(RolloutShape { completions_per_prompt: config.num_generations, max_completion_length: config.max_completion_length, max_sampling_rounds: 1, training_passes: 1 })
+    Ok(RolloutShape {
+        completions_per_prompt: config.num_generations,
+        max_completion_length: config.max_completion_length,
+        max_sampling_rounds: 1,
+        training_passes: 1,
+    })
 }
 
 fn build(inputs: AlgorithmInputs) -> Result<Box<dyn RlAlgorithm>, RlError> {
@@ -283,7 +297,8 @@ impl RlAlgorithm for Rloo {
         // 1. Rollout on a copy without autodiff.
         let sampler = Sampler::Sample { temperature: self.config.temperature, top_k: None, top_p: None };
         let seed = rollout::step_seed(self.seed, self.steps, 0);
-        let rollout = rollout::sample(&inference, prompts, k, self.config.max_completion_length, sampler, environment, seed);
+        let rollout =
+            rollout::sample(&inference, prompts, k, self.config.max_completion_length, sampler, environment, seed);
         // 2. Rewards, the KL penalty (kl_in = "reward") and leave-one-out advantages.
         let scored = rollout::reward(&rollout, prompts, environment);
         let completion_len = rollout.completion_len();
@@ -293,17 +308,35 @@ impl RlAlgorithm for Rloo {
         // A micro-batch's tokens: what its shards' forward passes run.
         let micro_tokens = |rows: std::ops::Range<usize>| {
             let shards = shard_ranges(self.updater.model(), rows.len());
-            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+            shards
+                .into_iter()
+                .map(|shard| {
+                    rollout::scoring_positions(
+                        &rollout,
+                        prompts,
+                        rows.start + shard.start..rows.start + shard.end,
+                        share,
+                    )
+                })
+                .sum()
         };
-        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
+        let micro = rollout::micro_batch_rows_by(
+            count,
+            self.config.gradient_accumulation_steps,
+            self.config.max_tokens_per_micro_batch,
+            micro_tokens,
+        );
         let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
         let temperature = self.config.temperature;
         let kl_in = self.config.kl_in;
         let penalty = match (&self.reference, kl_in) {
-            (Some(reference), KlIn::Reward) => Some(sequence_kl(&inference, reference, &rollout, prompts, (pad, share), &mask, micro, temperature)),
+            (Some(reference), KlIn::Reward) => {
+                Some(sequence_kl(&inference, reference, &rollout, prompts, (pad, share), &mask, micro, temperature))
+            }
             _ => None,
         };
-        let advantages = rloo_advantages(&scored.total, penalty.as_deref(), self.config.beta, k, self.config.normalize_advantages);
+        let advantages =
+            rloo_advantages(&scored.total, penalty.as_deref(), self.config.beta, k, self.config.normalize_advantages);
         let mut metrics = Metrics::new();
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
         metrics.insert("reward_std".to_string(), eval::stats::mean_std(&scored.total).std);
@@ -314,7 +347,11 @@ impl RlAlgorithm for Rloo {
         let beta = self.config.beta as f32;
         let epsilons = (self.config.epsilon, self.config.epsilon_high());
         let reference = self.reference.as_ref().filter(|_| kl_in == KlIn::Loss);
-        let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+        let not_finite = |bad: NonFinite| RlError::NotFinite {
+            step: self.steps + 1,
+            quantity: bad.quantity().to_string(),
+            value: bad.value(),
+        };
         let mut accumulator = burn::optim::GradientsAccumulator::new();
         let (mut loss, mut shards) = (0.0, Vec::new());
         for start in (0..count).step_by(micro) {
@@ -329,14 +366,17 @@ impl RlAlgorithm for Rloo {
                     KlIn::Reward => {
                         // One update per rollout: pi_old is the policy differentiated here.
                         let old_logps = (logps.clone().detach() * sub_mask.clone()).sum_dim(1).reshape([rows.len()]);
-                        let (loss, clip) = rloo_sequence_loss(logps, old_logps, sub_advantages, sub_mask, epsilons, count as f64);
+                        let (loss, clip) =
+                            rloo_sequence_loss(logps, old_logps, sub_advantages, sub_mask, epsilons, count as f64);
                         (loss, 0.0, clip)
                     }
                     KlIn::Loss => {
                         let mut per_token = -(logps.clone() * sub_advantages.reshape([rows.len(), 1]));
                         let mut kl_sum = 0.0;
                         if let Some(reference) = reference {
-                            let reference_logps = Tensor::from_inner(rollout::completion_scores(reference, &sub, prompts, pad, share, temperature).0);
+                            let reference_logps = Tensor::from_inner(
+                                rollout::completion_scores(reference, &sub, prompts, pad, share, temperature).0,
+                            );
                             let difference = reference_logps - logps;
                             let kl = difference.clone().exp() - difference - 1.0;
                             kl_sum = f64::from((kl.clone().detach() * sub_mask.clone()).sum().into_scalar::<f32>());
@@ -347,7 +387,8 @@ impl RlAlgorithm for Rloo {
                 };
                 (loss, (kl_sum, entropy_sum, clip))
             };
-            let (micro_loss, grads, micro_shards) = self.updater.backward((start + micro).min(count) - start, shard).map_err(not_finite)?;
+            let (micro_loss, grads, micro_shards) =
+                self.updater.backward((start + micro).min(count) - start, shard).map_err(not_finite)?;
             loss += micro_loss;
             shards.extend(micro_shards);
             accumulator.accumulate(self.updater.model(), grads);
@@ -380,7 +421,10 @@ impl RlAlgorithm for Rloo {
         }
         let seconds = started.elapsed().as_secs_f64();
         metrics.insert("step_time".to_string(), seconds);
-        metrics.insert("tokens_per_second".to_string(), rollout.lengths().iter().sum::<usize>() as f64 / seconds.max(1e-9));
+        metrics.insert(
+            "tokens_per_second".to_string(),
+            rollout.lengths().iter().sum::<usize>() as f64 / seconds.max(1e-9),
+        );
         Ok(metrics)
     }
 }

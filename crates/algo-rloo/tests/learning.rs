@@ -18,12 +18,12 @@ impl RewardFunction for TargetShare {
 
     fn score(&self, batch: &[RewardInput<'_>]) -> Vec<f32> {
         batch
-        .iter()
-        .map(|input| {
-            let tokens: Vec<&str> = input.completion.split_whitespace().collect();
-            tokens.iter().filter(|t| **t == "7").count() as f32 / tokens.len().max(1) as f32
-        })
-        .collect()
+            .iter()
+            .map(|input| {
+                let tokens: Vec<&str> = input.completion.split_whitespace().collect();
+                tokens.iter().filter(|t| **t == "7").count() as f32 / tokens.len().max(1) as f32
+            })
+            .collect()
     }
 }
 
@@ -66,15 +66,29 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
     let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
-    let prompts: Vec<PromptItem> = (0..4).map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() }).collect();
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() })
+        .collect();
     let history: Vec<_> = (0..40).map(|_| rloo.train_step(&prompts, &environment).unwrap()).collect();
     let mean = |slice: &[rl_algos::Metrics]| slice.iter().map(|m| m["reward"]).sum::<f64>() / slice.len() as f64;
     let (first, last) = (mean(&history[..3]), mean(&history[35..]));
     println!("RLOO toy reward: {first:.3} -> {last:.3} (chance 0.062)");
     assert!(last > 0.5 && last > first + 0.3, "reward {first:.3} -> {last:.3}");
-    assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "num_generations": 1 })).unwrap_err().contains("num_generations = 1"));
-    assert!((algo_rloo::ENTRY.validate)(&serde_json::json!({ "epsilon": 1.5 })).unwrap_err().contains("rloo.epsilon = 1.5"));
+    assert!(
+        (algo_rloo::ENTRY.validate)(&serde_json::json!({ "num_generations": 1 }))
+            .unwrap_err()
+            .contains("num_generations = 1")
+    );
+    assert!(
+        (algo_rloo::ENTRY.validate)(&serde_json::json!({ "epsilon": 1.5 })).unwrap_err().contains("rloo.epsilon = 1.5")
+    );
     let unknown = (algo_rloo::ENTRY.validate)(&serde_json::json!({ "kl_in": "logits" })).unwrap_err();
     assert!(unknown.contains("logits") && unknown.contains("reward"), "{unknown}");
     // TRL's defaults: the KL in the reward at beta 0.05, so the step logs a KL.
@@ -88,37 +102,63 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
 fn rloo_schedule_takes_one_optimizer_step_per_step() {
     let device = Device::flex().autodiff();
     let config = serde_json::json!({ "num_generations": 4, "max_completion_length": 3 });
-    let settings = OptimSettings { learning_rate: 1e-2, min_lr_ratio: 0.0, warmup_ratio: 0.3, ..OptimSettings::default() };
+    let settings =
+        OptimSettings { learning_rate: 1e-2, min_lr_ratio: 0.0, warmup_ratio: 0.3, ..OptimSettings::default() };
     let optim = algo_rloo::ENTRY.run_optim(&config, &settings, 4, 4).unwrap();
     assert_eq!(optim.total_steps, 4);
     let schedule = optim.schedule();
-    let mut rloo = (algo_rloo::ENTRY.build)(AlgorithmInputs { policy: seeded_policy(0, &device), config, optim, seed: 0 }).unwrap();
+    let mut rloo =
+        (algo_rloo::ENTRY.build)(AlgorithmInputs { policy: seeded_policy(0, &device), config, optim, seed: 0 })
+            .unwrap();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
-    let prompts: Vec<PromptItem> = (0..4).map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() }).collect();
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() })
+        .collect();
     for step in 0..4 {
         let metrics = rloo.train_step(&prompts, &environment).unwrap();
         assert_eq!(metrics["learning_rate"], schedule.learning_rate_at(step), "step {step}");
     }
 }
 
-fn step_with_threads(entry: &AlgorithmEntry, config: &serde_json::Value, start: &std::path::Path, threads: usize) -> (Vec<f32>, Metrics) {
+fn step_with_threads(
+    entry: &AlgorithmEntry,
+    config: &serde_json::Value,
+    start: &std::path::Path,
+    threads: usize,
+) -> (Vec<f32>, Metrics) {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     // Prompts of different lengths, so shards pad differently from the whole batch.
     let prompts: Vec<PromptItem> = (0..4)
-        .map(|i| PromptItem { prompt_ids: (0..2 + i as i64).map(|t| 2 + t).collect(), prompt_text: format!("p{i}"), answer: "7".to_string() })
+        .map(|i| PromptItem {
+            prompt_ids: (0..2 + i as i64).map(|t| 2 + t).collect(),
+            prompt_text: format!("p{i}"),
+            answer: "7".to_string(),
+        })
         .collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let inputs = AlgorithmInputs {
-        policy: CausalLm::load_dir(start, &device).unwrap(),
-        config: config.clone(),
-        optim: OptimSettings { learning_rate: 1e-2, total_steps: 2, warmup_ratio: 0.0, ..OptimSettings::default() },
-        seed: 4,
+            policy: CausalLm::load_dir(start, &device).unwrap(),
+            config: config.clone(),
+            optim: OptimSettings { learning_rate: 1e-2, total_steps: 2, warmup_ratio: 0.0, ..OptimSettings::default() },
+            seed: 4,
         };
         let mut algorithm = (entry.build)(inputs).unwrap();
         let metrics = algorithm.train_step(&prompts, &environment).unwrap();
@@ -138,11 +178,23 @@ fn one_thread_and_three_give_the_same_update() {
     let dir = tempfile::tempdir().unwrap();
     seeded_policy(1, &device).save_dir(dir.path(), None).unwrap();
     let cases = [
-        (rl_algos::grpo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 })),
-        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 })),
-        (rl_algos::ppo::ENTRY, serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate" })),
+        (
+            rl_algos::grpo::ENTRY,
+            serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "num_iterations": 2 }),
+        ),
+        (
+            rl_algos::ppo::ENTRY,
+            serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 1 }),
+        ),
+        (
+            rl_algos::ppo::ENTRY,
+            serde_json::json!({ "max_completion_length": 4, "num_ppo_epochs": 2, "num_mini_batches": 2, "value_model": "separate" }),
+        ),
         (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04 })),
-        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" })),
+        (
+            algo_rloo::ENTRY,
+            serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" }),
+        ),
     ];
     for (entry, config) in cases {
         let (one, metrics_one) = step_with_threads(&entry, &config, dir.path(), 1);
@@ -151,11 +203,15 @@ fn one_thread_and_three_give_the_same_update() {
         assert!(worst < 1e-4, "{}: logits after one step differ by {worst}", entry.name);
         assert_eq!(metrics_one["reward"], metrics_three["reward"], "{}: the rollouts differ", entry.name);
         for (name, value) in &metrics_one {
-        if name.contains("time") || name.contains("per_second") {
-            continue;
-        }
-        let other = metrics_three[name];
-        assert!((value - other).abs() <= 1e-4 * (1.0 + value.abs()), "{}: {name} {value} with one thread, {other} with three", entry.name);
+            if name.contains("time") || name.contains("per_second") {
+                continue;
+            }
+            let other = metrics_three[name];
+            assert!(
+                (value - other).abs() <= 1e-4 * (1.0 + value.abs()),
+                "{}: {name} {value} with one thread, {other} with three",
+                entry.name
+            );
         }
     }
 }
@@ -172,8 +228,14 @@ fn a_token_budget_splits_micro_batches_without_changing_the_update() {
     let cases = [
         (rl_algos::grpo::ENTRY, grpo("dapo")),
         (rl_algos::grpo::ENTRY, grpo("grpo")),
-        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "normalize_advantages": true })),
-        (algo_rloo::ENTRY, serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" })),
+        (
+            algo_rloo::ENTRY,
+            serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "normalize_advantages": true }),
+        ),
+        (
+            algo_rloo::ENTRY,
+            serde_json::json!({ "num_generations": 4, "max_completion_length": 4, "beta": 0.04, "kl_in": "loss" }),
+        ),
     ];
     for (entry, config) in cases {
         let with = |key: &str, value: usize| {
@@ -187,10 +249,18 @@ fn a_token_budget_splits_micro_batches_without_changing_the_update() {
         for budget in [1, 18] {
             let (split, metrics_split) = with("max_tokens_per_micro_batch", budget);
             let worst = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(worst < 1e-5, "{} {config}: logits after one step differ by {worst} with a budget of {budget}", entry.name);
+            assert!(
+                worst < 1e-5,
+                "{} {config}: logits after one step differ by {worst} with a budget of {budget}",
+                entry.name
+            );
             for name in ["loss", "kl", "entropy", "grad_norm"] {
                 let (a, b) = (metrics_whole[name], metrics_split[name]);
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{} {config}: {name} {a} in one micro-batch, {b} with a budget of {budget}", entry.name);
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "{} {config}: {name} {a} in one micro-batch, {b} with a budget of {budget}",
+                    entry.name
+                );
             }
         }
     }
@@ -221,17 +291,30 @@ fn shared_prompt_prefixes_give_the_same_update() {
     tiny_llama(&device).save_dir(dir.path(), None).unwrap();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![5], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
-    let prompts: Vec<PromptItem> =
-        (0..4).map(|i| PromptItem { prompt_ids: (0..=i).map(|t| 2 + t + i).collect(), prompt_text: String::new(), answer: String::new() }).collect();
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![5],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem {
+            prompt_ids: (0..=i).map(|t| 2 + t + i).collect(),
+            prompt_text: String::new(),
+            answer: String::new(),
+        })
+        .collect();
     let probe = StepInput::from_padded(&[vec![2, 3, 4, 7, 7]], &[vec![true; 5]]);
-    let logits = |policy: &CausalLm| policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let logits =
+        |policy: &CausalLm| policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap();
     let step = |share: bool| {
         let config = serde_json::json!({
             "num_generations": 3, "max_completion_length": 6, "beta": 0.1, "max_tokens_per_micro_batch": 20, "share_prompt_prefix": share
         });
         let optim = OptimSettings { learning_rate: 1e-2, total_steps: 1, ..OptimSettings::default() };
-        let inputs = AlgorithmInputs { policy: CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim, seed: 9 };
+        let inputs =
+            AlgorithmInputs { policy: CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim, seed: 9 };
         let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
         let metrics = rloo.train_step(&prompts, &environment).unwrap();
         (logits(rloo.policy()), metrics)

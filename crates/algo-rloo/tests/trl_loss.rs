@@ -34,7 +34,8 @@ struct Inputs {
 }
 
 fn inputs(fixture: &serde_json::Value) -> Inputs {
-    let lengths: Vec<usize> = fixture["lengths"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as usize).collect();
+    let lengths: Vec<usize> =
+        fixture["lengths"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as usize).collect();
     let width = fixture["old_per_token_logps"][0].as_array().unwrap().len();
     let mask = lengths.iter().flat_map(|&l| (0..width).map(move |t| if t < l { 1.0 } else { 0.0 })).collect();
     Inputs { rows: lengths.len(), width, mask }
@@ -69,9 +70,12 @@ fn sequence_loss_its_gradient_and_clip_shares_match_trl() {
     let device = Device::flex().autodiff();
     let eps = (fixture["epsilon"].as_f64().unwrap(), fixture["epsilon_high"].as_f64().unwrap());
     let old = floats(&fixture["old_per_token_logps"]);
-    let old_sums: Vec<f32> = (0..rows).map(|r| (0..width).map(|t| old[r * width + t] * mask[r * width + t]).sum()).collect();
+    let old_sums: Vec<f32> =
+        (0..rows).map(|r| (0..width).map(|t| old[r * width + t] * mask[r * width + t]).sum()).collect();
     for case in fixture["cases"].as_array().unwrap() {
-        let new = Tensor::<2>::from_data(TensorData::new(floats(&fixture["new_per_token_logps"]), [rows, width]), &device).require_grad();
+        let new =
+            Tensor::<2>::from_data(TensorData::new(floats(&fixture["new_per_token_logps"]), [rows, width]), &device)
+                .require_grad();
         let (loss, clip) = rloo_sequence_loss(
             new.clone(),
             Tensor::from_data(TensorData::new(old_sums.clone(), [rows]), &device),
@@ -84,7 +88,11 @@ fn sequence_loss_its_gradient_and_clip_shares_match_trl() {
         assert!((value - case["loss"].as_f64().unwrap()).abs() < 1e-6, "loss {value} vs {}", case["loss"]);
         let clip_ratio = case["clip_ratio_region_mean"].as_f64().unwrap();
         assert!(clip_ratio > 0.0, "the fixture exercises the clip");
-        assert!((clip.low + clip.high - clip_ratio).abs() < 1e-9, "clip share {} vs {clip_ratio}", clip.low + clip.high);
+        assert!(
+            (clip.low + clip.high - clip_ratio).abs() < 1e-9,
+            "clip share {} vs {clip_ratio}",
+            clip.low + clip.high
+        );
         let grads = loss.backward();
         let grad = new.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
         assert_close(&grad, &floats(&case["grad_per_token_logps"]), 1e-6, "d loss / d per-token log-probs");
@@ -95,7 +103,8 @@ fn sequence_loss_its_gradient_and_clip_shares_match_trl() {
 fn one_update_per_rollout_is_reinforce_with_the_sequence_log_prob() {
     // With pi_old the differentiated policy (rho = 1), the gradient per real token is -A_i / N.
     let device = Device::flex().autodiff();
-    let logps = Tensor::<2>::from_data(TensorData::new(vec![-0.5f32, -1.0, -2.0, -0.1, -0.3, -0.7], [2, 3]), &device).require_grad();
+    let logps = Tensor::<2>::from_data(TensorData::new(vec![-0.5f32, -1.0, -2.0, -0.1, -0.3, -0.7], [2, 3]), &device)
+        .require_grad();
     let mask = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 1.0, 0.0, 1.0, 1.0, 1.0], [2, 3]), &device);
     let old = (logps.clone().detach() * mask.clone()).sum_dim(1).reshape([2]);
     let advantages = Tensor::<1>::from_data(TensorData::new(vec![1.5f32, -0.5], [2]), &device);

@@ -27,14 +27,12 @@ pub enum AnswerFormat {
     AnswerTag,
 }
 
-static GSM8K_ANSWER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"#### (\-?[0-9\.\,]+)").expect("valid regex"));
+static GSM8K_ANSWER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"#### (\-?[0-9\.\,]+)").expect("valid regex"));
 
 /// A number as people write it: optional minus and dollar sign, digits with well-formed
 /// thousands groups or none, optional decimals.
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?").expect("valid regex")
-});
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?").expect("valid regex"));
 
 /// The official GSM8K extraction: the first `#### N`, commas removed.
 pub fn gsm8k_official(text: &str) -> Option<String> {
@@ -80,9 +78,9 @@ pub fn lenient(text: &str, format: AnswerFormat) -> Option<String> {
     let region = match format {
         AnswerFormat::AnswerTag => answer_tag(text),
         // The line after the first `####`, the one the official scorer reads.
-        AnswerFormat::Gsm8kMarker => text
-            .split_once("####")
-            .map(|(_, after)| after.lines().next().unwrap_or_default().to_string()),
+        AnswerFormat::Gsm8kMarker => {
+            text.split_once("####").map(|(_, after)| after.lines().next().unwrap_or_default().to_string())
+        }
     };
     region.as_deref().and_then(last_number).or_else(|| last_number(text))
 }
@@ -134,10 +132,7 @@ mod tests {
     fn lenient_prefers_the_formats_answer_region() {
         assert_eq!(lenient("#### 72\n\nQ: what is 5?", AnswerFormat::Gsm8kMarker).as_deref(), Some("72"));
         assert_eq!(lenient("#### $1,000.", AnswerFormat::Gsm8kMarker).as_deref(), Some("1000"));
-        assert_eq!(
-            lenient("<answer>36 dollars</answer> and 5 more", AnswerFormat::AnswerTag).as_deref(),
-            Some("36")
-        );
+        assert_eq!(lenient("<answer>36 dollars</answer> and 5 more", AnswerFormat::AnswerTag).as_deref(), Some("36"));
         assert_eq!(lenient("<answer>none</answer> 7", AnswerFormat::AnswerTag).as_deref(), Some("7"));
         assert_eq!(lenient("so she makes $18\nA: 18", AnswerFormat::Gsm8kMarker).as_deref(), Some("18"));
         assert_eq!(lenient("nothing", AnswerFormat::AnswerTag), None);

@@ -36,7 +36,8 @@ pub fn score_completion(completion: &str, gold: &str, format: AnswerFormat) -> P
     let lenient_answer = extract::lenient(completion, format);
     ProblemScore {
         strict: strict_answer.as_deref() == Some(gold),
-        lenient: lenient_answer.is_some() && lenient_answer.as_deref().and_then(normalize_number).as_deref() == Some(gold),
+        lenient: lenient_answer.is_some()
+            && lenient_answer.as_deref().and_then(normalize_number).as_deref() == Some(gold),
         strict_answer,
         lenient_answer,
     }

@@ -48,9 +48,7 @@ pub fn majority_answer<'a>(answers: impl IntoIterator<Item = Option<&'a str>>) -
     }
     counts
         .into_iter()
-        .max_by(|(_, (count_a, first_a)), (_, (count_b, first_b))| {
-            count_a.cmp(count_b).then(first_b.cmp(first_a))
-        })
+        .max_by(|(_, (count_a, first_a)), (_, (count_b, first_b))| count_a.cmp(count_b).then(first_b.cmp(first_a)))
         .map(|(answer, _)| answer)
 }
 
@@ -192,12 +190,24 @@ mod tests {
     #[test]
     fn t_quantiles_and_mean_intervals_match_scipy() {
         // Reference: scipy.stats.t.ppf(0.975, df).
-        for (df, expected) in [(1, 12.706_205), (2, 4.302_653), (7, 2.364_624), (30, 2.042_272), (40, 2.021_075), (60, 2.000_298), (120, 1.979_930), (1000, 1.962_339)] {
+        for (df, expected) in [
+            (1, 12.706_205),
+            (2, 4.302_653),
+            (7, 2.364_624),
+            (30, 2.042_272),
+            (40, 2.021_075),
+            (60, 2.000_298),
+            (120, 1.979_930),
+            (1000, 1.962_339),
+        ] {
             assert!(close(student_t_975(df), expected, 1e-5), "df {df}: {}", student_t_975(df));
         }
         // scipy.stats.t.interval(0.95, 2, loc=mean, scale=sem) for [0.2, 0.3, 0.4]: (0.0516, 0.5484).
         let ci = mean_ci95(&[0.2, 0.3, 0.4]);
-        assert!(close(ci.mean, 0.3, 1e-12) && close(ci.low, 0.051_59, 1e-4) && close(ci.high, 0.548_41, 1e-4), "{ci:?}");
+        assert!(
+            close(ci.mean, 0.3, 1e-12) && close(ci.low, 0.051_59, 1e-4) && close(ci.high, 0.548_41, 1e-4),
+            "{ci:?}"
+        );
         let single = mean_ci95(&[0.5]);
         assert_eq!((single.low, single.high, single.n), (0.5, 0.5, 1));
         assert!(student_t_975(0).is_nan());
@@ -245,7 +255,10 @@ mod tests {
     fn accuracy_interval_keeps_test_set_uncertainty_when_seeds_agree() {
         // Three seeds with the same answers: no across-seed spread, the Wilson interval remains.
         let (mean, low, high) = accuracy_interval(&[0.3, 0.3, 0.3], &[0.25, 0.25, 0.25], &[0.36, 0.36, 0.36]);
-        assert!((mean - 0.3).abs() < 1e-12 && (low - 0.25).abs() < 1e-12 && (high - 0.36).abs() < 1e-12, "{mean} {low} {high}");
+        assert!(
+            (mean - 0.3).abs() < 1e-12 && (low - 0.25).abs() < 1e-12 && (high - 0.36).abs() < 1e-12,
+            "{mean} {low} {high}"
+        );
         // Seeds that disagree widely: the t interval is the wider one.
         let (_, low, high) = accuracy_interval(&[0.1, 0.3, 0.5], &[0.08, 0.26, 0.45], &[0.13, 0.34, 0.55]);
         assert!(low == 0.0 && high > 0.7, "clamped below at 0: {low} {high}");

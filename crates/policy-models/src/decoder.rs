@@ -89,11 +89,7 @@ pub fn rope_from_config(
     rope_parameters: Option<&Value>,
 ) -> Result<Rope, String> {
     let parameters = rope_parameters.or(rope_scaling).filter(|value| !value.is_null());
-    let theta = parameters
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(rope_theta)
-        .unwrap_or(10_000.0);
+    let theta = parameters.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(rope_theta).unwrap_or(10_000.0);
     let rope_type = parameters
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(Value::as_str)
@@ -148,7 +144,9 @@ impl Decoder {
     /// A freshly initialised decoder (normal(0, initializer_range) weights, as transformers).
     pub fn init(spec: &DecoderSpec, device: &Device) -> Self {
         let initializer = Initializer::Normal { mean: 0.0, std: spec.initializer_range };
-        let linear = |d_in, d_out, bias| LinearConfig::new(d_in, d_out).with_bias(bias).with_initializer(initializer.clone()).init(device);
+        let linear = |d_in, d_out, bias| {
+            LinearConfig::new(d_in, d_out).with_bias(bias).with_initializer(initializer.clone()).init(device)
+        };
         let norm = || RmsNormConfig::new(spec.hidden_size).with_epsilon(spec.rms_norm_eps).init(device);
         let (c, d, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
         let layers = (0..spec.num_layers)
@@ -266,10 +264,18 @@ impl Decoder {
     /// - `prompts`: [P, Tp]; `groups`: [R], the prompt of each completion row; `completions`:
     ///   [R, Tc] new positions over [R, Tp + Tc] keys
     /// - returns (prompt hidden states [P, Tp, C], completion hidden states [R, Tc, C])
-    pub fn shared_prefix_hidden_states(&self, prompts: &StepInput, groups: &[usize], completions: &StepInput) -> (Tensor<3>, Tensor<3>) {
+    pub fn shared_prefix_hidden_states(
+        &self,
+        prompts: &StepInput,
+        groups: &[usize],
+        completions: &StepInput,
+    ) -> (Tensor<3>, Tensor<3>) {
         let device = self.embed_tokens.weight.device();
         let plain = KvCache::default();
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(groups.iter().map(|&g| g as i64).collect::<Vec<_>>(), [groups.len()]), &device);
+        let rows = Tensor::<1, Int>::from_data(
+            TensorData::new(groups.iter().map(|&g| g as i64).collect::<Vec<_>>(), [groups.len()]),
+            &device,
+        );
         let mut prompt_x = self.embed_tokens.forward(prompts.ids_tensor(&device)); // [P, Tp, C]
         let mut completion_x = self.embed_tokens.forward(completions.ids_tensor(&device)); // [R, Tc, C]
         let prompt_rope = self.spec.rope.cos_sin(prompts.positions_tensor(&device));
@@ -278,12 +284,14 @@ impl Decoder {
         let completion_blocked = completions.blocked_mask(None, &device); // [R, 1, Tc, Tp + Tc]
         for layer in &self.layers {
             let (query, key, value) = layer.project(prompt_x.clone(), &self.spec, prompt_rope.clone(), &plain);
-            let (c_query, c_key, c_value) = layer.project(completion_x.clone(), &self.spec, completion_rope.clone(), &plain);
+            let (c_query, c_key, c_value) =
+                layer.project(completion_x.clone(), &self.spec, completion_rope.clone(), &plain);
             // [R, K, Tp + Tc, D]: each row's prompt keys, then its own.
             let c_key = Tensor::cat(vec![key.clone().select(0, rows.clone()), c_key], 2);
             let c_value = Tensor::cat(vec![value.clone().select(0, rows.clone()), c_value], 2);
             prompt_x = layer.attend(prompt_x, &self.spec, query, key, value, prompt_blocked.clone(), &plain);
-            completion_x = layer.attend(completion_x, &self.spec, c_query, c_key, c_value, completion_blocked.clone(), &plain);
+            completion_x =
+                layer.attend(completion_x, &self.spec, c_query, c_key, c_value, completion_blocked.clone(), &plain);
         }
         (self.norm.forward(prompt_x), self.norm.forward(completion_x))
     }
@@ -323,7 +331,13 @@ impl DecoderLayer {
     }
 
     /// The rotated queries [B, H, T, D] and keys [B, K, T, D], and the values [B, K, T, D], of `x` [B, T, C].
-    fn project(&self, x: Tensor<3>, spec: &DecoderSpec, (cos, sin): (Tensor<4>, Tensor<4>), cache: &KvCache) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    fn project(
+        &self,
+        x: Tensor<3>,
+        spec: &DecoderSpec,
+        (cos, sin): (Tensor<4>, Tensor<4>),
+        cache: &KvCache,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [batch, length, _] = x.dims();
         let split = |t: Tensor<3>, heads: usize| t.reshape([batch, length, heads, spec.head_dim]).swap_dims(1, 2);
         let normed = self.input_layernorm.forward(x);
@@ -353,7 +367,10 @@ impl DecoderLayer {
             .reshape([batch, length, spec.num_heads * spec.head_dim]);
         let x = x + cache.linear(&self.o_proj, attended);
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let mlp = cache.linear(&self.down_proj, silu(cache.linear(&self.gate_proj, normed.clone())) * cache.linear(&self.up_proj, normed));
+        let mlp = cache.linear(
+            &self.down_proj,
+            silu(cache.linear(&self.gate_proj, normed.clone())) * cache.linear(&self.up_proj, normed),
+        );
         debug_assert_eq!(mlp.dims()[2], width);
         x + mlp
     }

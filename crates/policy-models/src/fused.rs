@@ -47,12 +47,24 @@ pub trait FusedOps: Backend {
     /// Attention of one new position per sequence over all keys: `query` [B, H, 1, D], `key`
     /// and `value` [B, K, S, D] (any strides; query head h reads key/value head h / (H / K)),
     /// `blocked` [B, 1, 1, S] true where masked → [B, H, 1, D]. Inference only.
-    fn decode_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, blocked: BoolTensor<Self>, scale: f32) -> FloatTensor<Self>;
+    fn decode_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        blocked: BoolTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
     /// The LM head fused with log-softmax and the gather of the target: for `hidden` [R, C],
     /// `head` [C, V] (a `Linear` weight; [V, C] when `transposed`, a tied embedding table) and
     /// `targets` [R], per row [log p(target), entropy, logsumexp] ([R, 3]) of
     /// softmax(hidden · head / temperature), in blocks of [`HEAD_ROWS`] x [`HEAD_VOCAB`] logits.
-    fn head_log_probs(hidden: FloatTensor<Self>, head: FloatTensor<Self>, targets: IntTensor<Self>, temperature: f32, transposed: bool) -> FloatTensor<Self>;
+    fn head_log_probs(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        transposed: bool,
+    ) -> FloatTensor<Self>;
     /// The gradients of [`FusedOps::head_log_probs`] w.r.t. `hidden` and `head` (each only when
     /// wanted, else an empty tensor) from its `output` and the output gradient, recomputing the
     /// logits block by block.
@@ -99,8 +111,12 @@ impl FusedOps for Flex {
         let (x, packed) = (x.to_contiguous(), packed.to_contiguous());
         let mut shape: Vec<usize> = x.layout().shape().as_slice().to_vec();
         let depth = shape.last().copied().unwrap_or(0);
-        let [strips, packed_depth, lanes] = <[usize; 3]>::try_from(packed.layout().shape().as_slice()).expect("a packed weight [S, K + 1, 16]");
-        assert!(packed_depth == depth + 1 && lanes == STRIP, "packed_linear: input depth {depth}, packed weight [{strips}, {packed_depth}, {lanes}]");
+        let [strips, packed_depth, lanes] =
+            <[usize; 3]>::try_from(packed.layout().shape().as_slice()).expect("a packed weight [S, K + 1, 16]");
+        assert!(
+            packed_depth == depth + 1 && lanes == STRIP,
+            "packed_linear: input depth {depth}, packed weight [{strips}, {packed_depth}, {lanes}]"
+        );
         let input = x.as_slice::<f32>().expect("contiguous f32");
         let rows = input.len().checked_div(depth).unwrap_or(0);
         let mut out = vec![0.0f32; rows * strips * STRIP];
@@ -109,13 +125,22 @@ impl FusedOps for Flex {
         FlexTensor::from_data(TensorData::new(out, shape))
     }
 
-    fn decode_attention(query: FlexTensor, key: FlexTensor, value: FlexTensor, blocked: FlexTensor, scale: f32) -> FlexTensor {
+    fn decode_attention(
+        query: FlexTensor,
+        key: FlexTensor,
+        value: FlexTensor,
+        blocked: FlexTensor,
+        scale: f32,
+    ) -> FlexTensor {
         let query = query.to_contiguous();
         let blocked = blocked.to_contiguous();
         let dims = |t: &FlexTensor| <[usize; 4]>::try_from(t.layout().shape().as_slice()).expect("a rank-4 tensor");
         let [batch, heads, queries, dim] = dims(&query);
         let [_, kv_heads, keys, _] = dims(&key);
-        assert!(queries == 1 && dims(&key) == [batch, kv_heads, keys, dim] && dims(&value) == dims(&key), "decode_attention: shapes");
+        assert!(
+            queries == 1 && dims(&key) == [batch, kv_heads, keys, dim] && dims(&value) == dims(&key),
+            "decode_attention: shapes"
+        );
         assert!(dims(&blocked) == [batch, 1, 1, keys], "decode_attention: mask shape");
         let group = heads / kv_heads;
         let q = query.as_slice::<f32>().expect("contiguous f32");
@@ -123,7 +148,10 @@ impl FusedOps for Flex {
         // Rows of D must be contiguous in key and value; other strides are read as they are.
         let (key, value) = (rows_contiguous(key), rows_contiguous(value));
         let (ks, vs) = (key.layout().strides().to_vec(), value.layout().strides().to_vec());
-        let (k_data, v_data) = (&key.storage::<f32>()[key.layout().start_offset()..], &value.storage::<f32>()[value.layout().start_offset()..]);
+        let (k_data, v_data) = (
+            &key.storage::<f32>()[key.layout().start_offset()..],
+            &value.storage::<f32>()[value.layout().start_offset()..],
+        );
         let mut out = vec![0.0f32; batch * heads * dim];
         let mut scores = vec![0.0f32; keys];
         for b in 0..batch {
@@ -144,7 +172,13 @@ impl FusedOps for Flex {
         FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, dim]))
     }
 
-    fn head_log_probs(hidden: FlexTensor, head: FlexTensor, targets: FlexTensor, temperature: f32, transposed: bool) -> FlexTensor {
+    fn head_log_probs(
+        hidden: FlexTensor,
+        head: FlexTensor,
+        targets: FlexTensor,
+        temperature: f32,
+        transposed: bool,
+    ) -> FlexTensor {
         let (rows, vocab) = head_dims(&hidden, &head, transposed);
         let targets = host_ids(&targets, rows, vocab);
         let inverse = 1.0 / temperature;
@@ -153,12 +187,17 @@ impl FusedOps for Flex {
             let h = slice_rows(&hidden, row_block.clone());
             for vocab_block in blocks(vocab, HEAD_VOCAB) {
                 let width = vocab_block.len();
-                let logits = Flex::float_matmul(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
+                let logits =
+                    Flex::float_matmul(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
                 let logits = logits.as_slice::<f32>().expect("contiguous f32");
-                states[row_block.clone()].par_iter_mut().zip(logits.par_chunks(width)).zip(&targets[row_block.clone()]).for_each(|((state, z), &target)| {
-                    let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
-                    state.update(z, inverse, local);
-                });
+                states[row_block.clone()]
+                    .par_iter_mut()
+                    .zip(logits.par_chunks(width))
+                    .zip(&targets[row_block.clone()])
+                    .for_each(|((state, z), &target)| {
+                        let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
+                        state.update(z, inverse, local);
+                    });
             }
         }
         let out: Vec<f32> = states.iter().flat_map(HeadRow::finish).collect();
@@ -190,7 +229,8 @@ impl FusedOps for Flex {
             let mut d_w: Option<FlexTensor> = None; // [C, v], or [v, C] when transposed
             for row_block in blocks(rows, HEAD_ROWS) {
                 let h = slice_rows(&hidden, row_block.clone());
-                let mut logits = Flex::float_matmul(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
+                let mut logits =
+                    Flex::float_matmul(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
                 logits.par_chunks_mut(width).zip(row_block.clone()).for_each(|(z, row)| {
                     let target = targets[row];
                     let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
@@ -198,11 +238,21 @@ impl FusedOps for Flex {
                 });
                 let g = FlexTensor::from_data(TensorData::new(logits, [row_block.len(), width])); // dloss/dz [r, v]
                 if want_hidden {
-                    let d_h = Flex::float_matmul(g.clone(), Flex::float_transpose(w.clone())).into_data().try_into_vec::<f32>().expect("f32"); // [r, C]
-                    d_hidden[row_block.start * depth..row_block.end * depth].par_iter_mut().zip(d_h).for_each(|(total, value)| *total += value);
+                    let d_h = Flex::float_matmul(g.clone(), Flex::float_transpose(w.clone()))
+                        .into_data()
+                        .try_into_vec::<f32>()
+                        .expect("f32"); // [r, C]
+                    d_hidden[row_block.start * depth..row_block.end * depth]
+                        .par_iter_mut()
+                        .zip(d_h)
+                        .for_each(|(total, value)| *total += value);
                 }
                 if want_head {
-                    let block = if transposed { Flex::float_matmul(Flex::float_transpose(g), h) } else { Flex::float_matmul(Flex::float_transpose(h), g) };
+                    let block = if transposed {
+                        Flex::float_matmul(Flex::float_transpose(g), h)
+                    } else {
+                        Flex::float_matmul(Flex::float_transpose(h), g)
+                    };
                     d_w = Some(match d_w {
                         Some(total) => Flex::float_add(total, block),
                         None => block,
@@ -222,8 +272,16 @@ impl FusedOps for Flex {
             }
         }
         let head_shape = if transposed { [vocab, depth] } else { [depth, vocab] };
-        let d_hidden = if want_hidden { TensorData::new(d_hidden, [rows, depth]) } else { TensorData::new(Vec::<f32>::new(), [0, depth]) };
-        let d_head = if want_head { TensorData::new(d_head, head_shape) } else { TensorData::new(Vec::<f32>::new(), [0, depth]) };
+        let d_hidden = if want_hidden {
+            TensorData::new(d_hidden, [rows, depth])
+        } else {
+            TensorData::new(Vec::<f32>::new(), [0, depth])
+        };
+        let d_head = if want_head {
+            TensorData::new(d_head, head_shape)
+        } else {
+            TensorData::new(Vec::<f32>::new(), [0, depth])
+        };
         (FlexTensor::from_data(d_hidden), FlexTensor::from_data(d_head))
     }
 }
@@ -256,7 +314,10 @@ fn host_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
     assert_eq!(ids.len(), rows, "head_log_probs: one target per row");
     ids.into_iter()
         .map(|id| {
-            assert!((0..vocab as i64).contains(&id), "head_log_probs: target id {id} outside the vocabulary of {vocab}");
+            assert!(
+                (0..vocab as i64).contains(&id),
+                "head_log_probs: target id {id} outside the vocabulary of {vocab}"
+            );
             id as usize
         })
         .collect()
@@ -264,7 +325,10 @@ fn host_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
 
 /// Rows `range` of a [R, C] tensor (a view).
 fn slice_rows(x: &FlexTensor, range: std::ops::Range<usize>) -> FlexTensor {
-    Flex::float_slice(x.clone(), &[Slice::new(range.start as isize, Some(range.end as isize), 1), Slice::new(0, None, 1)])
+    Flex::float_slice(
+        x.clone(),
+        &[Slice::new(range.start as isize, Some(range.end as isize), 1), Slice::new(0, None, 1)],
+    )
 }
 
 /// Vocabulary entries `range` of a head as a [C, v] view (strided when `transposed`; flex's
@@ -381,7 +445,15 @@ fn rows_contiguous(t: FlexTensor) -> FlexTensor {
 /// One query head's attention: scores of `q` against each unmasked key (rows of `keys` at
 /// `stride`), softmax, and the weighted sum of the value rows into `out`.
 #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn attend(q: &[f32], (keys, k_stride): (&[f32], usize), (values, v_stride): (&[f32], usize), blocked: &[u8], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend(
+    q: &[f32],
+    (keys, k_stride): (&[f32], usize),
+    (values, v_stride): (&[f32], usize),
+    blocked: &[u8],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let dim = q.len();
     for (s, score) in scores.iter_mut().enumerate() {
         *score = if blocked[s] != 0 { f32::NEG_INFINITY } else { dot(q, &keys[s * k_stride..][..dim]) * scale };
@@ -492,25 +564,53 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         unimplemented!("packed weights are for inference: `fused_packed_linear` never sends autodiff tensors")
     }
 
-    fn decode_attention(_q: FloatTensor<Self>, _k: FloatTensor<Self>, _v: FloatTensor<Self>, _blocked: BoolTensor<Self>, _scale: f32) -> FloatTensor<Self> {
+    fn decode_attention(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _blocked: BoolTensor<Self>,
+        _scale: f32,
+    ) -> FloatTensor<Self> {
         unimplemented!("decode attention is for inference: `fused_decode_attention` never sends autodiff tensors")
     }
 
-    fn head_log_probs(hidden: FloatTensor<Self>, head: FloatTensor<Self>, targets: IntTensor<Self>, temperature: f32, transposed: bool) -> FloatTensor<Self> {
+    fn head_log_probs(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct HeadLogProbs;
 
         impl<B: Backend + FusedOps> Backward<B, 2> for HeadLogProbs {
             // Inputs, targets, output, temperature, transposed: the logits are recomputed.
-            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::IntTensorPrimitive, B::FloatTensorPrimitive, f32, bool);
+            type State = (
+                B::FloatTensorPrimitive,
+                B::FloatTensorPrimitive,
+                B::IntTensorPrimitive,
+                B::FloatTensorPrimitive,
+                f32,
+                bool,
+            );
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let (hidden, head, targets, output, temperature, transposed) = ops.state;
                 let grad = grads.consume::<B>(&ops.node);
                 let [hidden_node, head_node] = ops.parents;
                 // A frozen head (LoRA) gets no gradient, and none is computed.
-                let (d_hidden, d_head) =
-                    B::head_log_probs_backward(hidden, head, targets, output, grad, temperature, transposed, hidden_node.is_some(), head_node.is_some());
+                let (d_hidden, d_head) = B::head_log_probs_backward(
+                    hidden,
+                    head,
+                    targets,
+                    output,
+                    grad,
+                    temperature,
+                    transposed,
+                    hidden_node.is_some(),
+                    head_node.is_some(),
+                );
                 if let Some(node) = hidden_node {
                     grads.register::<B>(node.id, d_hidden);
                 }
@@ -599,7 +699,13 @@ pub fn log_softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
 ///
 /// # Shapes
 /// - returns (log_probs [R], entropies [R])
-pub fn head_log_probs(hidden: Tensor<2>, head: Tensor<2>, transposed: bool, targets: Tensor<1, Int>, temperature: f32) -> (Tensor<1>, Tensor<1>) {
+pub fn head_log_probs(
+    hidden: Tensor<2>,
+    head: Tensor<2>,
+    transposed: bool,
+    targets: Tensor<1, Int>,
+    temperature: f32,
+) -> (Tensor<1>, Tensor<1>) {
     let rows = hidden.dims()[0];
     if served(&hidden) && served(&head) {
         let out = Tensor::<2>::from_dispatch(<Dispatch as FusedOps>::head_log_probs(
@@ -615,7 +721,9 @@ pub fn head_log_probs(hidden: Tensor<2>, head: Tensor<2>, transposed: bool, targ
     let dtype = head.dtype();
     let (mut log_probs, mut entropies) = (Vec::new(), Vec::new());
     for range in blocks(rows, HEAD_ROWS) {
-        let logits = hidden.clone().slice([range.clone()]).cast(dtype).matmul(head.clone()).cast(burn::tensor::FloatDType::F32) / temperature; // [r, V]
+        let logits =
+            hidden.clone().slice([range.clone()]).cast(dtype).matmul(head.clone()).cast(burn::tensor::FloatDType::F32)
+                / temperature; // [r, V]
         let log_p = log_softmax_last(logits);
         let chosen = targets.clone().slice([range.clone()]).reshape([range.len(), 1]);
         log_probs.push(log_p.clone().gather(1, chosen).reshape([range.len()]));
@@ -634,7 +742,13 @@ const STRIP: usize = 16;
 /// 64 bytes per input feature at a stride of N floats, which at decode time (16-row batches,
 /// weights streamed from L3) ran at 20-30 GFLOP/s against 70 for weights already in cache.
 /// `transposed` reads `weight` as [N, K] (a tied head's embedding table).
-pub fn pack_linear(weight: &[f32], depth: usize, features: usize, bias: Option<&[f32]>, transposed: bool) -> TensorData {
+pub fn pack_linear(
+    weight: &[f32],
+    depth: usize,
+    features: usize,
+    bias: Option<&[f32]>,
+    transposed: bool,
+) -> TensorData {
     assert_eq!(weight.len(), depth * features, "pack_linear: weight size");
     let strips = features.div_ceil(STRIP);
     let mut packed = vec![0.0f32; strips * (depth + 1) * STRIP];
@@ -669,7 +783,13 @@ pub fn fused_packed_linear<const N: usize>(x: Tensor<N>, packed: &Tensor<3>) -> 
 /// Attention of one new position per sequence over the cached keys and values (see
 /// [`FusedOps::decode_attention`]), or the query back when the tensors are not f32 on the plain
 /// CPU backend or there is more than one query position.
-pub fn fused_decode_attention(query: Tensor<4>, key: &Tensor<4>, value: &Tensor<4>, blocked: &Tensor<4, Bool>, scale: f32) -> Result<Tensor<4>, Tensor<4>> {
+pub fn fused_decode_attention(
+    query: Tensor<4>,
+    key: &Tensor<4>,
+    value: &Tensor<4>,
+    blocked: &Tensor<4, Bool>,
+    scale: f32,
+) -> Result<Tensor<4>, Tensor<4>> {
     let plain = |t: &Tensor<4>| served(t) && !t.device().is_autodiff();
     if query.dims()[2] != 1 || !plain(&query) || !plain(key) || !plain(value) {
         return Err(query);
@@ -693,9 +813,11 @@ fn packed_linear_rows(x: &[f32], rows: usize, depth: usize, packed: &[f32], stri
     if rows <= PACKED_ROWS_PER_TASK || depth == 0 {
         return packed_linear_block(x, rows, depth, packed, strips, out);
     }
-    out.par_chunks_mut(PACKED_ROWS_PER_TASK * width).zip(x.par_chunks(PACKED_ROWS_PER_TASK * depth)).for_each(|(out, x)| {
-        packed_linear_block(x, x.len() / depth, depth, packed, strips, out);
-    });
+    out.par_chunks_mut(PACKED_ROWS_PER_TASK * width).zip(x.par_chunks(PACKED_ROWS_PER_TASK * depth)).for_each(
+        |(out, x)| {
+            packed_linear_block(x, x.len() / depth, depth, packed, strips, out);
+        },
+    );
 }
 
 fn packed_linear_block(x: &[f32], rows: usize, depth: usize, packed: &[f32], strips: usize, out: &mut [f32]) {
@@ -734,8 +856,19 @@ mod avx2 {
     /// is one FMA chain over k from zero, then the bias added, as gemm's kernel and burn's
     /// `Linear` compute it.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn packed_linear_rows(x: &[f32], rows: usize, depth: usize, packed: &[f32], strips: usize, out: &mut [f32]) {
-        assert!(x.len() >= rows * depth && packed.len() >= strips * (depth + 1) * STRIP && out.len() >= rows * strips * STRIP);
+    pub(super) unsafe fn packed_linear_rows(
+        x: &[f32],
+        rows: usize,
+        depth: usize,
+        packed: &[f32],
+        strips: usize,
+        out: &mut [f32],
+    ) {
+        assert!(
+            x.len() >= rows * depth
+                && packed.len() >= strips * (depth + 1) * STRIP
+                && out.len() >= rows * strips * STRIP
+        );
         let width = strips * STRIP;
         for s in 0..strips {
             // SAFETY (all pointer arithmetic below): in bounds by the assertion above.
@@ -787,20 +920,34 @@ mod avx2 {
 
 /// Applies `kernel(row, grad_row, out_row)` to every row (last dimension) of `x`, rows split
 /// into parallel chunks.
-fn map_rows(x: &FlexTensor, grad: Option<&FlexTensor>, kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync) -> FlexTensor {
+fn map_rows(
+    x: &FlexTensor,
+    grad: Option<&FlexTensor>,
+    kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync,
+) -> FlexTensor {
     let width = x.layout().shape().as_slice().last().copied().unwrap_or(1).max(1);
     let rows_per_chunk = (CHUNK / width).max(1);
-    map(x, grad, |x, grad, out| {
-        // `map` hands over whole chunks of CHUNK elements; rows must not straddle them, so the
-        // row loop runs inside a chunk of whole rows.
-        for (i, (x, out)) in x.chunks(width).zip(out.chunks_mut(width)).enumerate() {
-            kernel(x, grad.map(|g| &g[i * width..(i + 1) * width]), out);
-        }
-    }, rows_per_chunk * width)
+    map(
+        x,
+        grad,
+        |x, grad, out| {
+            // `map` hands over whole chunks of CHUNK elements; rows must not straddle them, so the
+            // row loop runs inside a chunk of whole rows.
+            for (i, (x, out)) in x.chunks(width).zip(out.chunks_mut(width)).enumerate() {
+                kernel(x, grad.map(|g| &g[i * width..(i + 1) * width]), out);
+            }
+        },
+        rows_per_chunk * width,
+    )
 }
 
 /// Applies `kernel(x, grad, out)` over contiguous copies of `x` (and `grad`) in parallel chunks.
-fn map(x: &FlexTensor, grad: Option<&FlexTensor>, kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync, chunk: usize) -> FlexTensor {
+fn map(
+    x: &FlexTensor,
+    grad: Option<&FlexTensor>,
+    kernel: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync,
+    chunk: usize,
+) -> FlexTensor {
     let x = x.to_contiguous();
     let grad = grad.map(FlexTensor::to_contiguous);
     let shape = x.layout().shape().clone();
@@ -950,7 +1097,10 @@ mod tests {
         let fused = fused_gelu_new(fused_input.clone()).expect("flex f32 is served");
         let composed_input = x();
         let composed = crate::layers::gelu_new_composed(composed_input.clone());
-        let weights = Tensor::<1>::from_data(TensorData::new((0..values.len()).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(), [values.len()]), &device);
+        let weights = Tensor::<1>::from_data(
+            TensorData::new((0..values.len()).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(), [values.len()]),
+            &device,
+        );
         let fused_grads = (fused.clone() * weights.clone()).sum().backward();
         let composed_grads = (composed.clone() * weights).sum().backward();
         let close = |a: Tensor<1>, b: Tensor<1>, what: &str| {
@@ -972,10 +1122,17 @@ mod tests {
             .map(|i| if i % 11 == 3 { f32::NEG_INFINITY } else { ((i * 37 % 101) as f32 - 50.0) * 0.13 })
             .collect();
         let x = || Tensor::<2>::from_data(TensorData::new(values.clone(), [rows, width]), &device).require_grad();
-        let weights = Tensor::<2>::from_data(TensorData::new((0..rows * width).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), [rows, width]), &device);
+        let weights = Tensor::<2>::from_data(
+            TensorData::new((0..rows * width).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), [rows, width]),
+            &device,
+        );
         let close = |a: Tensor<2>, b: Tensor<2>, what: &str| {
             let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
-            let worst = a.iter().zip(&b).map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / (1.0 + b.abs()) }).fold(0.0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / (1.0 + b.abs()) })
+                .fold(0.0f32, f32::max);
             assert!(worst < 2e-6, "{what}: worst relative difference {worst}");
         };
         type Op = fn(Tensor<2>) -> Tensor<2>;
@@ -1016,10 +1173,16 @@ mod tests {
         let tied = Tensor::<3>::from_data(pack_linear(&table, depth, features, Some(&bias), true), &device);
         for rows in 1..=13 {
             let x = Tensor::<3>::from_data(
-                TensorData::new((0..rows * depth).map(|i| ((i * 17 % 23) as f32 - 11.0) * 0.1).collect::<Vec<_>>(), [1, rows, depth]),
+                TensorData::new(
+                    (0..rows * depth).map(|i| ((i * 17 % 23) as f32 - 11.0) * 0.1).collect::<Vec<_>>(),
+                    [1, rows, depth],
+                ),
                 &device,
             );
-            let want = (x.clone().matmul(w.clone().unsqueeze()) + b.clone().unsqueeze()).into_data().try_to_vec::<f32>().unwrap();
+            let want = (x.clone().matmul(w.clone().unsqueeze()) + b.clone().unsqueeze())
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
             for packed in [&packed, &tied] {
                 let got = fused_packed_linear(x.clone(), packed).unwrap().narrow(2, 0, features);
                 assert_eq!(got.dims(), [1, rows, features]);
@@ -1040,16 +1203,24 @@ mod tests {
         let device = Device::flex();
         let (batch, heads, kv_heads, keys, dim, capacity) = (3, 4, 2, 7, 12, 10);
         let values = |n: usize, seed: usize| (0..n).map(|i| ((i * seed % 41) as f32 - 20.0) * 0.05).collect::<Vec<_>>();
-        let query = Tensor::<4>::from_data(TensorData::new(values(batch * heads * dim, 7), [batch, heads, 1, dim]), &device);
-        let buffer = |seed| Tensor::<4>::from_data(TensorData::new(values(batch * kv_heads * capacity * dim, seed), [batch, kv_heads, capacity, dim]), &device);
+        let query =
+            Tensor::<4>::from_data(TensorData::new(values(batch * heads * dim, 7), [batch, heads, 1, dim]), &device);
+        let buffer = |seed| {
+            Tensor::<4>::from_data(
+                TensorData::new(values(batch * kv_heads * capacity * dim, seed), [batch, kv_heads, capacity, dim]),
+                &device,
+            )
+        };
         let (key, value) = (buffer(11).narrow(2, 0, keys), buffer(13).narrow(2, 0, keys));
         let blocked: Vec<bool> = (0..batch * keys).map(|i| i % keys < i / keys || i % 5 == 4).collect();
         let blocked = Tensor::<4, Bool>::from_data(TensorData::new(blocked, [batch, 1, 1, keys]), &device);
         let fused = fused_decode_attention(query.clone(), &key, &value, &blocked, 0.3).unwrap();
         // The composed path, as `layers::attention` computes it for several query positions.
         let two = Tensor::cat(vec![query.clone(), query], 2);
-        let composed = crate::layers::attention(two, key, value, Tensor::cat(vec![blocked.clone(), blocked], 2), 0.3).narrow(2, 0, 1);
-        let (a, b) = (fused.into_data().try_to_vec::<f32>().unwrap(), composed.into_data().try_to_vec::<f32>().unwrap());
+        let composed = crate::layers::attention(two, key, value, Tensor::cat(vec![blocked.clone(), blocked], 2), 0.3)
+            .narrow(2, 0, 1);
+        let (a, b) =
+            (fused.into_data().try_to_vec::<f32>().unwrap(), composed.into_data().try_to_vec::<f32>().unwrap());
         let worst = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-6, "worst difference {worst}");
     }

@@ -129,13 +129,20 @@ fn generate_with(
     let pieces: Vec<Generation> = prompts
         .par_chunks(size)
         .enumerate()
-        .map(|(part, rows)| generate_rows(model, rows, part * size, config, stop_strings, decode, packed.clone(), share_prompts))
+        .map(|(part, rows)| {
+            generate_rows(model, rows, part * size, config, stop_strings, decode, packed.clone(), share_prompts)
+        })
         .collect();
     let mut completion_ids = Vec::with_capacity(batch);
     let mut log_probs = Vec::with_capacity(batch);
     let mut stop_reasons = Vec::with_capacity(batch);
     for piece in pieces {
-        for ((ids, mask), (logs, reason)) in piece.completion_ids.into_iter().zip(piece.completion_mask).zip(piece.log_probs.into_iter().zip(piece.stop_reasons)) {
+        for ((ids, mask), (logs, reason)) in piece
+            .completion_ids
+            .into_iter()
+            .zip(piece.completion_mask)
+            .zip(piece.log_probs.into_iter().zip(piece.stop_reasons))
+        {
             let length = mask.iter().filter(|m| **m).count();
             completion_ids.push(ids[..length].to_vec());
             log_probs.push(logs[..length].to_vec());
@@ -174,7 +181,8 @@ fn generate_rows(
         row.extend_from_slice(prompt);
         row
     };
-    let prompt_mask = |prompt: &Vec<i64>| -> Vec<bool> { (0..prompt_len).map(|i| i >= prompt_len - prompt.len()).collect() };
+    let prompt_mask =
+        |prompt: &Vec<i64>| -> Vec<bool> { (0..prompt_len).map(|i| i >= prompt_len - prompt.len()).collect() };
     let mut key_mask: Vec<Vec<bool>> = prompts.iter().map(prompt_mask).collect();
     let mut real_counts: Vec<i64> = prompts.iter().map(|prompt| prompt.len() as i64).collect();
     let mut cache = model.new_cache();
@@ -414,7 +422,8 @@ fn walk_by_weight(weights: &[f64], candidates: &[usize], mut stop: impl FnMut(us
     let band_of = |weight: f64| WEIGHT_BANDS.iter().position(|&bound| weight > bound).unwrap_or(WEIGHT_BANDS.len());
     let mut walked = Vec::new();
     for band in 0..=WEIGHT_BANDS.len() {
-        let mut members: Vec<usize> = candidates.iter().copied().filter(|&index| band_of(weights[index]) == band).collect();
+        let mut members: Vec<usize> =
+            candidates.iter().copied().filter(|&index| band_of(weights[index]) == band).collect();
         members.sort_unstable_by(by_weight);
         for index in members {
             walked.push(index);
@@ -440,7 +449,12 @@ fn walk_by_weight(weights: &[f64], candidates: &[usize], mut stop: impl FnMut(us
 ///
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])
-pub fn completion_log_probs(model: &CausalLm, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+pub fn completion_log_probs(
+    model: &CausalLm,
+    input: &StepInput,
+    completion_len: usize,
+    temperature: f32,
+) -> (Tensor<2>, Tensor<2>) {
     let hidden = model.hidden_states(input, &mut model.new_cache()); // [B, P+N, C]
     log_probs_from_hidden(model, hidden, input, completion_len, temperature)
 }
@@ -450,17 +464,26 @@ pub fn completion_log_probs(model: &CausalLm, input: &StepInput, completion_len:
 ///
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])
-pub fn log_probs_from_hidden(model: &CausalLm, hidden: Tensor<3>, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+pub fn log_probs_from_hidden(
+    model: &CausalLm,
+    hidden: Tensor<3>,
+    input: &StepInput,
+    completion_len: usize,
+    temperature: f32,
+) -> (Tensor<2>, Tensor<2>) {
     let batch = input.batch_size;
     let total = input.seq_len();
     assert!(completion_len < total, "the input must hold at least one prompt token before the completion");
     let width = hidden.dims()[2];
     // The hidden state at position t predicts token t + 1.
-    let predicting = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]).reshape([batch * completion_len, width]); // [B N, C]
+    let predicting = hidden
+        .slice([0..batch, total - completion_len - 1..total - 1, 0..width])
+        .reshape([batch * completion_len, width]); // [B N, C]
     let targets: Vec<i64> = (0..batch)
         .flat_map(|b| input.input_ids[b * total + total - completion_len..(b + 1) * total].to_vec())
         .collect();
-    let targets: Tensor<1, Int> = Tensor::from_data(TensorData::new(targets, [batch * completion_len]), &predicting.device());
+    let targets: Tensor<1, Int> =
+        Tensor::from_data(TensorData::new(targets, [batch * completion_len]), &predicting.device());
     let (log_probs, entropies) = model.token_log_probs(predicting, targets, temperature);
     (log_probs.reshape([batch, completion_len]), entropies.reshape([batch, completion_len]))
 }
@@ -471,7 +494,12 @@ pub fn log_probs_from_hidden(model: &CausalLm, hidden: Tensor<3>, input: &StepIn
 ///
 /// # Shapes
 /// - returns (log_probs [B, N], entropies [B, N])
-pub fn log_probs_from_logits(logits: Tensor<3>, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+pub fn log_probs_from_logits(
+    logits: Tensor<3>,
+    input: &StepInput,
+    completion_len: usize,
+    temperature: f32,
+) -> (Tensor<2>, Tensor<2>) {
     let batch = input.batch_size;
     let total = input.seq_len();
     assert!(completion_len < total, "the input must hold at least one prompt token before the completion");
@@ -551,28 +579,43 @@ mod tests {
         // repeated logits (ties across the walk).
         let mut source = ChaCha8Rng::seed_from_u64(7);
         let mut deepest_band = 0;
-        for (row, (spread, temperature, top_k)) in [(12.0f32, 1.0f32, None), (3.0, 1.0, None), (30.0, 0.7, None), (12.0, 1.3, Some(50)), (0.5, 1.0, None)].into_iter().enumerate() {
-            let logits: Vec<f32> = (0..4000).map(|_| (source.random::<f32>().powi(4) * spread * 8.0).round() / 8.0).collect();
+        for (row, (spread, temperature, top_k)) in
+            [(12.0f32, 1.0f32, None), (3.0, 1.0, None), (30.0, 0.7, None), (12.0, 1.3, Some(50)), (0.5, 1.0, None)]
+                .into_iter()
+                .enumerate()
+        {
+            let logits: Vec<f32> =
+                (0..4000).map(|_| (source.random::<f32>().powi(4) * spread * 8.0).round() / 8.0).collect();
             let (mut new, mut old) = (ChaCha8Rng::seed_from_u64(row as u64), ChaCha8Rng::seed_from_u64(row as u64));
             let sampler = Sampler::Sample { temperature, top_k, top_p: None };
             for draw in 0..3000 {
                 let (token, log_prob) = choose(&logits, sampler, &mut new);
                 let (expected, expected_log_prob) = choose_by_full_sort(&logits, temperature, top_k, &mut old);
                 assert_eq!(token, expected, "row {row}, draw {draw}");
-                assert!((log_prob - expected_log_prob).abs() <= 1e-6 * expected_log_prob.abs().max(1.0), "row {row}, draw {draw}: {log_prob} vs {expected_log_prob}");
+                assert!(
+                    (log_prob - expected_log_prob).abs() <= 1e-6 * expected_log_prob.abs().max(1.0),
+                    "row {row}, draw {draw}: {log_prob} vs {expected_log_prob}"
+                );
                 let weight = warped_weights(&logits, temperature)[token as usize];
                 deepest_band = deepest_band.max(WEIGHT_BANDS.iter().take_while(|&&bound| weight <= bound).count());
             }
         }
         assert!(deepest_band >= 2, "some draws walked past two bands: {deepest_band}");
         // The last band, which a draw rarely reaches: the walk through every band is one sort.
-        let weights: Vec<f64> = (0..3000).map(|i| 10f64.powi(-((i * 13) % 15)) * if i % 7 == 0 { 1.0 } else { 0.5 }).collect();
+        let weights: Vec<f64> =
+            (0..3000).map(|i| 10f64.powi(-((i * 13) % 15)) * if i % 7 == 0 { 1.0 } else { 0.5 }).collect();
         let mut sorted: Vec<usize> = (0..3000).collect();
         sorted.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b)));
         let candidates: Vec<usize> = (0..3000).rev().collect();
         assert_eq!(walk_by_weight(&weights, &candidates, |_| false), sorted);
         let mut seen = 0;
-        assert_eq!(walk_by_weight(&weights, &candidates, |_| { seen += 1; seen == 2500 }), sorted[..2500].to_vec());
+        assert_eq!(
+            walk_by_weight(&weights, &candidates, |_| {
+                seen += 1;
+                seen == 2500
+            }),
+            sorted[..2500].to_vec()
+        );
         assert!(weights[sorted[2500]] <= WEIGHT_BANDS[WEIGHT_BANDS.len() - 1], "the stop falls in the last band");
         // Top-p's nucleus is the same prefix of the sorted order as before.
         let logits: Vec<f32> = (0..4000).map(|i| ((i * 7919) % 4000) as f32 / 400.0).collect();
@@ -594,8 +637,12 @@ mod tests {
             // prompt seen once, and a prompt repeated at rows that are not adjacent.
             let (a, b, c) = (vec![5, 9, 4, 17, 2], vec![8, 1], vec![30, 31, 32]);
             let prompts = vec![a.clone(), a.clone(), a.clone(), b.clone(), b.clone(), c, a.clone(), b];
-            for sampler in [Sampler::Sample { temperature: 1.0, top_k: None, top_p: None }, Sampler::Sample { temperature: 0.8, top_k: Some(5), top_p: Some(0.9) }] {
-                let config = GenerationConfig { max_new_tokens: 12, sampler, eos_token_ids: vec![3], pad_token_id: 0, seed: 5 };
+            for sampler in [
+                Sampler::Sample { temperature: 1.0, top_k: None, top_p: None },
+                Sampler::Sample { temperature: 0.8, top_k: Some(5), top_p: Some(0.9) },
+            ] {
+                let config =
+                    GenerationConfig { max_new_tokens: 12, sampler, eos_token_ids: vec![3], pad_token_id: 0, seed: 5 };
                 let shared = generate_with(&model, &prompts, &config, &[], None, true);
                 let per_row = generate_with(&model, &prompts, &config, &[], None, false);
                 assert_eq!(shared, per_row, "{preset:?}, {sampler:?}");

@@ -133,9 +133,9 @@ impl GgmlType {
     /// ggml's name for a type id, for error messages.
     fn name_of(id: u32) -> String {
         const NAMES: [&str; 31] = [
-            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-            "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64",
-            "IQ1_M", "BF16",
+            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
+            "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
+            "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
         ];
         NAMES.get(id as usize).map_or_else(|| format!("type {id}"), |name| name.to_string())
     }
@@ -202,7 +202,10 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], LoadError> {
         let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len());
         let Some(end) = end else {
-            return Err(self.error(format!("needs {n} more bytes but the file ends at {}; the file is truncated", self.bytes.len())));
+            return Err(self.error(format!(
+                "needs {n} more bytes but the file ends at {}; the file is truncated",
+                self.bytes.len()
+            )));
         };
         let slice = &self.bytes[self.at..end];
         self.at = end;
@@ -247,7 +250,9 @@ impl<'a> Reader<'a> {
                 let item_kind = self.u32()?;
                 if item_kind == 9 {
                     // As llama.cpp: no nested arrays (and no unbounded recursion on a crafted file).
-                    return Err(self.error("an array of arrays in the metadata; GGUF metadata arrays hold scalars or strings"));
+                    return Err(
+                        self.error("an array of arrays in the metadata; GGUF metadata arrays hold scalars or strings")
+                    );
                 }
                 let len = self.count("array length")?;
                 let mut items = Vec::with_capacity(len.min(1 << 20));
@@ -322,7 +327,10 @@ impl GgufFile {
         let data_start = reader.at.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, shape, dtype, offset) in infos {
-            let bad = |message: String| LoadError::Gguf { path: path.to_path_buf(), message: format!("tensor `{name}`: {message}") };
+            let bad = |message: String| LoadError::Gguf {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {message}"),
+            };
             let numel = shape
                 .iter()
                 .try_fold(1usize, |product, &dim| product.checked_mul(dim))
@@ -356,9 +364,10 @@ impl GgufFile {
 
     /// A metadata value, or an error naming the key.
     pub fn meta(&self, key: &str) -> Result<&MetaValue, LoadError> {
-        self.metadata
-            .get(key)
-            .ok_or_else(|| LoadError::Gguf { path: self.path.clone(), message: format!("metadata key `{key}` is missing") })
+        self.metadata.get(key).ok_or_else(|| LoadError::Gguf {
+            path: self.path.clone(),
+            message: format!("metadata key `{key}` is missing"),
+        })
     }
 
     /// The tensor `name` dequantized to f32, in row-major order of [`TensorInfo::shape`].
@@ -369,15 +378,17 @@ impl GgufFile {
     /// As [`GgufFile::dequantize`], with llama.cpp's rotary row permutation undone for a
     /// projection of `unpermute_heads` heads (see [`GgufFile::hf_keys`]).
     pub fn hf_values(&self, name: &str, unpermute_heads: Option<usize>) -> Result<Vec<f32>, LoadError> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| LoadError::Gguf { path: self.path.clone(), message: format!("tensor `{name}` is missing") })?;
+        let info = self.tensors.get(name).ok_or_else(|| LoadError::Gguf {
+            path: self.path.clone(),
+            message: format!("tensor `{name}` is missing"),
+        })?;
         let values = dequantize(info.dtype, &self.mmap[info.start..info.start + info.len]);
         let Some(heads) = unpermute_heads else { return Ok(values) };
         let rows = info.shape[0];
         if heads == 0 || rows % (2 * heads) != 0 {
-            return Err(self.gguf_error(format!("tensor `{name}`: {rows} rows do not split into {heads} rotary heads of even size")));
+            return Err(self.gguf_error(format!(
+                "tensor `{name}`: {rows} rows do not split into {heads} rotary heads of even size"
+            )));
         }
         Ok(unpermute_rotary_rows(&values, rows, heads))
     }
@@ -443,7 +454,8 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8]) -> Vec<f32> {
             for chunk in 0..4 {
                 let (sc0, m0) = scale_min_k4(2 * chunk, scales);
                 let (sc1, m1) = scale_min_k4(2 * chunk + 1, scales);
-                let (d0, min0, d1, min1) = (d * f32::from(sc0), dmin * f32::from(m0), d * f32::from(sc1), dmin * f32::from(m1));
+                let (d0, min0, d1, min1) =
+                    (d * f32::from(sc0), dmin * f32::from(m0), d * f32::from(sc1), dmin * f32::from(m1));
                 let q = &qs[32 * chunk..32 * chunk + 32];
                 let y = &mut y[64 * chunk..64 * chunk + 64];
                 for l in 0..32 {
@@ -460,7 +472,8 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8]) -> Vec<f32> {
             for chunk in 0..4 {
                 let (sc0, m0) = scale_min_k4(2 * chunk, scales);
                 let (sc1, m1) = scale_min_k4(2 * chunk + 1, scales);
-                let (d0, min0, d1, min1) = (d * f32::from(sc0), dmin * f32::from(m0), d * f32::from(sc1), dmin * f32::from(m1));
+                let (d0, min0, d1, min1) =
+                    (d * f32::from(sc0), dmin * f32::from(m0), d * f32::from(sc1), dmin * f32::from(m1));
                 let (bit0, bit1) = (1u8 << (2 * chunk), 1u8 << (2 * chunk + 1));
                 let q = &qs[32 * chunk..32 * chunk + 32];
                 let y = &mut y[64 * chunk..64 * chunk + 64];
@@ -541,13 +554,18 @@ impl GgufFile {
         let arch = self.meta("general.architecture")?.as_str().unwrap_or_default();
         match arch {
             "llama" | "qwen2" => Ok(arch),
-            other => Err(self.gguf_error(format!("architecture `{other}` is not supported; cotlab reads {ARCHITECTURES}"))),
+            other => {
+                Err(self.gguf_error(format!("architecture `{other}` is not supported; cotlab reads {ARCHITECTURES}")))
+            }
         }
     }
 
     fn arch_usize(&self, field: &str) -> Result<usize, LoadError> {
         let key = format!("{}.{field}", self.architecture()?);
-        self.meta(&key)?.as_u64().map(|value| value as usize).ok_or_else(|| self.gguf_error(format!("`{key}` is not an integer")))
+        self.meta(&key)?
+            .as_u64()
+            .map(|value| value as usize)
+            .ok_or_else(|| self.gguf_error(format!("`{key}` is not an integer")))
     }
 
     /// `attention.head_count_kv`, defaulting to `heads` only when absent (a per-layer array,
@@ -663,8 +681,12 @@ impl GgufFile {
             )));
         }
         let strings = |key: &str| -> Result<Vec<&str>, LoadError> {
-            let items = self.meta(key)?.as_array().ok_or_else(|| self.gguf_error(format!("`{key}` is not an array")))?;
-            items.iter().map(|item| item.as_str().ok_or_else(|| self.gguf_error(format!("`{key}` holds a non-string")))).collect()
+            let items =
+                self.meta(key)?.as_array().ok_or_else(|| self.gguf_error(format!("`{key}` is not an array")))?;
+            items
+                .iter()
+                .map(|item| item.as_str().ok_or_else(|| self.gguf_error(format!("`{key}` holds a non-string"))))
+                .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
@@ -693,10 +715,14 @@ impl GgufFile {
             "gpt2" => (json!(null), byte_level(true)),
             // llama.cpp: `\p{N}` then GPT-2's expression; the hub tokenizer.json: individual
             // digits, then byte-level with GPT-2's expression.
-            "smollm" => (json!(null), json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})),
-            "llama-bpe" | "llama3" => {
-                (json!(null), json!({"type": "Sequence", "pretokenizers": [split(crate::tokenizer::LLAMA3_PATTERN), byte_level(false)]}))
-            }
+            "smollm" => (
+                json!(null),
+                json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            ),
+            "llama-bpe" | "llama3" => (
+                json!(null),
+                json!({"type": "Sequence", "pretokenizers": [split(crate::tokenizer::LLAMA3_PATTERN), byte_level(false)]}),
+            ),
             "qwen2" => (
                 json!({"type": "NFC"}),
                 json!({"type": "Sequence", "pretokenizers": [split(crate::tokenizer::QWEN2_PATTERN), byte_level(false)]}),
@@ -711,7 +737,9 @@ impl GgufFile {
         let add_bos = self.metadata.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
         let post_processor = match self.token_id("bos_token_id").filter(|_| add_bos) {
             Some(bos) => {
-                let text = *tokens.get(bos as usize).ok_or_else(|| self.gguf_error(format!("bos_token_id {bos} is outside the vocabulary")))?;
+                let text = *tokens
+                    .get(bos as usize)
+                    .ok_or_else(|| self.gguf_error(format!("bos_token_id {bos} is outside the vocabulary")))?;
                 let template = json!({"type": "TemplateProcessing",
                        "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                        "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -741,7 +769,8 @@ impl GgufFile {
     /// is added, and the chat template.
     pub fn tokenizer_config_json(&self) -> serde_json::Value {
         let tokens = self.metadata.get("tokenizer.ggml.tokens").and_then(MetaValue::as_array).unwrap_or_default();
-        let name = |field: &str| self.token_id(field).and_then(|id| tokens.get(id as usize)).and_then(MetaValue::as_str);
+        let name =
+            |field: &str| self.token_id(field).and_then(|id| tokens.get(id as usize)).and_then(MetaValue::as_str);
         serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": name("bos_token_id"),

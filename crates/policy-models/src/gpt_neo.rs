@@ -176,7 +176,13 @@ impl GptNeo {
             })
             .collect();
         let embedding = |count| EmbeddingConfig::new(count, c).with_initializer(initializer.clone()).init(device);
-        Self { wte: embedding(config.vocab_size), wpe: embedding(config.max_position_embeddings), blocks, ln_f: norm(), config: config.clone() }
+        Self {
+            wte: embedding(config.vocab_size),
+            wpe: embedding(config.max_position_embeddings),
+            blocks,
+            ln_f: norm(),
+            config: config.clone(),
+        }
     }
 
     /// Loads the weights of a transformers checkpoint (see the key table above).
@@ -278,7 +284,13 @@ impl GptNeo {
 impl GptNeoBlock {
     /// # Shapes
     /// - `x`: [B, T, C] → [B, T, C]; `blocked`: [B, 1, T, S]
-    fn forward(&self, x: Tensor<3>, blocked: burn::tensor::Tensor<4, burn::tensor::Bool>, cache: &mut KvCache, index: usize) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        blocked: burn::tensor::Tensor<4, burn::tensor::Bool>,
+        cache: &mut KvCache,
+        index: usize,
+    ) -> Tensor<3> {
         let [batch, length, width] = x.dims();
         let heads = self.num_heads;
         let head_dim = width / heads;

@@ -105,7 +105,13 @@ impl StepInput {
 ///   `h` use key/value head `h / (H / K)`, as transformers' `repeat_kv`);
 /// - `blocked`: [B, 1, T, S], true where a score is masked;
 /// - output: [B, H, T, D].
-pub fn attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>, blocked: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+pub fn attention(
+    query: Tensor<4>,
+    key: Tensor<4>,
+    value: Tensor<4>,
+    blocked: Tensor<4, Bool>,
+    scale: f32,
+) -> Tensor<4> {
     // A decoding step (one query per sequence) on the CPU: one fused pass per head.
     let query = match crate::fused::fused_decode_attention(query, &key, &value, &blocked, scale) {
         Ok(attended) => return attended,
@@ -168,16 +174,15 @@ pub struct Llama3Scaling {
 impl Rope {
     /// The default inverse frequencies 1 / base^(2i / D), computed in f32 as transformers does.
     pub fn new(head_dim: usize, base: f64) -> Self {
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
         Self { inv_freq }
     }
 
     /// With Llama 3 scaling: low frequencies divided by `factor`, high ones kept, and a smooth
     /// interpolation between (transformers' `_compute_llama3_parameters`).
     pub fn llama3(head_dim: usize, base: f64, scaling: Llama3Scaling) -> Self {
-        let Llama3Scaling { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: original } = scaling;
+        let Llama3Scaling { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: original } =
+            scaling;
         let low_freq_wavelen = original / low_freq_factor;
         let high_freq_wavelen = original / high_freq_factor;
         let inv_freq = Self::new(head_dim, base)
@@ -260,7 +265,12 @@ impl PackedWeights {
     /// The packed weight of parameter `id` and its output features, packing `weight` ([K, N],
     /// or [N, K] when `transposed`) and `bias` on first use; `None` for weights the kernel does
     /// not serve (not f32 on the plain CPU backend).
-    fn get(&self, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
+    fn get(
+        &self,
+        id: ParamId,
+        weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>),
+        transposed: bool,
+    ) -> Option<(Tensor<3>, usize)> {
         let mut weights = self.weights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         weights
             .entry(id)
@@ -297,7 +307,12 @@ impl KvCache {
     }
 
     /// The packed weights of `id` when this cache has packed weights.
-    fn packed_for(&self, id: ParamId, weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>), transposed: bool) -> Option<(Tensor<3>, usize)> {
+    fn packed_for(
+        &self,
+        id: ParamId,
+        weight: impl FnOnce() -> (Tensor<2>, Option<Tensor<1>>),
+        transposed: bool,
+    ) -> Option<(Tensor<3>, usize)> {
         self.packed.as_ref()?.get(id, weight, transposed)
     }
 
@@ -362,7 +377,9 @@ impl KvCache {
             Tensor::cat(vec![buffer.slice([0..batch, 0..heads, 0..start, 0..dim]), spare], 2)
         };
         // In place: the cache holds the only reference to its buffers between steps.
-        let write = |buffer: Tensor<4>, rows: Tensor<4>| grow(buffer).slice_assign([0..batch, 0..heads, start..end, 0..dim], rows);
+        let write = |buffer: Tensor<4>, rows: Tensor<4>| {
+            grow(buffer).slice_assign([0..batch, 0..heads, start..end, 0..dim], rows)
+        };
         let (key_buffer, value_buffer) = (write(cached.key, key), write(cached.value, value));
         let view = |buffer: &Tensor<4>| buffer.clone().slice([0..batch, 0..heads, 0..end, 0..dim]);
         let (key, value) = (view(&key_buffer), view(&value_buffer));
@@ -391,7 +408,10 @@ mod tests {
         for (x, got) in xs.iter().zip(got) {
             let x = f64::from(*x);
             let expected = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
-            assert!((f64::from(got) - expected).abs() < 1e-6 * (1.0 + expected.abs()), "gelu_new({x}) = {got}, expected {expected}");
+            assert!(
+                (f64::from(got) - expected).abs() < 1e-6 * (1.0 + expected.abs()),
+                "gelu_new({x}) = {got}, expected {expected}"
+            );
         }
     }
 
@@ -414,9 +434,13 @@ mod tests {
             assert_eq!(cache.len(), expected.dims()[2]);
         }
         cache.select_rows(Tensor::from_data(TensorData::new(vec![1i64], [1]), &device));
-        let (key, _) = cache.append(0, step(1, 99).slice([1..2, 0..3, 0..1, 0..4]), step(1, 99).slice([1..2, 0..3, 0..1, 0..4]));
+        let (key, _) =
+            cache.append(0, step(1, 99).slice([1..2, 0..3, 0..1, 0..4]), step(1, 99).slice([1..2, 0..3, 0..1, 0..4]));
         let length = expected.dims()[2];
-        let kept = Tensor::cat(vec![expected.slice([1..2, 0..3, 0..length, 0..4]), step(1, 99).slice([1..2, 0..3, 0..1, 0..4])], 2);
+        let kept = Tensor::cat(
+            vec![expected.slice([1..2, 0..3, 0..length, 0..4]), step(1, 99).slice([1..2, 0..3, 0..1, 0..4])],
+            2,
+        );
         assert_eq!(key.into_data(), kept.into_data());
     }
 
@@ -438,7 +462,12 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let scaling = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let scaling = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
         let plain = Rope::new(64, 500000.0);
         let scaled = Rope::llama3(64, 500000.0, scaling);
         assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);

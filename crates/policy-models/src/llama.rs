@@ -87,7 +87,12 @@ impl LlamaConfig {
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
-            rope: rope_from_config(head_dim, self.rope_theta, self.rope_scaling.as_ref(), self.rope_parameters.as_ref())?,
+            rope: rope_from_config(
+                head_dim,
+                self.rope_theta,
+                self.rope_scaling.as_ref(),
+                self.rope_parameters.as_ref(),
+            )?,
             initializer_range: self.initializer_range,
         };
         spec.validate()?;

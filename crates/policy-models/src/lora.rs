@@ -117,17 +117,29 @@ fn no_bias() -> String {
 
 /// The adapters of `linears` as PEFT's `adapter_config.json` and `adapter_model.safetensors` in
 /// `dir`. Errors when the adapters differ in rank or scale (one PEFT config describes them all).
-pub(crate) fn write_peft_adapter(dir: &Path, linears: &[LinearEntry], base_model_name_or_path: Option<&str>) -> Result<AdapterConfig, LoadError> {
+pub(crate) fn write_peft_adapter(
+    dir: &Path,
+    linears: &[LinearEntry],
+    base_model_name_or_path: Option<&str>,
+) -> Result<AdapterConfig, LoadError> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
-    let adapted: Vec<(&str, &Factors)> = linears.iter().filter_map(|linear| Some((linear.prefix.as_str(), linear.adapter.as_ref()?))).collect();
+    let adapted: Vec<(&str, &Factors)> =
+        linears.iter().filter_map(|linear| Some((linear.prefix.as_str(), linear.adapter.as_ref()?))).collect();
     let Some((_, first)) = adapted.first() else {
-        return Err(LoadError::BadConfig { path: config_path, message: "the model has no LoRA adapters to save".to_string() });
-    };
-    let rank = first.a.dims()[1];
-    if let Some((prefix, _)) = adapted.iter().find(|(_, factors)| factors.a.dims()[1] != rank || factors.scale != first.scale) {
         return Err(LoadError::BadConfig {
             path: config_path,
-            message: format!("the adapter of `{prefix}` has another rank or alpha than the first one; PEFT's adapter_config.json holds one (apply one LoraSettings to the whole model)"),
+            message: "the model has no LoRA adapters to save".to_string(),
+        });
+    };
+    let rank = first.a.dims()[1];
+    if let Some((prefix, _)) =
+        adapted.iter().find(|(_, factors)| factors.a.dims()[1] != rank || factors.scale != first.scale)
+    {
+        return Err(LoadError::BadConfig {
+            path: config_path,
+            message: format!(
+                "the adapter of `{prefix}` has another rank or alpha than the first one; PEFT's adapter_config.json holds one (apply one LoraSettings to the whole model)"
+            ),
         });
     }
     std::fs::create_dir_all(dir).map_err(|source| LoadError::Io { path: dir.to_path_buf(), source })?;
@@ -169,7 +181,8 @@ pub(crate) fn write_peft_adapter(dir: &Path, linears: &[LinearEntry], base_model
 fn target_modules(linears: &[LinearEntry]) -> Vec<String> {
     let short = |prefix: &str| prefix.rsplit('.').next().unwrap_or(prefix).to_string();
     let adapted: BTreeSet<String> = linears.iter().filter(|l| l.adapter.is_some()).map(|l| short(&l.prefix)).collect();
-    let whole_names = adapted.iter().all(|name| linears.iter().filter(|l| short(&l.prefix) == *name).all(|l| l.adapter.is_some()));
+    let whole_names =
+        adapted.iter().all(|name| linears.iter().filter(|l| short(&l.prefix) == *name).all(|l| l.adapter.is_some()));
     if whole_names {
         adapted.into_iter().collect()
     } else {
@@ -217,7 +230,8 @@ impl CausalLm {
 
     /// Every adapter must sit on a linear of the key table, or PEFT's files would silently lack it.
     pub(crate) fn check_adapters_exported(&self, dir: &Path) -> Result<(), LoadError> {
-        let attached = crate::optim::parameter_paths(self).into_iter().filter(|(path, _)| path.ends_with(".lora.a")).count();
+        let attached =
+            crate::optim::parameter_paths(self).into_iter().filter(|(path, _)| path.ends_with(".lora.a")).count();
         let exported = self.linear_entries().iter().filter(|linear| linear.adapter.is_some()).count();
         if attached != exported {
             return Err(LoadError::BadConfig {
@@ -235,10 +249,13 @@ impl CausalLm {
     /// alpha on the same modules ([`CausalLm::with_lora`]); every saved factor must be used.
     pub fn load_adapters(self, dir: &Path) -> Result<Self, LoadError> {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
-        let config: AdapterConfig = serde_json::from_str(&text).map_err(|error| LoadError::BadConfig { path: config_path.clone(), message: error.to_string() })?;
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|error| LoadError::BadConfig { path: config_path.clone(), message: error.to_string() })?;
         let entries = self.linear_entries();
-        let adapted: Vec<(&str, &Factors)> = entries.iter().filter_map(|l| Some((l.prefix.as_str(), l.adapter.as_ref()?))).collect();
+        let adapted: Vec<(&str, &Factors)> =
+            entries.iter().filter_map(|l| Some((l.prefix.as_str(), l.adapter.as_ref()?))).collect();
         let Some((_, first)) = adapted.first() else {
             return Err(LoadError::BadConfig {
                 path: config_path,
@@ -246,7 +263,8 @@ impl CausalLm {
             });
         };
         let (rank, alpha) = (first.a.dims()[1], first.scale * first.a.dims()[1] as f64);
-        let plain = !config.use_rslora && !config.use_dora && config.rank_pattern.is_empty() && config.alpha_pattern.is_empty();
+        let plain =
+            !config.use_rslora && !config.use_dora && config.rank_pattern.is_empty() && config.alpha_pattern.is_empty();
         if config.r != rank || (config.lora_alpha - alpha).abs() > 1e-9 * alpha.abs().max(1.0) || !plain {
             return Err(LoadError::BadConfig {
                 path: config_path,

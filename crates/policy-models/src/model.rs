@@ -30,7 +30,8 @@ pub enum ModelConfig {
 impl ModelConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
         let config: ModelConfig = serde_json::from_str(&text).map_err(|error| LoadError::BadConfig {
             path: path.to_path_buf(),
             message: format!("{error} (model_type must be one of gpt_neo, qwen2, llama)"),
@@ -136,7 +137,9 @@ impl CausalLm {
         let body = match &config {
             ModelConfig::GptNeo(neo) => Body::GptNeo(GptNeo::load(neo, &mut weights)?),
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
-            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => {
+                Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?)
+            }
         };
         weights.finish()?;
         Ok(Self { body, config, compute_dtype: FloatDType::F32 })
@@ -165,7 +168,9 @@ impl CausalLm {
         let body = match &config {
             ModelConfig::GptNeo(neo) => Body::GptNeo(GptNeo::load(neo, &mut weights)?),
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
-            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => {
+                Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?)
+            }
         };
         Ok((Self { body, config, compute_dtype: FloatDType::F32 }, weights))
     }
@@ -195,7 +200,9 @@ impl CausalLm {
         let mut weights = WeightMap::from_gguf(file, keys, device);
         let body = match &config {
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::load(&qwen.spec().map_err(bad_config)?, &mut weights)?),
-            ModelConfig::Llama(llama) => Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?),
+            ModelConfig::Llama(llama) => {
+                Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?)
+            }
             ModelConfig::GptNeo(_) => unreachable!("GgufFile::architecture admits llama and qwen2 only"),
         };
         weights.finish()?;
@@ -329,7 +336,12 @@ impl CausalLm {
     /// # Shapes
     /// - `prompts`: [P, Tp]; `groups`: [R]; `completions`: [R, Tc] over [R, Tp + Tc] keys
     /// - returns (prompt hidden states [P, Tp, C], completion hidden states [R, Tc, C])
-    pub fn shared_prefix_hidden_states(&self, prompts: &StepInput, groups: &[usize], completions: &StepInput) -> Option<(Tensor<3>, Tensor<3>)> {
+    pub fn shared_prefix_hidden_states(
+        &self,
+        prompts: &StepInput,
+        groups: &[usize],
+        completions: &StepInput,
+    ) -> Option<(Tensor<3>, Tensor<3>)> {
         match &self.body {
             // GPT-Neo's local layers would need the window across the prompt/completion seam.
             Body::GptNeo(_) => None,
@@ -379,7 +391,12 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - `hidden`: [R, C], `targets`: [R] → (log_probs [R], entropies [R])
-    pub fn token_log_probs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>, temperature: f32) -> (Tensor<1>, Tensor<1>) {
+    pub fn token_log_probs(
+        &self,
+        hidden: Tensor<2>,
+        targets: Tensor<1, Int>,
+        temperature: f32,
+    ) -> (Tensor<1>, Tensor<1>) {
         match self.head_weight() {
             Some((head, transposed)) => crate::fused::head_log_probs(hidden, head, transposed, targets, temperature),
             None => {
@@ -480,7 +497,11 @@ impl ModelSource {
         }
         let (repo, revision) = text.split_once('@').unwrap_or((text, "main"));
         let hub_id = repo.split_once('/').is_some_and(|(owner, name)| {
-            let part = |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !part.starts_with('.');
+            let part = |part: &str| {
+                !part.is_empty()
+                    && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    && !part.starts_with('.')
+            };
             part(owner) && part(name)
         });
         if !hub_id || revision.is_empty() {
@@ -516,7 +537,15 @@ impl ModelSource {
             ),
         };
         let config = fetch("config.json").map_err(hub_error)?;
-        for optional in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"] {
+        for optional in [
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "vocab.json",
+            "merges.txt",
+            "special_tokens_map.json",
+        ] {
             // Checkpoints carry different subsets of these; a missing one is not an error.
             let _ = fetch(optional);
         }
@@ -542,7 +571,8 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("cotlab");
     }
-    std::env::var_os("HOME").map_or_else(|| std::env::temp_dir().join("cotlab-cache"), |home| PathBuf::from(home).join(".cache/cotlab"))
+    std::env::var_os("HOME")
+        .map_or_else(|| std::env::temp_dir().join("cotlab-cache"), |home| PathBuf::from(home).join(".cache/cotlab"))
 }
 
 /// The sha256 of a file, in hex.

@@ -14,8 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Tensor, TensorData};
 use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::weights::{LoadError, WeightMap, WeightWriter};
@@ -119,7 +119,10 @@ impl ModuleVisitor for PathVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
         if let Some(values) = self.values.as_mut() {
-            values.insert(path.clone(), param.base().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"));
+            values.insert(
+                path.clone(),
+                param.base().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"),
+            );
         }
         let holder = self.holders.last().map_or("", String::as_str);
         if let Some(no_decay) = self.no_decay.as_mut().filter(|_| !decays(&path, holder)) {
@@ -241,13 +244,17 @@ impl ModuleMapper for AdamWMapper<'_> {
                 exp_avg: exp_avg * beta1 as f32 + grad.clone() * (1.0 - beta1) as f32,
                 exp_avg_sq: exp_avg_sq * beta2 as f32 + grad.square() * (1.0 - beta2) as f32,
             },
-            None => Moments { exp_avg: grad.clone() * (1.0 - beta1) as f32, exp_avg_sq: grad.square() * (1.0 - beta2) as f32 },
+            None => Moments {
+                exp_avg: grad.clone() * (1.0 - beta1) as f32,
+                exp_avg_sq: grad.square() * (1.0 - beta2) as f32,
+            },
         };
         let step = self.optimizer.steps as i32 + 1;
         let bias_correction1 = 1.0 - beta1.powi(step);
         let bias_correction2 = 1.0 - beta2.powi(step);
         let denominator = moments.exp_avg_sq.clone().div_scalar(bias_correction2 as f32).sqrt() + eps as f32;
-        let update = moments.exp_avg.clone().div_scalar(bias_correction1 as f32) / denominator * self.learning_rate as f32;
+        let update =
+            moments.exp_avg.clone().div_scalar(bias_correction1 as f32) / denominator * self.learning_rate as f32;
         let flat: Tensor<1> = value.reshape([count]);
         let weight_decay = if self.no_decay.contains(&id) { 0.0 } else { weight_decay };
         let new_flat = flat.clone() * (1.0 - self.learning_rate * weight_decay) as f32 - update;
@@ -276,7 +283,8 @@ impl AdamW {
     /// L2 norm of the parameter change (`update_norm`).
     pub fn step<M: Module>(&mut self, module: M, mut grads: GradientsParams, learning_rate: f64) -> (M, f64) {
         let no_decay = if self.settings.weight_decay == 0.0 { HashSet::new() } else { no_decay_parameters(&module) };
-        let mut mapper = AdamWMapper { optimizer: self, grads: &mut grads, learning_rate, no_decay, update_sum_of_squares: 0.0 };
+        let mut mapper =
+            AdamWMapper { optimizer: self, grads: &mut grads, learning_rate, no_decay, update_sum_of_squares: 0.0 };
         let module = module.map(&mut mapper);
         let update_norm = mapper.update_sum_of_squares.sqrt();
         self.steps += 1;
@@ -292,7 +300,10 @@ impl AdamW {
                 writer.tensor(&format!("{name}.exp_avg_sq"), moments.exp_avg_sq.clone());
             }
         }
-        writer.tensor("__step__", Tensor::<1>::from_data(TensorData::new(vec![self.steps as f32], [1]), &burn::tensor::Device::flex()));
+        writer.tensor(
+            "__step__",
+            Tensor::<1>::from_data(TensorData::new(vec![self.steps as f32], [1]), &burn::tensor::Device::flex()),
+        );
         writer.write(path)
     }
 
@@ -376,7 +387,11 @@ pub fn shard_ranges<M: Module>(model: &M, rows: usize) -> Vec<std::ops::Range<us
 /// whole-batch totals, so the shares add up to the batch loss) and any per-shard statistics.
 /// Returns the loss, the summed gradients and the statistics in row order; a shard whose loss is
 /// not finite skips its backward pass and the call reports it (no gradients are returned).
-pub fn sharded_backward<M, T, F>(model: &M, rows: usize, shard_loss: F) -> Result<(f64, GradientsParams, Vec<T>), NonFinite>
+pub fn sharded_backward<M, T, F>(
+    model: &M,
+    rows: usize,
+    shard_loss: F,
+) -> Result<(f64, GradientsParams, Vec<T>), NonFinite>
 where
     M: Module + Sync,
     T: Send,
@@ -492,12 +507,19 @@ impl<M: Module + Sync> Updater<M> {
     }
 
     /// [`apply_gradients`] to the model; on a non-finite gradient norm the model is kept as it was.
-    pub fn update(&mut self, grads: GradientsParams, loss: f64, max_grad_norm: Option<f64>, learning_rate: f64) -> Result<UpdateStats, NonFinite> {
+    pub fn update(
+        &mut self,
+        grads: GradientsParams,
+        loss: f64,
+        max_grad_norm: Option<f64>,
+        learning_rate: f64,
+    ) -> Result<UpdateStats, NonFinite> {
         let model = self.model.take().expect("the model is back in place after every update");
-        let (model, outcome) = match apply_gradients(model, grads, loss, &mut self.optimizer, max_grad_norm, learning_rate) {
-            Ok((model, stats)) => (model, Ok(stats)),
-            Err((model, bad)) => (model, Err(bad)),
-        };
+        let (model, outcome) =
+            match apply_gradients(model, grads, loss, &mut self.optimizer, max_grad_norm, learning_rate) {
+                Ok((model, stats)) => (model, Ok(stats)),
+                Err((model, bad)) => (model, Err(bad)),
+            };
         self.model = Some(model);
         outcome
     }

@@ -45,15 +45,26 @@ impl SharedPrefixInput {
     ///
     /// # Panics
     /// When a prompt is empty, the row counts differ, or completion rows differ in width.
-    pub fn new(row_prompts: &[&[i64]], completion_ids: &[Vec<i64>], completion_mask: &[Vec<bool>], pad_token_id: i64) -> Self {
+    pub fn new(
+        row_prompts: &[&[i64]],
+        completion_ids: &[Vec<i64>],
+        completion_mask: &[Vec<bool>],
+        pad_token_id: i64,
+    ) -> Self {
         let rows = row_prompts.len();
-        assert!(completion_ids.len() == rows && completion_mask.len() == rows, "one completion and mask per prompt row");
+        assert!(
+            completion_ids.len() == rows && completion_mask.len() == rows,
+            "one completion and mask per prompt row"
+        );
         let mut index: HashMap<&[i64], usize> = HashMap::new();
         let mut distinct: Vec<&[i64]> = Vec::new();
         let groups: Vec<usize> = row_prompts
             .iter()
             .map(|&prompt| {
-                assert!(!prompt.is_empty(), "a prompt needs at least one token: its last position predicts the first completion token");
+                assert!(
+                    !prompt.is_empty(),
+                    "a prompt needs at least one token: its last position predicts the first completion token"
+                );
                 *index.entry(prompt).or_insert_with(|| {
                     distinct.push(prompt);
                     distinct.len() - 1
@@ -76,7 +87,10 @@ impl SharedPrefixInput {
         let mut position_ids = Vec::with_capacity(rows * completion_len);
         let mut key_mask = Vec::with_capacity(rows * (prompt_len + completion_len));
         for ((ids, mask), &group) in completion_ids.iter().zip(completion_mask).zip(&groups) {
-            assert!(ids.len() == completion_len && mask.len() == completion_len, "completions must be padded to one width");
+            assert!(
+                ids.len() == completion_len && mask.len() == completion_len,
+                "completions must be padded to one width"
+            );
             key_mask.extend_from_slice(&masks[group]);
             let mut real = distinct[group].len() as i64;
             for (&id, &keep) in ids.iter().zip(mask) {
@@ -139,10 +153,16 @@ impl SharedPrefixInput {
 ///
 /// # Shapes
 /// - returns (log_probs [R, Tc], entropies [R, Tc])
-pub fn shared_prefix_log_probs(model: &CausalLm, input: &SharedPrefixInput, temperature: f32) -> (Tensor<2>, Tensor<2>) {
+pub fn shared_prefix_log_probs(
+    model: &CausalLm,
+    input: &SharedPrefixInput,
+    temperature: f32,
+) -> (Tensor<2>, Tensor<2>) {
     let (rows, completion_len) = (input.rows(), input.completion_len());
     assert!(completion_len > 0, "there must be at least one completion position");
-    let Some((prompt_hidden, completion_hidden)) = model.shared_prefix_hidden_states(&input.prompts, &input.groups, &input.completions) else {
+    let Some((prompt_hidden, completion_hidden)) =
+        model.shared_prefix_hidden_states(&input.prompts, &input.groups, &input.completions)
+    else {
         return completion_log_probs(model, &input.full(), completion_len, temperature);
     };
     let [prompts, prompt_len, width] = prompt_hidden.dims();
@@ -153,7 +173,10 @@ pub fn shared_prefix_log_probs(model: &CausalLm, input: &SharedPrefixInput, temp
     let last = prompt_hidden.slice([0..prompts, prompt_len - 1..prompt_len, 0..width]).select(0, groups); // [R, 1, C]
     let earlier = completion_hidden.slice([0..rows, 0..completion_len - 1, 0..width]); // [R, Tc - 1, C]
     let predicting = Tensor::cat(vec![last, earlier], 1).reshape([rows * completion_len, width]);
-    let targets = Tensor::<1, Int>::from_data(TensorData::new(input.completions.input_ids.clone(), [rows * completion_len]), &device);
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new(input.completions.input_ids.clone(), [rows * completion_len]),
+        &device,
+    );
     let (log_probs, entropies) = model.token_log_probs(predicting, targets, temperature);
     (log_probs.reshape([rows, completion_len]), entropies.reshape([rows, completion_len]))
 }

@@ -51,7 +51,9 @@ where
         .special_tokens(vec![AddedToken::from(EOS_TOKEN, true), AddedToken::from(PAD_TOKEN, true)])
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    tokenizer.train(&mut trainer, texts).map_err(|error| TokenizerError::Use(format!("training the tokenizer: {error}")))?;
+    tokenizer
+        .train(&mut trainer, texts)
+        .map_err(|error| TokenizerError::Use(format!("training the tokenizer: {error}")))?;
     let eos = tokenizer.token_to_id(EOS_TOKEN).expect("special token trained");
     let pad = tokenizer.token_to_id(PAD_TOKEN).expect("special token trained");
     Ok(PolicyTokenizer::new(tokenizer, None, vec![eos], Some(pad)))
@@ -148,7 +150,8 @@ mod tests {
     use tasks::synthetic::{SyntheticConfig, generate};
 
     fn corpus() -> Vec<String> {
-        let data = generate(&SyntheticConfig { train_size: 400, test_size: 10, seed: 0, ..SyntheticConfig::default() }).unwrap();
+        let data = generate(&SyntheticConfig { train_size: 400, test_size: 10, seed: 0, ..SyntheticConfig::default() })
+            .unwrap();
         data.train.problems.iter().map(|p| format!("Q: {}\nA: {}\n#### {}", p.question, p.solution, p.answer)).collect()
     }
 
@@ -177,14 +180,18 @@ mod tests {
         for preset in [Preset::TinyGptNeo, Preset::TinyQwen2, Preset::TinyLlama] {
             let config = preset.config(tokenizer.vocab_size(), tokenizer.eos_ids[0], 256);
             let model = CausalLm::init(&config, &device).unwrap();
-            let ids: Vec<i64> = tokenizer.encode("Q: What is 2 + 3?", false).unwrap().into_iter().map(i64::from).collect();
+            let ids: Vec<i64> =
+                tokenizer.encode("Q: What is 2 + 3?", false).unwrap().into_iter().map(i64::from).collect();
             let input = crate::StepInput::from_padded(std::slice::from_ref(&ids), &[vec![true; ids.len()]]);
             let logits = model.forward(&input, &mut model.new_cache());
             assert_eq!(logits.dims(), [1, ids.len(), tokenizer.vocab_size()]);
             let dir = tempfile::tempdir().unwrap();
             model.save_dir(dir.path(), Some(&tokenizer)).unwrap();
             let reloaded = crate::PolicyTokenizer::load_dir(dir.path()).unwrap();
-            assert_eq!(reloaded.encode("What is 2 + 3?", false).unwrap(), tokenizer.encode("What is 2 + 3?", false).unwrap());
+            assert_eq!(
+                reloaded.encode("What is 2 + 3?", false).unwrap(),
+                tokenizer.encode("What is 2 + 3?", false).unwrap()
+            );
             assert_eq!(reloaded.eos_ids, tokenizer.eos_ids, "{preset:?}: eos id from the saved config");
             assert_eq!(reloaded.pad_id, tokenizer.pad_id, "{preset:?}: pad id from tokenizer_config.json");
             CausalLm::load_dir(dir.path(), &device).unwrap();

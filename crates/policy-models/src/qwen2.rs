@@ -83,7 +83,12 @@ impl Qwen2Config {
             qkv_bias: true,
             o_bias: false,
             mlp_bias: false,
-            rope: rope_from_config(head_dim, self.rope_theta, self.rope_scaling.as_ref(), self.rope_parameters.as_ref())?,
+            rope: rope_from_config(
+                head_dim,
+                self.rope_theta,
+                self.rope_scaling.as_ref(),
+                self.rope_parameters.as_ref(),
+            )?,
             initializer_range: self.initializer_range,
         };
         spec.validate()?;

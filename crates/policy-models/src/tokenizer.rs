@@ -33,7 +33,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 pub(crate) const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen2's pre-tokenization pattern (transformers' `PRETOKENIZE_REGEX`).
-pub(crate) const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Errors of tokenizer loading and use.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +141,10 @@ impl PolicyTokenizer {
     /// encoding with special tokens by a post-processor template (as Llama 3's
     /// `tokenizer.json` does), so that a saved copy encodes the same in cotlab and transformers.
     pub fn prepending_bos(mut self, bos: u32) -> Result<Self, TokenizerError> {
-        let text = self.inner.id_to_token(bos).ok_or_else(|| TokenizerError::Use(format!("prepending_bos: no token has id {bos}")))?;
+        let text = self
+            .inner
+            .id_to_token(bos)
+            .ok_or_else(|| TokenizerError::Use(format!("prepending_bos: no token has id {bos}")))?;
         let template = bos_template(&text, bos).map_err(TokenizerError::Use)?;
         let processor = after(self.inner.get_post_processor(), template);
         self.inner.with_post_processor(Some(processor));
@@ -165,7 +169,8 @@ impl PolicyTokenizer {
     /// SmolLM2), as transformers' `tokenizer(text)` does. Text a chat template rendered already
     /// holds the template's special tokens: encode it without (as transformers and TRL do).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|error| TokenizerError::Use(error.to_string()))?;
+        let encoding =
+            self.inner.encode(text, add_special_tokens).map_err(|error| TokenizerError::Use(error.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -186,7 +191,9 @@ impl PolicyTokenizer {
 
     /// Writes `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
-        self.inner.save(path, false).map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })
+        self.inner
+            .save(path, false)
+            .map_err(|error| TokenizerError::Load { path: path.to_path_buf(), message: error.to_string() })
     }
 }
 
@@ -218,13 +225,16 @@ fn after(existing: Option<&PostProcessorWrapper>, template: TemplateProcessing) 
 /// `original/tokenizer.model`; a file of `base64-token rank` lines, unlike SentencePiece's
 /// binary `tokenizer.model`).
 fn tiktoken_file(dir: &Path) -> Option<PathBuf> {
-    ["original_tokenizer.model", "original/tokenizer.model", "tokenizer.model"].iter().map(|name| dir.join(name)).find(|path| {
-        let Ok(bytes) = std::fs::read(path) else { return false };
-        let first = bytes.split(|&byte| byte == b'\n').next().unwrap_or_default();
-        std::str::from_utf8(first).is_ok_and(|line| {
-            line.split_once(' ').is_some_and(|(token, rank)| rank.parse::<u32>().is_ok() && BASE64.decode(token).is_ok())
-        })
-    })
+    ["original_tokenizer.model", "original/tokenizer.model", "tokenizer.model"].iter().map(|name| dir.join(name)).find(
+        |path| {
+            let Ok(bytes) = std::fs::read(path) else { return false };
+            let first = bytes.split(|&byte| byte == b'\n').next().unwrap_or_default();
+            std::str::from_utf8(first).is_ok_and(|line| {
+                line.split_once(' ')
+                    .is_some_and(|(token, rank)| rank.parse::<u32>().is_ok() && BASE64.decode(token).is_ok())
+            })
+        },
+    )
 }
 
 /// GPT-2's map from bytes to printable characters (byte-level BPE spells tokens with it).
@@ -254,7 +264,9 @@ fn from_tiktoken(path: &Path, tokenizer_config: &Value) -> Result<Tokenizer, Tok
     let text = std::fs::read_to_string(path).map_err(|error| load_error(error.to_string()))?;
     let mut ranks: HashMap<Vec<u8>, u32> = HashMap::new();
     for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.is_empty()) {
-        let parsed = line.split_once(' ').and_then(|(token, rank)| Some((BASE64.decode(token).ok()?, rank.parse::<u32>().ok()?)));
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(token, rank)| Some((BASE64.decode(token).ok()?, rank.parse::<u32>().ok()?)));
         let Some((token, rank)) = parsed else {
             return Err(load_error(format!("line {}: expected `<base64 token> <rank>`, found {line:?}", number + 1)));
         };
@@ -288,7 +300,9 @@ fn from_tiktoken(path: &Path, tokenizer_config: &Value) -> Result<Tokenizer, Tok
     let byte_level = ByteLevel::new(false, false, false);
     match token_text(tokenizer_config.get("bos_token")) {
         Some(bos) => {
-            let id = tokenizer.token_to_id(&bos).ok_or_else(|| load_error(format!("the BOS token {bos:?} is not in the vocabulary")))?;
+            let id = tokenizer
+                .token_to_id(&bos)
+                .ok_or_else(|| load_error(format!("the BOS token {bos:?} is not in the vocabulary")))?;
             let template = bos_template(&bos, id).map_err(load_error)?;
             tokenizer.with_post_processor(Some(ProcessorSequence::new(vec![byte_level.into(), template.into()])));
         }
@@ -314,9 +328,7 @@ fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokeniz
     if class.starts_with("Qwen2") {
         let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
             .map_err(|error| load_error(error.to_string()))?;
-        tokenizer
-            .with_normalizer(Some(NFC))
-            .map_err(|error| load_error(error.to_string()))?;
+        tokenizer.with_normalizer(Some(NFC)).map_err(|error| load_error(error.to_string()))?;
         tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
             split.into(),
             ByteLevel::new(add_prefix_space, true, false).into(),
@@ -351,16 +363,22 @@ fn from_vocab_and_merges(dir: &Path, tokenizer_config: &Value) -> Result<Tokeniz
     }
     // Without a tokenizer.json, transformers' `add_bos_token: true` puts the BOS in front.
     let add_bos = tokenizer_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-    if let (true, false, Some(bos)) = (add_bos, class.starts_with("Roberta"), token_text(tokenizer_config.get("bos_token"))) {
+    if let (true, false, Some(bos)) =
+        (add_bos, class.starts_with("Roberta"), token_text(tokenizer_config.get("bos_token")))
+    {
         let id = tokenizer.token_to_id(&bos).ok_or_else(|| {
-            load_error(format!("tokenizer_config.json: add_bos_token is true but bos_token {bos:?} is not in the vocabulary"))
+            load_error(format!(
+                "tokenizer_config.json: add_bos_token is true but bos_token {bos:?} is not in the vocabulary"
+            ))
         })?;
         let template = bos_template(&bos, id).map_err(load_error)?;
         let processor = after(tokenizer.get_post_processor(), template);
         tokenizer.with_post_processor(Some(processor));
     }
     if class.starts_with("Roberta") {
-        let id = |text: &str| tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")));
+        let id = |text: &str| {
+            tokenizer.token_to_id(text).ok_or_else(|| load_error(format!("RoBERTa vocabulary lacks {text}")))
+        };
         let processing = RobertaProcessing::new(("</s>".to_string(), id("</s>")?), ("<s>".to_string(), id("<s>")?))
             .trim_offsets(true)
             .add_prefix_space(add_prefix_space);

@@ -189,7 +189,11 @@ impl SftTrainer {
         if state.step != optimizer.steps() {
             return Err(TrainError::Checkpoint {
                 path: state_path,
-                message: format!("trainer step {} but optimizer step {}: a partial checkpoint", state.step, optimizer.steps()),
+                message: format!(
+                    "trainer step {} but optimizer step {}: a partial checkpoint",
+                    state.step,
+                    optimizer.steps()
+                ),
             });
         }
         Ok(Self { updater: Updater::new(model, optimizer), config })
@@ -236,13 +240,18 @@ impl SftTrainer {
         }
         let started = Instant::now();
         let step = self.updater.optimizer().steps();
-        let batch: Vec<&SftExample> = self.batch_indices(step, examples.len()).into_iter().map(|i| &examples[i]).collect();
+        let batch: Vec<&SftExample> =
+            self.batch_indices(step, examples.len()).into_iter().map(|i| &examples[i]).collect();
         let tokens = batch.iter().map(|example| example.target_tokens()).sum::<usize>();
         let pad = self.config.pad_token_id;
         let learning_rate = self.config.schedule.learning_rate_at(step);
         // One shard of rows per thread on the CPU: see `sharded_backward`.
-        let not_finite = |bad: NonFinite| TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
-        let (loss, grads, _) = self.updater.backward(batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ())).map_err(not_finite)?;
+        let not_finite =
+            |bad: NonFinite| TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
+        let (loss, grads, _) = self
+            .updater
+            .backward(batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ()))
+            .map_err(not_finite)?;
         let stats = self.updater.update(grads, loss, self.config.max_grad_norm, learning_rate).map_err(not_finite)?;
         Ok(SftStep {
             step: step + 1,
@@ -262,7 +271,10 @@ impl SftTrainer {
         let step = self.step();
         let final_dir = dir.join(format!("checkpoint-{step}"));
         let temporary = dir.join(format!(".checkpoint-{step}.tmp"));
-        let fail = |path: &Path, error: std::io::Error| TrainError::Checkpoint { path: path.to_path_buf(), message: error.to_string() };
+        let fail = |path: &Path, error: std::io::Error| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        };
         if temporary.exists() {
             std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
         }
@@ -270,7 +282,8 @@ impl SftTrainer {
         self.updater.optimizer().save(self.model(), &temporary.join("optimizer.safetensors"))?;
         let state = TrainerState { step, config: self.config.clone() };
         let state_path = temporary.join("trainer_state.json");
-        std::fs::write(&state_path, serde_json::to_string_pretty(&state).expect("json")).map_err(|error| fail(&state_path, error))?;
+        std::fs::write(&state_path, serde_json::to_string_pretty(&state).expect("json"))
+            .map_err(|error| fail(&state_path, error))?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(|error| fail(&final_dir, error))?;
         }

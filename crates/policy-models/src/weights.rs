@@ -43,13 +43,17 @@ pub enum LoadError {
     #[error("{path}: missing weight `{key}` (expected shape {expected:?})")]
     MissingKey { path: PathBuf, key: String, expected: Vec<usize> },
 
-    #[error("{path}: weight `{key}` has shape {found:?} but the config implies {expected:?}; is config.json the one that goes with these weights?")]
+    #[error(
+        "{path}: weight `{key}` has shape {found:?} but the config implies {expected:?}; is config.json the one that goes with these weights?"
+    )]
     ShapeMismatch { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
 
     #[error("{path}: weight `{key}` is stored as {dtype:?}; only F32, F16 and BF16 are read")]
     UnsupportedDtype { path: PathBuf, key: String, dtype: String },
 
-    #[error("{path}: {count} weights were not used by the model, for example `{first}`; the checkpoint does not match its config.json or architecture")]
+    #[error(
+        "{path}: {count} weights were not used by the model, for example `{first}`; the checkpoint does not match its config.json or architecture"
+    )]
     UnusedKeys { path: PathBuf, count: usize, first: String },
 
     #[error("{path}: {message}")]
@@ -216,7 +220,11 @@ impl WeightMap {
     /// Reads `key` as f32 values, checking that its shape is `expected`.
     pub fn take_values(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let Some(entry) = self.entries.get(key) else {
-            return Err(LoadError::MissingKey { path: self.dir.clone(), key: key.to_string(), expected: expected.to_vec() });
+            return Err(LoadError::MissingKey {
+                path: self.dir.clone(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+            });
         };
         let shard = match entry {
             Entry::Safetensors { shard } => &self.shards[*shard],
@@ -283,7 +291,8 @@ impl WeightMap {
             }
         }
         let weight = Tensor::from_data(TensorData::new(transposed, [d_input, d_output]), &self.device);
-        let bias = if bias { Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d_output])?)) } else { None };
+        let bias =
+            if bias { Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d_output])?)) } else { None };
         Ok(Linear { weight: Param::from_tensor(weight), bias })
     }
 
@@ -344,7 +353,10 @@ pub fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
         })?;
         // The name is joined to the checkpoint directory (or fetched from the hub into its
         // cache): a separator or `..` would read, or download to, a file outside it.
-        let plain = !file.contains(['/', '\\']) && !file.contains("..") && file.len() > ".safetensors".len() && file.ends_with(".safetensors");
+        let plain = !file.contains(['/', '\\'])
+            && !file.contains("..")
+            && file.len() > ".safetensors".len()
+            && file.ends_with(".safetensors");
         if !plain {
             return Err(LoadError::BadIndex {
                 path: index.to_path_buf(),
@@ -449,7 +461,9 @@ impl WeightWriter {
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
-            .map(|(key, shape, values)| (key.clone(), shape.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .map(|(key, shape, values)| {
+                (key.clone(), shape.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            })
             .collect();
         let views = bytes
             .iter()

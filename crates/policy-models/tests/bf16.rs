@@ -22,7 +22,8 @@ fn bf16_logits_match_transformers_bf16_within_its_own_rounding_gap() {
     let device = Device::flex();
     for name in CASES {
         let (dir, reference) = fixture(name);
-        let bf16: Bf16Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference_bf16.json")).unwrap()).unwrap();
+        let bf16: Bf16Reference =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference_bf16.json")).unwrap()).unwrap();
         let f32_model = CausalLm::load_dir(&dir, &device).unwrap();
         let model = CausalLm::load_dir(&dir, &device).unwrap().with_compute_dtype(FloatDType::BF16);
         assert_eq!(model.compute_dtype(), FloatDType::BF16);
@@ -44,8 +45,13 @@ fn bf16_logits_match_transformers_bf16_within_its_own_rounding_gap() {
             }
         }
         let gap = bf16.max_abs_diff_from_f32;
-        println!("{name}: |cotlab bf16 - transformers bf16| {to_transformers:.4}, |cotlab bf16 - f32| {to_own_f32:.4}, transformers' own gap {gap:.4}");
-        assert!(to_transformers <= 2.0 * gap.max(0.02), "{name}: {to_transformers} vs transformers' own bf16 gap {gap}");
+        println!(
+            "{name}: |cotlab bf16 - transformers bf16| {to_transformers:.4}, |cotlab bf16 - f32| {to_own_f32:.4}, transformers' own gap {gap:.4}"
+        );
+        assert!(
+            to_transformers <= 2.0 * gap.max(0.02),
+            "{name}: {to_transformers} vs transformers' own bf16 gap {gap}"
+        );
         assert!(to_own_f32 > 1e-3, "{name}: bf16 logits equal the f32 ones ({to_own_f32}): nothing ran in bf16");
     }
 }

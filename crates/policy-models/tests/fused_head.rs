@@ -40,7 +40,8 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 
 /// Three rows of 4 prompt and 6 completion tokens, the first row left-padded by two.
 fn input() -> (StepInput, usize) {
-    let ids: Vec<Vec<i64>> = (0..3).map(|row| noise(10, row).into_iter().map(|x| (x * VOCAB as f32) as i64).collect()).collect();
+    let ids: Vec<Vec<i64>> =
+        (0..3).map(|row| noise(10, row).into_iter().map(|x| (x * VOCAB as f32) as i64).collect()).collect();
     let mask: Vec<Vec<bool>> = (0..3).map(|row| (0..10).map(|i| row != 0 || i >= 2).collect()).collect();
     (StepInput::from_padded(&ids, &mask), 6)
 }
@@ -87,7 +88,12 @@ fn scored(model: &CausalLm, fused: bool, temperature: f32) -> (Vec<f32>, Vec<f32
 fn compare(name: &str, model: &CausalLm, temperature: f32, min_params: usize) {
     let (fused_logps, fused_entropies, fused_grads) = scored(model, true, temperature);
     let (logps, entropies, grads) = scored(model, false, temperature);
-    let worst = fused_logps.iter().zip(&logps).chain(fused_entropies.iter().zip(&entropies)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = fused_logps
+        .iter()
+        .zip(&logps)
+        .chain(fused_entropies.iter().zip(&entropies))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 2e-5, "{name} T={temperature}: log-probs/entropies differ by {worst}");
     // A random model's entropy is near ln V: a wrong sign or scale would show.
     assert!(entropies.iter().all(|&h| h > 1.0), "{name}: entropies {entropies:?}");
@@ -144,7 +150,8 @@ impl burn::module::ModuleMapper for Perturb {
         param.map(|t| {
             let (device, shape) = (t.device(), t.shape());
             let n = shape.num_elements();
-            let values: Vec<f32> = host(t).into_iter().zip(noise(n, n as u64)).map(|(v, r)| v + (r - 0.5) * 0.1).collect();
+            let values: Vec<f32> =
+                host(t).into_iter().zip(noise(n, n as u64)).map(|(v, r)| v + (r - 0.5) * 0.1).collect();
             Tensor::from_data(TensorData::new(values, shape), &device).require_grad()
         })
     }
@@ -156,11 +163,26 @@ impl burn::module::ModuleMapper for Perturb {
 fn fused_head_op_matches_composed_ops_across_row_and_vocabulary_blocks() {
     let device = Device::flex().autodiff();
     let (rows, depth, vocab, temperature) = (HEAD_ROWS + 5, 8, HEAD_VOCAB + 3, 1.3);
-    let hidden = || Tensor::<2>::from_data(TensorData::new(noise(rows * depth, 1).iter().map(|x| (x - 0.5) * 4.0).collect::<Vec<_>>(), [rows, depth]), &device).require_grad();
-    let head = || Tensor::<2>::from_data(TensorData::new(noise(depth * vocab, 2).iter().map(|x| x - 0.5).collect::<Vec<_>>(), [depth, vocab]), &device).require_grad();
+    let hidden = || {
+        Tensor::<2>::from_data(
+            TensorData::new(noise(rows * depth, 1).iter().map(|x| (x - 0.5) * 4.0).collect::<Vec<_>>(), [rows, depth]),
+            &device,
+        )
+        .require_grad()
+    };
+    let head = || {
+        Tensor::<2>::from_data(
+            TensorData::new(noise(depth * vocab, 2).iter().map(|x| x - 0.5).collect::<Vec<_>>(), [depth, vocab]),
+            &device,
+        )
+        .require_grad()
+    };
     let ids: Vec<i64> = noise(rows, 3).into_iter().map(|x| (x * vocab as f32) as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [rows]), &device);
-    let weights = Tensor::<1>::from_data(TensorData::new(noise(rows, 4).iter().map(|x| x - 0.3).collect::<Vec<_>>(), [rows]), &device);
+    let weights = Tensor::<1>::from_data(
+        TensorData::new(noise(rows, 4).iter().map(|x| x - 0.3).collect::<Vec<_>>(), [rows]),
+        &device,
+    );
     // Reference: full logits.
     let (h, w) = (hidden(), head());
     let log_p = log_softmax_last(h.clone().matmul(w.clone()) / temperature);
@@ -174,8 +196,14 @@ fn fused_head_op_matches_composed_ops_across_row_and_vocabulary_blocks() {
         let (logps, entropies) = head_log_probs(h.clone(), w_in.clone(), transposed, targets.clone(), temperature);
         let grads = ((logps.clone() * weights.clone()).sum() - entropies.clone().sum() * 0.5).backward();
         assert!(relative(&host(logps), &host(want_logps.clone()), 1.0) < 1e-5, "log-probs (transposed: {transposed})");
-        assert!(relative(&host(entropies), &host(want_entropies.clone()), 1.0) < 1e-5, "entropies (transposed: {transposed})");
-        assert!(relative(&host(h.grad(&grads).unwrap()), &want_dh, 1e-6) < 1e-4, "hidden gradient (transposed: {transposed})");
+        assert!(
+            relative(&host(entropies), &host(want_entropies.clone()), 1.0) < 1e-5,
+            "entropies (transposed: {transposed})"
+        );
+        assert!(
+            relative(&host(h.grad(&grads).unwrap()), &want_dh, 1e-6) < 1e-4,
+            "hidden gradient (transposed: {transposed})"
+        );
         let dw = w_in.grad(&grads).unwrap();
         let dw = if transposed { dw.transpose() } else { dw };
         assert!(relative(&host(dw), &want_dw, 1e-6) < 1e-4, "head gradient (transposed: {transposed})");
@@ -188,10 +216,14 @@ fn fused_head_op_matches_composed_ops_across_row_and_vocabulary_blocks() {
 fn bf16_models_take_the_composed_fallback_with_the_same_numbers() {
     let device = Device::flex().autodiff();
     // The cast weights as leaves of their own (the cast is not part of what is differentiated).
-    let model = model(Preset::TinyQwen2, true, &device).with_compute_dtype(burn::tensor::FloatDType::BF16).map(&mut Leaves);
+    let model =
+        model(Preset::TinyQwen2, true, &device).with_compute_dtype(burn::tensor::FloatDType::BF16).map(&mut Leaves);
     let (fused_logps, fused_entropies, fused_grads) = scored(&model, true, 0.9);
     let (logps, entropies, grads) = scored(&model, false, 0.9);
-    assert!(relative(&fused_logps, &logps, 1.0) < 1e-3 && relative(&fused_entropies, &entropies, 1.0) < 1e-3, "{fused_logps:?} vs {logps:?}");
+    assert!(
+        relative(&fused_logps, &logps, 1.0) < 1e-3 && relative(&fused_entropies, &entropies, 1.0) < 1e-3,
+        "{fused_logps:?} vs {logps:?}"
+    );
     assert_eq!(fused_grads.len(), grads.len());
     for ((_, a), (_, b)) in fused_grads.iter().zip(&grads) {
         assert!(relative(a, b, 1e-6) < 2e-2, "bf16 gradient differs by {}", relative(a, b, 1e-6));

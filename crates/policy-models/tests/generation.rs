@@ -57,7 +57,8 @@ fn cached_decoding_matches_full_forward_and_scoring_matches_sampling() {
             .zip(&greedy_generation.completion_ids)
             .map(|(prompt, completion)| prompt.iter().chain(completion).copied().collect())
             .collect();
-        let (greedy_scored, entropies) = completion_log_probs(&model, &StepInput::from_padded(&greedy_ids, &full_mask), 6, 1.0);
+        let (greedy_scored, entropies) =
+            completion_log_probs(&model, &StepInput::from_padded(&greedy_ids, &full_mask), 6, 1.0);
         let greedy_scored = greedy_scored.into_data().try_to_vec::<f32>().unwrap();
         assert!(entropies.into_data().try_to_vec::<f32>().unwrap().iter().all(|e| *e >= 0.0));
         for (row, expected) in greedy_generation.log_probs.iter().enumerate() {
@@ -80,7 +81,6 @@ fn sampling_is_reproducible_for_a_seed() {
     assert_eq!(first, generate(&model, &prompts(&reference), &config(3), &[], None));
     assert_ne!(first.completion_ids, generate(&model, &prompts(&reference), &config(4), &[], None).completion_ids);
 }
-
 
 #[test]
 fn a_row_samples_the_same_completion_alone_or_in_a_batch_split_across_threads() {

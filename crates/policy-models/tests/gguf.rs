@@ -47,8 +47,10 @@ fn dequantization_matches_gguf_py_for_every_block_type() {
     for (name, dtype) in types {
         let case = &cases[name];
         let hex = case["hex"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        let expected: Vec<f32> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let expected: Vec<f32> =
+            case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let ours = dequantize(dtype, &bytes);
         assert_eq!(ours.len(), expected.len(), "{name}");
         for (index, (a, b)) in ours.iter().zip(&expected).enumerate() {
@@ -115,7 +117,9 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
         assert_eq!(argmax as u64, logits_ref["argmax"][t].as_u64().unwrap(), "argmax at position {t}");
     }
     let (exact, float32) = (worst("_f64"), worst(""));
-    println!("SmolLM2 GGUF, {length} positions: max |difference| {exact:.2e} from transformers in float64, {float32:.2e} from float32");
+    println!(
+        "SmolLM2 GGUF, {length} positions: max |difference| {exact:.2e} from transformers in float64, {float32:.2e} from float32"
+    );
     // Two float32 evaluations differ by their summation orders (transformers' own float32 logits
     // are 6.8e-5 from its float64 ones here), so the reference is the float64 evaluation. On an
     // AVX-512 machine cotlab's worst position (13, where activations are largest) is 9.9e-5 from it
@@ -242,9 +246,11 @@ fn a_failed_conversion_leaves_nothing_in_the_cache() {
     let (dir, file) = open_bytes(&tiny_gguf(0, &[1.0, 2.0, 3.0]));
     drop(file);
     let cache = tempfile::tempdir().unwrap();
-    let error = policy_models::model::gguf_as_dir(&dir.path().join("model.gguf"), cache.path()).unwrap_err().to_string();
+    let error =
+        policy_models::model::gguf_as_dir(&dir.path().join("model.gguf"), cache.path()).unwrap_err().to_string();
     assert!(error.contains("llama.block_count") || error.contains("metadata key"), "{error}");
-    let left: Vec<_> = std::fs::read_dir(cache.path().join("gguf")).map(|entries| entries.collect()).unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(cache.path().join("gguf")).map(|entries| entries.collect()).unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -325,8 +331,12 @@ fn gguf_bytes(metadata: &[(&str, Meta)]) -> Vec<u8> {
 /// `pre`, and reads it back through cotlab's GGUF tokenizer.
 fn through_gguf(tokenizer: &PolicyTokenizer, pre: &str) -> Tokenizer {
     let json: Value = serde_json::from_str(&tokenizer.inner().to_string(false).unwrap()).unwrap();
-    let mut tokens: Vec<(u64, String, i32)> =
-        json["model"]["vocab"].as_object().unwrap().iter().map(|(token, id)| (id.as_u64().unwrap(), token.clone(), 1)).collect();
+    let mut tokens: Vec<(u64, String, i32)> = json["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(token, id)| (id.as_u64().unwrap(), token.clone(), 1))
+        .collect();
     for added in json["added_tokens"].as_array().unwrap() {
         let id = added["id"].as_u64().unwrap();
         let kind = if added["special"].as_bool().unwrap() { 3 } else { 4 };
@@ -370,13 +380,26 @@ fn through_gguf(tokenizer: &PolicyTokenizer, pre: &str) -> Tokenizer {
 #[test]
 fn gguf_pre_tokenizers_match_the_hugging_face_tokenizers() {
     let questions = std::fs::read_to_string(shared().join("datasets/gsm8k/test.jsonl")).unwrap();
-    let mut texts: Vec<String> =
-        questions.lines().take(40).map(|line| serde_json::from_str::<Value>(line).unwrap()["question"].as_str().unwrap().to_string()).collect();
+    let mut texts: Vec<String> = questions
+        .lines()
+        .take(40)
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["question"].as_str().unwrap().to_string())
+        .collect();
     texts.extend(
-        ["It's 12,345.67 dollars -- isn't it?", "café  naïve\n\n  spaces\tand tabs", "x=3*(4+5)/2; 1000000 1 22 333 4444", "<|im_start|>user\nHi<|im_end|>"]
-            .map(str::to_string),
+        [
+            "It's 12,345.67 dollars -- isn't it?",
+            "café  naïve\n\n  spaces\tand tabs",
+            "x=3*(4+5)/2; 1000000 1 22 333 4444",
+            "<|im_start|>user\nHi<|im_end|>",
+        ]
+        .map(str::to_string),
     );
-    for (folder, pre) in [("gpt2", "gpt2"), ("qwen2.5-instruct", "qwen2"), ("llama-3.2-instruct", "llama-bpe"), ("smollm2-instruct", "smollm")] {
+    for (folder, pre) in [
+        ("gpt2", "gpt2"),
+        ("qwen2.5-instruct", "qwen2"),
+        ("llama-3.2-instruct", "llama-bpe"),
+        ("smollm2-instruct", "smollm"),
+    ] {
         let reference = PolicyTokenizer::load_dir(&shared().join("tokenizers").join(folder)).unwrap();
         let ours = through_gguf(&reference, pre);
         for text in &texts {

@@ -32,7 +32,10 @@ fn a_shape_mismatch_names_the_key_and_both_shapes() {
     let error = load(dir.path());
     let message = error.to_string();
     assert!(matches!(error, LoadError::ShapeMismatch { .. }), "{message}");
-    assert!(message.contains("transformer.wte.weight") && message.contains("[128, 32]") && message.contains("[100, 32]"), "{message}");
+    assert!(
+        message.contains("transformer.wte.weight") && message.contains("[128, 32]") && message.contains("[100, 32]"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -79,12 +82,23 @@ fn shard_names_in_the_index_must_be_plain_safetensors_file_names() {
         let json = serde_json::json!({ "metadata": {}, "weight_map": { "transformer.wte.weight": file } });
         std::fs::write(&index, json.to_string()).unwrap();
     };
-    for bad in ["../model-00001-of-00001.safetensors", "sub/model.safetensors", "/tmp/model.safetensors", "sub\\model.safetensors", "model.bin", ".safetensors", ""] {
+    for bad in [
+        "../model-00001-of-00001.safetensors",
+        "sub/model.safetensors",
+        "/tmp/model.safetensors",
+        "sub\\model.safetensors",
+        "model.bin",
+        ".safetensors",
+        "",
+    ] {
         write_index(bad);
         let error = load(dir.path());
         let message = error.to_string();
         assert!(matches!(error, LoadError::BadIndex { .. }), "{bad:?}: {message}");
-        assert!(message.contains("model.safetensors.index.json") && message.contains("weight_map.transformer.wte.weight"), "{bad:?}: {message}");
+        assert!(
+            message.contains("model.safetensors.index.json") && message.contains("weight_map.transformer.wte.weight"),
+            "{bad:?}: {message}"
+        );
     }
     // A plain name is read: the checkpoint loads from its one shard.
     write_index("model-00001-of-00001.safetensors");
@@ -99,7 +113,10 @@ fn model_references_are_paths_or_owner_name_hub_ids() {
     let dir = edited_copy("gpt_neo", |_| {});
     let existing = dir.path().to_str().unwrap();
     assert_eq!(ModelSource::parse(existing).unwrap(), ModelSource::Dir(dir.path().to_path_buf()));
-    assert!(matches!(ModelSource::parse("missing/model.Q4.gguf").unwrap(), ModelSource::Gguf(_)), "a .gguf stays a GGUF path");
+    assert!(
+        matches!(ModelSource::parse("missing/model.Q4.gguf").unwrap(), ModelSource::Gguf(_)),
+        "a .gguf stays a GGUF path"
+    );
     assert_eq!(
         ModelSource::parse("EleutherAI/gpt-neo-125m@v1.0").unwrap(),
         ModelSource::Hub { repo: "EleutherAI/gpt-neo-125m".to_string(), revision: "v1.0".to_string() }
@@ -113,11 +130,17 @@ fn model_references_are_paths_or_owner_name_hub_ids() {
         let error = ModelSource::parse(path).unwrap_err();
         let message = error.to_string();
         assert!(matches!(error, LoadError::BadReference { .. }), "{path}: {message}");
-        assert!(message.contains(path) && message.contains("read as a path") && message.contains("does not exist"), "{path}: {message}");
+        assert!(
+            message.contains(path) && message.contains("read as a path") && message.contains("does not exist"),
+            "{path}: {message}"
+        );
     }
     for not_an_id in ["gpt2", "owner/name/extra", "owner/", "/name", "owner/name@", "own er/name"] {
         let message = ModelSource::parse(not_an_id).unwrap_err().to_string();
-        assert!(message.contains(not_an_id) && (message.contains("owner/name") || message.contains("read as a path")), "{not_an_id}: {message}");
+        assert!(
+            message.contains(not_an_id) && (message.contains("owner/name") || message.contains("read as a path")),
+            "{not_an_id}: {message}"
+        );
     }
     // An existing file that is neither a directory nor a .gguf is named as such.
     let file = dir.path().join("config.json");

@@ -64,7 +64,11 @@ impl ModuleMapper for RandomB {
 fn with_trained_adapters(base: &CausalLm, device: &Device) -> CausalLm {
     device.seed(11);
     let model = base.clone().with_lora(&settings()).unwrap();
-    let b_ids = policy_models::optim::parameter_paths(&model).into_iter().filter(|(path, _)| path.ends_with(".lora.b")).map(|(_, id)| id).collect();
+    let b_ids = policy_models::optim::parameter_paths(&model)
+        .into_iter()
+        .filter(|(path, _)| path.ends_with(".lora.b"))
+        .map(|(_, id)| id)
+        .collect();
     model.map(&mut RandomB(b_ids))
 }
 
@@ -78,15 +82,24 @@ fn adapters_peft_saved_give_peft_logits() {
     let device = Device::flex();
     for base_name in ["gpt_neo", "qwen2_tied"] {
         let lora_dir = fixture_dir(&format!("lora_{base_name}"));
-        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora_dir.join("reference.json")).unwrap()).unwrap();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(lora_dir.join("reference.json")).unwrap()).unwrap();
         let base = CausalLm::load_dir(&fixture_dir(base_name), &device).unwrap();
         let model = base.clone().with_lora(&settings()).unwrap().load_adapters(&lora_dir).unwrap();
         let ours = logits(&model, base_name);
-        let peft: Vec<f32> = reference["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap()).flat_map(|pos| pos.as_array().unwrap()).map(|v| v.as_f64().unwrap() as f32).collect();
+        let peft: Vec<f32> = reference["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .flat_map(|pos| pos.as_array().unwrap())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let (_, batch) = fixture(base_name);
         let real: Vec<bool> = batch.attention_mask.iter().flatten().map(|&m| m == 1).collect();
         let vocab = ours.len() / real.len();
-        let worst = (0..ours.len()).filter(|i| real[i / vocab]).map(|i| (ours[i] - peft[i]).abs()).fold(0.0f32, f32::max);
+        let worst =
+            (0..ours.len()).filter(|i| real[i / vocab]).map(|i| (ours[i] - peft[i]).abs()).fold(0.0f32, f32::max);
         println!("{base_name}: PEFT's adapters in cotlab: max |logit difference| {worst:.2e}");
         assert!(worst < 1e-4, "{base_name}: {worst}");
         // The adapters matter, so the comparison above can fail.
@@ -94,7 +107,11 @@ fn adapters_peft_saved_give_peft_logits() {
         // With the adapters disabled the model is the base, bit for bit.
         let disabled = model.adapters_disabled();
         assert!(disabled.has_adapters() && !base.has_adapters());
-        assert_eq!(logits(&disabled, base_name), logits(&base, base_name), "{base_name}: adapters_disabled is not the base");
+        assert_eq!(
+            logits(&disabled, base_name),
+            logits(&base, base_name),
+            "{base_name}: adapters_disabled is not the base"
+        );
     }
 }
 
@@ -103,8 +120,33 @@ fn saved_adapters_have_peft_keys_shapes_and_scale() {
     let device = Device::flex();
     let keep = std::env::var_os("COTLAB_KEEP_LORA").map(std::path::PathBuf::from);
     for (base_name, hf_prefix, modules, width) in [
-        ("qwen2_tied", "model.layers", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"][..], "hidden_size"),
-        ("gpt_neo", "transformer.h", &["attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj", "attn.attention.out_proj", "mlp.c_fc", "mlp.c_proj"][..], "hidden_size"),
+        (
+            "qwen2_tied",
+            "model.layers",
+            &[
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ][..],
+            "hidden_size",
+        ),
+        (
+            "gpt_neo",
+            "transformer.h",
+            &[
+                "attn.attention.q_proj",
+                "attn.attention.k_proj",
+                "attn.attention.v_proj",
+                "attn.attention.out_proj",
+                "mlp.c_fc",
+                "mlp.c_proj",
+            ][..],
+            "hidden_size",
+        ),
     ] {
         let base = CausalLm::load_dir(&fixture_dir(base_name), &device).unwrap();
         let model = with_trained_adapters(&base, &device);
@@ -114,10 +156,14 @@ fn saved_adapters_have_peft_keys_shapes_and_scale() {
             None => scratch.path().to_path_buf(),
         };
         model.save_dir(&dir, None).unwrap();
-        assert!(!dir.join(ADAPTER_CONFIG_FILE).exists(), "adapter files beside config.json make transformers apply them twice");
+        assert!(
+            !dir.join(ADAPTER_CONFIG_FILE).exists(),
+            "adapter files beside config.json make transformers apply them twice"
+        );
         let adapter = dir.join(ADAPTER_SUBDIR);
 
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(config["peft_type"], "LORA");
         assert_eq!(config["task_type"], "CAUSAL_LM");
         assert_eq!(config["r"], RANK);
@@ -126,11 +172,14 @@ fn saved_adapters_have_peft_keys_shapes_and_scale() {
         assert_eq!(config["bias"], "none");
         let mut targets: Vec<&str> = modules.iter().map(|m| m.rsplit('.').next().unwrap()).collect();
         targets.sort();
-        let saved: Vec<&str> = config["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let saved: Vec<&str> =
+            config["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(saved, targets);
 
-        let model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        let layers = model_config.get("num_hidden_layers").or(model_config.get("num_layers")).unwrap().as_u64().unwrap() as usize;
+        let model_config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let layers = model_config.get("num_hidden_layers").or(model_config.get("num_layers")).unwrap().as_u64().unwrap()
+            as usize;
         let hidden = model_config[width].as_u64().unwrap() as usize;
         let factors = read_safetensors(&adapter.join(ADAPTER_WEIGHTS_FILE));
         let merged = read_safetensors(&dir.join("model.safetensors"));
@@ -162,7 +211,10 @@ fn saved_adapters_have_peft_keys_shapes_and_scale() {
                         size = size.max(delta.abs());
                     }
                 }
-                assert!(worst < 1e-5 && size > 1e-3, "{base_name} {prefix}: merged - base differs from PEFT's update by {worst} (update size {size})");
+                assert!(
+                    worst < 1e-5 && size > 1e-3,
+                    "{base_name} {prefix}: merged - base differs from PEFT's update by {worst} (update size {size})"
+                );
             }
         }
         expected_keys.sort();
@@ -205,7 +257,8 @@ fn lora_mistakes_are_errors_that_say_what_to_do() {
     assert!(error.contains("with_lora"), "{error}");
 
     // An adapter on the embedding table has no place in PEFT's layout of linear projections.
-    let embeddings = base.with_lora(&LoraSettings { target_regex: r"(embed_tokens|q_proj)\.weight$".into(), ..settings() }).unwrap();
+    let embeddings =
+        base.with_lora(&LoraSettings { target_regex: r"(embed_tokens|q_proj)\.weight$".into(), ..settings() }).unwrap();
     let error = embeddings.save_dir(scratch.path(), None).unwrap_err().to_string();
     assert!(error.contains("target_regex"), "{error}");
     assert!(!scratch.path().join("model.safetensors").exists(), "nothing is written before the error");

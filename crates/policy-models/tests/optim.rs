@@ -8,7 +8,9 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use policy_models::optim::{AdamW, AdamWSettings, Schedule, clip_grad_norm, decays, no_decay_parameters, parameter_paths};
+use policy_models::optim::{
+    AdamW, AdamWSettings, Schedule, clip_grad_norm, decays, no_decay_parameters, parameter_paths,
+};
 
 #[derive(Module, Debug)]
 struct Toy {
@@ -21,7 +23,12 @@ struct Toy {
 impl Toy {
     /// The 1-D parameters by their fixture names.
     fn vectors(&self) -> [(&'static str, &Param<Tensor<1>>); 4] {
-        [("bias", &self.bias), ("ln.gamma", &self.ln.gamma), ("ln.beta", self.ln.beta.as_ref().unwrap()), ("final_norm.gamma", &self.final_norm.gamma)]
+        [
+            ("bias", &self.bias),
+            ("ln.gamma", &self.ln.gamma),
+            ("ln.beta", self.ln.beta.as_ref().unwrap()),
+            ("final_norm.gamma", &self.final_norm.gamma),
+        ]
     }
 }
 
@@ -44,18 +51,28 @@ fn toy(fixture: &serde_json::Value, device: &Device) -> Toy {
 
 /// A toy with fresh parameter ids holding `weight` and the 1-D values `vector(name)`.
 fn toy_from(weight: Vec<f32>, vector: impl Fn(&str) -> Vec<f32>, device: &Device) -> Toy {
-    let param = |name: &str| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(vector(name), [4]), device).require_grad());
+    let param = |name: &str| {
+        Param::from_tensor(Tensor::<1>::from_data(TensorData::new(vector(name), [4]), device).require_grad())
+    };
     let mut ln = LayerNormConfig::new(4).init(device);
     ln.gamma = param("ln.gamma");
     ln.beta = Some(param("ln.beta"));
     let mut final_norm = RmsNormConfig::new(4).init(device);
     final_norm.gamma = param("final_norm.gamma");
-    Toy { weight: Param::from_tensor(Tensor::from_data(TensorData::new(weight, [3, 4]), device).require_grad()), bias: param("bias"), ln, final_norm }
+    Toy {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(weight, [3, 4]), device).require_grad()),
+        bias: param("bias"),
+        ln,
+        final_norm,
+    }
 }
 
 fn grads(toy: &Toy, value: &serde_json::Value, scale: f32, device: &Device) -> GradientsParams {
     let mut grads = GradientsParams::new();
-    grads.register(toy.weight.id, Tensor::<2>::from_data(TensorData::new(floats(&value["weight"]), [3, 4]), device) * scale);
+    grads.register(
+        toy.weight.id,
+        Tensor::<2>::from_data(TensorData::new(floats(&value["weight"]), [3, 4]), device) * scale,
+    );
     for (name, param) in toy.vectors() {
         if let Some(values) = value.get(name) {
             grads.register(param.id, Tensor::<1>::from_data(TensorData::new(floats(values), [4]), device) * scale);
@@ -85,9 +102,17 @@ fn adamw_matches_torch_optim_adamw() {
         let (updated, update_norm) = optimizer.step(model, grads, lr);
         model = updated;
         assert!(update_norm > 0.0);
-        assert_close(model.weight.val().into_data().try_to_vec().unwrap(), floats(&expected["weight"]), &format!("weight, step {step}"));
+        assert_close(
+            model.weight.val().into_data().try_to_vec().unwrap(),
+            floats(&expected["weight"]),
+            &format!("weight, step {step}"),
+        );
         for (name, param) in model.vectors() {
-            assert_close(param.val().into_data().try_to_vec().unwrap(), floats(&expected[name]), &format!("{name}, step {step}"));
+            assert_close(
+                param.val().into_data().try_to_vec().unwrap(),
+                floats(&expected[name]),
+                &format!("{name}, step {step}"),
+            );
         }
         assert!(model.weight.val().is_require_grad(), "parameters stay trainable");
     }
@@ -108,7 +133,11 @@ fn adamw_state_saves_and_restores_by_parameter_path() {
                 // Save, then continue from a fresh model with new parameter ids and the loaded state.
                 optimizer.save(&model, &dir.path().join("optimizer.safetensors")).unwrap();
                 let weight = model.weight.val().into_data().try_to_vec::<f32>().unwrap();
-                let vectors: Vec<(&str, Vec<f32>)> = model.vectors().iter().map(|(name, p)| (*name, p.val().into_data().try_to_vec::<f32>().unwrap())).collect();
+                let vectors: Vec<(&str, Vec<f32>)> = model
+                    .vectors()
+                    .iter()
+                    .map(|(name, p)| (*name, p.val().into_data().try_to_vec::<f32>().unwrap()))
+                    .collect();
                 let vector = |name: &str| vectors.iter().find(|(n, _)| *n == name).unwrap().1.clone();
                 model = toy_from(weight, vector, &device);
                 optimizer = AdamW::load(settings, &model, &dir.path().join("optimizer.safetensors")).unwrap();
@@ -128,11 +157,20 @@ fn clipping_uses_the_global_norm_as_torch() {
     let device = Device::flex().autodiff();
     let model = toy(&fixture, &device);
     let clip = &fixture["clip"];
-    let mut grads = grads(&model, &fixture["grads"][0], clip["scale"].as_f64().unwrap() as f32, &device.clone().without_autodiff());
+    let mut grads =
+        grads(&model, &fixture["grads"][0], clip["scale"].as_f64().unwrap() as f32, &device.clone().without_autodiff());
     let norm = clip_grad_norm(&model, &mut grads, clip["max_norm"].as_f64().unwrap());
     assert!((norm - clip["total_norm"].as_f64().unwrap()).abs() < 1e-4, "{norm}");
-    assert_close(grads.get::<2>(model.weight.id).unwrap().into_data().try_to_vec().unwrap(), floats(&clip["weight"]), "clipped weight grad");
-    assert_close(grads.get::<1>(model.bias.id).unwrap().into_data().try_to_vec().unwrap(), floats(&clip["bias"]), "clipped bias grad");
+    assert_close(
+        grads.get::<2>(model.weight.id).unwrap().into_data().try_to_vec().unwrap(),
+        floats(&clip["weight"]),
+        "clipped weight grad",
+    );
+    assert_close(
+        grads.get::<1>(model.bias.id).unwrap().into_data().try_to_vec().unwrap(),
+        floats(&clip["bias"]),
+        "clipped bias grad",
+    );
 }
 
 #[test]
@@ -158,7 +196,8 @@ fn weight_decay_leaves_out_biases_and_norm_weights_as_transformers_trainer() {
     let fixture = fixture();
     let model = toy(&fixture, &Device::flex().autodiff());
     let no_decay = no_decay_parameters(&model);
-    let decayed: Vec<String> = parameter_paths(&model).into_iter().filter(|(_, id)| !no_decay.contains(id)).map(|(path, _)| path).collect();
+    let decayed: Vec<String> =
+        parameter_paths(&model).into_iter().filter(|(_, id)| !no_decay.contains(id)).map(|(path, _)| path).collect();
     let expected: Vec<String> = serde_json::from_value(fixture["decay_parameters"].clone()).unwrap();
     assert_eq!(decayed, expected);
     // The models' own names: GPT-Neo's LayerNorms by type, Llama / Qwen2 RMSNorms by type and name.
@@ -182,9 +221,11 @@ fn the_models_decay_their_weights_but_not_biases_or_norms() {
         let model = CausalLm::init(&preset.config(300, 0, 64), &device).unwrap();
         let no_decay = no_decay_parameters(&model);
         let paths = parameter_paths(&model);
-        let left_out: Vec<&str> = paths.iter().filter(|(_, id)| no_decay.contains(id)).map(|(path, _)| path.as_str()).collect();
+        let left_out: Vec<&str> =
+            paths.iter().filter(|(_, id)| no_decay.contains(id)).map(|(path, _)| path.as_str()).collect();
         let is_norm_or_bias = |path: &str| {
-            path.ends_with(".bias") || ["ln_1.", "ln_2.", "ln_f.", "layernorm.", ".norm."].iter().any(|part| path.contains(part))
+            path.ends_with(".bias")
+                || ["ln_1.", "ln_2.", "ln_f.", "layernorm.", ".norm."].iter().any(|part| path.contains(part))
         };
         assert!(!left_out.is_empty(), "{preset:?}: norms present");
         for (path, id) in &paths {

@@ -4,8 +4,8 @@
 mod common;
 
 use burn::tensor::Device;
-use policy_models::{CausalLm, StepInput};
 use common::{CASES, fixture, mask};
+use policy_models::{CausalLm, StepInput};
 
 #[test]
 fn logits_match_transformers_within_1e_4() {

@@ -43,7 +43,11 @@ fn filtered_distributions_equal_transformers_warpers() {
         let kept: Vec<usize> = distribution.iter().map(|&(index, _)| index).collect();
         assert_eq!(kept, case.kept, "{}: kept tokens", case.name);
         for (&(index, prob), &expected) in distribution.iter().zip(&case.probs) {
-            assert!((prob - expected).abs() < 1e-5, "{}: token {index} has probability {prob}, transformers {expected}", case.name);
+            assert!(
+                (prob - expected).abs() < 1e-5,
+                "{}: token {index} has probability {prob}, transformers {expected}",
+                case.name
+            );
         }
     }
 }
@@ -57,7 +61,11 @@ fn draws_come_only_from_the_kept_tokens_with_their_log_probs() {
     let mut seen = vec![false; case.kept.len()];
     for _ in 0..2000 {
         let (token, log_prob) = choose(&case.logits, sampler, &mut rng);
-        let at = case.kept.iter().position(|&id| id as i64 == token).unwrap_or_else(|| panic!("drew {token}, outside {:?}", case.kept));
+        let at = case
+            .kept
+            .iter()
+            .position(|&id| id as i64 == token)
+            .unwrap_or_else(|| panic!("drew {token}, outside {:?}", case.kept));
         seen[at] = true;
         assert!((f64::from(log_prob) - case.probs[at].ln()).abs() < 1e-4, "token {token}: log-prob {log_prob}");
     }

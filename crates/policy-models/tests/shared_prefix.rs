@@ -54,7 +54,9 @@ fn rows() -> Rows {
     let completion_ids = lengths
         .iter()
         .enumerate()
-        .map(|(row, &len)| tokens(6, row as u64).into_iter().enumerate().map(|(i, id)| if i < len { id } else { PAD }).collect())
+        .map(|(row, &len)| {
+            tokens(6, row as u64).into_iter().enumerate().map(|(i, id)| if i < len { id } else { PAD }).collect()
+        })
         .collect();
     let completion_mask = lengths.iter().map(|&len| (0..6).map(|i| i < len).collect()).collect();
     (prompts, groups, completion_ids, completion_mask)
@@ -84,13 +86,19 @@ impl ModuleVisitor for Grads<'_> {
 /// -Σ mask · exp(logp - logp.detach()) · A_row + 0.1 Σ mask · entropy, by either path.
 fn scored(model: &CausalLm, shared: bool) -> (Vec<f32>, Vec<f32>, Vec<(ParamId, Vec<f32>)>) {
     let input = shared_input();
-    let (logps, entropies) =
-        if shared { shared_prefix_log_probs(model, &input, 0.8) } else { completion_log_probs(model, &input.full(), input.completion_len(), 0.8) };
+    let (logps, entropies) = if shared {
+        shared_prefix_log_probs(model, &input, 0.8)
+    } else {
+        completion_log_probs(model, &input.full(), input.completion_len(), 0.8)
+    };
     let device = logps.device();
     let (rows, width) = (input.rows(), input.completion_len());
     let mask = mask_values();
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [rows, width]), &device);
-    let advantages = Tensor::<2>::from_data(TensorData::new(noise(rows, 9).iter().map(|x| x - 0.5).collect::<Vec<_>>(), [rows, 1]), &device);
+    let advantages = Tensor::<2>::from_data(
+        TensorData::new(noise(rows, 9).iter().map(|x| x - 0.5).collect::<Vec<_>>(), [rows, 1]),
+        &device,
+    );
     let ratio = (logps.clone() - logps.clone().detach()).exp();
     let loss = -(ratio * advantages * mask.clone()).sum() + (entropies.clone() * mask).sum() * 0.1;
     let grads = GradientsParams::from_grads(loss.backward(), model);
@@ -120,10 +128,20 @@ fn compare(name: &str, model: &CausalLm, min_params: usize) {
     for (i, m) in mask.iter().enumerate() {
         if *m == 1.0 {
             let (a, b) = ((shared_logps[i] - logps[i]).abs(), (shared_entropies[i] - entropies[i]).abs());
-            assert!(a < 1e-5 && b < 1e-5, "{name}: position {i}: log-prob {} vs {}, entropy {} vs {}", shared_logps[i], logps[i], shared_entropies[i], entropies[i]);
+            assert!(
+                a < 1e-5 && b < 1e-5,
+                "{name}: position {i}: log-prob {} vs {}, entropy {} vs {}",
+                shared_logps[i],
+                logps[i],
+                shared_entropies[i],
+                entropies[i]
+            );
         }
     }
-    assert!(logps.iter().all(|l| *l < 0.0) && entropies.iter().all(|&h| h > 1.0), "{name}: a random model's log-probs and entropies");
+    assert!(
+        logps.iter().all(|l| *l < 0.0) && entropies.iter().all(|&h| h > 1.0),
+        "{name}: a random model's log-probs and entropies"
+    );
     assert_eq!(shared_grads.len(), grads.len(), "{name}: parameters with gradients");
     assert!(grads.len() >= min_params, "{name}: only {} parameters have gradients", grads.len());
     for ((id, a), (other, b)) in shared_grads.iter().zip(&grads) {
@@ -150,7 +168,8 @@ fn the_input_groups_rows_by_prompt_and_continues_positions_after_each_prompt() {
         .zip(completion_ids.iter().zip(&completion_mask))
         .map(|(&g, (ids, mask))| {
             let pad = 7 - prompts[g].len();
-            let row: Vec<i64> = std::iter::repeat_n(PAD, pad).chain(prompts[g].iter().copied()).chain(ids.iter().copied()).collect();
+            let row: Vec<i64> =
+                std::iter::repeat_n(PAD, pad).chain(prompts[g].iter().copied()).chain(ids.iter().copied()).collect();
             let keep: Vec<bool> = (0..7).map(|i| i >= pad).chain(mask.iter().copied()).collect();
             (row, keep)
         })
@@ -159,7 +178,10 @@ fn the_input_groups_rows_by_prompt_and_continues_positions_after_each_prompt() {
     assert_eq!(input.full(), full);
     // The completions' position ids are the full layout's last six columns.
     for row in 0..8 {
-        assert_eq!(&input.completions.position_ids[row * 6..(row + 1) * 6], &full.position_ids[row * 13 + 7..(row + 1) * 13]);
+        assert_eq!(
+            &input.completions.position_ids[row * 6..(row + 1) * 6],
+            &full.position_ids[row * 13 + 7..(row + 1) * 13]
+        );
     }
 }
 
@@ -173,7 +195,8 @@ fn shared_prefix_matches_the_full_path_on_decoders_and_gpt_neo() {
     ] {
         let model = model(preset, tied, &device);
         let input = shared_input();
-        let takes_shared_path = model.shared_prefix_hidden_states(&input.prompts, &input.groups, &input.completions).is_some();
+        let takes_shared_path =
+            model.shared_prefix_hidden_states(&input.prompts, &input.groups, &input.completions).is_some();
         assert_eq!(takes_shared_path, preset != Preset::TinyGptNeo, "{name}");
         compare(name, &model, 10);
     }
@@ -182,7 +205,8 @@ fn shared_prefix_matches_the_full_path_on_decoders_and_gpt_neo() {
 #[test]
 fn shared_prefix_matches_the_full_path_with_lora() {
     let device = Device::flex().autodiff();
-    let settings = LoraSettings { rank: 4, alpha: 8.0, target_regex: r"(q_proj|v_proj|down_proj|lm_head)\.weight$".to_string() };
+    let settings =
+        LoraSettings { rank: 4, alpha: 8.0, target_regex: r"(q_proj|v_proj|down_proj|lm_head)\.weight$".to_string() };
     let model = model(Preset::TinyLlama, false, &device).with_lora(&settings).unwrap().map(&mut Perturb);
     compare("lora", &model, 8);
 }
@@ -198,7 +222,8 @@ impl burn::module::ModuleMapper for Perturb {
         param.map(|t| {
             let (device, shape) = (t.device(), t.shape());
             let n = shape.num_elements();
-            let values: Vec<f32> = host(t).into_iter().zip(noise(n, n as u64)).map(|(v, r)| v + (r - 0.5) * 0.1).collect();
+            let values: Vec<f32> =
+                host(t).into_iter().zip(noise(n, n as u64)).map(|(v, r)| v + (r - 0.5) * 0.1).collect();
             Tensor::from_data(TensorData::new(values, shape), &device).require_grad()
         })
     }
@@ -213,6 +238,12 @@ fn shared_prefix_matches_the_full_path_without_autodiff() {
     let (shared, _) = shared_prefix_log_probs(&model, &input, 1.0);
     let (full, _) = completion_log_probs(&model, &input.full(), input.completion_len(), 1.0);
     let mask = mask_values();
-    let worst = host(shared).iter().zip(host(full)).zip(&mask).filter(|(_, m)| **m == 1.0).map(|((a, b), _)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = host(shared)
+        .iter()
+        .zip(host(full))
+        .zip(&mask)
+        .filter(|(_, m)| **m == 1.0)
+        .map(|((a, b), _)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-5, "log-probs differ by {worst}");
 }

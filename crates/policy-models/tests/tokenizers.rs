@@ -35,7 +35,13 @@ fn fixture() -> Fixture {
 fn check(tokenizer: &PolicyTokenizer, case: &Case, how: &str) {
     let ids = tokenizer.encode(&case.text, true).unwrap();
     assert_eq!(ids, case.ids, "{} ({how}) encoding {:?}", case.tokenizer, case.text);
-    assert_eq!(tokenizer.decode(&ids, false).unwrap(), case.decoded, "{} ({how}) decoding {:?}", case.tokenizer, case.text);
+    assert_eq!(
+        tokenizer.decode(&ids, false).unwrap(),
+        case.decoded,
+        "{} ({how}) decoding {:?}",
+        case.tokenizer,
+        case.text
+    );
 }
 
 #[test]
@@ -63,7 +69,8 @@ fn vocab_and_merges_alone_give_the_same_tokens_as_tokenizer_json() {
         for file in ["vocab.json", "merges.txt"] {
             std::fs::copy(shared_tokenizers().join(name).join(file), dir.path().join(file)).unwrap();
         }
-        std::fs::write(dir.path().join("tokenizer_config.json"), format!(r#"{{"tokenizer_class": "{class}"}}"#)).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), format!(r#"{{"tokenizer_class": "{class}"}}"#))
+            .unwrap();
         let tokenizer = PolicyTokenizer::load_dir(dir.path()).unwrap();
         for case in fixture.cases.iter().filter(|case| case.tokenizer == name) {
             check(&tokenizer, case, "vocab.json + merges.txt");

@@ -10,11 +10,19 @@ use policy_models::{CausalLm, ModelConfig, PolicyTokenizer, StepInput};
 use tasks::synthetic::{SyntheticConfig, generate};
 
 fn data() -> (PolicyTokenizer, Vec<SftExample>) {
-    let task = generate(&SyntheticConfig { train_size: 300, test_size: 10, max_operations: 2, seed: 1, ..SyntheticConfig::default() }).unwrap();
+    let task = generate(&SyntheticConfig {
+        train_size: 300,
+        test_size: 10,
+        max_operations: 2,
+        seed: 1,
+        ..SyntheticConfig::default()
+    })
+    .unwrap();
     let texts = task.train.problems.iter().map(|p| format!("Q: {}\nA: {}\n#### {}", p.question, p.solution, p.answer));
     let tokenizer = train_tokenizer(texts.collect::<Vec<_>>().into_iter(), 200).unwrap();
     let eos = i64::from(tokenizer.eos_ids[0]);
-    let encode = |text: &str| -> Vec<i64> { tokenizer.encode(text, false).unwrap().into_iter().map(i64::from).collect() };
+    let encode =
+        |text: &str| -> Vec<i64> { tokenizer.encode(text, false).unwrap().into_iter().map(i64::from).collect() };
     let examples = task
         .train
         .problems
@@ -108,7 +116,8 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
     resumed.run(&examples, Some(&checkpoints), Some(&tokenizer), |_| {}).unwrap();
 
     let probe = StepInput::from_padded(&[examples[0].prompt_ids.clone()], &[vec![true; examples[0].prompt_ids.len()]]);
-    let a = straight.model().forward(&probe, &mut straight.model().new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let a =
+        straight.model().forward(&probe, &mut straight.model().new_cache()).into_data().try_to_vec::<f32>().unwrap();
     let b = resumed.model().forward(&probe, &mut resumed.model().new_cache()).into_data().try_to_vec::<f32>().unwrap();
     assert_eq!(a, b, "resumed weights differ from the uninterrupted run");
     assert!(SftTrainer::latest_checkpoint(&checkpoints).unwrap().ends_with("checkpoint-6"));
@@ -177,13 +186,17 @@ fn a_lora_run_resumes_exactly_from_its_adapters() {
     first_half.train_step(&examples).unwrap();
     let checkpoint = first_half.save_checkpoint(&dir.path().join("run"), None).unwrap();
     drop(first_half);
-    let error = SftTrainer::resume(&checkpoint, config(4), &device).err().expect("merged weights do not resume a LoRA run").to_string();
+    let error = SftTrainer::resume(&checkpoint, config(4), &device)
+        .err()
+        .expect("merged weights do not resume a LoRA run")
+        .to_string();
     assert!(error.contains("resume_lora"), "{error}");
     let mut resumed = SftTrainer::resume_lora(start(), &checkpoint, config(4)).unwrap();
     assert_eq!(resumed.step(), 2);
     resumed.run(&examples, None, None, |_| {}).unwrap();
     let probe = StepInput::from_padded(&[examples[0].prompt_ids.clone()], &[vec![true; examples[0].prompt_ids.len()]]);
-    let logits = |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let logits =
+        |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
     assert!(resumed.model().has_adapters());
     assert_eq!(logits(straight.model()), logits(resumed.model()), "the resumed LoRA run differs");
 }
@@ -234,5 +247,8 @@ fn sharded_gradients_equal_the_whole_batch_gradients() {
     assert_eq!(whole.len(), sharded.len());
     let scale = whole.iter().fold(0f32, |m, g| m.max(g.abs()));
     let worst = whole.iter().zip(&sharded).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(scale > 0.0 && worst < 1e-5 * scale.max(1.0), "largest gradient difference {worst} (largest gradient {scale})");
+    assert!(
+        scale > 0.0 && worst < 1e-5 * scale.max(1.0),
+        "largest gradient difference {worst} (largest gradient {scale})"
+    );
 }

@@ -97,7 +97,8 @@ impl ChatTemplate {
             }
             return Self::from_tokenizer_config_json(&config, &config_path.display().to_string());
         }
-        let source = std::fs::read_to_string(&jinja_path).map_err(|source| PromptError::Io { path: jinja_path.clone(), source })?;
+        let source = std::fs::read_to_string(&jinja_path)
+            .map_err(|source| PromptError::Io { path: jinja_path.clone(), source })?;
         let mut config = config;
         config["chat_template"] = source.into();
         Self::from_tokenizer_config_json(&config, &jinja_path.display().to_string())
@@ -106,8 +107,8 @@ impl ChatTemplate {
     /// Reads the `chat_template` and special tokens of a checkpoint's `tokenizer_config.json`
     /// (the field alone; [`ChatTemplate::from_dir`] also reads `chat_template.jinja`).
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, PromptError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PromptError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| PromptError::Io { path: path.to_path_buf(), source })?;
         let config: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
             PromptError::BadTokenizerConfig { origin: path.display().to_string(), message: error.to_string() }
         })?;
@@ -116,7 +117,10 @@ impl ChatTemplate {
 
     /// As [`ChatTemplate::from_tokenizer_config`], from parsed JSON; `origin` names it in errors.
     pub fn from_tokenizer_config_json(config: &serde_json::Value, origin: &str) -> Result<Self, PromptError> {
-        let bad = |message: &str| PromptError::BadTokenizerConfig { origin: origin.to_string(), message: message.to_string() };
+        let bad = |message: &str| PromptError::BadTokenizerConfig {
+            origin: origin.to_string(),
+            message: message.to_string(),
+        };
         let source = match config.get("chat_template") {
             Some(serde_json::Value::String(source)) => source.clone(),
             // Some checkpoints list named templates; the one named "default" is the chat template.
@@ -254,7 +258,8 @@ mod tests {
 
     #[test]
     fn a_config_without_a_template_is_a_clear_error() {
-        let error = ChatTemplate::from_tokenizer_config_json(&serde_json::json!({"eos_token": "x"}), "cfg.json").unwrap_err();
+        let error =
+            ChatTemplate::from_tokenizer_config_json(&serde_json::json!({"eos_token": "x"}), "cfg.json").unwrap_err();
         assert!(error.to_string().contains("cfg.json") && error.to_string().contains("chat_template"), "{error}");
         let broken = serde_json::json!({"chat_template": "{% for m in messages %}"});
         let error = ChatTemplate::from_tokenizer_config_json(&broken, "cfg.json").unwrap_err();

@@ -94,7 +94,12 @@ impl PromptBuilder {
             text.push_str("\n\n");
         }
         for exemplar in &self.exemplars {
-            text.push_str(&format!("Q: {}\n{}{}\n\n", exemplar.question, self.template.response_prefix(), self.target(exemplar)));
+            text.push_str(&format!(
+                "Q: {}\n{}{}\n\n",
+                exemplar.question,
+                self.template.response_prefix(),
+                self.target(exemplar)
+            ));
         }
         text.push_str(&format!("Q: {question}\n{}", self.template.response_prefix()));
         Ok(text)

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use tasks::Problem;
 
 /// The TRL GRPO demo's system prompt, verbatim (leading and trailing newline included).
-pub const XML_REASONING_SYSTEM_PROMPT: &str = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n";
+pub const XML_REASONING_SYSTEM_PROMPT: &str =
+    "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n";
 
 /// The DeepSeek-R1-style system prompt that Minimal-GRPO trains with.
 pub const THINK_ANSWER_SYSTEM_PROMPT: &str = "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>";
@@ -114,9 +115,6 @@ mod tests {
     fn xml_response_matches_the_trl_strict_format() {
         let response = Template::XmlReasoning.response(&problem());
         assert_eq!(response, "<reasoning>\n3 * 4 = 12\n2 + 12 = 14\n</reasoning>\n<answer>\n14\n</answer>\n");
-        assert_eq!(
-            Template::Plain.response(&problem()),
-            "A: Let's break it down.\n3 * 4 = 12\n2 + 12 = 14\n#### 14"
-        );
+        assert_eq!(Template::Plain.response(&problem()), "A: Let's break it down.\n3 * 4 = 12\n2 + 12 = 14\n#### 14");
     }
 }

@@ -78,7 +78,10 @@ fn plain_text_prompt_plus_target_continues_the_exemplar_pattern() {
 fn the_real_llama_template_uses_todays_date_when_none_is_given() {
     let chat = ChatTemplate::from_dir(&tokenizer_dir("llama-3.2-instruct")).unwrap();
     let text = chat
-        .render(&[Message::new(prompting::Role::User, "hi")], &RenderOptions { add_generation_prompt: true, ..Default::default() })
+        .render(
+            &[Message::new(prompting::Role::User, "hi")],
+            &RenderOptions { add_generation_prompt: true, ..Default::default() },
+        )
         .unwrap();
     let today = jiff::Zoned::now().strftime("%d %b %Y").to_string();
     assert!(text.contains(&format!("Today Date: {today}\n")), "{text}");
@@ -87,15 +90,22 @@ fn the_real_llama_template_uses_todays_date_when_none_is_given() {
 #[test]
 fn chat_template_jinja_is_preferred_to_the_config_field_as_transformers_5_does() {
     let dir = tempfile::tempdir().unwrap();
-    let config = serde_json::json!({"chat_template": "from the config: {{ messages[0].content }}", "eos_token": "</s>"});
+    let config =
+        serde_json::json!({"chat_template": "from the config: {{ messages[0].content }}", "eos_token": "</s>"});
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     let messages = [Message::new(prompting::Role::User, "hi")];
     let render = |chat: ChatTemplate| chat.render(&messages, &RenderOptions::default()).unwrap();
     assert_eq!(render(ChatTemplate::from_dir(dir.path()).unwrap()), "from the config: hi");
-    std::fs::write(dir.path().join("chat_template.jinja"), "from the file: {{ messages[0].content }}{{ eos_token }}").unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), "from the file: {{ messages[0].content }}{{ eos_token }}")
+        .unwrap();
     assert_eq!(render(ChatTemplate::from_dir(dir.path()).unwrap()), "from the file: hi</s>");
     // Neither: the error names the checkpoint and the way out.
     let empty = tempfile::tempdir().unwrap();
     let error = ChatTemplate::from_dir(empty.path()).unwrap_err().to_string();
-    assert!(error.contains(&empty.path().display().to_string()) && error.contains("chat_template.jinja") && error.contains("plain-text"), "{error}");
+    assert!(
+        error.contains(&empty.path().display().to_string())
+            && error.contains("chat_template.jinja")
+            && error.contains("plain-text"),
+        "{error}"
+    );
 }

@@ -40,7 +40,8 @@ impl CausalRewardModel {
     pub fn from_lm(trunk: CausalLm, pad_token_id: u32, device: &Device) -> Self {
         let config = trunk.config();
         let initializer = Initializer::Normal { mean: 0.0, std: config.initializer_range() };
-        let score = LinearConfig::new(config.hidden_size(), 1).with_bias(false).with_initializer(initializer).init(device);
+        let score =
+            LinearConfig::new(config.hidden_size(), 1).with_bias(false).with_initializer(initializer).init(device);
         Self { trunk, score, pad_token_id }
     }
 
@@ -50,14 +51,21 @@ impl CausalRewardModel {
     /// it is an error.
     pub fn load_dir(dir: &Path, pad_token_id: Option<u32>, device: &Device) -> Result<(Self, HeadSource), LoadError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|error| LoadError::BadConfig { path: config_path.clone(), message: error.to_string() })?;
-        let labels = raw.get("num_labels").and_then(serde_json::Value::as_u64).or_else(|| raw.get("id2label").and_then(|map| map.as_object()).map(|map| map.len() as u64));
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|error| LoadError::BadConfig { path: config_path.clone(), message: error.to_string() })?;
+        let labels = raw
+            .get("num_labels")
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| raw.get("id2label").and_then(|map| map.as_object()).map(|map| map.len() as u64));
         if labels.is_some_and(|labels| labels != 1) {
             return Err(LoadError::BadConfig {
                 path: config_path,
-                message: format!("num_labels = {}: a reward model has one output; use a checkpoint with num_labels = 1 or a causal-LM one", labels.unwrap_or(0)),
+                message: format!(
+                    "num_labels = {}: a reward model has one output; use a checkpoint with num_labels = 1 or a causal-LM one",
+                    labels.unwrap_or(0)
+                ),
             });
         }
         let pad_token_id = pad_token_id.or_else(|| raw.get("pad_token_id").and_then(serde_json::Value::as_u64).map(|id| id as u32)).ok_or_else(|| {
@@ -153,7 +161,10 @@ impl CausalRewardModel {
     pub fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
         let batch_size = input_ids.len();
         let length = input_ids.first().map_or(0, Vec::len);
-        assert!(input_ids.iter().zip(attention_mask).all(|(ids, mask)| ids.len() == length && mask.len() == length), "rows must be padded to one length");
+        assert!(
+            input_ids.iter().zip(attention_mask).all(|(ids, mask)| ids.len() == length && mask.len() == length),
+            "rows must be padded to one length"
+        );
         let input = StepInput {
             batch_size,
             input_ids: input_ids.concat(),
@@ -169,7 +180,11 @@ impl CausalRewardModel {
     /// - `hidden`: [B, T, C], `input_ids`: [B][T] → [B]
     pub fn score_hidden(&self, hidden: Tensor<3>, input_ids: &[Vec<i64>]) -> Tensor<1> {
         let [batch, length, width] = hidden.dims();
-        let rows: Vec<i64> = input_ids.iter().enumerate().map(|(b, ids)| (b * length + last_non_pad(ids, i64::from(self.pad_token_id))) as i64).collect();
+        let rows: Vec<i64> = input_ids
+            .iter()
+            .enumerate()
+            .map(|(b, ids)| (b * length + last_non_pad(ids, i64::from(self.pad_token_id))) as i64)
+            .collect();
         let rows: Tensor<1, Int> = Tensor::from_data(TensorData::new(rows, [batch]), &hidden.device());
         let last = hidden.reshape([batch * length, width]).select(0, rows); // [B, C]
         self.score.forward(last).reshape([batch])

@@ -123,7 +123,12 @@ fn result_range(response: &str, solution: &str, line: usize) -> Option<Range<usi
 fn break_format(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> String {
     match template {
         Template::Plain if rng.random_bool(0.5) => {
-            format!("{}\n{}\nThe answer is {}.", prompting::template::PLAIN_ANSWER_CUE, problem.solution, problem.answer)
+            format!(
+                "{}\n{}\nThe answer is {}.",
+                prompting::template::PLAIN_ANSWER_CUE,
+                problem.solution,
+                problem.answer
+            )
         }
         Template::Plain => format!("{}\n{}", prompting::template::PLAIN_ANSWER_CUE, problem.solution),
         Template::XmlReasoning | Template::ThinkAnswer => {
@@ -156,7 +161,13 @@ pub fn build_comparisons(split: &SplitProblems, template: Template, per_problem:
                 _ => ((break_format(template, problem, &mut rng), None), Corruption::BrokenFormat),
             };
             let (rejected, rejected_error) = rejected;
-            pairs.push(Comparison { prompt: problem.question.clone(), chosen: chosen.clone(), rejected, corruption, rejected_error });
+            pairs.push(Comparison {
+                prompt: problem.question.clone(),
+                chosen: chosen.clone(),
+                rejected,
+                corruption,
+                rejected_error,
+            });
         }
     }
     pairs
@@ -165,7 +176,11 @@ pub fn build_comparisons(split: &SplitProblems, template: Template, per_problem:
 /// A correct derivation with a wrong final answer, and the bytes of that answer (its last
 /// occurrence: every template ends with the answer).
 fn wrong_answer(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> (String, Option<Range<usize>>) {
-    let wrong = problem.answer.parse::<i64>().map(|value| nearby(rng, value).to_string()).unwrap_or_else(|_| format!("{}1", problem.answer));
+    let wrong = problem
+        .answer
+        .parse::<i64>()
+        .map(|value| nearby(rng, value).to_string())
+        .unwrap_or_else(|_| format!("{}1", problem.answer));
     let response = template.response(&Problem { answer: wrong.clone(), ..problem.clone() });
     let error = response.rfind(&wrong).map(|start| start..start + wrong.len());
     (response, error)
@@ -173,7 +188,12 @@ fn wrong_answer(template: Template, problem: &Problem, rng: &mut ChaCha8Rng) -> 
 
 /// Pairs of a policy's own samples for one prompt: every (correct, incorrect) combination, up
 /// to `max_pairs`.
-pub fn policy_sample_pairs(prompt: &str, correct: &[String], incorrect: &[String], max_pairs: usize) -> Vec<Comparison> {
+pub fn policy_sample_pairs(
+    prompt: &str,
+    correct: &[String],
+    incorrect: &[String],
+    max_pairs: usize,
+) -> Vec<Comparison> {
     correct
         .iter()
         .flat_map(|chosen| incorrect.iter().map(move |rejected| (chosen, rejected)))
@@ -219,7 +239,11 @@ mod tests {
             }
             assert_eq!(wrong_steps, 1, "{solution}");
             let corrupted = solution.lines().nth(line).unwrap();
-            assert_ne!(step_value(corrupted).to_string(), &STEP.captures(corrupted).unwrap()[4], "line {line} is the wrong one: {solution}");
+            assert_ne!(
+                step_value(corrupted).to_string(),
+                &STEP.captures(corrupted).unwrap()[4],
+                "line {line} is the wrong one: {solution}"
+            );
             assert_eq!(answer, last.unwrap().to_string());
             assert_ne!(answer, "33", "{solution}");
         }
@@ -227,7 +251,8 @@ mod tests {
 
     #[test]
     fn comparisons_cover_every_corruption_and_never_reject_the_truth() {
-        let task = generate(&SyntheticConfig { train_size: 60, test_size: 30, seed: 2, ..SyntheticConfig::default() }).unwrap();
+        let task = generate(&SyntheticConfig { train_size: 60, test_size: 30, seed: 2, ..SyntheticConfig::default() })
+            .unwrap();
         let pairs = build_comparisons(&task.train, Template::XmlReasoning, 3, 0);
         assert_eq!(pairs.len(), 180);
         for kind in [Corruption::CorruptedStep, Corruption::WrongAnswer, Corruption::BrokenFormat] {
@@ -236,7 +261,8 @@ mod tests {
         for (pair, problem) in pairs.iter().zip(task.train.problems.iter().flat_map(|p| std::iter::repeat_n(p, 3))) {
             assert_ne!(pair.chosen, pair.rejected);
             let chosen = eval::score_completion(&pair.chosen, &problem.answer, Template::XmlReasoning.answer_format());
-            let rejected = eval::score_completion(&pair.rejected, &problem.answer, Template::XmlReasoning.answer_format());
+            let rejected =
+                eval::score_completion(&pair.rejected, &problem.answer, Template::XmlReasoning.answer_format());
             assert!(chosen.strict && !rejected.strict, "{pair:?}");
         }
         assert_eq!(pairs, build_comparisons(&task.train, Template::XmlReasoning, 3, 0), "deterministic");
@@ -248,12 +274,17 @@ mod tests {
                     assert!(pair.corruption == Corruption::BrokenFormat, "{pair:?}");
                     continue;
                 };
-                let number: i64 = pair.rejected[range.clone()].parse().unwrap_or_else(|_| panic!("{:?} in {pair:?}", &pair.rejected[range.clone()]));
+                let number: i64 = pair.rejected[range.clone()]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{:?} in {pair:?}", &pair.rejected[range.clone()]));
                 let line = pair.rejected[..range.end].lines().last().unwrap();
                 if pair.corruption == Corruption::CorruptedStep {
                     assert_ne!(step_value(line), number, "{pair:?}");
                 } else {
-                    assert!(pair.rejected[range.end..].chars().all(|c| !c.is_ascii_digit()), "the last number: {pair:?}");
+                    assert!(
+                        pair.rejected[range.end..].chars().all(|c| !c.is_ascii_digit()),
+                        "the last number: {pair:?}"
+                    );
                 }
             }
         }

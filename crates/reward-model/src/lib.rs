@@ -16,7 +16,7 @@ pub mod reward;
 pub mod roberta;
 pub mod train;
 
-pub use policy_models::BackendKind;
 pub use causal::CausalRewardModel;
+pub use policy_models::BackendKind;
 pub use roberta::{HeadSource, RobertaConfig, RobertaRegressor};
 pub use train::RewardModel;

@@ -49,7 +49,12 @@ impl<M: RewardModel> RewardModelFunction<M> {
     /// Wraps `model` (an inference copy is kept: scoring builds no autodiff graph). With
     /// `normalize`, scores are standardised by the running statistics of all scores so far.
     pub fn new(model: &M, tokenizer: RewardTokenizer, batch_size: usize, normalize: bool) -> Self {
-        Self { model: model.valid(), tokenizer, batch_size: batch_size.max(1), normalizer: normalize.then(|| Mutex::new(RunningMeanStd::default())) }
+        Self {
+            model: model.valid(),
+            tokenizer,
+            batch_size: batch_size.max(1),
+            normalizer: normalize.then(|| Mutex::new(RunningMeanStd::default())),
+        }
     }
 
     /// Raw scores, in batches.

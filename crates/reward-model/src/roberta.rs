@@ -170,7 +170,8 @@ impl RobertaRegressor {
         let initializer = Initializer::Normal { mean: 0.0, std: config.initializer_range };
         let linear = |d_in, d_out| LinearConfig::new(d_in, d_out).with_initializer(initializer.clone()).init(device);
         let norm = || LayerNormConfig::new(config.hidden_size).with_epsilon(config.layer_norm_eps).init(device);
-        let embedding = |count| EmbeddingConfig::new(count, config.hidden_size).with_initializer(initializer.clone()).init(device);
+        let embedding =
+            |count| EmbeddingConfig::new(count, config.hidden_size).with_initializer(initializer.clone()).init(device);
         let c = config.hidden_size;
         Self {
             embeddings: Embeddings {
@@ -202,7 +203,8 @@ impl RobertaRegressor {
         if self.token_head.is_none() {
             let device = self.embeddings.word.weight.device();
             let initializer = Initializer::Normal { mean: 0.0, std: self.config.initializer_range };
-            self.token_head = Some(LinearConfig::new(self.config.hidden_size, 1).with_initializer(initializer).init(&device));
+            self.token_head =
+                Some(LinearConfig::new(self.config.hidden_size, 1).with_initializer(initializer).init(&device));
         }
         self
     }
@@ -222,10 +224,11 @@ impl RobertaRegressor {
     /// when present and initialised when absent, and the returned [`HeadSource`] says which.
     pub fn load_dir(dir: &Path, device: &Device) -> Result<(Self, HeadSource), LoadError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
         let config: RobertaConfig = serde_json::from_str(&text)
             .map_err(|error| LoadError::BadConfig { path: config_path.clone(), message: error.to_string() })?;
-        if config.hidden_act != "gelu" || config.hidden_size % config.num_attention_heads != 0 {
+        if config.hidden_act != "gelu" || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(LoadError::BadConfig {
                 path: config_path,
                 message: format!(
@@ -269,7 +272,11 @@ impl RobertaRegressor {
         } else {
             (Self::init(&config, device).head, HeadSource::Initialised)
         };
-        let token_head = if weights.contains("cotlab.token_head.weight") { Some(weights.linear("cotlab.token_head", c, 1, true)?) } else { None };
+        let token_head = if weights.contains("cotlab.token_head.weight") {
+            Some(weights.linear("cotlab.token_head", c, 1, true)?)
+        } else {
+            None
+        };
         weights.finish()?;
         Ok((Self { embeddings, layers, head, token_head, config }, source))
     }
@@ -306,7 +313,8 @@ impl RobertaRegressor {
         config["num_labels"] = 1.into();
         config["problem_type"] = "regression".into();
         let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).map_err(|source| LoadError::Io { path, source })
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
+            .map_err(|source| LoadError::Io { path, source })
     }
 
     /// The configuration.
@@ -339,7 +347,9 @@ impl RobertaRegressor {
     /// - `hidden`: [B, T, C] → [B, T]
     pub fn token_logits(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
         let [batch, length, width] = hidden.dims();
-        self.token_head.as_ref().map(|head| head.forward(hidden.reshape([batch * length, width])).reshape([batch, length]))
+        self.token_head
+            .as_ref()
+            .map(|head| head.forward(hidden.reshape([batch * length, width])).reshape([batch, length]))
     }
 
     /// Final hidden states of right-padded rows.
@@ -370,7 +380,9 @@ impl RobertaRegressor {
         let positions: Tensor<2, Int> = Tensor::from_data(TensorData::new(positions, [batch, length]), &device);
         let token_types: Tensor<2, Int> = Tensor::zeros([batch, length], &device);
         let blocked: Tensor<4, Bool> = Tensor::from_data(TensorData::new(blocked, [batch, 1, length, length]), &device);
-        let mut x = self.embeddings.word.forward(ids) + self.embeddings.position.forward(positions) + self.embeddings.token_type.forward(token_types);
+        let mut x = self.embeddings.word.forward(ids)
+            + self.embeddings.position.forward(positions)
+            + self.embeddings.token_type.forward(token_types);
         x = self.embeddings.layer_norm.forward(x); // [B, T, C]
         for layer in &self.layers {
             x = layer.forward(x, blocked.clone(), self.config.num_attention_heads);

@@ -7,8 +7,8 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Tensor, TensorData};
 use burn::tensor::activation::log_sigmoid;
+use burn::tensor::{Tensor, TensorData};
 use policy_models::PolicyTokenizer;
 use policy_models::optim::{AdamW, AdamWSettings, NonFinite, Schedule, Updater};
 use policy_models::weights::LoadError;
@@ -52,7 +52,8 @@ pub trait RewardModel: burn::module::Module + Sync + Sized {
 
     /// The model with a token head, for the token loss; an error when it cannot have one.
     fn with_token_head(self) -> Result<Self, String> {
-        Err("token_loss_weight > 0 needs a token head, which only the RoBERTa regressor has; set token_loss_weight = 0".to_string())
+        Err("token_loss_weight > 0 needs a token head, which only the RoBERTa regressor has; set token_loss_weight = 0"
+            .to_string())
     }
 
     /// Saves the model in its Hugging Face layout.
@@ -127,7 +128,12 @@ impl RewardTokenizer {
 
     /// Token ids of one text pair, and per token whether it overlaps `error` (bytes of
     /// `completion`): the token-level labels of [`RewardTrainingConfig::token_loss_weight`].
-    pub fn encode_labelled(&self, prompt: &str, completion: &str, error: Option<&Range<usize>>) -> (Vec<i64>, Vec<bool>) {
+    pub fn encode_labelled(
+        &self,
+        prompt: &str,
+        completion: &str,
+        error: Option<&Range<usize>>,
+    ) -> (Vec<i64>, Vec<bool>) {
         let text = format!("{prompt}\n{completion}");
         let shift = prompt.len() + 1;
         let (body, labels): (Vec<i64>, Vec<bool>) = match self.tokenizer.inner().encode(text.as_str(), false) {
@@ -135,7 +141,9 @@ impl RewardTokenizer {
                 .get_ids()
                 .iter()
                 .zip(encoding.get_offsets())
-                .map(|(&id, &(start, end))| (i64::from(id), error.is_some_and(|e| start < e.end + shift && end > e.start + shift)))
+                .map(|(&id, &(start, end))| {
+                    (i64::from(id), error.is_some_and(|e| start < e.end + shift && end > e.start + shift))
+                })
                 .unzip(),
             Err(_) => (Vec::new(), Vec::new()),
         };
@@ -147,15 +155,20 @@ impl RewardTokenizer {
 
     /// Right-padded ids and masks of several pairs.
     pub fn batch(&self, pairs: &[(&str, &str)]) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {
-        let (ids, masks, _) = self.batch_labelled(&pairs.iter().map(|&(prompt, completion)| (prompt, completion, None)).collect::<Vec<_>>());
+        let (ids, masks, _) = self
+            .batch_labelled(&pairs.iter().map(|&(prompt, completion)| (prompt, completion, None)).collect::<Vec<_>>());
         (ids, masks)
     }
 
     /// Right-padded ids, masks and token labels ([`RewardTokenizer::encode_labelled`]) of
     /// several pairs.
     #[allow(clippy::type_complexity)]
-    pub fn batch_labelled(&self, pairs: &[(&str, &str, Option<&Range<usize>>)]) -> (Vec<Vec<i64>>, Vec<Vec<bool>>, Vec<Vec<bool>>) {
-        let encoded: Vec<(Vec<i64>, Vec<bool>)> = pairs.iter().map(|&(prompt, completion, error)| self.encode_labelled(prompt, completion, error)).collect();
+    pub fn batch_labelled(
+        &self,
+        pairs: &[(&str, &str, Option<&Range<usize>>)],
+    ) -> (Vec<Vec<i64>>, Vec<Vec<bool>>, Vec<Vec<bool>>) {
+        let encoded: Vec<(Vec<i64>, Vec<bool>)> =
+            pairs.iter().map(|&(prompt, completion, error)| self.encode_labelled(prompt, completion, error)).collect();
         let width = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let masks = encoded.iter().map(|(ids, _)| (0..width).map(|i| i < ids.len()).collect()).collect();
         let (ids, labels) = encoded
@@ -251,13 +264,20 @@ impl PairMetrics {
     /// The metrics of the union of disjoint pair sets, from each set's metrics.
     pub fn pooled(parts: &[PairMetrics]) -> PairMetrics {
         let pairs: usize = parts.iter().map(|part| part.pairs).sum();
-        let weighted = |value: fn(&PairMetrics) -> f64| parts.iter().map(|part| value(part) * part.pairs as f64).sum::<f64>() / pairs.max(1) as f64;
+        let weighted = |value: fn(&PairMetrics) -> f64| {
+            parts.iter().map(|part| value(part) * part.pairs as f64).sum::<f64>() / pairs.max(1) as f64
+        };
         PairMetrics { accuracy: weighted(|part| part.accuracy), mean_margin: weighted(|part| part.mean_margin), pairs }
     }
 }
 
 /// Scores chosen and rejected of `pairs` in batches of `batch_size`.
-pub fn evaluate<M: RewardModel>(model: &M, tokenizer: &RewardTokenizer, pairs: &[Comparison], batch_size: usize) -> PairMetrics {
+pub fn evaluate<M: RewardModel>(
+    model: &M,
+    tokenizer: &RewardTokenizer,
+    pairs: &[Comparison],
+    batch_size: usize,
+) -> PairMetrics {
     let (mut correct, mut margin_sum) = (0usize, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let (chosen, rejected) = score_pairs(model, tokenizer, chunk);
@@ -268,7 +288,11 @@ pub fn evaluate<M: RewardModel>(model: &M, tokenizer: &RewardTokenizer, pairs: &
             margin_sum += f64::from(c - r);
         }
     }
-    PairMetrics { accuracy: correct as f64 / pairs.len().max(1) as f64, mean_margin: margin_sum / pairs.len().max(1) as f64, pairs: pairs.len() }
+    PairMetrics {
+        accuracy: correct as f64 / pairs.len().max(1) as f64,
+        mean_margin: margin_sum / pairs.len().max(1) as f64,
+        pairs: pairs.len(),
+    }
 }
 
 /// [`evaluate`] per kind of corruption (the kinds present in `pairs`, in order of appearance):
@@ -317,7 +341,11 @@ fn token_loss(logits: Tensor<2>, labels: &[Vec<bool>], masks: &[Vec<bool>]) -> T
     let device = logits.device();
     let [rows, length] = logits.dims();
     let table = |values: &[Vec<bool>], per_row: &dyn Fn(usize) -> f32| {
-        let flat: Vec<f32> = values.iter().enumerate().flat_map(|(r, row)| row.iter().map(move |&v| if v { per_row(r) } else { 0.0 })).collect();
+        let flat: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .flat_map(|(r, row)| row.iter().map(move |&v| if v { per_row(r) } else { 0.0 }))
+            .collect();
         Tensor::<2>::from_data(TensorData::new(flat, [rows, length]), &device)
     };
     let counts: Vec<f32> = masks.iter().map(|row| row.iter().filter(|&&m| m).count().max(1) as f32).collect();
@@ -348,7 +376,9 @@ pub struct RewardStep {
 /// Errors of reward-model training.
 #[derive(Debug, thiserror::Error)]
 pub enum RewardTrainError {
-    #[error("step {step}: the {quantity} is {value}; stopping with the last checkpoint intact. Lower the learning rate")]
+    #[error(
+        "step {step}: the {quantity} is {value}; stopping with the last checkpoint intact. Lower the learning rate"
+    )]
     NotFinite { step: u64, quantity: &'static str, value: f64 },
     #[error("no comparison pairs to train on")]
     NoPairs,
@@ -378,7 +408,11 @@ impl RewardTrainer<RobertaRegressor> {
     }
 
     /// Resumes from a checkpoint written by [`RewardTrainer::save_checkpoint`].
-    pub fn resume(dir: &Path, config: RewardTrainingConfig, device: &burn::tensor::Device) -> Result<Self, RewardTrainError> {
+    pub fn resume(
+        dir: &Path,
+        config: RewardTrainingConfig,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, RewardTrainError> {
         let (model, _) = RobertaRegressor::load_dir(dir, device)?;
         Self::resume_model(model, dir, config)
     }
@@ -387,7 +421,11 @@ impl RewardTrainer<RobertaRegressor> {
 impl RewardTrainer<CausalRewardModel> {
     /// Resumes a causal reward model's run: `start` is the run's starting model, with the same
     /// LoRA adapters attached when the run had them ([`CausalRewardModel::with_checkpoint`]).
-    pub fn resume_causal(start: CausalRewardModel, dir: &Path, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
+    pub fn resume_causal(
+        start: CausalRewardModel,
+        dir: &Path,
+        config: RewardTrainingConfig,
+    ) -> Result<Self, RewardTrainError> {
         Self::resume_model(start.with_checkpoint(dir)?, dir, config)
     }
 }
@@ -396,7 +434,11 @@ impl<M: RewardModel> RewardTrainer<M> {
     /// Starts training `model` (on an autodiff device); an error when the settings ask for what
     /// the model lacks (a token head).
     pub fn start(model: M, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
-        let model = if config.token_loss_weight > 0.0 { model.with_token_head().map_err(RewardTrainError::Config)? } else { model };
+        let model = if config.token_loss_weight > 0.0 {
+            model.with_token_head().map_err(RewardTrainError::Config)?
+        } else {
+            model
+        };
         Ok(Self { updater: Updater::new(model, AdamW::new(config.adamw)), config })
     }
 
@@ -405,13 +447,18 @@ impl<M: RewardModel> RewardTrainer<M> {
     pub fn resume_model(model: M, dir: &Path, config: RewardTrainingConfig) -> Result<Self, RewardTrainError> {
         let optimizer = AdamW::load(config.adamw, &model, &dir.join("optimizer.safetensors"))?;
         let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|error| RewardTrainError::Checkpoint { path: state_path.clone(), message: error.to_string() })?;
         if state.step != optimizer.steps() {
             return Err(RewardTrainError::Checkpoint {
                 path: state_path,
-                message: format!("trainer step {} but optimizer step {}: a partial checkpoint", state.step, optimizer.steps()),
+                message: format!(
+                    "trainer step {} but optimizer step {}: a partial checkpoint",
+                    state.step,
+                    optimizer.steps()
+                ),
             });
         }
         Ok(Self { updater: Updater::new(model, optimizer), config })
@@ -439,7 +486,11 @@ impl<M: RewardModel> RewardTrainer<M> {
 
     /// One optimizer step on the next batch of `pairs` (per-epoch permutations seeded by
     /// (seed, epoch), so a resumed run sees the same batches).
-    pub fn train_step(&mut self, pairs: &[Comparison], tokenizer: &RewardTokenizer) -> Result<RewardStep, RewardTrainError> {
+    pub fn train_step(
+        &mut self,
+        pairs: &[Comparison],
+        tokenizer: &RewardTokenizer,
+    ) -> Result<RewardStep, RewardTrainError> {
         if pairs.is_empty() {
             return Err(RewardTrainError::NoPairs);
         }
@@ -451,7 +502,9 @@ impl<M: RewardModel> RewardTrainer<M> {
                 let epoch = position / pairs.len();
                 if permutation.as_ref().is_none_or(|(cached, _)| *cached != epoch) {
                     let mut order: Vec<usize> = (0..pairs.len()).collect();
-                    order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                    order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                        self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ));
                     permutation = Some((epoch, order));
                 }
                 pairs[permutation.as_ref().expect("filled").1[position % pairs.len()]].clone()
@@ -472,7 +525,12 @@ impl<M: RewardModel> RewardTrainer<M> {
             let pairs = &batch[rows];
             let texts: Vec<(&str, &str, Option<&Range<usize>>)> = pairs
                 .iter()
-                .flat_map(|pair| [(pair.prompt.as_str(), pair.chosen.as_str(), None), (pair.prompt.as_str(), pair.rejected.as_str(), pair.rejected_error.as_ref())])
+                .flat_map(|pair| {
+                    [
+                        (pair.prompt.as_str(), pair.chosen.as_str(), None),
+                        (pair.prompt.as_str(), pair.rejected.as_str(), pair.rejected_error.as_ref()),
+                    ]
+                })
                 .collect();
             let (ids, masks, labels) = tokenizer.batch_labelled(&texts);
             let hidden = model.encode(&ids, &masks);
@@ -480,14 +538,20 @@ impl<M: RewardModel> RewardTrainer<M> {
             let margin = chosen.clone() - rejected.clone();
             let mut loss = match loss_kind {
                 PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).sum() / pair_count,
-                PairwiseLoss::Mse => ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).sum() * (0.5 / pair_count),
+                PairwiseLoss::Mse => {
+                    ((chosen - 1.0).powi_scalar(2) + rejected.powi_scalar(2)).sum() * (0.5 / pair_count)
+                }
             };
             if let (true, Some(logits)) = (token_weight > 0.0, model.token_logits(hidden)) {
                 loss = loss + token_loss(logits, &labels, &masks) * (token_weight / (2.0 * pair_count));
             }
             (loss, margin.detach().into_data().try_to_vec::<f32>().expect("f32"))
         });
-        let not_finite = |bad: NonFinite| RewardTrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
+        let not_finite = |bad: NonFinite| RewardTrainError::NotFinite {
+            step: step + 1,
+            quantity: bad.quantity(),
+            value: bad.value(),
+        };
         let (loss, grads, margins) = sharded.map_err(not_finite)?;
         let margins: Vec<f32> = margins.concat();
         let stats = self.updater.update(grads, loss, self.config.max_grad_norm, learning_rate).map_err(not_finite)?;
@@ -505,7 +569,10 @@ impl<M: RewardModel> RewardTrainer<M> {
     /// directory and a rename.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<(), RewardTrainError> {
         let temporary = dir.with_extension("tmp");
-        let fail = |path: &Path, error: std::io::Error| RewardTrainError::Checkpoint { path: path.to_path_buf(), message: error.to_string() };
+        let fail = |path: &Path, error: std::io::Error| RewardTrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        };
         if temporary.exists() {
             std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
         }
@@ -535,7 +602,8 @@ mod tests {
     struct Gradients<'a>(&'a GradientsParams, Vec<(ParamId, Vec<f32>)>);
     impl ModuleVisitor for Gradients<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let grad = self.0.get::<D>(param.id).map(|g| g.into_data().try_to_vec::<f32>().unwrap()).unwrap_or_default();
+            let grad =
+                self.0.get::<D>(param.id).map(|g| g.into_data().try_to_vec::<f32>().unwrap()).unwrap_or_default();
             self.1.push((param.id, grad));
         }
     }
@@ -561,7 +629,14 @@ mod tests {
     /// and the token head) agree with central finite differences, parameter by parameter.
     #[test]
     fn loss_gradients_match_finite_differences() {
-        let synthetic = SyntheticConfig { operators: vec![Operator::Add, Operator::Sub], max_operand: 9, max_operations: 2, train_size: 60, test_size: 5, ..SyntheticConfig::default() };
+        let synthetic = SyntheticConfig {
+            operators: vec![Operator::Add, Operator::Sub],
+            max_operand: 9,
+            max_operations: 2,
+            train_size: 60,
+            test_size: 5,
+            ..SyntheticConfig::default()
+        };
         let task = generate(&synthetic).unwrap();
         let corpus = task.train.problems.iter().map(|p| format!("{}\n{}", p.question, Template::Plain.response(p)));
         let tokenizer = policy_models::presets::train_tokenizer(corpus, 120).unwrap();
@@ -572,7 +647,15 @@ mod tests {
         // Seeded, so that a failure reproduces (no other test of this binary initialises a model).
         device.seed(5);
         let model = RobertaRegressor::init(&config, &device).with_token_head();
-        let texts: Vec<_> = pairs.iter().flat_map(|p| [(p.prompt.as_str(), p.chosen.as_str(), None), (p.prompt.as_str(), p.rejected.as_str(), p.rejected_error.as_ref())]).collect();
+        let texts: Vec<_> = pairs
+            .iter()
+            .flat_map(|p| {
+                [
+                    (p.prompt.as_str(), p.chosen.as_str(), None),
+                    (p.prompt.as_str(), p.rejected.as_str(), p.rejected_error.as_ref()),
+                ]
+            })
+            .collect();
         let (ids, masks, labels) = tokenizer.batch_labelled(&texts);
         let losses: [(&str, &dyn Fn(&RobertaRegressor) -> Tensor<1>); 2] = [
             ("token", &|m| token_loss(m.token_logits(m.encode(&ids, &masks)).unwrap(), &labels, &masks)),
@@ -600,7 +683,11 @@ mod tests {
                     let at = |eps| loss(&model.clone().map(&mut Nudge(*id, index, eps))).into_scalar::<f32>();
                     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                     let error = (numeric - grad[index]).abs() / (1e-2 + numeric.abs().max(grad[index].abs()));
-                    assert!(error < 0.05, "{name}: parameter {p} element {index}: autodiff {} against {numeric}", grad[index]);
+                    assert!(
+                        error < 0.05,
+                        "{name}: parameter {p} element {index}: autodiff {} against {numeric}",
+                        grad[index]
+                    );
                     checked += 1;
                 }
             }

@@ -23,7 +23,8 @@ struct Reference {
 }
 
 fn reference(name: &str) -> Reference {
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
     let mask: Vec<Vec<i64>> = serde_json::from_value(json["attention_mask"].clone()).unwrap();
     Reference {
         ids: serde_json::from_value(json["input_ids"].clone()).unwrap(),
@@ -49,7 +50,11 @@ fn scores_match_transformers_within_1e_4_with_either_padding() {
             assert!((ours - theirs).abs() < 1e-4, "{name} row {row}: score {ours} vs transformers {theirs}");
         }
         // Scores differ between rows, so a row scored at a wrong position would show.
-        assert!(reference.scores.windows(2).all(|pair| (pair[0] - pair[1]).abs() > 1e-3), "{name}: {:?}", reference.scores);
+        assert!(
+            reference.scores.windows(2).all(|pair| (pair[0] - pair[1]).abs() > 1e-3),
+            "{name}: {:?}",
+            reference.scores
+        );
     }
 }
 
@@ -65,8 +70,12 @@ fn a_saved_model_reloads_with_the_same_scores() {
         if let Some(keep) = std::env::var_os("COTLAB_KEEP_SAVED") {
             model.save_dir(&std::path::Path::new(&keep).join(format!("causal_rm_{name}"))).unwrap();
         }
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-        assert!(config["architectures"][0].as_str().unwrap().ends_with("ForSequenceClassification"), "{name}: {config}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert!(
+            config["architectures"][0].as_str().unwrap().ends_with("ForSequenceClassification"),
+            "{name}: {config}"
+        );
         assert_eq!(config["num_labels"], 1);
         let (reloaded, head) = CausalRewardModel::load_dir(dir.path(), None, &device).unwrap();
         assert_eq!(head, HeadSource::Loaded);

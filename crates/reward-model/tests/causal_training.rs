@@ -21,11 +21,21 @@ struct Setup {
 
 /// Broken-format pairs (separable: the rejected completion lacks the answer's tags).
 fn setup() -> Setup {
-    let task = generate(&SyntheticConfig { train_size: 200, test_size: 40, max_operations: 2, seed: 3, ..SyntheticConfig::default() }).unwrap();
+    let task = generate(&SyntheticConfig {
+        train_size: 200,
+        test_size: 40,
+        max_operations: 2,
+        seed: 3,
+        ..SyntheticConfig::default()
+    })
+    .unwrap();
     let template = Template::XmlReasoning;
-    let corpus: Vec<String> = task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p))).collect();
+    let corpus: Vec<String> =
+        task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p))).collect();
     let tokenizer = train_tokenizer(corpus.into_iter(), 160).unwrap();
-    let format = |pairs: Vec<Comparison>| pairs.into_iter().filter(|p| p.corruption == Corruption::BrokenFormat).collect::<Vec<_>>();
+    let format = |pairs: Vec<Comparison>| {
+        pairs.into_iter().filter(|p| p.corruption == Corruption::BrokenFormat).collect::<Vec<_>>()
+    };
     let config: ModelConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": tokenizer.vocab_size(), "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -49,18 +59,34 @@ fn start(setup: &Setup, device: &Device, seed: u64, lora: bool) -> CausalRewardM
     device.seed(seed);
     let trunk = CausalLm::init(&setup.config, device).unwrap();
     let model = CausalRewardModel::from_lm(trunk, setup.tokenizer.pad_id() as u32, device);
-    if lora { model.with_lora(&LoraSettings { rank: 4, alpha: 8.0, ..LoraSettings::default() }).unwrap() } else { model }
+    if lora {
+        model.with_lora(&LoraSettings { rank: 4, alpha: 8.0, ..LoraSettings::default() }).unwrap()
+    } else {
+        model
+    }
 }
 
 fn training(steps: u64, loss: PairwiseLoss) -> RewardTrainingConfig {
-    RewardTrainingConfig { steps, batch_size: 8, loss, learning_rate: 3e-3, warmup_steps: 2, ..RewardTrainingConfig::default() }
+    RewardTrainingConfig {
+        steps,
+        batch_size: 8,
+        loss,
+        learning_rate: 3e-3,
+        warmup_steps: 2,
+        ..RewardTrainingConfig::default()
+    }
 }
 
 #[test]
 fn a_few_steps_raise_pairwise_accuracy_with_lora() {
     let device = Device::flex().autodiff();
     let setup = setup();
-    assert!(setup.train.len() >= 50 && setup.held_out.len() >= 20, "{} / {} pairs", setup.train.len(), setup.held_out.len());
+    assert!(
+        setup.train.len() >= 50 && setup.held_out.len() >= 20,
+        "{} / {} pairs",
+        setup.train.len(),
+        setup.held_out.len()
+    );
     for loss in [PairwiseLoss::BradleyTerry, PairwiseLoss::Mse] {
         let steps = 30;
         // A random start often ranks this set right by chance, at a margin near 0 (the rejected
@@ -68,7 +94,9 @@ fn a_few_steps_raise_pairwise_accuracy_with_lora() {
         // Bradley-Terry, draw starts until one ranks it no better than chance.
         let mut model = start(&setup, &device, 7, true);
         let mut draws = 1;
-        while loss == PairwiseLoss::BradleyTerry && evaluate(&model, &setup.tokenizer, &setup.held_out, 32).accuracy > 0.6 {
+        while loss == PairwiseLoss::BradleyTerry
+            && evaluate(&model, &setup.tokenizer, &setup.held_out, 32).accuracy > 0.6
+        {
             assert!(draws < 40, "40 random starts all rank the toy set above chance");
             model = start(&setup, &device, 7 + draws, true);
             draws += 1;
@@ -80,19 +108,45 @@ fn a_few_steps_raise_pairwise_accuracy_with_lora() {
             assert!(trainer.train_step(&setup.train, &setup.tokenizer).unwrap().loss.is_finite());
         }
         let after = evaluate(trainer.model(), &setup.tokenizer, &setup.held_out, 32);
-        println!("{loss:?}: held-out accuracy {:.3} -> {:.3}, margin {:.3} -> {:.3}", before.accuracy, after.accuracy, before.mean_margin, after.mean_margin);
+        println!(
+            "{loss:?}: held-out accuracy {:.3} -> {:.3}, margin {:.3} -> {:.3}",
+            before.accuracy, after.accuracy, before.mean_margin, after.mean_margin
+        );
         assert!(after.accuracy >= 0.9, "{loss:?}: accuracy {:.3} -> {:.3}", before.accuracy, after.accuracy);
         if loss == PairwiseLoss::BradleyTerry {
-            assert!(before.accuracy <= 0.6 && after.accuracy > before.accuracy + 0.3, "accuracy {:.3} -> {:.3}", before.accuracy, after.accuracy);
+            assert!(
+                before.accuracy <= 0.6 && after.accuracy > before.accuracy + 0.3,
+                "accuracy {:.3} -> {:.3}",
+                before.accuracy,
+                after.accuracy
+            );
         }
-        assert!(after.mean_margin > before.mean_margin + 0.1, "{loss:?}: margin {:.3} -> {:.3}", before.mean_margin, after.mean_margin);
+        assert!(
+            after.mean_margin > before.mean_margin + 0.1,
+            "{loss:?}: margin {:.3} -> {:.3}",
+            before.mean_margin,
+            after.mean_margin
+        );
         // LoRA: the base weights did not move (the adapters disabled give the start's trunk).
         let base = trainer.model().trunk().adapters_disabled();
-        assert_eq!(policy_models::optim::parameter_values(&base).into_iter().filter(|(path, _)| !path.contains(".lora.")).collect::<Vec<_>>(),
-            policy_models::optim::parameter_values(&frozen).into_iter().filter(|(path, _)| !path.contains(".lora.") ).collect::<Vec<_>>());
+        assert_eq!(
+            policy_models::optim::parameter_values(&base)
+                .into_iter()
+                .filter(|(path, _)| !path.contains(".lora."))
+                .collect::<Vec<_>>(),
+            policy_models::optim::parameter_values(&frozen)
+                .into_iter()
+                .filter(|(path, _)| !path.contains(".lora."))
+                .collect::<Vec<_>>()
+        );
     }
     // The token loss needs a head this model does not have: a clear error.
-    let error = RewardTrainer::start(start(&setup, &device, 7, false), RewardTrainingConfig { token_loss_weight: 1.0, ..training(1, PairwiseLoss::BradleyTerry) }).err().unwrap();
+    let error = RewardTrainer::start(
+        start(&setup, &device, 7, false),
+        RewardTrainingConfig { token_loss_weight: 1.0, ..training(1, PairwiseLoss::BradleyTerry) },
+    )
+    .err()
+    .unwrap();
     assert!(error.to_string().contains("token_loss_weight"), "{error}");
 }
 
@@ -113,7 +167,8 @@ fn causal_reward_model_training_resumes_exactly() {
             first.train_step(&setup.train, &setup.tokenizer).unwrap();
         }
         first.save_checkpoint(&dir.path().join("checkpoint")).unwrap();
-        let mut resumed = RewardTrainer::resume_causal(initial, &dir.path().join("checkpoint"), config.clone()).unwrap();
+        let mut resumed =
+            RewardTrainer::resume_causal(initial, &dir.path().join("checkpoint"), config.clone()).unwrap();
         assert_eq!(resumed.step(), 3);
         for _ in 0..3 {
             resumed.train_step(&setup.train, &setup.tokenizer).unwrap();

@@ -11,7 +11,8 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("roberta_regressor").join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("roberta_regressor").join("reference.json")).unwrap())
+        .unwrap()
 }
 
 fn inputs(reference: &serde_json::Value) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {

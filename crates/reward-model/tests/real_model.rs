@@ -17,7 +17,8 @@ use reward_model::{CausalRewardModel, HeadSource};
 #[test]
 #[ignore]
 fn smollm2_as_a_reward_model() {
-    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = ModelSource::Gguf(gguf).resolve().unwrap();
     let tokenizer = PolicyTokenizer::load_dir(&dir).unwrap();
     let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap();
@@ -25,7 +26,11 @@ fn smollm2_as_a_reward_model() {
     let (model, head) = CausalRewardModel::load_dir(&dir, Some(pad), &device).unwrap();
     assert_eq!(head, HeadSource::Initialised);
     let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), 256);
-    let texts = [("What is 12 + 7?", "12 + 7 = 19\n#### 19"), ("What is 3 * 4?", "3 * 4 = 12. The answer is 12."), ("Hi", "Hello")];
+    let texts = [
+        ("What is 12 + 7?", "12 + 7 = 19\n#### 19"),
+        ("What is 3 * 4?", "3 * 4 = 12. The answer is 12."),
+        ("Hi", "Hello"),
+    ];
     let (ids, mask) = reward_tokenizer.batch(&texts);
     let right = model.score(&ids, &mask).into_data().try_to_vec::<f32>().unwrap();
     // Each row alone (no padding) gives its padded score: padding is masked and not scored.
@@ -45,18 +50,39 @@ fn smollm2_as_a_reward_model() {
     let autodiff = device.autodiff();
     let (model, _) = CausalRewardModel::load_dir(&dir, Some(pad), &autodiff).unwrap();
     let model = model.with_lora(&LoraSettings::default()).unwrap();
-    let pair = |q: &str, good: &str, bad: &str| Comparison { prompt: q.into(), chosen: good.into(), rejected: bad.into(), corruption: Corruption::WrongAnswer, rejected_error: None };
+    let pair = |q: &str, good: &str, bad: &str| Comparison {
+        prompt: q.into(),
+        chosen: good.into(),
+        rejected: bad.into(),
+        corruption: Corruption::WrongAnswer,
+        rejected_error: None,
+    };
     let pairs = vec![
         pair("What is 12 + 7?", "12 + 7 = 19\n#### 19", "12 + 7 = 18\n#### 18"),
         pair("What is 3 * 4?", "3 * 4 = 12\n#### 12", "3 * 4 = 7\n#### 7"),
         pair("What is 9 - 5?", "9 - 5 = 4\n#### 4", "9 - 5 = 14\n#### 14"),
         pair("What is 6 + 6?", "6 + 6 = 12\n#### 12", "6 + 6 = 13\n#### 13"),
     ];
-    let mut trainer = RewardTrainer::start(model, RewardTrainingConfig { steps: 3, batch_size: 4, learning_rate: 1e-4, warmup_steps: 0, ..RewardTrainingConfig::default() }).unwrap();
+    let mut trainer = RewardTrainer::start(
+        model,
+        RewardTrainingConfig {
+            steps: 3,
+            batch_size: 4,
+            learning_rate: 1e-4,
+            warmup_steps: 0,
+            ..RewardTrainingConfig::default()
+        },
+    )
+    .unwrap();
     for _ in 0..3 {
         let started = Instant::now();
         let step = trainer.train_step(&pairs, &reward_tokenizer).unwrap();
-        println!("LoRA step of 4 pairs: {:.2} s, loss {:.4}, accuracy {:.2}", started.elapsed().as_secs_f64(), step.loss, step.accuracy);
+        println!(
+            "LoRA step of 4 pairs: {:.2} s, loss {:.4}, accuracy {:.2}",
+            started.elapsed().as_secs_f64(),
+            step.loss,
+            step.accuracy
+        );
         assert!(step.loss.is_finite());
     }
 }

@@ -53,14 +53,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                  Betty is saving money for a new wallet which costs $100; she has only half of the money she needs.";
     let prompts: Vec<PromptItem> = (0..8)
         .map(|i| {
-            let text = format!("Question {i}: {story} {story} How many are there in all, in case {i}? Answer step by step.");
+            let text =
+                format!("Question {i}: {story} {story} How many are there in all, in case {i}? Answer step by step.");
             let ids = tokenizer.encode(&text, true).expect("encodes").into_iter().map(i64::from).collect();
             PromptItem { prompt_ids: ids, prompt_text: text, answer: "72".to_string() }
         })
         .collect();
     println!("prompt lengths: {:?}", prompts.iter().map(|p| p.prompt_ids.len()).collect::<Vec<_>>());
 
-    let mut config = serde_json::json!({ "num_generations": 8, "max_completion_length": 64, "loss_type": "dapo", "beta": 0.0 });
+    let mut config =
+        serde_json::json!({ "num_generations": 8, "max_completion_length": 64, "loss_type": "dapo", "beta": 0.0 });
     if let Some(extra) = args.get(2) {
         let extra: serde_json::Value = serde_json::from_str(extra)?;
         for (key, value) in extra.as_object().ok_or("the second argument must be a JSON object")? {
@@ -68,12 +70,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("grpo config: {config}");
-    let inputs = AlgorithmInputs { policy, config, optim: OptimSettings { learning_rate: 1e-6, ..OptimSettings::default() }, seed: 0 };
+    let inputs = AlgorithmInputs {
+        policy,
+        config,
+        optim: OptimSettings { learning_rate: 1e-6, ..OptimSettings::default() },
+        seed: 0,
+    };
     let mut algorithm = (rl_algos::grpo::ENTRY.build)(inputs)?;
     let rewards = WeightedRewards::new(vec![(Box::new(LengthMod3), 1.0)]);
-    let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
+    let decode =
+        |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
     // No end-of-sequence token: every completion runs to 64 tokens (the largest batch).
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: tokenizer.pad_id.unwrap_or(0).into(), stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: tokenizer.pad_id.unwrap_or(0).into(),
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let started = Instant::now();
     let metrics = algorithm.train_step(&prompts, &environment)?;
     println!("step: {:.1} s", started.elapsed().as_secs_f64());

@@ -116,7 +116,10 @@ mod tests {
                 let g = group.len();
                 assert!(advantages[..g].iter().all(|&a| a.to_bits() == 0), "{scale:?} {group:?}: {advantages:?}");
                 assert_eq!(&zero_std[..g], vec![true; g].as_slice());
-                assert!(zero_std[g..].iter().all(|z| !z) && advantages[g..].iter().any(|&a| a != 0.0), "{scale:?}: {advantages:?}");
+                assert!(
+                    zero_std[g..].iter().all(|z| !z) && advantages[g..].iter().any(|&a| a != 0.0),
+                    "{scale:?}: {advantages:?}"
+                );
             }
         }
     }

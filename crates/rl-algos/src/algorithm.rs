@@ -255,7 +255,13 @@ impl AlgorithmEntry {
     /// The settings of a run of `steps` training steps of `prompts_per_step` prompts: `optim`
     /// with its schedule spanning the run's optimizer steps (steps x
     /// [`Self::optimizer_steps_per_step`]); the warmup, a ratio of the total, scales with it.
-    pub fn run_optim(&self, config: &serde_json::Value, optim: &OptimSettings, steps: u64, prompts_per_step: usize) -> Result<OptimSettings, String> {
+    pub fn run_optim(
+        &self,
+        config: &serde_json::Value,
+        optim: &OptimSettings,
+        steps: u64,
+        prompts_per_step: usize,
+    ) -> Result<OptimSettings, String> {
         let per_step = (self.optimizer_steps_per_step)(config, prompts_per_step)?;
         Ok(OptimSettings { total_steps: steps.saturating_mul(per_step), ..optim.clone() })
     }
@@ -278,4 +284,3 @@ pub fn resolved_config<T: serde::de::DeserializeOwned + serde::Serialize>(
     validate(&config)?;
     serde_json::to_value(&config).map_err(|error| format!("[{name}] config: {error}"))
 }
-

@@ -197,7 +197,11 @@ impl GrpoConfig {
                 self.num_generations
             ));
         }
-        if self.max_completion_length == 0 || self.num_iterations == 0 || self.gradient_accumulation_steps == Some(0) || self.max_tokens_per_micro_batch == 0 {
+        if self.max_completion_length == 0
+            || self.num_iterations == 0
+            || self.gradient_accumulation_steps == Some(0)
+            || self.max_tokens_per_micro_batch == 0
+        {
             return Err("grpo.max_completion_length, num_iterations, gradient_accumulation_steps and max_tokens_per_micro_batch must be at least 1".to_string());
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
@@ -223,7 +227,10 @@ impl GrpoConfig {
             ));
         }
         if !self.entropy_coef.is_finite() {
-            return Err(format!("grpo.entropy_coef = {}: use a finite number such as 0.001, or 0 for no bonus", self.entropy_coef));
+            return Err(format!(
+                "grpo.entropy_coef = {}: use a finite number such as 0.001, or 0 for no bonus",
+                self.entropy_coef
+            ));
         }
         if self.beta < 0.0 || !self.beta.is_finite() {
             return Err(format!("grpo.beta = {}: the KL weight must be 0 or positive", self.beta));
@@ -233,7 +240,10 @@ impl GrpoConfig {
                 return Err("grpo.sync_ref_model = true with beta = 0: without a KL term there is no reference to synchronise; set beta > 0 or sync_ref_model = false".to_string());
             }
             if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
-                return Err(format!("grpo.ref_model_mixup_alpha = {}: use a fraction in [0, 1] (TRL's default 0.6)", self.ref_model_mixup_alpha));
+                return Err(format!(
+                    "grpo.ref_model_mixup_alpha = {}: use a fraction in [0, 1] (TRL's default 0.6)",
+                    self.ref_model_mixup_alpha
+                ));
             }
             if self.ref_model_sync_steps == 0 {
                 return Err("grpo.ref_model_sync_steps = 0: use at least 1 (TRL's default 512)".to_string());
@@ -333,7 +343,8 @@ pub fn grpo_objective(
     assert!(!needs_entropies || entropies.is_some(), "top_entropy_quantile < 1 and entropy_coef need the entropies");
     let totals = totals.unwrap_or_else(|| {
         let entropy_host = entropies.as_ref().filter(|_| needs_entropies).map(|e| host(e.clone().detach()));
-        let threshold = entropy_host.as_ref().and_then(|e| entropy_threshold(e, &mask_host, config.top_entropy_quantile));
+        let threshold =
+            entropy_host.as_ref().and_then(|e| entropy_threshold(e, &mask_host, config.top_entropy_quantile));
         let tokens = mask_host.iter().sum::<f32>();
         BatchTotals {
             sequences: count,
@@ -383,7 +394,8 @@ pub fn grpo_objective(
     let micro_batches = totals.micro_batches.max(1) as f32;
     let mut loss = match config.loss_type {
         LossType::Grpo => {
-            let per_sequence = masked.sum_dim(1).reshape([count]) / mask.clone().sum_dim(1).reshape([count]).clamp_min(1.0);
+            let per_sequence =
+                masked.sum_dim(1).reshape([count]) / mask.clone().sum_dim(1).reshape([count]).clamp_min(1.0);
             per_sequence.sum() / totals.sequences.max(1) as f32
         }
         LossType::Bnpo => masked.sum() / (totals.micro_batch_tokens.max(1.0) * micro_batches),
@@ -443,7 +455,11 @@ pub fn skip_zero_std(mask: &[f32], zero_std: &[bool], zero_std_groups: ZeroStdGr
         return (mask.to_vec(), rows);
     }
     let width = mask.len() / rows;
-    let kept = mask.chunks(width.max(1)).zip(zero_std).flat_map(|(row, &zero)| row.iter().map(move |&m| if zero { 0.0 } else { m })).collect();
+    let kept = mask
+        .chunks(width.max(1))
+        .zip(zero_std)
+        .flat_map(|(row, &zero)| row.iter().map(move |&m| if zero { 0.0 } else { m }))
+        .collect();
     (kept, zero_std.iter().filter(|zero| !**zero).count())
 }
 
@@ -515,15 +531,16 @@ pub fn mix_into_reference(reference: CausalLm, policy: &CausalLm, alpha: f64) ->
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::Sampler;
-use burn::optim::GradientsAccumulator;
 use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
-    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, parse_config,
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError,
+    RolloutShape, parse_config,
 };
 use crate::rollout::{self, Rollout};
 
@@ -622,7 +639,12 @@ impl Grpo {
     }
 
     /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
-    pub fn resume(start: CausalLm, config: GrpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
+    pub fn resume(
+        start: CausalLm,
+        config: GrpoConfig,
+        optim: OptimSettings,
+        dir: &std::path::Path,
+    ) -> Result<Self, RlError> {
         let state = crate::algorithm::CheckpointState::read(dir)?;
         let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut grpo = Self::new(start, config, optim, state.seed)?;
@@ -659,7 +681,15 @@ impl Grpo {
             }
             generated += flat.len() * g;
             let subset: Vec<PromptItem> = flat.iter().map(|&p| prompts[p].clone()).collect();
-            let fresh = rollout::sample(inference, &subset, g, self.config.max_completion_length, self.sampler(), environment, rollout::step_seed(self.seed, self.steps, round as u64));
+            let fresh = rollout::sample(
+                inference,
+                &subset,
+                g,
+                self.config.max_completion_length,
+                self.sampler(),
+                environment,
+                rollout::step_seed(self.seed, self.steps, round as u64),
+            );
             let fresh_rewards = rollout::reward(&fresh, &subset, environment);
             for (k, &p) in flat.iter().enumerate() {
                 for j in 0..g {
@@ -716,11 +746,20 @@ impl RlAlgorithm for Grpo {
         let device = self.updater.model().devices().into_iter().next().expect("the policy has parameters");
         // Rollouts run on a copy without autodiff: no graph is built, none can leak.
         let inference = self.updater.model().valid();
-        let mut rollout = rollout::sample(&inference, prompts, g, self.config.max_completion_length, self.sampler(), environment, rollout::step_seed(self.seed, self.steps, 0));
+        let mut rollout = rollout::sample(
+            &inference,
+            prompts,
+            g,
+            self.config.max_completion_length,
+            self.sampler(),
+            environment,
+            rollout::step_seed(self.seed, self.steps, 0),
+        );
         let mut scored = rollout::reward(&rollout, prompts, environment);
         let mut metrics = Metrics::new();
         if self.config.zero_std_groups == ZeroStdGroups::Resample {
-            let (rounds, generated) = self.resample_flat_groups(&inference, prompts, environment, &mut rollout, &mut scored);
+            let (rounds, generated) =
+                self.resample_flat_groups(&inference, prompts, environment, &mut rollout, &mut scored);
             metrics.insert("resample_rounds".to_string(), rounds as f64);
             metrics.insert("resampled_generations".to_string(), generated as f64);
         }
@@ -740,21 +779,36 @@ impl RlAlgorithm for Grpo {
         let advantages = Tensor::<1>::from_data(TensorData::new(advantages, [rollout.len()]), &device);
         let temperature = self.config.temperature;
         // Old log-probs are needed only when the policy moves between passes over the rollout.
-        let old = (self.config.num_iterations > 1)
-            .then(|| Tensor::from_inner(rollout::completion_scores(&inference, &rollout, prompts, pad, share, temperature).0));
-        let reference = self
-            .reference
-            .as_ref()
-            .map(|reference| Tensor::from_inner(rollout::completion_scores(reference, &rollout, prompts, pad, share, temperature).0));
+        let old = (self.config.num_iterations > 1).then(|| {
+            Tensor::from_inner(rollout::completion_scores(&inference, &rollout, prompts, pad, share, temperature).0)
+        });
+        let reference = self.reference.as_ref().map(|reference| {
+            Tensor::from_inner(rollout::completion_scores(reference, &rollout, prompts, pad, share, temperature).0)
+        });
         let schedule = self.optim.schedule();
         let count = rollout.len();
         let tokens_total = mask_host.iter().sum::<f32>();
         // A micro-batch's tokens: what its shards' forward passes run.
         let micro_tokens = |rows: std::ops::Range<usize>| {
             let shards = shard_ranges(self.updater.model(), rows.len());
-            shards.into_iter().map(|shard| rollout::scoring_positions(&rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)).sum()
+            shards
+                .into_iter()
+                .map(|shard| {
+                    rollout::scoring_positions(
+                        &rollout,
+                        prompts,
+                        rows.start + shard.start..rows.start + shard.end,
+                        share,
+                    )
+                })
+                .sum()
         };
-        let micro = rollout::micro_batch_rows_by(count, self.config.gradient_accumulation_steps, self.config.max_tokens_per_micro_batch, micro_tokens);
+        let micro = rollout::micro_batch_rows_by(
+            count,
+            self.config.gradient_accumulation_steps,
+            self.config.max_tokens_per_micro_batch,
+            micro_tokens,
+        );
         let micro_batches = count.div_ceil(micro.max(1)).max(1);
         let per_sequence_clips = self.config.importance_sampling_level == ImportanceSamplingLevel::Sequence;
         let slice_rows = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..completion_len]);
@@ -775,10 +829,21 @@ impl RlAlgorithm for Grpo {
                 // threshold is not lost to rounding between the two passes).
                 let (entropy_threshold, entropy_tokens, micro_entropies) = if self.config.top_entropy_quantile < 1.0 {
                     let sub = rollout.select(&(start..end).collect::<Vec<_>>());
-                    let (_, entropies) = rollout::completion_scores(&self.updater.model().valid(), &sub, prompts, pad, share, temperature);
+                    let (_, entropies) = rollout::completion_scores(
+                        &self.updater.model().valid(),
+                        &sub,
+                        prompts,
+                        pad,
+                        share,
+                        temperature,
+                    );
                     let values = entropies.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
                     let threshold = entropy_threshold(&values, micro_mask, self.config.top_entropy_quantile);
-                    (threshold, entropy_token_count(&values, micro_mask, threshold), Some(Tensor::<2>::from_inner(entropies)))
+                    (
+                        threshold,
+                        entropy_token_count(&values, micro_mask, threshold),
+                        Some(Tensor::<2>::from_inner(entropies)),
+                    )
                 } else {
                     (None, micro_tokens, None)
                 };
@@ -798,10 +863,14 @@ impl RlAlgorithm for Grpo {
                     let (logps, entropies) = rollout::completion_scores(policy, &sub, prompts, pad, share, temperature);
                     // The pre-pass's values with this pass's gradient.
                     let entropies = match &micro_entropies {
-                        Some(fixed) => entropies.clone() - entropies.detach() + fixed.clone().slice([shard_rows.clone(), 0..completion_len]),
+                        Some(fixed) => {
+                            entropies.clone() - entropies.detach()
+                                + fixed.clone().slice([shard_rows.clone(), 0..completion_len])
+                        }
                         None => entropies,
                     };
-                    let old_logps = old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
+                    let old_logps =
+                        old.as_ref().map_or_else(|| logps.clone().detach(), |old| slice_rows(old, rows.clone()));
                     let sub_mask = slice_rows(&mask, rows.clone());
                     let (loss, objective) = grpo_objective(
                         logps,
@@ -827,7 +896,11 @@ impl RlAlgorithm for Grpo {
                     (loss, sums)
                 };
                 let rows = end - start;
-                let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+                let not_finite = |bad: NonFinite| RlError::NotFinite {
+                    step: self.steps + 1,
+                    quantity: bad.quantity().to_string(),
+                    value: bad.value(),
+                };
                 let (loss, grads, shard_sums) = self.updater.backward(rows, shard).map_err(not_finite)?;
                 loss_sum += loss;
                 for sums in shard_sums {
@@ -836,11 +909,24 @@ impl RlAlgorithm for Grpo {
                 accumulator.accumulate(self.updater.model(), grads);
             }
             let learning_rate = schedule.learning_rate_at(self.updater.optimizer().steps());
-            let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
-            let stats = self.updater.update(accumulator.grads(), loss_sum, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
-            if self.config.sync_ref_model && self.updater.optimizer().steps().is_multiple_of(self.config.ref_model_sync_steps) {
+            let not_finite = |bad: NonFinite| RlError::NotFinite {
+                step: self.steps + 1,
+                quantity: bad.quantity().to_string(),
+                value: bad.value(),
+            };
+            let stats = self
+                .updater
+                .update(accumulator.grads(), loss_sum, self.optim.max_grad_norm, learning_rate)
+                .map_err(not_finite)?;
+            if self.config.sync_ref_model
+                && self.updater.optimizer().steps().is_multiple_of(self.config.ref_model_sync_steps)
+            {
                 let reference = self.reference.take().expect("sync_ref_model needs beta > 0, which keeps a reference");
-                self.reference = Some(mix_into_reference(reference, &self.updater.model().valid(), self.config.ref_model_mixup_alpha));
+                self.reference = Some(mix_into_reference(
+                    reference,
+                    &self.updater.model().valid(),
+                    self.config.ref_model_mixup_alpha,
+                ));
             }
             metrics.insert("loss".to_string(), stats.loss);
             metrics.insert("grad_norm".to_string(), stats.grad_norm);

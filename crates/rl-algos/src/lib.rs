@@ -19,7 +19,10 @@ pub mod ppo;
 pub mod rewards;
 pub mod rollout;
 
-pub use algorithm::{AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape};
+pub use algorithm::{
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError,
+    RolloutShape,
+};
 
 /// The algorithms this crate provides; the study runner adds those of other crates.
 pub const BUILTIN: &[AlgorithmEntry] = &[grpo::ENTRY, ppo::ENTRY];

@@ -38,10 +38,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantages::{gae, whiten};
 use crate::algorithm::{
-    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError, RolloutShape, parse_config,
+    AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError,
+    RolloutShape, parse_config,
 };
-use crate::rollout::step_seed;
 use crate::rollout;
+use crate::rollout::step_seed;
 
 /// The KL estimator of the per-token penalty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,7 +201,10 @@ impl PpoConfig {
             return Err("ppo.kl_coef, vf_coef and entropy_coef must be 0 or positive".to_string());
         }
         if !(self.temperature > 0.0) || !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("ppo.temperature = {} must be positive and top_p = {} in (0, 1]", self.temperature, self.top_p));
+            return Err(format!(
+                "ppo.temperature = {} must be positive and top_p = {} in (0, 1]",
+                self.temperature, self.top_p
+            ));
         }
         if let Some(penalty) = self.missing_eos_penalty.filter(|p| !p.is_finite()) {
             return Err(format!("ppo.missing_eos_penalty = {penalty} must be a finite number (or left out for none)"));
@@ -279,7 +283,8 @@ pub fn ppo_targets(
     }
     for (row, row_rewards) in rewards.iter().enumerate() {
         let length = lengths[row];
-        let (row_advantages, row_returns) = gae(&row_rewards[..length], &values[row][..length], config.gamma as f32, config.lam as f32);
+        let (row_advantages, row_returns) =
+            gae(&row_rewards[..length], &values[row][..length], config.gamma as f32, config.lam as f32);
         let pad = |mut v: Vec<f32>| {
             v.resize(width, 0.0);
             v
@@ -440,11 +445,17 @@ impl PolicyWithValueHead {
     ///
     /// # Shapes
     /// - returns three [N, T] tensors
-    pub fn score(&self, input: &StepInput, completion_len: usize, temperature: f32) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    pub fn score(
+        &self,
+        input: &StepInput,
+        completion_len: usize,
+        temperature: f32,
+    ) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         let hidden = self.policy.hidden_states(input, &mut self.policy.new_cache()); // [N, P+T, C]
         let [batch, total, width] = hidden.dims();
         // The fused head: no [N, P+T, V] logits; entropies carry gradients (entropy_coef).
-        let (logps, entropies) = log_probs_from_hidden(&self.policy, hidden.clone(), input, completion_len, temperature);
+        let (logps, entropies) =
+            log_probs_from_hidden(&self.policy, hidden.clone(), input, completion_len, temperature);
         let hidden = match &self.value_trunk {
             Some(trunk) => trunk.hidden_states(input, &mut trunk.new_cache()),
             None => hidden,
@@ -497,7 +508,12 @@ fn optimizer_steps_entry(value: &serde_json::Value, prompts_per_step: usize) -> 
 fn rollout_shape_entry(value: &serde_json::Value) -> Result<RolloutShape, String> {
     let config = parse_config::<PpoConfig>("ppo", value)?;
     config.validate()?;
-    Ok(RolloutShape { completions_per_prompt: 1, max_completion_length: config.max_completion_length, max_sampling_rounds: 1, training_passes: config.num_ppo_epochs })
+    Ok(RolloutShape {
+        completions_per_prompt: 1,
+        max_completion_length: config.max_completion_length,
+        max_sampling_rounds: 1,
+        training_passes: config.num_ppo_epochs,
+    })
 }
 
 /// The rows of each minibatch of `count` completions: ceil(count / num_mini_batches) rows each,
@@ -568,12 +584,18 @@ impl Ppo {
 
 impl Ppo {
     /// Resumes from a checkpoint directory; `start` is the run's starting policy (the reference).
-    pub fn resume(start: CausalLm, config: PpoConfig, optim: OptimSettings, dir: &std::path::Path) -> Result<Self, RlError> {
+    pub fn resume(
+        start: CausalLm,
+        config: PpoConfig,
+        optim: OptimSettings,
+        dir: &std::path::Path,
+    ) -> Result<Self, RlError> {
         let state = crate::algorithm::CheckpointState::read(dir)?;
         let device = start.devices().into_iter().next().expect("the policy has parameters");
         let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut ppo = Self::new(start, config, optim, state.seed)?;
-        let mut heads = policy_models::weights::WeightMap::open_files(dir, &[dir.join("value_head.safetensors")], &device)?;
+        let mut heads =
+            policy_models::weights::WeightMap::open_files(dir, &[dir.join("value_head.safetensors")], &device)?;
         let width = ppo.updater.model().value_head.weight.dims()[0];
         let value_head = heads.linear("value_head", width, 1, true)?;
         heads.finish()?;
@@ -587,12 +609,16 @@ impl Ppo {
         ppo.steps = state.steps;
         let kl_state = dir.join(KL_STATE_FILE);
         if kl_state.exists() {
-            let text = std::fs::read_to_string(&kl_state).map_err(|e| RlError::Config(format!("reading {}: {e}", kl_state.display())))?;
+            let text = std::fs::read_to_string(&kl_state)
+                .map_err(|e| RlError::Config(format!("reading {}: {e}", kl_state.display())))?;
             let value: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| RlError::Config(format!("{}: {e}", kl_state.display())))?;
-            ppo.kl_coef = value["kl_coef"]
-                .as_f64()
-                .ok_or_else(|| RlError::Config(format!("{}: no number kl_coef; delete the checkpoint to restart the cell", kl_state.display())))?;
+            ppo.kl_coef = value["kl_coef"].as_f64().ok_or_else(|| {
+                RlError::Config(format!(
+                    "{}: no number kl_coef; delete the checkpoint to restart the cell",
+                    kl_state.display()
+                ))
+            })?;
         }
         Ok(ppo)
     }
@@ -641,7 +667,15 @@ impl RlAlgorithm for Ppo {
             top_k: None,
             top_p: (self.config.top_p < 1.0).then_some(self.config.top_p),
         };
-        let rollout = rollout::sample(&inference.policy, prompts, 1, self.config.max_completion_length, sampler, environment, step_seed(self.seed, self.steps, 0));
+        let rollout = rollout::sample(
+            &inference.policy,
+            prompts,
+            1,
+            self.config.max_completion_length,
+            sampler,
+            environment,
+            step_seed(self.seed, self.steps, 0),
+        );
         let scored = rollout::reward(&rollout, prompts, environment);
         let mut metrics = Metrics::new();
         rollout::rollout_metrics(&rollout, &scored, &mut metrics);
@@ -650,13 +684,15 @@ impl RlAlgorithm for Ppo {
         let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
         let temperature = self.config.temperature;
         let (old_logprobs, _, old_values) = inference.score(&input, completion_len, temperature);
-        let (ref_logprobs, _) = policy_models::generate::completion_log_probs(&self.reference, &input, completion_len, temperature);
+        let (ref_logprobs, _) =
+            policy_models::generate::completion_log_probs(&self.reference, &input, completion_len, temperature);
         let lengths = rollout.lengths();
         let old_values_host = rows(old_values);
         let scores = penalise_missing_eos(&scored.total, &rollout.stop_reasons, self.config.missing_eos_penalty);
         let step_config = PpoConfig { kl_coef: self.kl_coef, ..self.config.clone() };
         let old_logprobs_host = rows(old_logprobs);
-        let targets = ppo_targets(&old_logprobs_host, &rows(ref_logprobs), &old_values_host, &scores, &lengths, &step_config);
+        let targets =
+            ppo_targets(&old_logprobs_host, &rows(ref_logprobs), &old_values_host, &scores, &lengths, &step_config);
         let mean_score = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64;
         for (name, value) in [
             ("kl", targets.kl),
@@ -669,11 +705,16 @@ impl RlAlgorithm for Ppo {
             metrics.insert(name.to_string(), value);
         }
         // Explained variance of the rollout's values against the returns, over real tokens.
-        let real = |table: &[Vec<f32>]| -> Vec<f32> { table.iter().zip(&lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect() };
+        let real = |table: &[Vec<f32>]| -> Vec<f32> {
+            table.iter().zip(&lengths).flat_map(|(row, &l)| row[..l].to_vec()).collect()
+        };
         let returns_real = real(&targets.returns);
         let residual: Vec<f32> = returns_real.iter().zip(real(&old_values_host)).map(|(r, v)| r - v).collect();
         let variance = |values: &[f32]| eval::stats::mean_std(values).std.powi(2);
-        metrics.insert("val/explained_variance".to_string(), 1.0 - variance(&residual) / variance(&returns_real).max(1e-12));
+        metrics.insert(
+            "val/explained_variance".to_string(),
+            1.0 - variance(&residual) / variance(&returns_real).max(1e-12),
+        );
 
         let count = rollout.len();
         let width = completion_len;
@@ -691,7 +732,8 @@ impl RlAlgorithm for Ppo {
                 let indices = &order[rows_range];
                 let batch = rollout.select(indices);
                 let mask = rollout::loss_mask(&batch, false, &device);
-                let (old_logprobs, advantages) = (gather(&old_logprobs_host, indices), gather(&targets.advantages, indices));
+                let (old_logprobs, advantages) =
+                    (gather(&old_logprobs_host, indices), gather(&targets.advantages, indices));
                 let (old_values, returns) = (gather(&old_values_host, indices), gather(&targets.returns, indices));
                 let pick = |t: &Tensor<2>, rows: std::ops::Range<usize>| t.clone().slice([rows, 0..width]);
                 let minibatch_tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
@@ -721,10 +763,15 @@ impl RlAlgorithm for Ppo {
                     let entropy = f64::from(entropy.detach().into_scalar::<f32>());
                     (loss, (objective, entropy))
                 };
-                let not_finite = |bad: NonFinite| RlError::NotFinite { step: self.steps + 1, quantity: bad.quantity().to_string(), value: bad.value() };
+                let not_finite = |bad: NonFinite| RlError::NotFinite {
+                    step: self.steps + 1,
+                    quantity: bad.quantity().to_string(),
+                    value: bad.value(),
+                };
                 let (loss, grads, shards) = self.updater.backward(indices.len(), shard).map_err(not_finite)?;
                 learning_rate = schedule.learning_rate_at(self.updater.optimizer().steps());
-                let stats = self.updater.update(grads, loss, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
+                let stats =
+                    self.updater.update(grads, loss, self.optim.max_grad_norm, learning_rate).map_err(not_finite)?;
                 for (objective, entropy) in shards {
                     sums.objective = sums.objective.plus(objective);
                     sums.entropy += entropy;

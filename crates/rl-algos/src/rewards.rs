@@ -50,8 +50,9 @@ pub fn extract_xml_answer(text: &str) -> &str {
 
 // Python's `re.match` anchors at the start; its `$` also matches before a final newline,
 // which `\n?\z` reproduces. Without DOTALL `.` stops at newlines, as in the demo.
-static STRICT_FORMAT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\A<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n\n?\z").expect("valid regex"));
+static STRICT_FORMAT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\A<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n\n?\z").expect("valid regex")
+});
 static SOFT_FORMAT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?s)\A<reasoning>.*?</reasoning>\s*<answer>.*?</answer>").expect("valid regex"));
 static THINK_FORMAT: LazyLock<Regex> =
@@ -178,9 +179,13 @@ impl RewardKind {
     /// Checks the parameters; the message names the field and the fix.
     pub fn validate(self) -> Result<(), String> {
         match self {
-            RewardKind::SoftOverlongPunishment { max_completion_len, soft_punish_cache } if soft_punish_cache > max_completion_len => Err(format!(
-                "soft_overlong_punishment: soft_punish_cache = {soft_punish_cache} exceeds max_completion_len = {max_completion_len}; use a cache of at most max_completion_len (DAPO: 4096 of 20480)"
-            )),
+            RewardKind::SoftOverlongPunishment { max_completion_len, soft_punish_cache }
+                if soft_punish_cache > max_completion_len =>
+            {
+                Err(format!(
+                    "soft_overlong_punishment: soft_punish_cache = {soft_punish_cache} exceeds max_completion_len = {max_completion_len}; use a cache of at most max_completion_len (DAPO: 4096 of 20480)"
+                ))
+            }
             _ => Ok(()),
         }
     }

@@ -135,7 +135,12 @@ pub fn reward(rollout: &Rollout, prompts: &[PromptItem], environment: &Environme
         .iter()
         .zip(&rollout.prompt_index)
         .zip(rollout.lengths())
-        .map(|((text, &p), completion_tokens)| RewardInput { prompt: &prompts[p].prompt_text, completion: text, answer: &prompts[p].answer, completion_tokens })
+        .map(|((text, &p), completion_tokens)| RewardInput {
+            prompt: &prompts[p].prompt_text,
+            completion: text,
+            answer: &prompts[p].answer,
+            completion_tokens,
+        })
         .collect();
     environment.rewards.score(&inputs)
 }
@@ -192,7 +197,12 @@ pub fn completion_scores(
 /// Positions a scoring forward over `rows` of the rollout runs (a bound: prompts counted at the
 /// longest prompt's length): R (Tp + C), or with `share_prompt_prefix` and a shared prompt,
 /// (distinct prompts) Tp + R C.
-pub fn scoring_positions(rollout: &Rollout, prompts: &[PromptItem], rows: std::ops::Range<usize>, share_prompt_prefix: bool) -> usize {
+pub fn scoring_positions(
+    rollout: &Rollout,
+    prompts: &[PromptItem],
+    rows: std::ops::Range<usize>,
+    share_prompt_prefix: bool,
+) -> usize {
     let prompt_len = rollout.prompt_index.iter().map(|&p| prompts[p].prompt_ids.len()).max().unwrap_or(0);
     let completion_len = rollout.completion_len();
     let count = rows.len();
@@ -258,7 +268,12 @@ pub fn micro_batch_rows(rows: usize, padded_len: usize, steps: Option<usize>, ma
 /// (with shared prompt prefixes, a prompt counts once per forward pass that runs it, see
 /// [`scoring_positions`]): the fewest micro-batches, of equal row counts, whose every one fits
 /// `max_tokens` (a micro-batch of one row always does).
-pub fn micro_batch_rows_by(rows: usize, steps: Option<usize>, max_tokens: usize, tokens: impl Fn(std::ops::Range<usize>) -> usize) -> usize {
+pub fn micro_batch_rows_by(
+    rows: usize,
+    steps: Option<usize>,
+    max_tokens: usize,
+    tokens: impl Fn(std::ops::Range<usize>) -> usize,
+) -> usize {
     if let Some(steps) = steps {
         return rows.div_ceil(steps.clamp(1, rows.max(1))).max(1);
     }

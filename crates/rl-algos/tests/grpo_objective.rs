@@ -35,7 +35,8 @@ fn advantages_match_trl_for_each_scaling() {
     let fixture = fixture();
     let rewards = floats(&fixture["rewards"]);
     let g = fixture["num_generations"].as_u64().unwrap() as usize;
-    for (name, scale) in [("group", ScaleRewards::Group), ("batch", ScaleRewards::Batch), ("none", ScaleRewards::None)] {
+    for (name, scale) in [("group", ScaleRewards::Group), ("batch", ScaleRewards::Batch), ("none", ScaleRewards::None)]
+    {
         let (ours, zero_std) = group_advantages(&rewards, g, scale);
         for (a, b) in ours.iter().zip(floats(&fixture["advantages"][name])) {
             close(*a, b, &format!("advantage ({name})"));

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use burn::tensor::{Device, Tensor, TensorData};
 use rl_algos::advantages::{ScaleRewards, group_advantages};
 use rl_algos::grpo::{
-    BatchTotals, GrpoConfig, ImportanceSamplingLevel, LossType, ZeroStdGroups, entropy_threshold, entropy_token_count, grpo_objective,
-    reward_spread, skip_zero_std,
+    BatchTotals, GrpoConfig, ImportanceSamplingLevel, LossType, ZeroStdGroups, entropy_threshold, entropy_token_count,
+    grpo_objective, reward_spread, skip_zero_std,
 };
 use rl_algos::rewards::{RewardInput, RewardKind};
 
@@ -84,12 +84,20 @@ fn variants_match_trl_losses_gradients_and_metrics() {
     let width = inputs.width;
     let device = Device::flex().autodiff();
     let inner = device.clone().without_autodiff();
-    let matrix = |values: &[f32], rows: usize, device: &Device| Tensor::<2>::from_data(TensorData::new(values.to_vec(), [rows, width]), device);
+    let matrix = |values: &[f32], rows: usize, device: &Device| {
+        Tensor::<2>::from_data(TensorData::new(values.to_vec(), [rows, width]), device)
+    };
     for case in fixture["cases"].as_array().unwrap() {
         let config = config_of(case, &fixture);
         let label = format!(
             "{} {} delta {} quantile {} entropy_coef {} beta {} micro-batches {}",
-            case["loss_type"], case["importance_sampling_level"], case["delta"], case["top_entropy_quantile"], case["entropy_coef"], case["beta"], case["micro_batches"]
+            case["loss_type"],
+            case["importance_sampling_level"],
+            case["delta"],
+            case["top_entropy_quantile"],
+            case["entropy_coef"],
+            case["beta"],
+            case["micro_batches"]
         );
         let logps = matrix(&inputs.logps, rows, &device).require_grad();
         let entropies = matrix(&inputs.entropies, rows, &device).require_grad();
@@ -104,7 +112,8 @@ fn variants_match_trl_losses_gradients_and_metrics() {
             let micro_mask = &inputs.mask[cells.clone()];
             // One micro-batch alone is the whole batch: the objective finds its own totals.
             let totals = (micro_batches > 1).then(|| {
-                let threshold = entropy_threshold(&inputs.entropies[cells.clone()], micro_mask, config.top_entropy_quantile);
+                let threshold =
+                    entropy_threshold(&inputs.entropies[cells.clone()], micro_mask, config.top_entropy_quantile);
                 BatchTotals {
                     sequences: rows,
                     tokens,
@@ -119,7 +128,10 @@ fn variants_match_trl_losses_gradients_and_metrics() {
                 Tensor::from_inner(matrix(&inputs.old[cells.clone()], micro, &inner)),
                 Some(Tensor::from_inner(matrix(&inputs.reference[cells.clone()], micro, &inner))),
                 Some(entropies.clone().slice([range.clone(), 0..width])),
-                Tensor::from_inner(Tensor::<1>::from_data(TensorData::new(inputs.advantages[range.clone()].to_vec(), [micro]), &inner)),
+                Tensor::from_inner(Tensor::<1>::from_data(
+                    TensorData::new(inputs.advantages[range.clone()].to_vec(), [micro]),
+                    &inner,
+                )),
                 Tensor::from_inner(matrix(micro_mask, micro, &inner)),
                 &config,
                 totals,
@@ -150,7 +162,9 @@ fn variants_match_trl_losses_gradients_and_metrics() {
             close(*ours, theirs, &format!("{label}: gradient {index}"));
         }
         let expected_entropy_grad = floats(&case["entropy_grad"]);
-        let entropy_grad = entropies.grad(&gradients).map_or_else(|| vec![0.0; expected_entropy_grad.len()], |g| g.into_data().try_to_vec::<f32>().unwrap());
+        let entropy_grad = entropies
+            .grad(&gradients)
+            .map_or_else(|| vec![0.0; expected_entropy_grad.len()], |g| g.into_data().try_to_vec::<f32>().unwrap());
         for (index, (ours, theirs)) in entropy_grad.iter().zip(expected_entropy_grad).enumerate() {
             close(*ours, theirs, &format!("{label}: entropy gradient {index}"));
         }
@@ -171,8 +185,14 @@ fn the_fixture_clips_on_both_sides_with_both_signs() {
     assert!(case["metrics"]["clip_ratio/high_mean"].as_f64().unwrap() > 0.0);
     // delta changes the loss (a negative-advantage ratio above delta exists).
     let loss = |lt: &str, delta: Option<f64>| {
-        fixture["cases"].as_array().unwrap().iter().find(|c| c["loss_type"] == lt && c["delta"].as_f64() == delta && c["importance_sampling_level"] == "token")
-            .unwrap()["loss"].as_f64().unwrap()
+        fixture["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["loss_type"] == lt && c["delta"].as_f64() == delta && c["importance_sampling_level"] == "token")
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
     };
     assert!((loss("grpo", None) - loss("grpo", Some(1.5))).abs() > 1e-3);
 }
@@ -183,9 +203,21 @@ fn the_fixture_clips_on_both_sides_with_both_signs() {
 fn bnpo_under_accumulation_differs_from_dapo_as_in_trl() {
     let fixture = fixture("grpo_variants.json");
     let loss = |lt: &str, micro: u64| {
-        fixture["cases"].as_array().unwrap().iter().find(|c| {
-            c["loss_type"] == lt && c["micro_batches"] == micro && c["delta"].is_null() && c["importance_sampling_level"] == "token" && c["top_entropy_quantile"] == 1.0 && c["entropy_coef"] == 0.0
-        }).unwrap()["loss"].as_f64().unwrap()
+        fixture["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["loss_type"] == lt
+                    && c["micro_batches"] == micro
+                    && c["delta"].is_null()
+                    && c["importance_sampling_level"] == "token"
+                    && c["top_entropy_quantile"] == 1.0
+                    && c["entropy_coef"] == 0.0
+            })
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
     };
     assert!((loss("bnpo", 1) - loss("dapo", 1)).abs() < 1e-7);
     assert!((loss("dapo", 2) - loss("dapo", 1)).abs() < 1e-6);
@@ -193,7 +225,13 @@ fn bnpo_under_accumulation_differs_from_dapo_as_in_trl() {
 }
 
 /// Runs the objective over the default fixture with `mask`; returns loss and d loss / d logps.
-fn objective_with(fixture: &serde_json::Value, rows: std::ops::Range<usize>, mask: &[f32], config: &GrpoConfig, totals: Option<BatchTotals>) -> (f32, Vec<f32>) {
+fn objective_with(
+    fixture: &serde_json::Value,
+    rows: std::ops::Range<usize>,
+    mask: &[f32],
+    config: &GrpoConfig,
+    totals: Option<BatchTotals>,
+) -> (f32, Vec<f32>) {
     let inputs = Inputs::of(fixture);
     let width = inputs.width;
     let advantages = floats(&fixture["advantages"]["group"]);
@@ -201,7 +239,9 @@ fn objective_with(fixture: &serde_json::Value, rows: std::ops::Range<usize>, mas
     let cells = rows.start * width..rows.end * width;
     let device = Device::flex().autodiff();
     let inner = device.clone().without_autodiff();
-    let matrix = |values: &[f32], device: &Device| Tensor::<2>::from_data(TensorData::new(values.to_vec(), [count, width]), device);
+    let matrix = |values: &[f32], device: &Device| {
+        Tensor::<2>::from_data(TensorData::new(values.to_vec(), [count, width]), device)
+    };
     let logps = matrix(&inputs.logps[cells.clone()], &device).require_grad();
     let (loss, _) = grpo_objective(
         logps.clone(),
@@ -228,22 +268,40 @@ fn skipped_groups_leave_the_loss_and_its_divisors() {
     let mask = floats(&fixture["mask"]);
     let [rows, width] = shape(&fixture["mask"]);
     let rewards = floats(&fixture["rewards"]);
-    let (_, zero_std) = group_advantages(&rewards, fixture["num_generations"].as_u64().unwrap() as usize, ScaleRewards::Group);
+    let (_, zero_std) =
+        group_advantages(&rewards, fixture["num_generations"].as_u64().unwrap() as usize, ScaleRewards::Group);
     let kept_rows = 0..4;
     assert_eq!(zero_std, [vec![false; 4], vec![true; 4]].concat(), "the fixture's second group is flat");
     let (skipped_mask, sequences) = skip_zero_std(&mask, &zero_std, ZeroStdGroups::Skip);
     assert_eq!(sequences, 4);
     for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo] {
-        let config = GrpoConfig { beta: 0.04, loss_type, max_completion_length: 8, epsilon_high: Some(0.28), ..GrpoConfig::default() };
+        let config = GrpoConfig {
+            beta: 0.04,
+            loss_type,
+            max_completion_length: 8,
+            epsilon_high: Some(0.28),
+            ..GrpoConfig::default()
+        };
         let tokens: f32 = skipped_mask.iter().sum();
-        let totals = BatchTotals { sequences, tokens, micro_batch_tokens: tokens, entropy_tokens: tokens, micro_batches: 1, entropy_threshold: None };
+        let totals = BatchTotals {
+            sequences,
+            tokens,
+            micro_batch_tokens: tokens,
+            entropy_tokens: tokens,
+            micro_batches: 1,
+            entropy_threshold: None,
+        };
         let (loss, grad) = objective_with(&fixture, 0..rows, &skipped_mask, &config, Some(totals));
         let (alone, grad_alone) = objective_with(&fixture, kept_rows.clone(), &mask[..4 * width], &config, None);
         close(loss, alone, &format!("{loss_type:?}: loss with the flat group skipped vs without it"));
         for (index, (a, b)) in grad[..4 * width].iter().zip(&grad_alone).enumerate() {
             close(*a, *b, &format!("{loss_type:?}: gradient {index}"));
         }
-        assert!(grad[4 * width..].iter().all(|g| *g == 0.0), "{loss_type:?}: skipped completions got gradients {:?}", &grad[4 * width..]);
+        assert!(
+            grad[4 * width..].iter().all(|g| *g == 0.0),
+            "{loss_type:?}: skipped completions got gradients {:?}",
+            &grad[4 * width..]
+        );
     }
 }
 
@@ -256,14 +314,21 @@ fn kept_flat_groups_move_only_through_the_kl_term() {
     let mask = floats(&fixture["mask"]);
     let [rows, width] = shape(&fixture["mask"]);
     let beta = 0.04;
-    let config = GrpoConfig { beta, loss_type: LossType::Dapo, max_completion_length: 8, epsilon_high: Some(0.28), ..GrpoConfig::default() };
+    let config = GrpoConfig {
+        beta,
+        loss_type: LossType::Dapo,
+        max_completion_length: 8,
+        epsilon_high: Some(0.28),
+        ..GrpoConfig::default()
+    };
     let (kept_mask, sequences) = skip_zero_std(&mask, &[vec![false; 4], vec![true; 4]].concat(), ZeroStdGroups::Keep);
     assert_eq!((kept_mask.as_slice(), sequences), (mask.as_slice(), rows));
     let (_, grad) = objective_with(&fixture, 0..rows, &mask, &config, None);
     let tokens: f32 = mask.iter().sum();
     let mut moved = false;
     for index in 4 * width..rows * width {
-        let kl_grad = beta as f32 * (1.0 - (inputs.reference[index] - inputs.logps[index]).exp()) * mask[index] / tokens;
+        let kl_grad =
+            beta as f32 * (1.0 - (inputs.reference[index] - inputs.logps[index]).exp()) * mask[index] / tokens;
         close(grad[index], kl_grad, &format!("flat-group gradient {index}"));
         moved |= grad[index] != 0.0;
     }
@@ -331,7 +396,12 @@ fn soft_overlong_punishment_matches_trl() {
         };
         kind.validate().unwrap();
         for (length, expected) in case["lengths"].as_array().unwrap().iter().zip(floats(&case["rewards"])) {
-            let input = RewardInput { prompt: "", completion: "", answer: "", completion_tokens: length.as_u64().unwrap() as usize };
+            let input = RewardInput {
+                prompt: "",
+                completion: "",
+                answer: "",
+                completion_tokens: length.as_u64().unwrap() as usize,
+            };
             close(kind.reward(&input), expected, &format!("{kind:?} at {length} tokens"));
         }
     }

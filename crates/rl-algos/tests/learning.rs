@@ -61,14 +61,24 @@ fn tiny_policy_config() -> ModelConfig {
 
 fn prompts() -> Vec<PromptItem> {
     (0..4)
-        .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: format!("p{i}"), answer: TARGET.to_string() })
+        .map(|i| PromptItem {
+            prompt_ids: vec![2 + i, 3 + i, 4],
+            prompt_text: format!("p{i}"),
+            answer: TARGET.to_string(),
+        })
         .collect()
 }
 
 fn run(mut algorithm: Box<dyn RlAlgorithm>, steps: usize) -> (f64, f64, Vec<rl_algos::Metrics>) {
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let prompts = prompts();
     let history: Vec<_> = (0..steps).map(|_| algorithm.train_step(&prompts, &environment).unwrap()).collect();
     let mean = |slice: &[rl_algos::Metrics]| slice.iter().map(|m| m["reward"]).sum::<f64>() / slice.len() as f64;
@@ -96,9 +106,24 @@ fn grpo_raises_the_reward_well_above_chance() {
     assert!(last > 0.5 && last > first + 0.3, "reward {first:.3} -> {last:.3}");
     let metrics = &history[history.len() - 1];
     for key in [
-        "reward", "reward_std", "rewards/target_share/mean", "rewards/target_share/std", "frac_reward_zero_std", "kl",
-        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "completions/mean_length",
-        "completions/clipped_ratio", "grad_norm", "learning_rate", "step_time", "tokens_per_second", "update_norm", "loss",
+        "reward",
+        "reward_std",
+        "rewards/target_share/mean",
+        "rewards/target_share/std",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "entropy",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "grad_norm",
+        "learning_rate",
+        "step_time",
+        "tokens_per_second",
+        "update_norm",
+        "loss",
     ] {
         assert!(metrics.get(key).is_some_and(|v| v.is_finite()), "metric {key} missing or not finite: {metrics:?}");
     }
@@ -115,7 +140,16 @@ fn ppo_raises_the_reward_well_above_chance() {
     println!("PPO toy reward: {first:.3} -> {last:.3} (chance {:.3})", 1.0 / VOCAB as f64);
     assert!(last > 0.4 && last > first + 0.25, "reward {first:.3} -> {last:.3}");
     let metrics = &history[history.len() - 1];
-    for key in ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/explained_variance", "kl", "entropy", "update_norm"] {
+    for key in [
+        "loss/policy",
+        "loss/value",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "val/explained_variance",
+        "kl",
+        "entropy",
+        "update_norm",
+    ] {
         assert!(metrics.get(key).is_some_and(|v| v.is_finite()), "metric {key}: {metrics:?}");
     }
 }
@@ -127,7 +161,6 @@ fn with_lora(policy: CausalLm, device: &Device) -> CausalLm {
     policy.with_lora(&policy_models::LoraSettings { rank: 2, alpha: 4.0, ..Default::default() }).unwrap()
 }
 
-
 fn is_adapter(path: &str) -> bool {
     path.ends_with(".lora.a") || path.ends_with(".lora.b")
 }
@@ -137,7 +170,13 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let prompts = prompts();
     let dir = tempfile::tempdir().unwrap();
     let start = tiny_policy(&device);
@@ -146,7 +185,8 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
         let start = CausalLm::load_dir(&dir.path().join("start"), &device).unwrap();
         if lora { with_lora(start, &device) } else { start }
     };
-    let inputs = || rl_algos::AlgorithmInputs { policy: load_start(), config: config.clone(), optim: optim(4), seed: 3 };
+    let inputs =
+        || rl_algos::AlgorithmInputs { policy: load_start(), config: config.clone(), optim: optim(4), seed: 3 };
     let mut straight = (entry.build)(inputs()).unwrap();
     for _ in 0..4 {
         straight.train_step(&prompts, &environment).unwrap();
@@ -165,13 +205,21 @@ fn check_exact_resume(entry: rl_algos::AlgorithmEntry, config: serde_json::Value
         resumed.train_step(&prompts, &environment).unwrap();
     }
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
-    let logits = |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let logits =
+        |model: &CausalLm| model.forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
     assert_eq!(logits(straight.policy()), logits(resumed.policy()), "{}: resumed run differs", entry.name);
     if lora {
         // Resumed as the frozen base with trained adapters, not as the merged weights.
-        let (before, after) = (policy_models::optim::parameter_values(&load_start()), policy_models::optim::parameter_values(resumed.policy()));
+        let (before, after) = (
+            policy_models::optim::parameter_values(&load_start()),
+            policy_models::optim::parameter_values(resumed.policy()),
+        );
         assert!(before.keys().any(|path| is_adapter(path)));
-        assert!(before.iter().all(|(path, values)| is_adapter(path) || values == &after[path]), "{}: a base weight moved", entry.name);
+        assert!(
+            before.iter().all(|(path, values)| is_adapter(path) || values == &after[path]),
+            "{}: a base weight moved",
+            entry.name
+        );
     }
 }
 
@@ -238,13 +286,25 @@ fn sync_ref_model_mixes_the_policy_into_the_reference() {
     // In a run: with a sync every 2 optimizer steps, the reference's KL after step 1 (not
     // synced) grows, after step 2 (synced) it drops back relative to a run without syncing.
     let kl_after = |sync: bool| {
-        let config = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, sync_ref_model: sync, ref_model_sync_steps: 2, ref_model_mixup_alpha: 1.0, ..GrpoConfig::default() };
-        let mut grpo = Grpo::new(tiny_policy(&device), config, OptimSettings { learning_rate: 0.05, ..optim(3) }, 0).unwrap();
+        let config = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 4,
+            beta: 0.04,
+            sync_ref_model: sync,
+            ref_model_sync_steps: 2,
+            ref_model_mixup_alpha: 1.0,
+            ..GrpoConfig::default()
+        };
+        let mut grpo =
+            Grpo::new(tiny_policy(&device), config, OptimSettings { learning_rate: 0.05, ..optim(3) }, 0).unwrap();
         steps(&mut grpo, 3).into_iter().map(|m| m["kl"]).collect::<Vec<_>>()
     };
     let (synced, plain) = (kl_after(true), kl_after(false));
     assert_eq!(synced[..2], plain[..2], "no sync before the second optimizer step");
-    assert!(plain[2] > 0.0 && synced[2] < plain[2], "alpha 1 resets the reference to the policy: {synced:?} vs {plain:?}");
+    assert!(
+        plain[2] > 0.0 && synced[2] < plain[2],
+        "alpha 1 resets the reference to the policy: {synced:?} vs {plain:?}"
+    );
     let config = GrpoConfig { beta: 0.04, sync_ref_model: true, ..GrpoConfig::default() };
     let refused = Grpo::new(with_lora(tiny_policy(&device), &device), config, optim(1), 0).err().unwrap();
     assert!(refused.to_string().contains("sync_ref_model = true with a LoRA policy"), "{refused}");
@@ -265,9 +325,16 @@ fn resampling_logs_the_generations_it_spends() {
     }
     let device = Device::flex().autodiff();
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let config = GrpoConfig { num_generations: 4, max_completion_length: 3, zero_std_groups: rl_algos::grpo::ZeroStdGroups::Resample, max_resample_tries: 2, ..GrpoConfig::default() };
+    let config = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 3,
+        zero_std_groups: rl_algos::grpo::ZeroStdGroups::Resample,
+        max_resample_tries: 2,
+        ..GrpoConfig::default()
+    };
     let flat = WeightedRewards::new(vec![(Box::new(Constant), 1.0)]);
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &flat };
+    let environment =
+        Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &flat };
     let mut grpo = Grpo::new(tiny_policy(&device), config.clone(), optim(1), 0).unwrap();
     let metrics = grpo.train_step(&prompts(), &environment).unwrap();
     assert_eq!((metrics["resample_rounds"], metrics["resampled_generations"]), (2.0, 2.0 * 4.0 * 4.0), "{metrics:?}");
@@ -282,7 +349,13 @@ fn resampling_logs_the_generations_it_spends() {
 fn steps(algorithm: &mut dyn RlAlgorithm, count: usize) -> Vec<rl_algos::Metrics> {
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let prompts = prompts();
     (0..count).map(|_| algorithm.train_step(&prompts, &environment).unwrap()).collect()
 }
@@ -295,7 +368,9 @@ fn the_reference_of_a_lora_policy_is_its_base() {
     let device = Device::flex().autodiff();
     let base = tiny_policy(&device);
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
-    let logits = |model: &CausalLm| model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let logits = |model: &CausalLm| {
+        model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap()
+    };
     let config = GrpoConfig { num_generations: 4, max_completion_length: 3, beta: 0.04, ..GrpoConfig::default() };
     let mut grpo = Grpo::new(with_lora(base.clone(), &device), config, optim(3), 0).unwrap();
     let history = steps(&mut grpo, 3);
@@ -330,7 +405,12 @@ fn ppo_with_lora_trains_the_adapters_and_the_value_head() {
     // The head starts at zero; after training it is not.
     let dir = tempfile::tempdir().unwrap();
     ppo.save_checkpoint(dir.path()).unwrap();
-    let mut heads = policy_models::weights::WeightMap::open_files(dir.path(), &[dir.path().join("value_head.safetensors")], &Device::flex()).unwrap();
+    let mut heads = policy_models::weights::WeightMap::open_files(
+        dir.path(),
+        &[dir.path().join("value_head.safetensors")],
+        &Device::flex(),
+    )
+    .unwrap();
     let head = heads.linear("value_head", 32, 1, true).unwrap();
     let weight = head.weight.val().into_data().try_to_vec::<f32>().unwrap();
     assert!(weight.iter().any(|w| *w != 0.0), "the value head did not train");
@@ -341,7 +421,13 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let dir = tempfile::tempdir().unwrap();
     tiny_policy(&device).save_dir(dir.path(), None).unwrap();
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
@@ -349,10 +435,18 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
     // tests/grpo_variants.rs), so it is checked apart below.
     for loss_type in [LossType::Grpo, LossType::Dapo, LossType::DrGrpo, LossType::Bnpo] {
         let after = |accumulation: usize| {
-            let config = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, loss_type, gradient_accumulation_steps: Some(accumulation), ..GrpoConfig::default() };
+            let config = GrpoConfig {
+                num_generations: 4,
+                max_completion_length: 4,
+                beta: 0.04,
+                loss_type,
+                gradient_accumulation_steps: Some(accumulation),
+                ..GrpoConfig::default()
+            };
             let mut grpo = Grpo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, optim(1), 5).unwrap();
             let metrics = grpo.train_step(&prompts(), &environment).unwrap();
-            let logits = grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap();
+            let logits =
+                grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap();
             (logits, metrics["loss"], metrics["kl"])
         };
         let (whole, loss_whole, kl_whole) = after(1);
@@ -362,11 +456,17 @@ fn gradient_accumulation_gives_the_same_update_for_every_loss_type() {
             // 16 rows in micro-batches of 6, 6 and 4: the mean of the micro-batch means weighs
             // the last micro-batch's tokens more than the batch mean does, so the update differs.
             println!("bnpo: logits differ by {worst} under accumulation");
-            assert!(worst > 1e-5, "bnpo: logits differ by only {worst} (kl {kl_whole} vs {kl_split}, loss {loss_whole} vs {loss_split})");
+            assert!(
+                worst > 1e-5,
+                "bnpo: logits differ by only {worst} (kl {kl_whole} vs {kl_split}, loss {loss_whole} vs {loss_split})"
+            );
             continue;
         }
         assert!(worst < 1e-4, "{loss_type:?}: logits differ by {worst}");
-        assert!((loss_whole - loss_split).abs() < 1e-5 && (kl_whole - kl_split).abs() < 1e-6, "{loss_type:?}: {loss_whole} vs {loss_split}");
+        assert!(
+            (loss_whole - loss_split).abs() < 1e-5 && (kl_whole - kl_split).abs() < 1e-6,
+            "{loss_type:?}: {loss_whole} vs {loss_split}"
+        );
     }
 }
 
@@ -379,10 +479,22 @@ fn clip_ratios_count_every_pass_over_the_rollout() {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let fast = OptimSettings { learning_rate: 0.1, ..optim(1) };
     let grpo_step = |num_iterations: usize| {
-        let config = GrpoConfig { num_generations: 8, max_completion_length: 4, num_iterations, gradient_accumulation_steps: Some(2), ..GrpoConfig::default() };
+        let config = GrpoConfig {
+            num_generations: 8,
+            max_completion_length: 4,
+            num_iterations,
+            gradient_accumulation_steps: Some(2),
+            ..GrpoConfig::default()
+        };
         let mut grpo = Grpo::new(tiny_policy(&device), config, fast.clone(), 0).unwrap();
         grpo.train_step(&prompts(), &environment).unwrap()
     };
@@ -408,13 +520,27 @@ fn schedules_count_optimizer_steps_not_algorithm_steps() {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let prompts = prompts();
     let steps = 3u64;
     let cases = [
-        (rl_algos::ppo::ENTRY, serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 4, "num_mini_batches": 2}), 4 * 2),
+        (
+            rl_algos::ppo::ENTRY,
+            serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 4, "num_mini_batches": 2}),
+            4 * 2,
+        ),
         // Four prompts in minibatches of ceil(4 / 3) = 2 rows: two minibatches, not three.
-        (rl_algos::ppo::ENTRY, serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 3}), 2 * 2),
+        (
+            rl_algos::ppo::ENTRY,
+            serde_json::json!({"max_completion_length": 3, "num_ppo_epochs": 2, "num_mini_batches": 3}),
+            2 * 2,
+        ),
         (
             rl_algos::grpo::ENTRY,
             serde_json::json!({"num_generations": 4, "max_completion_length": 3, "num_iterations": 2, "gradient_accumulation_steps": 2}),
@@ -422,19 +548,34 @@ fn schedules_count_optimizer_steps_not_algorithm_steps() {
         ),
     ];
     for (entry, config, per_step) in cases {
-        let settings = OptimSettings { learning_rate: 1e-3, warmup_ratio: 0.25, min_lr_ratio: 0.0, ..OptimSettings::default() };
+        let settings =
+            OptimSettings { learning_rate: 1e-3, warmup_ratio: 0.25, min_lr_ratio: 0.0, ..OptimSettings::default() };
         let optim = entry.run_optim(&config, &settings, steps, prompts.len()).unwrap();
         assert_eq!(optim.total_steps, steps * per_step, "{} {config}", entry.name);
         let schedule = optim.schedule();
-        assert_eq!(schedule.warmup_steps, (0.25 * (steps * per_step) as f64).round() as u64, "warmup scales with the total");
-        let mut algorithm = (entry.build)(rl_algos::AlgorithmInputs { policy: tiny_policy(&device), config: config.clone(), optim, seed: 1 }).unwrap();
+        assert_eq!(
+            schedule.warmup_steps,
+            (0.25 * (steps * per_step) as f64).round() as u64,
+            "warmup scales with the total"
+        );
+        let mut algorithm = (entry.build)(rl_algos::AlgorithmInputs {
+            policy: tiny_policy(&device),
+            config: config.clone(),
+            optim,
+            seed: 1,
+        })
+        .unwrap();
         let mut last = f64::NAN;
         for step in 1..=steps {
             last = algorithm.train_step(&prompts, &environment).unwrap()["learning_rate"];
             // The step's updates are optimizer steps (step - 1) x per_step ..= step x per_step - 1.
             assert_eq!(last, schedule.learning_rate_at(step * per_step - 1), "{} {config}: step {step}", entry.name);
         }
-        assert!(last > 0.0 && last < settings.learning_rate, "{} {config}: the last update's rate is {last}", entry.name);
+        assert!(
+            last > 0.0 && last < settings.learning_rate,
+            "{} {config}: the last update's rate is {last}",
+            entry.name
+        );
     }
 }
 
@@ -445,20 +586,36 @@ fn grpo_knobs_run_in_training_steps() {
     use rl_algos::grpo::ImportanceSamplingLevel;
     let device = Device::flex().autodiff();
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4]], &[vec![true; 3]]);
-    let base = GrpoConfig { num_generations: 4, max_completion_length: 4, beta: 0.04, num_iterations: 2, gradient_accumulation_steps: Some(2), ..GrpoConfig::default() };
+    let base = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 4,
+        beta: 0.04,
+        num_iterations: 2,
+        gradient_accumulation_steps: Some(2),
+        ..GrpoConfig::default()
+    };
     let run = |config: GrpoConfig| {
-        let mut grpo = Grpo::new(tiny_policy(&device), config.clone(), OptimSettings { learning_rate: 0.05, ..optim(2) }, 0).unwrap();
+        let mut grpo =
+            Grpo::new(tiny_policy(&device), config.clone(), OptimSettings { learning_rate: 0.05, ..optim(2) }, 0)
+                .unwrap();
         let history = steps(&mut grpo, 2);
         for metrics in &history {
             assert!(metrics.values().all(|v| v.is_finite()), "{config:?}: {metrics:?}");
         }
-        (grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap(), history)
+        (
+            grpo.policy().forward(&probe, &mut grpo.policy().new_cache()).into_data().try_to_vec::<f32>().unwrap(),
+            history,
+        )
     };
     let (plain, _) = run(base.clone());
     for config in [
         GrpoConfig { top_entropy_quantile: 0.2, ..base.clone() },
         GrpoConfig { entropy_coef: 0.1, ..base.clone() },
-        GrpoConfig { importance_sampling_level: ImportanceSamplingLevel::Sequence, loss_type: LossType::Grpo, ..base.clone() },
+        GrpoConfig {
+            importance_sampling_level: ImportanceSamplingLevel::Sequence,
+            loss_type: LossType::Grpo,
+            ..base.clone()
+        },
         GrpoConfig { delta: Some(1.05), epsilon_high: Some(0.01), epsilon: 0.01, ..base.clone() },
     ] {
         let (logits, history) = run(config.clone());
@@ -483,7 +640,8 @@ fn a_separate_value_model_keeps_the_value_loss_out_of_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     tiny_policy(&device).save_dir(dir.path(), None).unwrap();
     let after_one_step = |value_model: ValueModel, vf_coef: f64| {
-        let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, value_model, vf_coef, ..PpoConfig::default() };
+        let config =
+            PpoConfig { max_completion_length: 4, num_ppo_epochs: 2, value_model, vf_coef, ..PpoConfig::default() };
         // No clipping: the global norm spans the value parameters, and would couple them.
         let settings = OptimSettings { max_grad_norm: None, ..optim(2) };
         let mut ppo = Ppo::new(CausalLm::load_dir(dir.path(), &device).unwrap(), config, settings, 0).unwrap();
@@ -500,7 +658,13 @@ fn a_separate_value_model_keeps_the_value_loss_out_of_the_policy() {
         }
         let rewards = WeightedRewards::new(vec![(Box::new(One), 1.0)]);
         let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-        let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+        let environment = Environment {
+            decode: &decode,
+            eos_token_ids: vec![],
+            pad_token_id: 0,
+            stop_strings: vec![],
+            rewards: &rewards,
+        };
         let metrics = ppo.train_step(&prompts(), &environment).unwrap();
         assert!(metrics["loss/value"] > 0.0, "the value loss is there to leak: {metrics:?}");
         let policy = ppo.policy();
@@ -533,7 +697,11 @@ fn tiny_llama(device: &Device) -> CausalLm {
 /// Prompts of 1 to 4 tokens (left padding differs from row to row).
 fn uneven_prompts() -> Vec<PromptItem> {
     (0..4)
-        .map(|i| PromptItem { prompt_ids: (0..=i).map(|t| 2 + t + i).collect(), prompt_text: format!("p{i}"), answer: TARGET.to_string() })
+        .map(|i| PromptItem {
+            prompt_ids: (0..=i).map(|t| 2 + t + i).collect(),
+            prompt_text: format!("p{i}"),
+            answer: TARGET.to_string(),
+        })
         .collect()
 }
 
@@ -545,11 +713,18 @@ fn shared_prompt_prefixes_give_the_same_grpo_update() {
     let device = Device::flex().autodiff();
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment { decode: &decode, eos_token_ids: vec![5], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![5],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
     let dir = tempfile::tempdir().unwrap();
     tiny_llama(&device).save_dir(dir.path(), None).unwrap();
     let probe = policy_models::StepInput::from_padded(&[vec![2, 3, 4, 7, 7]], &[vec![true; 5]]);
-    let logits = |policy: &CausalLm| policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+    let logits =
+        |policy: &CausalLm| policy.forward(&probe, &mut policy.new_cache()).into_data().try_to_vec::<f32>().unwrap();
     let start = logits(&CausalLm::load_dir(dir.path(), &device).unwrap());
     let grpo = |share: bool| {
         let config = GrpoConfig {
@@ -580,7 +755,13 @@ fn shared_prompt_prefixes_give_the_same_grpo_update() {
 #[test]
 fn grpo_with_shared_prompt_prefixes_raises_the_reward_on_a_llama() {
     let device = Device::flex().autodiff();
-    let config = GrpoConfig { num_generations: 8, max_completion_length: 4, beta: 0.04, num_iterations: 2, ..GrpoConfig::default() };
+    let config = GrpoConfig {
+        num_generations: 8,
+        max_completion_length: 4,
+        beta: 0.04,
+        num_iterations: 2,
+        ..GrpoConfig::default()
+    };
     assert!(config.share_prompt_prefix, "on by default");
     let grpo = Grpo::new(tiny_llama(&device), config, optim(30), 0).unwrap();
     let (first, last, _) = run(Box::new(grpo), 30);

@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use rl_algos::ppo::{AdaptiveKl, KlEstimator, PpoConfig, adaptive_kl_coef, epoch_order, minibatches, penalise_missing_eos, ppo_objective, ppo_targets};
+use rl_algos::ppo::{
+    AdaptiveKl, KlEstimator, PpoConfig, adaptive_kl_coef, epoch_order, minibatches, penalise_missing_eos,
+    ppo_objective, ppo_targets,
+};
 
 fn fixture() -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ppo_objective.json");
@@ -14,12 +17,20 @@ fn fixture() -> serde_json::Value {
 }
 
 fn table(value: &serde_json::Value) -> Vec<Vec<f32>> {
-    value.as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+        .collect()
 }
 
 fn tensor(rows: &[Vec<f32>], device: &Device) -> Tensor<2> {
     let width = rows[0].len();
-    Tensor::from_data(TensorData::new(rows.iter().flatten().copied().collect::<Vec<f32>>(), [rows.len(), width]), device)
+    Tensor::from_data(
+        TensorData::new(rows.iter().flatten().copied().collect::<Vec<f32>>(), [rows.len(), width]),
+        device,
+    )
 }
 
 fn close(a: f64, b: f64, what: &str) {
@@ -29,7 +40,8 @@ fn close(a: f64, b: f64, what: &str) {
 #[test]
 fn targets_losses_and_gradients_match_trl() {
     let fixture = fixture();
-    let lengths: Vec<usize> = fixture["lengths"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let lengths: Vec<usize> =
+        fixture["lengths"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let scores: Vec<f32> = fixture["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let device = Device::flex().autodiff();
     for case in fixture["cases"].as_array().unwrap() {
@@ -46,7 +58,14 @@ fn targets_losses_and_gradients_match_trl() {
             ..PpoConfig::default()
         };
         let label = format!("{estimator:?}, whiten_rewards {}", config.whiten_rewards);
-        let targets = ppo_targets(&table(&fixture["logprobs"]), &table(&fixture["ref_logprobs"]), &table(&fixture["values"]), &scores, &lengths, &config);
+        let targets = ppo_targets(
+            &table(&fixture["logprobs"]),
+            &table(&fixture["ref_logprobs"]),
+            &table(&fixture["values"]),
+            &scores,
+            &lengths,
+            &config,
+        );
         for (name, ours, theirs) in [
             ("rewards", &targets.rewards, table(&case["rewards"])),
             ("advantages", &targets.advantages, table(&case["advantages"])),
@@ -106,7 +125,8 @@ fn adaptive_kl_coefficient_follows_trl_controller() {
     let settings = AdaptiveKl { target: spec["target"].as_f64().unwrap(), horizon: spec["horizon"].as_f64().unwrap() };
     let batch = spec["batch"].as_u64().unwrap() as usize;
     let mut value = spec["init_kl_coef"].as_f64().unwrap();
-    for (current, expected) in spec["observed"].as_array().unwrap().iter().zip(spec["coefficients"].as_array().unwrap()) {
+    for (current, expected) in spec["observed"].as_array().unwrap().iter().zip(spec["coefficients"].as_array().unwrap())
+    {
         value = adaptive_kl_coef(value, current.as_f64().unwrap(), batch, &settings);
         assert!((value - expected.as_f64().unwrap()).abs() < 1e-12, "after KL {current}: {value} vs {expected}");
     }

@@ -26,7 +26,12 @@ fn demo_rewards_equal_the_python_reference() {
         for kind in kinds {
             let expected = case[kind.name()].as_f64().unwrap() as f32;
             let ours = kind.reward(&input);
-            assert!((ours - expected).abs() < 1e-6, "{}: {:?} gave {ours}, Python {expected}", kind.name(), input.completion);
+            assert!(
+                (ours - expected).abs() < 1e-6,
+                "{}: {:?} gave {ours}, Python {expected}",
+                kind.name(),
+                input.completion
+            );
         }
     }
 }

@@ -25,9 +25,7 @@ pub enum TaskError {
     )]
     MissingGoldAnswer { origin: String, row: usize },
 
-    #[error(
-        "{origin}, row {row}: the gold answer `#### {raw}` is not a number; fix the row or remove it"
-    )]
+    #[error("{origin}, row {row}: the gold answer `#### {raw}` is not a number; fix the row or remove it")]
     BadGoldAnswer { origin: String, row: usize, raw: String },
 
     #[error("{origin}: the {split} split is empty; point cotlab at a file that has problems in it")]

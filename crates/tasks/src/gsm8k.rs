@@ -70,8 +70,7 @@ impl Default for Gsm8kOptions {
     }
 }
 
-static CALCULATOR_ANNOTATION: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"<<[^<>]*>>").expect("valid regex"));
+static CALCULATOR_ANNOTATION: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"<<[^<>]*>>").expect("valid regex"));
 
 /// Removes calculator annotations: `"48/2 = <<48/2=24>>24"` becomes `"48/2 = 24"`.
 pub fn strip_calculator_annotations(text: &str) -> String {
@@ -80,11 +79,7 @@ pub fn strip_calculator_annotations(text: &str) -> String {
 
 /// Splits a GSM8K gold answer into the worked solution and the normalised final answer.
 /// `origin` and `row` (1-based) name the row in errors.
-pub fn parse_gold_answer(
-    answer_field: &str,
-    origin: &str,
-    row: usize,
-) -> Result<(String, String), TaskError> {
+pub fn parse_gold_answer(answer_field: &str, origin: &str, row: usize) -> Result<(String, String), TaskError> {
     let Some((solution, raw_answer)) = answer_field.rsplit_once("####") else {
         return Err(TaskError::MissingGoldAnswer { origin: origin.to_string(), row });
     };
@@ -109,12 +104,7 @@ fn make_problem(
     if options.strip_calculator_annotations {
         solution = strip_calculator_annotations(&solution);
     }
-    Ok(Problem {
-        id: format!("gsm8k-{split}-{index}"),
-        question: question.trim().to_string(),
-        solution,
-        answer,
-    })
+    Ok(Problem { id: format!("gsm8k-{split}-{index}"), question: question.trim().to_string(), solution, answer })
 }
 
 #[derive(Deserialize)]
@@ -140,16 +130,18 @@ pub fn read_jsonl(path: &Path, split: Split, options: Gsm8kOptions) -> Result<Sp
             line: line_index + 1,
             message: error.to_string(),
         })?;
-        let problem = make_problem(split, problems.len(), &row.question, &row.answer, &origin, options)
-            .map_err(|error| match error {
-                // Name the line of the file rather than the row index, which skips blank lines.
-                TaskError::MissingGoldAnswer { origin, .. } => {
-                    TaskError::MissingGoldAnswer { origin, row: line_index + 1 }
+        let problem =
+            make_problem(split, problems.len(), &row.question, &row.answer, &origin, options).map_err(|error| {
+                match error {
+                    // Name the line of the file rather than the row index, which skips blank lines.
+                    TaskError::MissingGoldAnswer { origin, .. } => {
+                        TaskError::MissingGoldAnswer { origin, row: line_index + 1 }
+                    }
+                    TaskError::BadGoldAnswer { origin, raw, .. } => {
+                        TaskError::BadGoldAnswer { origin, row: line_index + 1, raw }
+                    }
+                    other => other,
                 }
-                TaskError::BadGoldAnswer { origin, raw, .. } => {
-                    TaskError::BadGoldAnswer { origin, row: line_index + 1, raw }
-                }
-                other => other,
             })?;
         problems.push(problem);
     }
@@ -158,8 +150,7 @@ pub fn read_jsonl(path: &Path, split: Split, options: Gsm8kOptions) -> Result<Sp
 
 /// Reads a GSM8K Parquet file in the hub's layout (string columns `question` and `answer`).
 pub fn read_parquet(path: &Path, split: Split, options: Gsm8kOptions) -> Result<SplitProblems, TaskError> {
-    let parquet_error =
-        |message: String| TaskError::Parquet { path: path.to_path_buf(), message };
+    let parquet_error = |message: String| TaskError::Parquet { path: path.to_path_buf(), message };
     let file = File::open(path).map_err(|source| TaskError::Io { path: path.to_path_buf(), source })?;
     let reader = SerializedFileReader::new(file).map_err(|error| parquet_error(error.to_string()))?;
     let origin = path.display().to_string();
@@ -206,7 +197,10 @@ fn file_in(path: &Path, split: Split) -> Result<PathBuf, TaskError> {
         path.join(format!("{split}-00000-of-00001.parquet")),
         path.join("main").join(format!("{split}-00000-of-00001.parquet")),
     ];
-    candidates.into_iter().find(|candidate| candidate.is_file()).ok_or_else(|| TaskError::SplitNotFound { path: path.to_path_buf(), split })
+    candidates
+        .into_iter()
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| TaskError::SplitNotFound { path: path.to_path_buf(), split })
 }
 
 /// Reads one split from a local file or directory (see [`Gsm8kSource::Path`]).
@@ -225,14 +219,20 @@ pub fn split_file(source: &Gsm8kSource, split: Split) -> Result<PathBuf, TaskErr
     match source {
         Gsm8kSource::Path(path) if path.is_file() => Err(TaskError::OneFileForBothSplits { path: path.clone() }),
         Gsm8kSource::Path(path) => file_in(path, split),
-        Gsm8kSource::Files { train, test } if train == test => Err(TaskError::OneFileForBothSplits { path: train.clone() }),
+        Gsm8kSource::Files { train, test } if train == test => {
+            Err(TaskError::OneFileForBothSplits { path: train.clone() })
+        }
         Gsm8kSource::Files { train, test } => Ok(match split {
             Split::Train => train.clone(),
             Split::Test => test.clone(),
         }),
         Gsm8kSource::Hub { repo, revision } => {
             let file = format!("main/{split}-00000-of-00001.parquet");
-            hub::fetch(repo, RepoType::Dataset, revision, &file).map_err(|error| TaskError::Hub { repo: repo.clone(), file: file.clone(), message: error.to_string() })
+            hub::fetch(repo, RepoType::Dataset, revision, &file).map_err(|error| TaskError::Hub {
+                repo: repo.clone(),
+                file: file.clone(),
+                message: error.to_string(),
+            })
         }
     }
 }
@@ -257,8 +257,7 @@ mod tests {
 
     #[test]
     fn gold_answer_is_split_and_normalised() {
-        let (solution, answer) =
-            parse_gold_answer("She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024", "x", 1).unwrap();
+        let (solution, answer) = parse_gold_answer("She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024", "x", 1).unwrap();
         assert_eq!(solution, "She sold 48/2 = <<48/2=24>>24 clips.");
         assert_eq!(answer, "1024");
         assert_eq!(strip_calculator_annotations(&solution), "She sold 48/2 = 24 clips.");

@@ -72,8 +72,7 @@ mod tests {
             std::env::set_var("HF_HUB_OFFLINE", "1");
             std::env::set_var("HF_HOME", std::env::temp_dir().join("cotlab-empty-hf-home"));
         }
-        let error = fetch("openai/gsm8k", RepoType::Dataset, "main", "main/test-00000-of-00001.parquet")
-            .unwrap_err();
+        let error = fetch("openai/gsm8k", RepoType::Dataset, "main", "main/test-00000-of-00001.parquet").unwrap_err();
         assert!(matches!(error, HubError::OfflineNotCached { .. }));
         let message = error.to_string();
         assert!(message.contains("openai/gsm8k") && message.contains("HF_HUB_OFFLINE"), "{message}");

@@ -111,10 +111,7 @@ impl SyntheticConfig {
             return bad("min_operand", format!("{} is negative; use 0 or more", self.min_operand));
         }
         if self.max_operand < self.min_operand {
-            return bad(
-                "max_operand",
-                format!("{} is below min_operand = {}", self.max_operand, self.min_operand),
-            );
+            return bad("max_operand", format!("{} is below min_operand = {}", self.max_operand, self.min_operand));
         }
         if self.max_operand > 1_000_000 {
             return bad("max_operand", format!("{} is too large; use at most 1000000", self.max_operand));
@@ -213,11 +210,7 @@ impl fmt::Display for Expression {
                     write!(f, "{left}")?;
                 }
                 write!(f, " {} ", op.symbol())?;
-                if right.precedence() <= op.precedence() {
-                    write!(f, "({right})")
-                } else {
-                    write!(f, "{right}")
-                }
+                if right.precedence() <= op.precedence() { write!(f, "({right})") } else { write!(f, "{right}") }
             }
         }
     }

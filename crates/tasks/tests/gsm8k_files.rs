@@ -106,16 +106,23 @@ fn a_corrupt_parquet_file_is_an_error_naming_it() {
 /// test problems; now each split names its own file.
 #[test]
 fn one_file_is_not_both_splits_and_files_name_each_split() {
-    let train = temp_jsonl(&[r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#, "{\"question\": \"2+3?\", \"answer\": \"#### 5\"}"]);
+    let train = temp_jsonl(&[
+        r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#,
+        "{\"question\": \"2+3?\", \"answer\": \"#### 5\"}",
+    ]);
     let test = temp_jsonl(&["{\"question\": \"4+4?\", \"answer\": \"#### 8\"}"]);
     let error = gsm8k::load(&Gsm8kSource::Path(train.path().to_path_buf()), Gsm8kOptions::default()).unwrap_err();
     assert!(matches!(error, TaskError::OneFileForBothSplits { .. }), "{error}");
     let message = error.to_string();
-    assert!(message.contains(&train.path().display().to_string()) && message.contains("files = { train ="), "{message}");
+    assert!(
+        message.contains(&train.path().display().to_string()) && message.contains("files = { train ="),
+        "{message}"
+    );
     let same = Gsm8kSource::Files { train: train.path().to_path_buf(), test: train.path().to_path_buf() };
     assert!(matches!(gsm8k::load(&same, Gsm8kOptions::default()), Err(TaskError::OneFileForBothSplits { .. })));
     // The study file's spelling, `{ files = { train = ..., test = ... } }`.
-    let source: Gsm8kSource = serde_json::from_value(serde_json::json!({ "files": { "train": train.path(), "test": test.path() } })).unwrap();
+    let source: Gsm8kSource =
+        serde_json::from_value(serde_json::json!({ "files": { "train": train.path(), "test": test.path() } })).unwrap();
     let data = gsm8k::load(&source, Gsm8kOptions::default()).unwrap();
     assert_eq!((data.train.len(), data.test.len()), (2, 1));
     assert_eq!(data.test.problems[0].answer, "8");

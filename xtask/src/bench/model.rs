@@ -100,11 +100,22 @@ impl BenchConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.prompts_per_step >= 1, "--prompts must be at least 1");
         anyhow::ensure!(self.num_generations >= 1, "--generations must be at least 1");
-        anyhow::ensure!(self.workload != Workload::Grpo || self.num_generations >= 2, "--generations {}: GRPO compares completions within a group; use at least 2", self.num_generations);
+        anyhow::ensure!(
+            self.workload != Workload::Grpo || self.num_generations >= 2,
+            "--generations {}: GRPO compares completions within a group; use at least 2",
+            self.num_generations
+        );
         anyhow::ensure!(self.max_completion_length >= 1, "--new-tokens must be at least 1");
-        anyhow::ensure!(self.steps >= 1, "--steps must be at least 1 (the first step is a warm-up: use 2 or more for a median)");
+        anyhow::ensure!(
+            self.steps >= 1,
+            "--steps must be at least 1 (the first step is a warm-up: use 2 or more for a median)"
+        );
         if let Some(grad_accum) = self.grad_accum {
-            anyhow::ensure!(grad_accum >= 1 && self.rows().is_multiple_of(grad_accum), "--grad-accum {grad_accum} must divide prompts x generations = {} (TRL's per-device batch is their quotient)", self.rows());
+            anyhow::ensure!(
+                grad_accum >= 1 && self.rows().is_multiple_of(grad_accum),
+                "--grad-accum {grad_accum} must divide prompts x generations = {} (TRL's per-device batch is their quotient)",
+                self.rows()
+            );
         }
         anyhow::ensure!(self.lora != Some(0), "--lora-rank must be at least 1 (omit it for full fine-tuning)");
         Ok(())
@@ -140,22 +151,34 @@ pub struct Figures {
 /// Runs `config`'s workload on cotlab; `config.threads` must already be rayon's pool size.
 pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
     config.validate()?;
-    let backend: BackendKind = config.backend.parse().map_err(|error| anyhow::anyhow!("--backend {}: {error}", config.backend))?;
+    let backend: BackendKind =
+        config.backend.parse().map_err(|error| anyhow::anyhow!("--backend {}: {error}", config.backend))?;
     let device = backend.device()?;
     let dir = ModelSource::parse(&config.model)?.resolve()?;
-    let tokenizer = PolicyTokenizer::load_dir(&dir).with_context(|| format!("the benchmark needs the tokenizer of {}", dir.display()))?;
-    let chat = prompting::ChatTemplate::from_dir(&dir).with_context(|| format!("the benchmark poses questions through the chat template of {}", dir.display()))?;
+    let tokenizer = PolicyTokenizer::load_dir(&dir)
+        .with_context(|| format!("the benchmark needs the tokenizer of {}", dir.display()))?;
+    let chat = prompting::ChatTemplate::from_dir(&dir)
+        .with_context(|| format!("the benchmark poses questions through the chat template of {}", dir.display()))?;
     let builder = PromptBuilder::new(Template::XmlReasoning).with_chat_template(chat, serde_json::Map::new());
     let problems = tasks::gsm8k::read_jsonl(&config.data, tasks::Split::Test, tasks::gsm8k::Gsm8kOptions::default())
         .with_context(|| format!("reading the benchmark's questions from {} (--data)", config.data.display()))?
         .problems;
     let needed = config.prompts_per_step * config.steps;
-    anyhow::ensure!(problems.len() >= needed, "{} has {} questions; --prompts x --steps needs {needed}", config.data.display(), problems.len());
+    anyhow::ensure!(
+        problems.len() >= needed,
+        "{} has {} questions; --prompts x --steps needs {needed}",
+        config.data.display(),
+        problems.len()
+    );
     let prompts: Vec<PromptItem> = problems[..needed]
         .iter()
         .map(|problem| {
             let text = builder.render(&problem.question)?;
-            Ok(PromptItem { prompt_ids: encode_prompt(&tokenizer, &builder, &text)?, prompt_text: text, answer: problem.answer.clone() })
+            Ok(PromptItem {
+                prompt_ids: encode_prompt(&tokenizer, &builder, &text)?,
+                prompt_text: text,
+                answer: problem.answer.clone(),
+            })
         })
         .collect::<anyhow::Result<_>>()?;
     let dtype = if config.dtype == "bf16" { ComputeDtype::Bf16 } else { ComputeDtype::F32 };
@@ -184,7 +207,9 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let mut policy = load(&autodiff)?;
             if let Some(rank) = config.lora {
                 autodiff.seed(0);
-                policy = policy.with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() }).map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
+                policy = policy
+                    .with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() })
+                    .map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
             }
             let mut grpo = serde_json::json!({
                 "num_generations": config.num_generations,
@@ -200,7 +225,9 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let entry = registry().iter().find(|entry| entry.name == "grpo").context("grpo is not registered")?;
             let adamw = policy_models::optim::AdamWSettings { weight_decay: config.weight_decay, ..Default::default() };
             let optim = OptimSettings { learning_rate: config.learning_rate, adamw, ..OptimSettings::default() };
-            let optim = entry.run_optim(&grpo, &optim, config.steps as u64, config.prompts_per_step).map_err(anyhow::Error::msg)?;
+            let optim = entry
+                .run_optim(&grpo, &optim, config.steps as u64, config.prompts_per_step)
+                .map_err(anyhow::Error::msg)?;
             let mut algorithm = (entry.build)(AlgorithmInputs { policy, config: grpo, optim, seed: 0 })?;
             // The TRL GRPO demo's format reward and correctness. A flat group (all rewards 0 when
             // no completion writes the tags) still goes through forward, backward and the
@@ -209,7 +236,9 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 (Box::new(RewardKind::XmlCount) as Box<dyn RewardFunction>, 1.0),
                 (Box::new(RewardKind::XmlCorrectness) as Box<dyn RewardFunction>, 1.0),
             ]);
-            let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
+            let decode = |ids: &[i64]| {
+                tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default()
+            };
             let environment = Environment {
                 decode: &decode,
                 eos_token_ids: tokenizer.eos_ids.iter().map(|&id| i64::from(id)).collect(),
@@ -222,7 +251,8 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let mut rewards_seen = Vec::new();
             for (step, batch) in prompts.chunks(config.prompts_per_step).enumerate() {
                 let started = Instant::now();
-                let metrics = algorithm.train_step(batch, &environment).with_context(|| format!("GRPO step {}", step + 1))?;
+                let metrics =
+                    algorithm.train_step(batch, &environment).with_context(|| format!("GRPO step {}", step + 1))?;
                 figures.step_seconds.push(started.elapsed().as_secs_f64());
                 figures.update_seconds.extend(metrics.get("update_time").copied());
                 if step > 0 || config.steps == 1 {
@@ -245,13 +275,27 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 seed: 0,
             };
             for (step, batch) in prompts.chunks(config.prompts_per_step).enumerate() {
-                let rows: Vec<Vec<i64>> = batch.iter().flat_map(|item| std::iter::repeat_n(item.prompt_ids.clone(), config.num_generations)).collect();
+                let rows: Vec<Vec<i64>> = batch
+                    .iter()
+                    .flat_map(|item| std::iter::repeat_n(item.prompt_ids.clone(), config.num_generations))
+                    .collect();
                 let started = Instant::now();
-                let generation = generate(&model, &rows, &GenerationConfig { seed: step as u64, ..generation_config.clone() }, &[], None);
+                let generation = generate(
+                    &model,
+                    &rows,
+                    &GenerationConfig { seed: step as u64, ..generation_config.clone() },
+                    &[],
+                    None,
+                );
                 figures.step_seconds.push(started.elapsed().as_secs_f64());
-                anyhow::ensure!(generation.completion_ids.iter().all(|row| row.len() == config.max_completion_length), "generation stopped early");
+                anyhow::ensure!(
+                    generation.completion_ids.iter().all(|row| row.len() == config.max_completion_length),
+                    "generation stopped early"
+                );
             }
-            figures.gen_tokens_per_s = Some((config.rows() * config.max_completion_length) as f64 / median_after_warmup(&figures.step_seconds));
+            figures.gen_tokens_per_s = Some(
+                (config.rows() * config.max_completion_length) as f64 / median_after_warmup(&figures.step_seconds),
+            );
         }
         Workload::Train => {
             // Each prompt followed by its gold XML answer, cycled or cut to exactly
@@ -259,11 +303,16 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let examples_of = |batch: &[PromptItem], problems: &[Problem]| -> anyhow::Result<Vec<SftExample>> {
                 let mut examples = Vec::new();
                 for (item, problem) in batch.iter().zip(problems) {
-                    let response: Vec<i64> = tokenizer.encode(&builder.target(problem), false)?.into_iter().map(i64::from).collect();
+                    let response: Vec<i64> =
+                        tokenizer.encode(&builder.target(problem), false)?.into_iter().map(i64::from).collect();
                     anyhow::ensure!(!response.is_empty(), "the gold answer of {} encodes to no tokens", problem.id);
-                    let completion_ids: Vec<i64> = response.iter().copied().cycle().take(config.max_completion_length).collect();
+                    let completion_ids: Vec<i64> =
+                        response.iter().copied().cycle().take(config.max_completion_length).collect();
                     for _ in 0..config.num_generations {
-                        examples.push(SftExample { prompt_ids: item.prompt_ids.clone(), completion_ids: completion_ids.clone() });
+                        examples.push(SftExample {
+                            prompt_ids: item.prompt_ids.clone(),
+                            completion_ids: completion_ids.clone(),
+                        });
                     }
                 }
                 Ok(examples)
@@ -271,14 +320,21 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let mut policy = load(&device.clone().autodiff())?;
             if let Some(rank) = config.lora {
                 device.clone().autodiff().seed(0);
-                policy = policy.with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() }).map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
+                policy = policy
+                    .with_lora(&LoraSettings { rank, alpha: 2.0 * rank as f64, ..LoraSettings::default() })
+                    .map_err(|error| anyhow::anyhow!("--lora-rank: {error}"))?;
             }
             let steps = config.steps as u64;
             let adamw = policy_models::optim::AdamWSettings { weight_decay: config.weight_decay, ..Default::default() };
             let sft = SftConfig {
                 steps,
                 batch_size: config.rows(),
-                schedule: policy_models::optim::Schedule { learning_rate: config.learning_rate, warmup_steps: 0, total_steps: steps, min_lr_ratio: 1.0 },
+                schedule: policy_models::optim::Schedule {
+                    learning_rate: config.learning_rate,
+                    warmup_steps: 0,
+                    total_steps: steps,
+                    min_lr_ratio: 1.0,
+                },
                 adamw,
                 max_grad_norm: Some(1.0),
                 checkpoint_every: 0,
@@ -287,14 +343,22 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             };
             let mut trainer = SftTrainer::new(policy, sft);
             let mut tokens = Vec::new();
-            for (batch, questions) in prompts.chunks(config.prompts_per_step).zip(problems.chunks(config.prompts_per_step)) {
+            for (batch, questions) in
+                prompts.chunks(config.prompts_per_step).zip(problems.chunks(config.prompts_per_step))
+            {
                 let examples = examples_of(batch, questions)?;
-                tokens.push(examples.iter().map(|example| example.prompt_ids.len() + example.completion_ids.len()).sum::<usize>() as f64);
+                tokens.push(
+                    examples
+                        .iter()
+                        .map(|example| example.prompt_ids.len() + example.completion_ids.len())
+                        .sum::<usize>() as f64,
+                );
                 let started = Instant::now();
                 trainer.train_step(&examples)?;
                 figures.step_seconds.push(started.elapsed().as_secs_f64());
             }
-            let rates: Vec<f64> = tokens.iter().zip(&figures.step_seconds).map(|(tokens, seconds)| tokens / seconds).collect();
+            let rates: Vec<f64> =
+                tokens.iter().zip(&figures.step_seconds).map(|(tokens, seconds)| tokens / seconds).collect();
             figures.train_tokens_per_s = Some(median_after_warmup(&rates));
         }
     }
@@ -338,17 +402,21 @@ pub fn reference(config: &BenchConfig) -> Result<serde_json::Value, String> {
     {
         args[1] = dir.display().to_string();
     }
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|error| format!("cannot run {python} (set COTLAB_PYTHON to a Python with torch, transformers and trl): {error}"))?;
+    let output =
+        Command::new(&python).arg(&script).args(args).stderr(std::process::Stdio::inherit()).output().map_err(
+            |error| {
+                format!("cannot run {python} (set COTLAB_PYTHON to a Python with torch, transformers and trl): {error}")
+            },
+        )?;
     if !output.status.success() {
         return Err(format!("{} {} exited with {} (its messages are above)", python, script.display(), output.status));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().rev().find(|line| line.trim_start().starts_with('{')).ok_or_else(|| format!("{} printed no JSON line", script.display()))?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| line.trim_start().starts_with('{'))
+        .ok_or_else(|| format!("{} printed no JSON line", script.display()))?;
     serde_json::from_str(line).map_err(|error| format!("{}: its JSON line is unreadable: {error}", script.display()))
 }
 
@@ -427,8 +495,25 @@ impl Report {
         let lora = c.lora.map_or("none".to_string(), |rank| format!("rank {rank}"));
         let mut text = format!(
             "cotlab bench --model {} --workload {}\n  {} prompts x {} completions, max_completion_length {}, temperature {}, learning_rate {:e}, loss_type {}, beta {}, {} steps (first = warm-up), grad_accum {}, {} threads, {}, LoRA {}, backend {}\n  machine: {} ({}), commit {}, {}\n",
-            c.model, c.workload.name(), c.prompts_per_step, c.num_generations, c.max_completion_length, c.temperature, c.learning_rate, c.loss_type, c.beta, c.steps, c.grad_accum.map_or("auto (cotlab: token budget; TRL: 1)".to_string(), |n| n.to_string()), c.threads, c.dtype, lora, c.backend,
-            self.machine.cpu.as_deref().unwrap_or("unknown CPU"), self.date, self.commit.as_deref().unwrap_or("unknown"), if cfg!(debug_assertions) { "DEBUG build: not meaningful" } else { "release build" },
+            c.model,
+            c.workload.name(),
+            c.prompts_per_step,
+            c.num_generations,
+            c.max_completion_length,
+            c.temperature,
+            c.learning_rate,
+            c.loss_type,
+            c.beta,
+            c.steps,
+            c.grad_accum.map_or("auto (cotlab: token budget; TRL: 1)".to_string(), |n| n.to_string()),
+            c.threads,
+            c.dtype,
+            lora,
+            c.backend,
+            self.machine.cpu.as_deref().unwrap_or("unknown CPU"),
+            self.date,
+            self.commit.as_deref().unwrap_or("unknown"),
+            if cfg!(debug_assertions) { "DEBUG build: not meaningful" } else { "release build" },
         );
         let theirs = |key: &str| self.reference.as_ref().and_then(|value| value[key].as_f64());
         let cell = |value: Option<f64>, digits: usize| value.map_or("-".to_string(), |v| format!("{v:.digits$}"));
@@ -440,7 +525,12 @@ impl Report {
             ("train tokens/s", self.cotlab.train_tokens_per_s, theirs("train_tokens_per_s"), 1),
             ("mean completion length", self.cotlab.completion_mean_length, theirs("completion_mean_length"), 1),
             ("mean reward", self.cotlab.reward_mean, theirs("reward_mean"), 3),
-            ("peak RSS (GiB)", self.cotlab.peak_rss_bytes.map(|b| b as f64 / (1u64 << 30) as f64), theirs("peak_rss_bytes").map(|b| b / (1u64 << 30) as f64), 2),
+            (
+                "peak RSS (GiB)",
+                self.cotlab.peak_rss_bytes.map(|b| b as f64 / (1u64 << 30) as f64),
+                theirs("peak_rss_bytes").map(|b| b / (1u64 << 30) as f64),
+                2,
+            ),
         ];
         for (name, ours, reference, digits) in rows {
             if ours.is_some() || reference.is_some() {
@@ -460,7 +550,9 @@ impl Report {
             text.push_str(&format!("{:<34} {versions}\n", "reference versions"));
         }
         match (self.speedup, &self.reference_error) {
-            (Some(speedup), _) => text.push_str(&format!("cotlab is {speedup:.2}x the reference's speed (above 1: faster)\n")),
+            (Some(speedup), _) => {
+                text.push_str(&format!("cotlab is {speedup:.2}x the reference's speed (above 1: faster)\n"))
+            }
             (None, Some(why)) => text.push_str(&format!("no reference: {why}\n")),
             (None, None) => {}
         }
@@ -474,13 +566,19 @@ pub fn record(report: &Report, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {} to record the run", path.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} to record the run", path.display()))?;
     writeln!(file, "{}", serde_json::to_string(report)?).with_context(|| format!("cannot append to {}", path.display()))
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> String {
-    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs()) as i64;
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs()) as i64;
     let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
     // Howard Hinnant's days-to-civil.
     let z = days + 719_468;
@@ -506,7 +604,9 @@ pub fn commit() -> Option<String> {
 /// The default question file: `$COTLAB_SHARED/datasets/gsm8k/test.jsonl`, else the shared
 /// directory beside the checkout's.
 pub fn default_data() -> PathBuf {
-    let shared = std::env::var_os("COTLAB_SHARED").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let shared = std::env::var_os("COTLAB_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     shared.join("datasets/gsm8k/test.jsonl")
 }
 
@@ -515,7 +615,9 @@ mod tests {
     use super::*;
 
     fn shared() -> PathBuf {
-        std::env::var_os("COTLAB_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+        std::env::var_os("COTLAB_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
     }
 
     /// A tiny random Llama with SmolLM2's tokenizer and chat template: the real code path, fast.
@@ -561,10 +663,30 @@ mod tests {
             let figures = measure(&config(model.path(), workload)).unwrap();
             assert_eq!(figures.step_seconds.len(), 1, "{workload:?}");
             let json = serde_json::to_value(&figures).unwrap();
-            for key in ["grpo_step_seconds", "gen_tokens_per_s", "train_tokens_per_s", "peak_rss_bytes", "step_seconds", "config"] {
+            for key in [
+                "grpo_step_seconds",
+                "gen_tokens_per_s",
+                "train_tokens_per_s",
+                "peak_rss_bytes",
+                "step_seconds",
+                "config",
+            ] {
                 assert!(json.get(key).is_some(), "{workload:?}: no {key} in {json}");
             }
-            for key in ["model", "prompts_per_step", "num_generations", "max_completion_length", "temperature", "learning_rate", "loss_type", "beta", "steps", "threads", "dtype", "lora"] {
+            for key in [
+                "model",
+                "prompts_per_step",
+                "num_generations",
+                "max_completion_length",
+                "temperature",
+                "learning_rate",
+                "loss_type",
+                "beta",
+                "steps",
+                "threads",
+                "dtype",
+                "lora",
+            ] {
                 assert!(json["config"].get(key).is_some(), "{workload:?}: no config.{key} in {json}");
             }
             let figure = match workload {

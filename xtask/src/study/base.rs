@@ -50,7 +50,12 @@ pub(crate) fn vary_answer_endings(text: &str, keep: f64, rng: &mut ChaCha8Rng) -
 
 /// The supervised base's training examples: packed documents of worked problems (every token
 /// trained), or one problem per example with the prompt masked.
-pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokenizer: &PolicyTokenizer) -> anyhow::Result<Vec<SftExample>> {
+pub(crate) fn sft_examples(
+    study: &Study,
+    task: &TaskData,
+    sft: &SftSpec,
+    tokenizer: &PolicyTokenizer,
+) -> anyhow::Result<Vec<SftExample>> {
     let eos = tokenizer.eos_ids[0];
     let template = study.policy.template;
     let train_count = ((task.train.len() as f64) * sft.data_fraction).round().max(1.0) as usize;
@@ -70,7 +75,8 @@ pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokeni
             let (last, context) = picks.split_last().expect("at least one problem");
             let builder = PromptBuilder::new(template).with_exemplars(context.to_vec());
             let text = format!("{}{}", builder.render(&last.question)?, builder.target(last));
-            let mut document = encode(tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng), true)?;
+            let mut document =
+                encode(tokenizer, &vary_answer_endings(&text, sft.answer_marker_fraction, &mut rng), true)?;
             document.push(i64::from(eos));
             document.truncate(study.policy.max_length);
             if current.len() + document.len() > study.policy.max_length && current.len() > 1 {
@@ -87,7 +93,11 @@ pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokeni
             let builder = PromptBuilder::new(template).with_exemplars(exemplars);
             let prompt_ids = encode(tokenizer, &builder.render(&problem.question)?, true)?;
             // The completion continues the prompt: no BOS of its own.
-            let mut completion_ids = encode(tokenizer, &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng), false)?;
+            let mut completion_ids = encode(
+                tokenizer,
+                &vary_answer_endings(&builder.target(problem), sft.answer_marker_fraction, &mut rng),
+                false,
+            )?;
             completion_ids.push(i64::from(eos));
             // Cut from the front, keeping the BOS, as every prompt is.
             let room = study.policy.max_length.saturating_sub(completion_ids.len());
@@ -103,7 +113,13 @@ pub(crate) fn sft_examples(study: &Study, task: &TaskData, sft: &SftSpec, tokeni
 /// written into `.base.partial` and renamed to `base/` when complete (weights, configs,
 /// tokenizer, `identity.json`), so `base/` exists only whole; `run_study` has checked the
 /// identity of a `base/` already there (or removed it).
-pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &Device, progress: &Progress) -> anyhow::Result<PathBuf> {
+pub(crate) fn prepare_base(
+    study: &Study,
+    task: &TaskData,
+    dir: &Path,
+    device: &Device,
+    progress: &Progress,
+) -> anyhow::Result<PathBuf> {
     let (preset, vocab_size, sft) = match &study.policy.base {
         PolicyBase::Checkpoint { model } => return Ok(ModelSource::parse(model)?.resolve()?),
         PolicyBase::Preset { preset, vocab_size, sft } => (*preset, *vocab_size, sft),
@@ -133,11 +149,17 @@ pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &
     let examples = sft_examples(study, task, sft, &tokenizer)?;
     let autodiff = device.clone().autodiff();
     autodiff.seed(0);
-    let model = CausalLm::init(&preset.config(tokenizer.vocab_size(), eos, study.policy.max_length), &autodiff).map_err(anyhow::Error::msg)?;
+    let model = CausalLm::init(&preset.config(tokenizer.vocab_size(), eos, study.policy.max_length), &autodiff)
+        .map_err(anyhow::Error::msg)?;
     let config = SftConfig {
         steps: sft.steps,
         batch_size: sft.batch_size,
-        schedule: Schedule { learning_rate: sft.learning_rate, warmup_steps: sft.steps / 20, total_steps: sft.steps, min_lr_ratio: 0.1 },
+        schedule: Schedule {
+            learning_rate: sft.learning_rate,
+            warmup_steps: sft.steps / 20,
+            total_steps: sft.steps,
+            min_lr_ratio: 0.1,
+        },
         adamw: AdamWSettings::default(),
         max_grad_norm: Some(1.0),
         checkpoint_every: 0,
@@ -161,7 +183,10 @@ pub(crate) fn prepare_base(study: &Study, task: &TaskData, dir: &Path, device: &
     let reloaded = PolicyTokenizer::load_dir(&partial)?;
     let probe = PromptBuilder::new(template).render(&task.test.problems[0].question)?;
     if encode(&reloaded, &probe, true)? != encode(&tokenizer, &probe, true)? {
-        bail!("the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab", partial.display());
+        bail!(
+            "the saved base in {} encodes prompts differently from its training (BOS/EOS settings); this is a bug in cotlab",
+            partial.display()
+        );
     }
     identity.write(&partial)?;
     install_dir(&partial, &base_dir)?;
@@ -179,7 +204,10 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         assert_eq!(vary_answer_endings(text, 1.0, &mut rng), text);
         let free = vary_answer_endings(text, 0.0, &mut rng);
-        assert!(free.ends_with("1 - 4 = -3\nThe answer is -3.") && free.contains("2 + 3 = 5\nThe answer is 5.\nQ:"), "{free}");
+        assert!(
+            free.ends_with("1 - 4 = -3\nThe answer is -3.") && free.contains("2 + 3 = 5\nThe answer is 5.\nQ:"),
+            "{free}"
+        );
         let kept = (0..1000).filter(|_| vary_answer_endings("#### 7\n", 0.3, &mut rng) == "#### 7\n").count();
         assert!((250..350).contains(&kept), "{kept}");
     }
@@ -189,8 +217,13 @@ mod tests {
     /// BOS = EOS taught the base to end its answers before writing them).
     #[test]
     fn supervised_completions_carry_no_bos_of_their_own() {
-        let mut study: Study = toml::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/default.toml")).unwrap()).unwrap();
-        let PolicyBase::Preset { sft, .. } = &mut study.policy.base else { panic!("the default study trains a preset") };
+        let mut study: Study = toml::from_str(
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/default.toml")).unwrap(),
+        )
+        .unwrap();
+        let PolicyBase::Preset { sft, .. } = &mut study.policy.base else {
+            panic!("the default study trains a preset")
+        };
         sft.problems_per_document = 0;
         sft.steps = 8;
         let sft = sft.clone();
@@ -216,8 +249,13 @@ mod tests {
         // As such a base was saved: no template, and its BOS named only in the configs.
         let dir = tempfile::tempdir().unwrap();
         trained.save(&dir.path().join("tokenizer.json")).unwrap();
-        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}"#).unwrap();
-        std::fs::write(dir.path().join("config.json"), format!(r#"{{"bos_token_id": {eos}, "eos_token_id": {eos}}}"#)).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("config.json"), format!(r#"{{"bos_token_id": {eos}, "eos_token_id": {eos}}}"#))
+            .unwrap();
         assert_eq!(PolicyTokenizer::load_dir(dir.path()).unwrap().prepended_bos(), None);
         add_missing_bos_template(dir.path()).unwrap();
         let upgraded = PolicyTokenizer::load_dir(dir.path()).unwrap();

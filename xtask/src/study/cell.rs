@@ -15,8 +15,8 @@ use rl_algos::{AlgorithmInputs, Environment, PromptItem};
 use tasks::{Problem, TaskData};
 
 use crate::common::write_atomically;
-use crate::study::config::{Cell, MethodSpec, PolicyBase, Study, registry};
 use crate::study::checkpoint;
+use crate::study::config::{Cell, MethodSpec, PolicyBase, Study, registry};
 use crate::study::evaluate::{Sample, evaluate, majority_accuracy};
 use crate::study::progress::Progress;
 use crate::study::prompts::{encode_prompt, fit, prompt_builder};
@@ -26,7 +26,12 @@ use crate::study::reward_model::load_reward_function;
 /// The policy an RL cell trains: the base on `autodiff`, with the study's LoRA adapters when
 /// `policy.lora` names them (their A factors drawn from the device generator seeded with the
 /// cell's seed), so that only the adapters train.
-pub(crate) fn training_policy(study: &Study, base_dir: &Path, autodiff: &Device, seed: u64) -> anyhow::Result<CausalLm> {
+pub(crate) fn training_policy(
+    study: &Study,
+    base_dir: &Path,
+    autodiff: &Device,
+    seed: u64,
+) -> anyhow::Result<CausalLm> {
     let policy = CausalLm::load_dir(base_dir, autodiff)?;
     let Some(lora) = &study.policy.lora else { return Ok(policy) };
     autodiff.seed(seed);
@@ -70,7 +75,9 @@ pub(crate) fn run_cell(
             let mut functions: Vec<(Box<dyn RewardFunction>, f32)> =
                 source.rules.iter().map(|rule| (Box::new(rule.kind) as Box<dyn RewardFunction>, rule.weight)).collect();
             if let Some(weight) = source.reward_model_weight {
-                let rm_dir = reward_model.with_context(|| format!("reward source {} needs the reward model, which was not prepared", cell.reward_source))?;
+                let rm_dir = reward_model.with_context(|| {
+                    format!("reward source {} needs the reward model, which was not prepared", cell.reward_source)
+                })?;
                 functions.push((load_reward_function(rm_dir, device, source.normalize_reward_model)?, weight));
             }
             let rewards = WeightedRewards::new(functions);
@@ -85,7 +92,8 @@ pub(crate) fn run_cell(
             let method_value = serde_json::to_value(method)?;
             let resume = match checkpoint::recover(cell_dir)? {
                 Some(dir) => {
-                    let state = checkpoint::RunnerState::read(&dir).with_context(|| format!("delete {} to start {} over", dir.display(), cell.id()))?;
+                    let state = checkpoint::RunnerState::read(&dir)
+                        .with_context(|| format!("delete {} to start {} over", dir.display(), cell.id()))?;
                     if state.method == method_value && state.step <= *steps {
                         Some((dir, state))
                     } else {
@@ -104,7 +112,9 @@ pub(crate) fn run_cell(
             let mut algorithm = match &resume {
                 Some((dir, state)) => {
                     progress.log(format!("resuming {} from step {}", cell.id(), state.step));
-                    let algorithm = (entry.resume)(inputs, dir).with_context(|| format!("cannot resume {} from {}; delete it to start the cell over", cell.id(), dir.display()))?;
+                    let algorithm = (entry.resume)(inputs, dir).with_context(|| {
+                        format!("cannot resume {} from {}; delete it to start the cell over", cell.id(), dir.display())
+                    })?;
                     anyhow::ensure!(
                         algorithm.steps() == state.step,
                         "{}: the algorithm's checkpoint is at step {}, the runner's at {}; delete {} to start the cell over",
@@ -123,12 +133,16 @@ pub(crate) fn run_cell(
                 None => {
                     let algorithm = (entry.build)(inputs)?;
                     // What the policy wrote before training, for samples.jsonl.
-                    samples_before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions, progress)?.samples;
+                    samples_before =
+                        evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, sample_questions, progress)?
+                            .samples;
                     algorithm
                 }
             };
             let first_step = resume.as_ref().map_or(0, |(_, state)| state.step) + 1;
-            let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
+            let decode = |ids: &[i64]| {
+                tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default()
+            };
             let environment = Environment {
                 decode: &decode,
                 eos_token_ids: tokenizer.eos_ids.iter().map(|&id| i64::from(id)).collect(),
@@ -146,11 +160,13 @@ pub(crate) fn run_cell(
             let mut eval_seconds = 0.0;
             // Seconds spent writing checkpoints, which are not training either.
             let mut checkpoint_seconds = 0.0;
-            let train_seconds = |not_training: f64| earlier_train_seconds + started.elapsed().as_secs_f64() - not_training;
+            let train_seconds =
+                |not_training: f64| earlier_train_seconds + started.elapsed().as_secs_f64() - not_training;
             if eval_every > 0 && resume.is_none() {
                 // Step 0: the held-out accuracy the training starts from, so curves begin at the base.
                 let eval_started = Instant::now();
-                let before = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
+                let before =
+                    evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
                 let mut row = rl_algos::Metrics::new();
                 row.insert("step".to_string(), 0.0);
                 row.insert("eval/accuracy_lenient".to_string(), before.accuracy.lenient.accuracy);
@@ -166,7 +182,11 @@ pub(crate) fn run_cell(
                     .map(|_| {
                         let problem = &task.train.problems[rng.random_range(0..task.train.len())];
                         let text = builder.render(&problem.question)?;
-                        let prompt_ids = fit(encode_prompt(tokenizer, &builder, &text)?, rl_prompt_limit, tokenizer.prepended_bos().map(i64::from));
+                        let prompt_ids = fit(
+                            encode_prompt(tokenizer, &builder, &text)?,
+                            rl_prompt_limit,
+                            tokenizer.prepended_bos().map(i64::from),
+                        );
                         Ok(PromptItem { prompt_ids, prompt_text: text, answer: problem.answer.clone() })
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -179,7 +199,12 @@ pub(crate) fn run_cell(
                             "step {step}: the {quantity} is {value}; lower methods.{}.optim.learning_rate or set its max_grad_norm",
                             cell.method
                         );
-                        return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, train_seconds(eval_seconds + checkpoint_seconds)));
+                        return Ok(unfinished_summary(
+                            cell,
+                            CellStatus::Diverged,
+                            reason,
+                            train_seconds(eval_seconds + checkpoint_seconds),
+                        ));
                     }
                     Err(error) => return Err(anyhow::Error::new(error).context(format!("step {step}"))),
                 };
@@ -190,12 +215,18 @@ pub(crate) fn run_cell(
                     // Clipping bounds the gradient, not AdamW's step (about the learning rate per
                     // weight): the learning rate is the fix.
                     let reason = format!("step {step}: {why}; lower methods.{}.optim.learning_rate", cell.method);
-                    return Ok(unfinished_summary(cell, CellStatus::Diverged, reason, train_seconds(eval_seconds + checkpoint_seconds)));
+                    return Ok(unfinished_summary(
+                        cell,
+                        CellStatus::Diverged,
+                        reason,
+                        train_seconds(eval_seconds + checkpoint_seconds),
+                    ));
                 }
                 if eval_every > 0 && (step % eval_every == 0 || step == *steps) {
                     // Held-out accuracy during training (not counted as training time).
                     let eval_started = Instant::now();
-                    let during = evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
+                    let during =
+                        evaluate(study, &algorithm.policy().valid(), tokenizer, &builder, eval_problems, progress)?;
                     row.insert("eval/accuracy_lenient".to_string(), during.accuracy.lenient.accuracy);
                     row.insert("eval/accuracy_strict".to_string(), during.accuracy.strict.accuracy);
                     eval_seconds += eval_started.elapsed().as_secs_f64();
@@ -208,8 +239,17 @@ pub(crate) fn run_cell(
                 let interrupted = interrupt.requested();
                 if interrupted || (study.checkpoint_every > 0 && step % study.checkpoint_every == 0) {
                     let writing = Instant::now();
-                    let seconds = (train_seconds(eval_seconds + checkpoint_seconds), earlier_eval_seconds + eval_seconds);
-                    let state = checkpoint::RunnerState::new(step, method_value.clone(), &rng, seconds.0, seconds.1, &history, &samples_before);
+                    let seconds =
+                        (train_seconds(eval_seconds + checkpoint_seconds), earlier_eval_seconds + eval_seconds);
+                    let state = checkpoint::RunnerState::new(
+                        step,
+                        method_value.clone(),
+                        &rng,
+                        seconds.0,
+                        seconds.1,
+                        &history,
+                        &samples_before,
+                    );
                     checkpoint::write(cell_dir, algorithm.as_ref(), &state)?;
                     checkpoint_seconds += writing.elapsed().as_secs_f64();
                 }
@@ -223,16 +263,27 @@ pub(crate) fn run_cell(
             let trained = algorithm.into_policy().valid();
             if study.policy.lora.is_some() {
                 // The trained policy of a LoRA cell, small enough to keep: PEFT loads it over the base.
-                trained.save_adapters(&cell_dir.join(policy_models::lora::ADAPTER_SUBDIR), Some(&base_model_name(study, base_dir)))?;
+                trained.save_adapters(
+                    &cell_dir.join(policy_models::lora::ADAPTER_SUBDIR),
+                    Some(&base_model_name(study, base_dir)),
+                )?;
             }
             (trained, *few_shot_k, seconds, history)
         }
     };
     let builder = prompt_builder(study, task, base_dir, k, cell.seed)?;
     let evaluation = evaluate(study, &policy, tokenizer, &builder, test, progress)?;
-    let accuracy_maj = if study.evaluation.maj_k > 0 { Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed, progress)?) } else { None };
+    let accuracy_maj = if study.evaluation.maj_k > 0 {
+        Some(majority_accuracy(study, &policy, tokenizer, &builder, test, cell.seed, progress)?)
+    } else {
+        None
+    };
     let mut lines = String::new();
-    for (stage, sample) in samples_before.iter().map(|s| ("before", s)).chain(evaluation.samples.iter().take(sample_questions.len()).map(|s| ("after", s))) {
+    for (stage, sample) in samples_before
+        .iter()
+        .map(|s| ("before", s))
+        .chain(evaluation.samples.iter().take(sample_questions.len()).map(|s| ("after", s)))
+    {
         let mut value = serde_json::to_value(sample)?;
         value["stage"] = serde_json::Value::from(stage);
         lines.push_str(&serde_json::to_string(&value)?);
@@ -240,9 +291,14 @@ pub(crate) fn run_cell(
     }
     write_atomically(&cell_dir.join("samples.jsonl"), lines.as_bytes())?;
     // Training steps only (the step-0 row holds the held-out accuracy before training).
-    let trained: Vec<&rl_algos::Metrics> = metrics.iter().filter(|m| m.get("step").is_none_or(|step| *step >= 1.0)).collect();
+    let trained: Vec<&rl_algos::Metrics> =
+        metrics.iter().filter(|m| m.get("step").is_none_or(|step| *step >= 1.0)).collect();
     let rewards: Vec<f64> = trained.iter().map(|m| m.get("reward").copied().unwrap_or(f64::NAN)).collect();
-    let steps: Vec<u64> = trained.iter().enumerate().map(|(index, m)| m.get("step").map_or(index as u64 + 1, |step| *step as u64)).collect();
+    let steps: Vec<u64> = trained
+        .iter()
+        .enumerate()
+        .map(|(index, m)| m.get("step").map_or(index as u64 + 1, |step| *step as u64))
+        .collect();
     let update_norms: Vec<f64> = metrics.iter().filter_map(|m| m.get("update_norm").copied()).collect();
     let tail = &rewards[rewards.len() - rewards.len().div_ceil(4)..];
     let summary = evaluation.accuracy;
@@ -280,7 +336,8 @@ pub const DIVERGENCE_UPDATE_RATIO: f64 = 1.0;
 /// norm that is NaN or infinite, or an update larger than [`DIVERGENCE_UPDATE_RATIO`] times
 /// `weight_norm`, the policy's weight norm before training.
 pub(crate) fn divergence(row: &rl_algos::Metrics, weight_norm: f64) -> Option<String> {
-    let watched = |name: &str| name == "loss" || name.starts_with("loss/") || name == "grad_norm" || name == "update_norm";
+    let watched =
+        |name: &str| name == "loss" || name.starts_with("loss/") || name == "grad_norm" || name == "update_norm";
     if let Some((name, value)) = row.iter().find(|(name, value)| watched(name) && !value.is_finite()) {
         return Some(format!("{name} is {value}"));
     }
@@ -333,17 +390,29 @@ mod tests {
         let config = policy_models::presets::Preset::TinyGptNeo.config(32, 0, 64);
         CausalLm::init(&config, &device).unwrap().save_dir(base.path(), None).unwrap();
         let text = |lora: &str| {
-            format!("name = \"t\"\n[task]\nkind = \"synthetic\"\n[policy]\ntemplate = \"plain\"\n{lora}\n[policy.base]\nkind = \"preset\"\npreset = \"tiny_gpt_neo\"\n[reward_sources.rules]\nrules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}]\n[methods.grpo]\nkind = \"rl\"\nalgorithm = \"grpo\"\nreward_sources = [\"rules\"]\nsteps = 1\n")
+            format!(
+                "name = \"t\"\n[task]\nkind = \"synthetic\"\n[policy]\ntemplate = \"plain\"\n{lora}\n[policy.base]\nkind = \"preset\"\npreset = \"tiny_gpt_neo\"\n[reward_sources.rules]\nrules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}]\n[methods.grpo]\nkind = \"rl\"\nalgorithm = \"grpo\"\nreward_sources = [\"rules\"]\nsteps = 1\n"
+            )
         };
         let lora: Study = toml::from_str(&text("lora = { rank = 2, alpha = 4.0 }")).unwrap();
         let full: Study = toml::from_str(&text("")).unwrap();
         assert_eq!(lora.policy.lora.as_ref().map(|l| (l.rank, l.alpha)), Some((2, 4.0)));
         let rewards = WeightedRewards::new(vec![(Box::new(ByteSum) as Box<dyn RewardFunction>, 1.0)]);
         let decode = |ids: &[i64]| ids.iter().map(|id| char::from(b'a' + (id % 26) as u8)).collect::<String>();
-        let environment = Environment { decode: &decode, eos_token_ids: vec![], pad_token_id: 0, stop_strings: vec![], rewards: &rewards };
-        let prompts: Vec<PromptItem> = (0..2).map(|i| PromptItem { prompt_ids: vec![1 + i, 2, 3], prompt_text: String::new(), answer: "1".into() }).collect();
+        let environment = Environment {
+            decode: &decode,
+            eos_token_ids: vec![],
+            pad_token_id: 0,
+            stop_strings: vec![],
+            rewards: &rewards,
+        };
+        let prompts: Vec<PromptItem> = (0..2)
+            .map(|i| PromptItem { prompt_ids: vec![1 + i, 2, 3], prompt_text: String::new(), answer: "1".into() })
+            .collect();
         let probe = policy_models::StepInput::from_padded(&[vec![1, 2, 3]], &[vec![true; 3]]);
-        let logits = |model: &CausalLm| model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+        let logits = |model: &CausalLm| {
+            model.valid().forward(&probe, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap()
+        };
         for (algorithm, config) in [
             ("grpo", serde_json::json!({"num_generations": 4, "max_completion_length": 4, "beta": 0.04})),
             ("ppo", serde_json::json!({"max_completion_length": 4})),
@@ -354,7 +423,9 @@ mod tests {
             let step = |study: &Study| {
                 let policy = training_policy(study, base.path(), &autodiff, 5).unwrap();
                 let before = policy_models::optim::parameter_values(&policy);
-                let mut trainer = (entry.build)(AlgorithmInputs { policy, config: config.clone(), optim: optim.clone(), seed: 5 }).unwrap();
+                let mut trainer =
+                    (entry.build)(AlgorithmInputs { policy, config: config.clone(), optim: optim.clone(), seed: 5 })
+                        .unwrap();
                 let metrics = trainer.train_step(&prompts, &environment).unwrap();
                 assert!(metrics["grad_norm"] > 0.0, "{algorithm}: no gradient: {metrics:?}");
                 (before, trainer.into_policy())
@@ -362,7 +433,11 @@ mod tests {
             let (before, tuned) = step(&lora);
             let after = policy_models::optim::parameter_values(&tuned);
             let is_adapter = |path: &str| path.ends_with(".lora.a") || path.ends_with(".lora.b");
-            assert!(before.keys().filter(|path| is_adapter(path)).count() >= 12, "{algorithm}: adapters on every projection: {:?}", before.keys());
+            assert!(
+                before.keys().filter(|path| is_adapter(path)).count() >= 12,
+                "{algorithm}: adapters on every projection: {:?}",
+                before.keys()
+            );
             for (path, values) in &before {
                 if is_adapter(path) {
                     if path.ends_with(".lora.b") {
@@ -375,7 +450,10 @@ mod tests {
             let (full_before, full_tuned) = step(&full);
             let full_after = policy_models::optim::parameter_values(&full_tuned);
             assert!(full_before.keys().all(|path| !is_adapter(path)));
-            assert!(full_before.iter().any(|(path, values)| path.ends_with("query.weight") && values != &full_after[path]), "{algorithm}: full fine-tuning moves the base");
+            assert!(
+                full_before.iter().any(|(path, values)| path.ends_with("query.weight") && values != &full_after[path]),
+                "{algorithm}: full fine-tuning moves the base"
+            );
             assert_ne!(logits(&tuned), logits(&full_tuned), "{algorithm}: the LoRA update equals full fine-tuning's");
         }
     }
@@ -383,9 +461,15 @@ mod tests {
     #[test]
     fn divergence_is_a_non_finite_quantity_or_an_update_larger_than_the_weights() {
         let row = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<rl_algos::Metrics>();
-        assert_eq!(divergence(&row(&[("loss", 0.3), ("grad_norm", 2.0), ("update_norm", 0.5), ("reward", f64::NAN)]), 10.0), None);
+        assert_eq!(
+            divergence(&row(&[("loss", 0.3), ("grad_norm", 2.0), ("update_norm", 0.5), ("reward", f64::NAN)]), 10.0),
+            None
+        );
         assert_eq!(divergence(&row(&[("loss", 0.3)]), 10.0), None, "no update_norm, nothing to judge");
-        assert_eq!(divergence(&row(&[("loss/policy", f64::INFINITY), ("update_norm", 0.5)]), 10.0).as_deref(), Some("loss/policy is inf"));
+        assert_eq!(
+            divergence(&row(&[("loss/policy", f64::INFINITY), ("update_norm", 0.5)]), 10.0).as_deref(),
+            Some("loss/policy is inf")
+        );
         assert_eq!(divergence(&row(&[("grad_norm", f64::NAN)]), 10.0).as_deref(), Some("grad_norm is NaN"));
         let why = divergence(&row(&[("loss", 0.3), ("update_norm", 10.5)]), 10.0).unwrap();
         assert!(why.starts_with("update_norm 1.0500e1 exceeds 1 x the norm") && why.contains("(1.0000e1)"), "{why}");

@@ -51,9 +51,28 @@ pub(crate) struct RunnerState {
 
 impl RunnerState {
     /// The state of a cell `step` steps in.
-    pub(crate) fn new(step: u64, method: serde_json::Value, rng: &ChaCha8Rng, train_seconds: f64, eval_seconds: f64, metrics: &[rl_algos::Metrics], samples_before: &[Sample]) -> Self {
-        let metrics = metrics.iter().map(|row| row.iter().map(|(key, value)| (key.clone(), value.to_string())).collect()).collect();
-        Self { step, method, prompt_rng_word_pos: rng.get_word_pos().to_string(), train_seconds, eval_seconds, metrics, samples_before: samples_before.to_vec() }
+    pub(crate) fn new(
+        step: u64,
+        method: serde_json::Value,
+        rng: &ChaCha8Rng,
+        train_seconds: f64,
+        eval_seconds: f64,
+        metrics: &[rl_algos::Metrics],
+        samples_before: &[Sample],
+    ) -> Self {
+        let metrics = metrics
+            .iter()
+            .map(|row| row.iter().map(|(key, value)| (key.clone(), value.to_string())).collect())
+            .collect();
+        Self {
+            step,
+            method,
+            prompt_rng_word_pos: rng.get_word_pos().to_string(),
+            train_seconds,
+            eval_seconds,
+            metrics,
+            samples_before: samples_before.to_vec(),
+        }
     }
 
     /// Reads `runner.json` of the checkpoint `dir`.
@@ -67,13 +86,27 @@ impl RunnerState {
     pub(crate) fn metrics_rows(&self) -> anyhow::Result<Vec<rl_algos::Metrics>> {
         self.metrics
             .iter()
-            .map(|row| row.iter().map(|(key, value)| Ok((key.clone(), value.parse::<f64>().with_context(|| format!("metric {key} = {value:?} is not a number"))?))).collect())
+            .map(|row| {
+                row.iter()
+                    .map(|(key, value)| {
+                        Ok((
+                            key.clone(),
+                            value
+                                .parse::<f64>()
+                                .with_context(|| format!("metric {key} = {value:?} is not a number"))?,
+                        ))
+                    })
+                    .collect()
+            })
             .collect()
     }
 
     /// Moves `rng` (seeded as at the start of the cell) to where it was.
     pub(crate) fn restore_rng(&self, rng: &mut ChaCha8Rng) -> anyhow::Result<()> {
-        let position = self.prompt_rng_word_pos.parse::<u128>().with_context(|| format!("prompt_rng_word_pos = {:?} is not a position", self.prompt_rng_word_pos))?;
+        let position = self
+            .prompt_rng_word_pos
+            .parse::<u128>()
+            .with_context(|| format!("prompt_rng_word_pos = {:?} is not a position", self.prompt_rng_word_pos))?;
         rng.set_word_pos(position);
         Ok(())
     }
@@ -86,16 +119,21 @@ pub(crate) fn write(cell_dir: &Path, algorithm: &dyn rl_algos::RlAlgorithm, stat
     let writing = cell_dir.join(WRITING_DIR);
     remove_dir(&writing)?;
     std::fs::create_dir_all(&writing).with_context(|| format!("cannot create {}", writing.display()))?;
-    algorithm.save_checkpoint(&writing).with_context(|| format!("cannot write the checkpoint {}", writing.display()))?;
+    algorithm
+        .save_checkpoint(&writing)
+        .with_context(|| format!("cannot write the checkpoint {}", writing.display()))?;
     let runner = writing.join(RUNNER_FILE);
-    std::fs::write(&runner, serde_json::to_string_pretty(state)?).with_context(|| format!("cannot write {}", runner.display()))?;
+    std::fs::write(&runner, serde_json::to_string_pretty(state)?)
+        .with_context(|| format!("cannot write {}", runner.display()))?;
     let (current, previous) = (cell_dir.join(CHECKPOINT_DIR), cell_dir.join(PREVIOUS_DIR));
     if current.is_dir() {
         // A leftover of an earlier swap is older than `current`.
         remove_dir(&previous)?;
-        std::fs::rename(&current, &previous).with_context(|| format!("cannot move {} to {}", current.display(), previous.display()))?;
+        std::fs::rename(&current, &previous)
+            .with_context(|| format!("cannot move {} to {}", current.display(), previous.display()))?;
     }
-    std::fs::rename(&writing, &current).with_context(|| format!("cannot move {} to {}", writing.display(), current.display()))?;
+    std::fs::rename(&writing, &current)
+        .with_context(|| format!("cannot move {} to {}", writing.display(), current.display()))?;
     remove_dir(&previous)
 }
 
@@ -106,7 +144,8 @@ pub(crate) fn recover(cell_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let (current, previous) = (cell_dir.join(CHECKPOINT_DIR), cell_dir.join(PREVIOUS_DIR));
     remove_dir(&cell_dir.join(WRITING_DIR))?;
     if !current.is_dir() && previous.is_dir() {
-        std::fs::rename(&previous, &current).with_context(|| format!("cannot move {} back to {}", previous.display(), current.display()))?;
+        std::fs::rename(&previous, &current)
+            .with_context(|| format!("cannot move {} back to {}", previous.display(), current.display()))?;
     }
     remove_dir(&previous)?;
     Ok(current.join(RUNNER_FILE).is_file().then_some(current))
@@ -122,7 +161,9 @@ pub(crate) fn remove(cell_dir: &Path) -> anyhow::Result<()> {
 
 fn remove_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::remove_dir_all(dir) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error).with_context(|| format!("cannot remove {}", dir.display())),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(error).with_context(|| format!("cannot remove {}", dir.display()))
+        }
         _ => Ok(()),
     }
 }
@@ -218,9 +259,27 @@ mod tests {
         for _ in 0..5 {
             rng.random_range(0..1000u32);
         }
-        let row: rl_algos::Metrics = [("step", 3.0), ("loss", 0.1 + 0.2), ("reward", f64::NAN), ("kl", f64::NEG_INFINITY), ("tiny", 5e-324)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let sample = Sample { question: "1+1".into(), answer: "2".into(), completion: "#### 2".into(), strict: true, lenient: true };
-        let state = RunnerState::new(3, serde_json::json!({"kind": "rl"}), &rng, 1.5, 0.5, std::slice::from_ref(&row), &[sample]);
+        let row: rl_algos::Metrics =
+            [("step", 3.0), ("loss", 0.1 + 0.2), ("reward", f64::NAN), ("kl", f64::NEG_INFINITY), ("tiny", 5e-324)]
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect();
+        let sample = Sample {
+            question: "1+1".into(),
+            answer: "2".into(),
+            completion: "#### 2".into(),
+            strict: true,
+            lenient: true,
+        };
+        let state = RunnerState::new(
+            3,
+            serde_json::json!({"kind": "rl"}),
+            &rng,
+            1.5,
+            0.5,
+            std::slice::from_ref(&row),
+            &[sample],
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RUNNER_FILE), serde_json::to_string(&state).unwrap()).unwrap();
         let read = RunnerState::read(dir.path()).unwrap();
@@ -253,7 +312,13 @@ mod tests {
         complete(PREVIOUS_DIR, "2");
         complete(WRITING_DIR, "4");
         let found = recover(cell.path()).unwrap().unwrap();
-        assert_eq!((found.file_name().unwrap().to_str().unwrap(), std::fs::read_to_string(found.join(RUNNER_FILE)).unwrap().as_str()), (CHECKPOINT_DIR, "2"));
+        assert_eq!(
+            (
+                found.file_name().unwrap().to_str().unwrap(),
+                std::fs::read_to_string(found.join(RUNNER_FILE)).unwrap().as_str()
+            ),
+            (CHECKPOINT_DIR, "2")
+        );
         assert!(!cell.path().join(PREVIOUS_DIR).exists() && !cell.path().join(WRITING_DIR).exists());
         // Killed after the new one moved in, before the old one was removed.
         complete(PREVIOUS_DIR, "2");

@@ -173,7 +173,14 @@ pub struct SftSpec {
 
 impl Default for SftSpec {
     fn default() -> Self {
-        Self { steps: 600, batch_size: 16, learning_rate: 1e-3, data_fraction: 1.0, problems_per_document: 0, answer_marker_fraction: 1.0 }
+        Self {
+            steps: 600,
+            batch_size: 16,
+            learning_rate: 1e-3,
+            data_fraction: 1.0,
+            problems_per_document: 0,
+            answer_marker_fraction: 1.0,
+        }
     }
 }
 
@@ -336,7 +343,9 @@ fn keyed(prefix: &str, error: &toml::de::Error) -> String {
 /// its value is visited, before any check of missing fields, so no other removal changes it. An
 /// unknown `kind` is named as such.
 pub fn tagged<T: serde::de::DeserializeOwned>(prefix: &str, table: toml::Table) -> Result<T, String> {
-    let attempt = |table: &toml::Table| toml::Value::Table(table.clone()).try_into::<T>().map_err(|error: toml::de::Error| error.to_string());
+    let attempt = |table: &toml::Table| {
+        toml::Value::Table(table.clone()).try_into::<T>().map_err(|error: toml::de::Error| error.to_string())
+    };
     let error = match attempt(&table) {
         Ok(value) => return Ok(value),
         Err(error) => error,
@@ -403,13 +412,24 @@ fn deserialize_base<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result
     tagged("policy.base", toml::Table::deserialize(deserializer)?).map_err(serde::de::Error::custom)
 }
 
-fn deserialize_reward_model<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<RewardModelSpec>, D::Error> {
-    Option::<toml::Table>::deserialize(deserializer)?.map(|table| tagged("reward_model", table)).transpose().map_err(serde::de::Error::custom)
+fn deserialize_reward_model<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<RewardModelSpec>, D::Error> {
+    Option::<toml::Table>::deserialize(deserializer)?
+        .map(|table| tagged("reward_model", table))
+        .transpose()
+        .map_err(serde::de::Error::custom)
 }
 
-fn deserialize_methods<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, MethodSpec>, D::Error> {
+fn deserialize_methods<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, MethodSpec>, D::Error> {
     let tables = BTreeMap::<String, toml::Table>::deserialize(deserializer)?;
-    tables.into_iter().map(|(name, table)| tagged(&format!("methods.{name}"), table).map(|method| (name, method))).collect::<Result<_, _>>().map_err(serde::de::Error::custom)
+    tables
+        .into_iter()
+        .map(|(name, table)| tagged(&format!("methods.{name}"), table).map(|method| (name, method)))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
 }
 
 fn empty_table() -> serde_json::Value {
@@ -440,7 +460,16 @@ pub struct EvaluationSpec {
 
 impl Default for EvaluationSpec {
     fn default() -> Self {
-        Self { test_size: 200, max_new_tokens: 96, batch_size: 32, maj_k: 0, maj_temperature: 0.7, eval_every: 0, train_eval_size: 64, samples: 8 }
+        Self {
+            test_size: 200,
+            max_new_tokens: 96,
+            batch_size: 32,
+            maj_k: 0,
+            maj_temperature: 0.7,
+            eval_every: 0,
+            train_eval_size: 64,
+            samples: 8,
+        }
     }
 }
 
@@ -465,7 +494,8 @@ impl Cell {
 impl Study {
     /// Reads and validates a study file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the study file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the study file {}", path.display()))?;
         let study: Study = toml::from_str(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
         study.validate(registry()).with_context(|| format!("{}: invalid study", path.display()))?;
         Ok(study)
@@ -488,7 +518,9 @@ impl Study {
         // A repeated seed is a repeated cell: it would count twice in the means and intervals.
         let mut seen = std::collections::BTreeSet::new();
         if let Some(seed) = self.seeds.iter().find(|seed| !seen.insert(**seed)) {
-            bail!("seeds lists {seed} twice; each seed must appear once (a repeat would count twice in the means and intervals)");
+            bail!(
+                "seeds lists {seed} twice; each seed must appear once (a repeat would count twice in the means and intervals)"
+            );
         }
         if self.methods.is_empty() {
             bail!("no [methods.*]; name at least one method");
@@ -503,19 +535,31 @@ impl Study {
         }
         if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training }) = &self.reward_model {
             match (model, from_base) {
-                (Some(_), true) => bail!("reward_model: both model and from_base = true; keep one (the starting model)"),
-                (None, false) => bail!("reward_model: kind = \"causal_lm\" needs model = \"<dir|gguf|hub id>\" or from_base = true"),
-                (Some(model), false) => drop(policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?),
+                (Some(_), true) => {
+                    bail!("reward_model: both model and from_base = true; keep one (the starting model)")
+                }
+                (None, false) => {
+                    bail!("reward_model: kind = \"causal_lm\" needs model = \"<dir|gguf|hub id>\" or from_base = true")
+                }
+                (Some(model), false) => drop(
+                    policy_models::ModelSource::parse(model)
+                        .map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?,
+                ),
                 (None, true) => {}
             }
             if let Some(lora) = lora {
                 lora.validate().map_err(|error| anyhow::anyhow!("reward_model.lora.{error}"))?;
             }
             if *max_tokens < 3 {
-                bail!("reward_model.max_tokens = {max_tokens}; use at least 3 (first token, text, last token), e.g. 512");
+                bail!(
+                    "reward_model.max_tokens = {max_tokens}; use at least 3 (first token, text, last token), e.g. 512"
+                );
             }
             if training.token_loss_weight != 0.0 {
-                bail!("reward_model.training.token_loss_weight = {}: the causal-LM reward model has no token head; set it to 0", training.token_loss_weight);
+                bail!(
+                    "reward_model.training.token_loss_weight = {}: the causal-LM reward model has no token head; set it to 0",
+                    training.token_loss_weight
+                );
             }
         }
         if self.policy.max_length == 0 {
@@ -524,7 +568,8 @@ impl Study {
         if let TaskSpec::Synthetic { synthetic } = &self.task {
             synthetic.validate()?;
         }
-        if let TaskSpec::Gsm8k { source: source @ (Gsm8kSource::Path(_) | Gsm8kSource::Files { .. }), .. } = &self.task {
+        if let TaskSpec::Gsm8k { source: source @ (Gsm8kSource::Path(_) | Gsm8kSource::Files { .. }), .. } = &self.task
+        {
             // The loader refuses these too; checking here makes --dry-run say so.
             let one_file = match source {
                 Gsm8kSource::Path(path) => path.is_file().then_some(path),
@@ -541,7 +586,9 @@ impl Study {
         if let PolicyBase::Preset { sft, vocab_size, .. } = &self.policy.base {
             let minimum = policy_models::presets::MIN_TRAINED_VOCAB;
             if *vocab_size < minimum {
-                bail!("policy.base.vocab_size = {vocab_size}: use at least {minimum} (the 256-byte alphabet and the 2 special tokens)");
+                bail!(
+                    "policy.base.vocab_size = {vocab_size}: use at least {minimum} (the 256-byte alphabet and the 2 special tokens)"
+                );
             }
             if sft.steps == 0 {
                 bail!("policy.base.sft.steps = 0; train the base for at least one step");
@@ -566,7 +613,11 @@ impl Study {
             }
         }
         let evaluation = &self.evaluation;
-        for (field, value) in [("test_size", evaluation.test_size), ("batch_size", evaluation.batch_size), ("max_new_tokens", evaluation.max_new_tokens)] {
+        for (field, value) in [
+            ("test_size", evaluation.test_size),
+            ("batch_size", evaluation.batch_size),
+            ("max_new_tokens", evaluation.max_new_tokens),
+        ] {
             if value == 0 {
                 bail!("evaluation.{field} = 0; use at least 1");
             }
@@ -578,12 +629,17 @@ impl Study {
             bail!("evaluation.maj_temperature = {} must be above 0 when maj_k > 0", evaluation.maj_temperature);
         }
         if evaluation.eval_every > 0 && evaluation.train_eval_size == 0 {
-            bail!("evaluation.train_eval_size = 0 with eval_every = {}; evaluate at least one problem", evaluation.eval_every);
+            bail!(
+                "evaluation.train_eval_size = 0 with eval_every = {}; evaluate at least one problem",
+                evaluation.eval_every
+            );
         }
         if let Some(RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. }) = &self.reward_model {
             let heads = reward_model::RobertaConfig::TINY_HEADS;
             if *hidden_size == 0 || hidden_size % heads != 0 {
-                bail!("reward_model.hidden_size = {hidden_size}: use a positive multiple of {heads} (the tiny model's attention heads)");
+                bail!(
+                    "reward_model.hidden_size = {hidden_size}: use a positive multiple of {heads} (the tiny model's attention heads)"
+                );
             }
             if *num_layers == 0 {
                 bail!("reward_model.num_layers = 0; use at least 1");
@@ -593,8 +649,12 @@ impl Study {
             }
         }
         let reward_training = match &self.reward_model {
-            Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) => Some(("reward_model.training", training)),
-            Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => Some(("reward_model.fine_tune", training)),
+            Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) => {
+                Some(("reward_model.training", training))
+            }
+            Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => {
+                Some(("reward_model.fine_tune", training))
+            }
             _ => None,
         };
         if let Some((field, training)) = reward_training {
@@ -613,14 +673,19 @@ impl Study {
                 bail!("reward_sources.{name} uses the reward model but there is no [reward_model] section");
             }
             for (index, rule) in source.rules.iter().enumerate() {
-                rule.kind.validate().map_err(|error| anyhow::anyhow!("reward_sources.{name}.rules[{index}]: {error}"))?;
+                rule.kind
+                    .validate()
+                    .map_err(|error| anyhow::anyhow!("reward_sources.{name}.rules[{index}]: {error}"))?;
             }
         }
         for (name, method) in &self.methods {
             if let MethodSpec::Rl { algorithm, reward_sources, steps, prompts_per_step, config, optim, .. } = method {
                 let entry = registry.iter().find(|entry| entry.name == algorithm).ok_or_else(|| {
                     let known: Vec<&str> = registry.iter().map(|entry| entry.name).collect();
-                    anyhow::anyhow!("methods.{name}.algorithm = {algorithm:?} is not registered; known: {}", known.join(", "))
+                    anyhow::anyhow!(
+                        "methods.{name}.algorithm = {algorithm:?} is not registered; known: {}",
+                        known.join(", ")
+                    )
                 })?;
                 (entry.validate)(config).map_err(|error| anyhow::anyhow!("methods.{name}.config: {error}"))?;
                 optim.validate().map_err(|error| anyhow::anyhow!("methods.{name}.optim: {error}"))?;
@@ -635,7 +700,9 @@ impl Study {
                 }
                 for source in reward_sources {
                     if !self.reward_sources.contains_key(source) {
-                        bail!("methods.{name}.reward_sources names {source:?}, which is not a [reward_sources.*] section");
+                        bail!(
+                            "methods.{name}.reward_sources names {source:?}, which is not a [reward_sources.*] section"
+                        );
                     }
                 }
             }
@@ -674,7 +741,9 @@ impl Study {
         if let PolicyBase::Preset { sft, .. } = &mut self.policy.base {
             sft.steps = sft.steps.min(30);
         }
-        if let Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) = &mut self.reward_model {
+        if let Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) =
+            &mut self.reward_model
+        {
             training.steps = training.steps.min(20);
         }
         for method in self.methods.values_mut() {
@@ -698,11 +767,17 @@ impl Study {
     /// learning-rate schedule spanning the run's optimizer steps (the method's steps x the
     /// optimizer steps its algorithm takes per step, as its registry entry counts them).
     pub fn rl_optim(&self, method: &str, registry: &[rl_algos::AlgorithmEntry]) -> anyhow::Result<OptimSettings> {
-        let Some(MethodSpec::Rl { algorithm, steps, prompts_per_step, optim, config, .. }) = self.methods.get(method) else {
+        let Some(MethodSpec::Rl { algorithm, steps, prompts_per_step, optim, config, .. }) = self.methods.get(method)
+        else {
             bail!("methods.{method} is not an RL method");
         };
-        let entry = registry.iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{method}.algorithm = {algorithm:?} is not registered"))?;
-        entry.run_optim(config, optim, *steps, *prompts_per_step).map_err(|error| anyhow::anyhow!("methods.{method}.config: {error}"))
+        let entry = registry
+            .iter()
+            .find(|entry| entry.name == algorithm)
+            .with_context(|| format!("methods.{method}.algorithm = {algorithm:?} is not registered"))?;
+        entry
+            .run_optim(config, optim, *steps, *prompts_per_step)
+            .map_err(|error| anyhow::anyhow!("methods.{method}.config: {error}"))
     }
 }
 
@@ -719,7 +794,10 @@ pub struct CellCost {
 impl std::ops::Add for CellCost {
     type Output = CellCost;
     fn add(self, other: CellCost) -> CellCost {
-        CellCost { generated_tokens: self.generated_tokens + other.generated_tokens, trained_tokens: self.trained_tokens + other.trained_tokens }
+        CellCost {
+            generated_tokens: self.generated_tokens + other.generated_tokens,
+            trained_tokens: self.trained_tokens + other.trained_tokens,
+        }
     }
 }
 
@@ -746,7 +824,11 @@ impl Study {
         if let PolicyBase::Checkpoint { model: reference } = &self.policy.base {
             model("policy.base.model", reference);
         }
-        if let Some(RewardModelSpec::Checkpoint { model: reference, .. } | RewardModelSpec::CausalLm { model: Some(reference), .. }) = &self.reward_model {
+        if let Some(
+            RewardModelSpec::Checkpoint { model: reference, .. }
+            | RewardModelSpec::CausalLm { model: Some(reference), .. },
+        ) = &self.reward_model
+        {
             model("reward_model.model", reference);
         }
         if let TaskSpec::Gsm8k { source: tasks::gsm8k::Gsm8kSource::Hub { repo, revision }, .. } = &self.task
@@ -760,18 +842,37 @@ impl Study {
     /// What `cell` costs at most, from its algorithm's rollout shape.
     pub fn cell_cost(&self, cell: &Cell) -> anyhow::Result<CellCost> {
         let evaluation = &self.evaluation;
-        let final_eval = (evaluation.test_size as u64) * (evaluation.max_new_tokens as u64) * (1 + evaluation.maj_k as u64);
+        let final_eval =
+            (evaluation.test_size as u64) * (evaluation.max_new_tokens as u64) * (1 + evaluation.maj_k as u64);
         Ok(match &self.methods[&cell.method] {
-            MethodSpec::FewShot { .. } | MethodSpec::Base {} => CellCost { generated_tokens: final_eval, trained_tokens: 0 },
+            MethodSpec::FewShot { .. } | MethodSpec::Base {} => {
+                CellCost { generated_tokens: final_eval, trained_tokens: 0 }
+            }
             MethodSpec::Rl { algorithm, steps, prompts_per_step, config, .. } => {
-                let entry = registry().iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{}: algorithm {algorithm:?} is not registered", cell.method))?;
-                let shape = (entry.rollout_shape)(config).map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
+                let entry = registry()
+                    .iter()
+                    .find(|entry| entry.name == algorithm)
+                    .with_context(|| format!("methods.{}: algorithm {algorithm:?} is not registered", cell.method))?;
+                let shape = (entry.rollout_shape)(config)
+                    .map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
                 // Every sampling round draws every group (an upper bound: resampling redraws only
                 // the groups without variance); only the last round's completions are trained on.
-                let kept = steps * (*prompts_per_step as u64) * (shape.completions_per_prompt as u64) * (shape.max_completion_length as u64);
+                let kept = steps
+                    * (*prompts_per_step as u64)
+                    * (shape.completions_per_prompt as u64)
+                    * (shape.max_completion_length as u64);
                 let sampled = kept * shape.max_sampling_rounds as u64;
-                let evals = if evaluation.eval_every > 0 { steps.div_ceil(evaluation.eval_every) * (evaluation.train_eval_size as u64) * (evaluation.max_new_tokens as u64) } else { 0 };
-                CellCost { generated_tokens: sampled + evals + final_eval, trained_tokens: kept * shape.training_passes as u64 }
+                let evals = if evaluation.eval_every > 0 {
+                    steps.div_ceil(evaluation.eval_every)
+                        * (evaluation.train_eval_size as u64)
+                        * (evaluation.max_new_tokens as u64)
+                } else {
+                    0
+                };
+                CellCost {
+                    generated_tokens: sampled + evals + final_eval,
+                    trained_tokens: kept * shape.training_passes as u64,
+                }
             }
         })
     }
@@ -783,10 +884,13 @@ impl Study {
             PolicyBase::Checkpoint { .. } => 0,
         };
         let reward_model = match &self.reward_model {
-            Some(RewardModelSpec::Train { training, .. }) | Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => {
+            Some(RewardModelSpec::Train { training, .. })
+            | Some(RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }) => {
                 training.steps * (training.batch_size as u64) * 2 * 64
             }
-            Some(RewardModelSpec::CausalLm { training, max_tokens, .. }) => training.steps * (training.batch_size as u64) * 2 * (*max_tokens as u64).min(192),
+            Some(RewardModelSpec::CausalLm { training, max_tokens, .. }) => {
+                training.steps * (training.batch_size as u64) * 2 * (*max_tokens as u64).min(192)
+            }
             _ => 0,
         };
         base + reward_model
@@ -795,14 +899,24 @@ impl Study {
     /// A rough wall-clock estimate on the CPU backend; other backends are not estimated.
     pub fn time_estimate(&self, cells: CellCost) -> String {
         if self.backend != BackendKind::Flex {
-            return format!("time: not estimated for the {} backend (the estimate is calibrated on the flex CPU backend)", self.backend);
+            return format!(
+                "time: not estimated for the {} backend (the estimate is calibrated on the flex CPU backend)",
+                self.backend
+            );
         }
         let preset = matches!(self.policy.base, PolicyBase::Preset { .. });
-        let seconds = cells.generated_tokens as f64 / CPU_GENERATED_PER_SECOND + (cells.trained_tokens + self.preparation_tokens()) as f64 / CPU_TRAINED_PER_SECOND;
+        let seconds = cells.generated_tokens as f64 / CPU_GENERATED_PER_SECOND
+            + (cells.trained_tokens + self.preparation_tokens()) as f64 / CPU_TRAINED_PER_SECOND;
         if preset {
-            format!("time: at most ~{:.0} minutes on 2 CPU cores (tiny preset; completions that stop early take less)", seconds / 60.0)
+            format!(
+                "time: at most ~{:.0} minutes on 2 CPU cores (tiny preset; completions that stop early take less)",
+                seconds / 60.0
+            )
         } else {
-            format!("time: ~{:.0} minutes at tiny-preset CPU speed; a real checkpoint is orders of magnitude slower on the CPU: use a GPU backend", seconds / 60.0)
+            format!(
+                "time: ~{:.0} minutes at tiny-preset CPU speed; a real checkpoint is orders of magnitude slower on the CPU: use a GPU backend",
+                seconds / 60.0
+            )
         }
     }
 }
@@ -933,13 +1047,24 @@ steps = 2
              [evaluation]\ntest_size = 1\nmax_new_tokens = 1\neval_every = 0\n"
         );
         let study = parse(&text).unwrap();
-        let cost = |method: &str| study.cell_cost(&Cell { method: method.to_string(), reward_source: "rules".to_string(), seed: 0 }).unwrap();
+        let cost = |method: &str| {
+            study.cell_cost(&Cell { method: method.to_string(), reward_source: "rules".to_string(), seed: 0 }).unwrap()
+        };
         // GRPO: 2 steps x 3 prompts x 4 completions x 16 tokens, sampled up to 1 + 2 rounds,
         // trained twice; the final evaluation adds one token (1 problem x 1 new token).
-        assert_eq!(cost("grpo"), CellCost { generated_tokens: 2 * 3 * 4 * 16 * 3 + 1, trained_tokens: 2 * 3 * 4 * 16 * 2 });
+        assert_eq!(
+            cost("grpo"),
+            CellCost { generated_tokens: 2 * 3 * 4 * 16 * 3 + 1, trained_tokens: 2 * 3 * 4 * 16 * 2 }
+        );
         let rloo_generations = algo_rloo::RlooConfig::default().num_generations as u64;
         assert_eq!(rloo_generations, 4);
-        assert_eq!(cost("rloo"), CellCost { generated_tokens: 5 * 2 * rloo_generations * 10 + 1, trained_tokens: 5 * 2 * rloo_generations * 10 });
+        assert_eq!(
+            cost("rloo"),
+            CellCost {
+                generated_tokens: 5 * 2 * rloo_generations * 10 + 1,
+                trained_tokens: 5 * 2 * rloo_generations * 10
+            }
+        );
         assert_eq!(cost("ppo"), CellCost { generated_tokens: 8 * 32 + 1, trained_tokens: 8 * 32 * 3 });
     }
 
@@ -957,7 +1082,11 @@ steps = 2
             let name = path.file_name().unwrap().to_string_lossy().to_string();
             if name.starts_with("gsm8k-gpt-neo") {
                 assert_eq!(unpinned.len(), 2, "{name}: {unpinned:?}");
-                assert!(unpinned.iter().all(|r| r.ends_with("@main\"")) && unpinned[0].starts_with("policy.base.model = \"EleutherAI/"), "{name}: {unpinned:?}");
+                assert!(
+                    unpinned.iter().all(|r| r.ends_with("@main\""))
+                        && unpinned[0].starts_with("policy.base.model = \"EleutherAI/"),
+                    "{name}: {unpinned:?}"
+                );
             } else {
                 assert!(unpinned.is_empty(), "{name}: {unpinned:?}");
             }
@@ -978,21 +1107,38 @@ steps = 2
         assert!(parse(&bad_source).unwrap_err().to_string().contains("\"rm\""));
         let bad_config = format!("{MINIMAL}config = {{ num_generations = 1 }}\n");
         assert!(parse(&bad_config).unwrap_err().to_string().contains("num_generations = 1"));
-        let lora = |fields: &str| MINIMAL.replace("template = \"plain\"\n", &format!("template = \"plain\"\nlora = {{ {fields} }}\n"));
-        assert_eq!(parse(&lora("rank = 2, alpha = 4.0")).unwrap().policy.lora.map(|l| (l.rank, l.alpha)), Some((2, 4.0)));
-        for (fields, named) in [("rank = 0", "policy.lora.rank = 0"), ("alpha = 0.0", "policy.lora.alpha = 0"), ("target_regex = \"(\"", "policy.lora.target_regex")] {
+        let lora = |fields: &str| {
+            MINIMAL.replace("template = \"plain\"\n", &format!("template = \"plain\"\nlora = {{ {fields} }}\n"))
+        };
+        assert_eq!(
+            parse(&lora("rank = 2, alpha = 4.0")).unwrap().policy.lora.map(|l| (l.rank, l.alpha)),
+            Some((2, 4.0))
+        );
+        for (fields, named) in [
+            ("rank = 0", "policy.lora.rank = 0"),
+            ("alpha = 0.0", "policy.lora.alpha = 0"),
+            ("target_regex = \"(\"", "policy.lora.target_regex"),
+        ] {
             let error = parse(&lora(fields)).unwrap_err().to_string();
             assert!(error.contains(named), "{error}");
         }
         let reward_model = |fields: &str| format!("{MINIMAL}[reward_model]\nkind = \"train\"\n{fields}\n");
         parse(&reward_model("hidden_size = 32\nintermediate_size = 256")).unwrap();
-        for (fields, named) in [("intermediate_size = 0", "intermediate_size = 0"), ("hidden_size = 30", "hidden_size = 30"), ("num_layers = 0", "num_layers = 0")] {
+        for (fields, named) in [
+            ("intermediate_size = 0", "intermediate_size = 0"),
+            ("hidden_size = 30", "hidden_size = 30"),
+            ("num_layers = 0", "num_layers = 0"),
+        ] {
             let error = parse(&reward_model(fields)).unwrap_err().to_string();
             assert!(error.contains(&format!("reward_model.{named}")), "{error}");
         }
         let causal = |fields: &str| format!("{MINIMAL}[reward_model]\nkind = \"causal_lm\"\n{fields}\n");
-        let study = parse(&causal("from_base = true\nlora = { rank = 4, alpha = 8.0 }\ntraining = { steps = 5 }")).unwrap();
-        assert!(matches!(study.reward_model, Some(RewardModelSpec::CausalLm { from_base: true, lora: Some(_), max_tokens: 512, .. })));
+        let study =
+            parse(&causal("from_base = true\nlora = { rank = 4, alpha = 8.0 }\ntraining = { steps = 5 }")).unwrap();
+        assert!(matches!(
+            study.reward_model,
+            Some(RewardModelSpec::CausalLm { from_base: true, lora: Some(_), max_tokens: 512, .. })
+        ));
         for (fields, named) in [
             ("", "needs model"),
             ("from_base = true\nmodel = \"o/n\"", "both model and from_base"),
@@ -1032,7 +1178,10 @@ steps = 2
             )
         };
         let study = parse(&overlong("max_completion_len = 64, soft_punish_cache = 16")).unwrap();
-        assert_eq!(study.reward_sources["rules"].rules[1].kind, RewardKind::SoftOverlongPunishment { max_completion_len: 64, soft_punish_cache: 16 });
+        assert_eq!(
+            study.reward_sources["rules"].rules[1].kind,
+            RewardKind::SoftOverlongPunishment { max_completion_len: 64, soft_punish_cache: 16 }
+        );
         let error = parse(&overlong("max_completion_len = 8, soft_punish_cache = 16")).unwrap_err().to_string();
         assert!(error.contains("reward_sources.rules.rules[1]") && error.contains("soft_punish_cache = 16"), "{error}");
         assert!(parse(&overlong("max_completion_len = 8")).is_err(), "soft_punish_cache is required");
@@ -1073,7 +1222,9 @@ steps = 2
             let error = parse(&text).expect_err(named).to_string();
             assert!(error.contains(named), "expected {named:?} in: {error}");
         }
-        let study = parse(&format!("{MINIMAL}[methods.fs]\nkind = \"few_shot\"\nk = 3\n[methods.b]\nkind = \"base\"\n")).unwrap();
+        let study =
+            parse(&format!("{MINIMAL}[methods.fs]\nkind = \"few_shot\"\nk = 3\n[methods.b]\nkind = \"base\"\n"))
+                .unwrap();
         assert_eq!(study.methods["fs"], MethodSpec::FewShot { k: 3 });
         assert_eq!(study.methods["b"], MethodSpec::Base {});
         let MethodSpec::Rl { prompts_per_step, config, .. } = &study.methods["grpo"] else { panic!() };
@@ -1095,7 +1246,10 @@ steps = 2
         let MethodSpec::Rl { optim, .. } = &study.methods["grpo"] else { panic!() };
         assert_eq!(optim.adamw.weight_decay, 0.0, "transformers' default");
         for (change, named) in [
-            ("kl_in = \"loss\"", "methods.rloo.config: [rloo] config: unknown variant `logits`, expected `reward` or `loss`"),
+            (
+                "kl_in = \"loss\"",
+                "methods.rloo.config: [rloo] config: unknown variant `logits`, expected `reward` or `loss`",
+            ),
             ("epsilon = 0.2,", "methods.rloo.config: rloo.epsilon = 1.5"),
             ("horizon = 10000", "methods.ppo.config: ppo.adaptive_kl = { target = 6, horizon = 0 }"),
         ] {
@@ -1104,7 +1258,8 @@ steps = 2
                 "epsilon = 0.2," => "epsilon = 1.5,",
                 _ => "horizon = 0",
             };
-            let error = parse(&format!("{MINIMAL}{}", methods.replace(change, replacement))).expect_err(named).to_string();
+            let error =
+                parse(&format!("{MINIMAL}{}", methods.replace(change, replacement))).expect_err(named).to_string();
             assert!(error.contains(named), "expected {named:?} in: {error}");
         }
     }
@@ -1114,15 +1269,39 @@ steps = 2
     #[test]
     fn errors_inside_the_task_base_and_reward_model_name_the_field() {
         let cases = [
-            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nvocab_size = \"big\""), "policy.base.vocab_size: invalid type: string \"big\", expected usize"),
-            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nsft = { steps = \"x\" }"), "policy.base.sft.steps: invalid type: string \"x\", expected u64"),
-            (MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_nep\""), "policy.base.preset: unknown variant `tiny_gpt_nep`"),
+            (
+                MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nvocab_size = \"big\""),
+                "policy.base.vocab_size: invalid type: string \"big\", expected usize",
+            ),
+            (
+                MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_neo\"\nsft = { steps = \"x\" }"),
+                "policy.base.sft.steps: invalid type: string \"x\", expected u64",
+            ),
+            (
+                MINIMAL.replace("preset = \"tiny_gpt_neo\"", "preset = \"tiny_gpt_nep\""),
+                "policy.base.preset: unknown variant `tiny_gpt_nep`",
+            ),
             (MINIMAL.replace("kind = \"preset\"", "kind = \"presets\""), "policy.base.kind: unknown variant `presets`"),
-            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"synthetic\"\nsynthetic = { train_size = \"x\" }"), "task.synthetic.train_size: invalid type: string \"x\""),
-            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\ntrain_limit = -3"), "task.train_limit: invalid value: integer `-3`"),
-            (MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\nsteps = 3"), "task.steps: unknown field `steps`"),
-            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\nhidden_size = \"x\"\n"), "reward_model.hidden_size: invalid type: string \"x\", expected usize"),
-            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = \"fast\" }}\n"), "reward_model.training.learning_rate: invalid type: string \"fast\""),
+            (
+                MINIMAL.replace("kind = \"synthetic\"", "kind = \"synthetic\"\nsynthetic = { train_size = \"x\" }"),
+                "task.synthetic.train_size: invalid type: string \"x\"",
+            ),
+            (
+                MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\ntrain_limit = -3"),
+                "task.train_limit: invalid value: integer `-3`",
+            ),
+            (
+                MINIMAL.replace("kind = \"synthetic\"", "kind = \"gsm8k\"\nsteps = 3"),
+                "task.steps: unknown field `steps`",
+            ),
+            (
+                format!("{MINIMAL}[reward_model]\nkind = \"train\"\nhidden_size = \"x\"\n"),
+                "reward_model.hidden_size: invalid type: string \"x\", expected usize",
+            ),
+            (
+                format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = \"fast\" }}\n"),
+                "reward_model.training.learning_rate: invalid type: string \"fast\"",
+            ),
             (format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\n"), "reward_model: missing field `model`"),
         ];
         for (text, named) in cases {
@@ -1143,7 +1322,8 @@ steps = 2
         let method = MINIMAL.replace("[methods.grpo]", "[methods.\"../../../../m\"]");
         let error = parse(&method).unwrap_err().to_string();
         assert!(error.contains("[methods.\"../../../../m\"]"), "{error}");
-        let source = MINIMAL.replace("[reward_sources.rules]", "[reward_sources.\"../r\"]").replace("[\"rules\"]", "[\"../r\"]");
+        let source =
+            MINIMAL.replace("[reward_sources.rules]", "[reward_sources.\"../r\"]").replace("[\"rules\"]", "[\"../r\"]");
         let error = parse(&source).unwrap_err().to_string();
         assert!(error.contains("[reward_sources.\"../r\"]"), "{error}");
         // Ordinary names still pass, dots and dashes included.
@@ -1152,7 +1332,9 @@ steps = 2
 
     #[test]
     fn zero_sizes_bad_rates_and_repeated_seeds_are_errors_that_name_the_field() {
-        let sft = |fields: &str| MINIMAL.replace("preset = \"tiny_gpt_neo\"\n", &format!("preset = \"tiny_gpt_neo\"\n{fields}\n"));
+        let sft = |fields: &str| {
+            MINIMAL.replace("preset = \"tiny_gpt_neo\"\n", &format!("preset = \"tiny_gpt_neo\"\n{fields}\n"))
+        };
         let cases: Vec<(String, &str)> = vec![
             (sft("sft = { steps = 0 }"), "policy.base.sft.steps = 0"),
             (sft("sft = { batch_size = 0 }"), "policy.base.sft.batch_size = 0"),
@@ -1164,24 +1346,43 @@ steps = 2
             (sft("sft = { data_fraction = 1.5 }"), "policy.base.sft.data_fraction = 1.5"),
             (sft("vocab_size = 0"), "policy.base.vocab_size = 0"),
             (sft("vocab_size = 257"), "policy.base.vocab_size = 257"),
-            (MINIMAL.replace("template = \"plain\"\n", "template = \"plain\"\nmax_length = 0\n"), "policy.max_length = 0"),
+            (
+                MINIMAL.replace("template = \"plain\"\n", "template = \"plain\"\nmax_length = 0\n"),
+                "policy.max_length = 0",
+            ),
             (format!("{MINIMAL}prompts_per_step = 0\n"), "methods.grpo.prompts_per_step = 0"),
             (format!("{MINIMAL}[evaluation]\nbatch_size = 0\n"), "evaluation.batch_size = 0"),
             (format!("{MINIMAL}[evaluation]\nmax_new_tokens = 0\n"), "evaluation.max_new_tokens = 0"),
             (format!("{MINIMAL}[evaluation]\ntest_size = 0\n"), "evaluation.test_size = 0"),
-            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ batch_size = 0 }}\n"), "reward_model.training.batch_size = 0"),
-            (format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = 0.0 }}\n"), "reward_model.training.learning_rate = 0"),
-            (format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"o/n\"\nfine_tune = {{ learning_rate = -1.0 }}\n"), "reward_model.fine_tune.learning_rate = -1"),
+            (
+                format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ batch_size = 0 }}\n"),
+                "reward_model.training.batch_size = 0",
+            ),
+            (
+                format!("{MINIMAL}[reward_model]\nkind = \"train\"\ntraining = {{ learning_rate = 0.0 }}\n"),
+                "reward_model.training.learning_rate = 0",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"o/n\"\nfine_tune = {{ learning_rate = -1.0 }}\n"
+                ),
+                "reward_model.fine_tune.learning_rate = -1",
+            ),
             (format!("seeds = [0, 1, 0]\n{MINIMAL}"), "seeds lists 0 twice"),
         ];
         for (text, named) in cases {
             let error = parse(&text).expect_err(named).to_string();
             assert!(error.contains(named), "expected {named:?} in: {error}");
         }
-        let checkpoint = MINIMAL.replace("kind = \"preset\"\npreset = \"tiny_gpt_neo\"", "kind = \"checkpoint\"\nmodel = \"./no-such-checkpoint\"");
+        let checkpoint = MINIMAL.replace(
+            "kind = \"preset\"\npreset = \"tiny_gpt_neo\"",
+            "kind = \"checkpoint\"\nmodel = \"./no-such-checkpoint\"",
+        );
         let error = parse(&checkpoint).unwrap_err().to_string();
         assert!(error.contains("policy.base.model") && error.contains("does not exist"), "{error}");
-        let error = parse(&format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"distilroberta-base\"\n")).unwrap_err().to_string();
+        let error = parse(&format!("{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"distilroberta-base\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("reward_model.model") && error.contains("owner/name"), "{error}");
         // The smallest vocabulary the trainer honours is accepted.
         parse(&sft(&format!("vocab_size = {}", policy_models::presets::MIN_TRAINED_VOCAB))).unwrap();

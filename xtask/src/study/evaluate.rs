@@ -45,7 +45,8 @@ pub(crate) fn complete(
     progress: (&Progress, &str),
 ) -> anyhow::Result<Vec<String>> {
     let stops: Vec<String> = study.policy.template.stop_sequences().iter().map(|s| s.to_string()).collect();
-    let decode = |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
+    let decode =
+        |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
     let config = GenerationConfig {
         max_new_tokens: study.evaluation.max_new_tokens,
         sampler,
@@ -58,7 +59,10 @@ pub(crate) fn complete(
     let mut bar = progress.0.bar(problems.len() as u64, progress.1, 2);
     for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
         let bos = tokenizer.prepended_bos().map(i64::from);
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| Ok(fit(encode_prompt(tokenizer, builder, &builder.render(&p.question)?)?, limit, bos))).collect::<anyhow::Result<_>>()?;
+        let prompts: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|p| Ok(fit(encode_prompt(tokenizer, builder, &builder.render(&p.question)?)?, limit, bos)))
+            .collect::<anyhow::Result<_>>()?;
         let generation = generate(policy, &prompts, &config, &stops, Some(&decode));
         for (ids, mask) in generation.completion_ids.iter().zip(&generation.completion_mask) {
             let kept: Vec<i64> = ids.iter().zip(mask).filter(|(_, m)| **m).map(|(id, _)| *id).collect();
@@ -75,27 +79,58 @@ pub(crate) fn complete(
 }
 
 /// Greedy answers to the held-out problems, scored.
-pub(crate) fn evaluate(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], progress: &Progress) -> anyhow::Result<Evaluation> {
+pub(crate) fn evaluate(
+    study: &Study,
+    policy: &CausalLm,
+    tokenizer: &PolicyTokenizer,
+    builder: &PromptBuilder,
+    test: &[Problem],
+    progress: &Progress,
+) -> anyhow::Result<Evaluation> {
     let format = study.policy.template.answer_format();
-    let completions = complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0, (progress, "evaluation (greedy)"))?;
+    let completions =
+        complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0, (progress, "evaluation (greedy)"))?;
     let mut scores = Vec::with_capacity(test.len());
     let mut samples = Vec::with_capacity(test.len());
     for (problem, completion) in test.iter().zip(completions) {
         let score = score_completion(&completion, &problem.answer, format);
-        samples.push(Sample { question: problem.question.clone(), answer: problem.answer.clone(), completion, strict: score.strict, lenient: score.lenient });
+        samples.push(Sample {
+            question: problem.question.clone(),
+            answer: problem.answer.clone(),
+            completion,
+            strict: score.strict,
+            lenient: score.lenient,
+        });
         scores.push(score);
     }
     Ok(Evaluation { accuracy: AccuracySummary::from_scores(&scores), samples })
 }
 
 /// maj@k: `maj_k` sampled completions per problem, the most common lenient answer wins.
-pub(crate) fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &PolicyTokenizer, builder: &PromptBuilder, test: &[Problem], seed: u64, progress: &Progress) -> anyhow::Result<f64> {
+pub(crate) fn majority_accuracy(
+    study: &Study,
+    policy: &CausalLm,
+    tokenizer: &PolicyTokenizer,
+    builder: &PromptBuilder,
+    test: &[Problem],
+    seed: u64,
+    progress: &Progress,
+) -> anyhow::Result<f64> {
     let format = study.policy.template.answer_format();
     let sampler = Sampler::Sample { temperature: study.evaluation.maj_temperature, top_k: None, top_p: None };
     let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(); test.len()];
     for draw in 0..study.evaluation.maj_k {
         let label = format!("maj@{} draw {}", study.evaluation.maj_k, draw + 1);
-        let completions = complete(study, policy, tokenizer, builder, test, sampler, seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1), (progress, &label))?;
+        let completions = complete(
+            study,
+            policy,
+            tokenizer,
+            builder,
+            test,
+            sampler,
+            seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
+            (progress, &label),
+        )?;
         for (slot, completion) in answers.iter_mut().zip(completions) {
             slot.push(eval::extract::lenient(&completion, format).as_deref().and_then(tasks::normalize_number));
         }
@@ -103,7 +138,9 @@ pub(crate) fn majority_accuracy(study: &Study, policy: &CausalLm, tokenizer: &Po
     let correct = test
         .iter()
         .zip(&answers)
-        .filter(|(problem, votes)| eval::stats::majority_answer(votes.iter().map(Option::as_deref)) == Some(problem.answer.as_str()))
+        .filter(|(problem, votes)| {
+            eval::stats::majority_answer(votes.iter().map(Option::as_deref)) == Some(problem.answer.as_str())
+        })
         .count();
     Ok(correct as f64 / test.len().max(1) as f64)
 }

@@ -49,7 +49,8 @@ fn canonical(value: &Value) -> String {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
             keys.sort();
-            let fields: Vec<String> = keys.into_iter().map(|key| format!("{}:{}", Value::from(key.as_str()), canonical(&map[key]))).collect();
+            let fields: Vec<String> =
+                keys.into_iter().map(|key| format!("{}:{}", Value::from(key.as_str()), canonical(&map[key]))).collect();
             format!("{{{}}}", fields.join(","))
         }
         Value::Array(items) => format!("[{}]", items.iter().map(canonical).collect::<Vec<_>>().join(",")),
@@ -87,7 +88,10 @@ pub fn base_config(study: &Study) -> anyhow::Result<Value> {
             });
             // The supervised run's optimizer is not a study setting, but its defaults are
             // cotlab's: a release that changes them retrains the base.
-            merge(&mut config, json!({ "policy": { "base": { "sft": { "adamw": policy_models::optim::AdamWSettings::default() } } } }));
+            merge(
+                &mut config,
+                json!({ "policy": { "base": { "sft": { "adamw": policy_models::optim::AdamWSettings::default() } } } }),
+            );
             config
         }
     })
@@ -101,11 +105,18 @@ pub fn reward_model_config(study: &Study) -> anyhow::Result<Option<Value>> {
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
     Ok(Some(match spec {
         RewardModelSpec::Checkpoint { fine_tune: None, .. } => json!({ "reward_model": spec }),
-        RewardModelSpec::Checkpoint { fine_tune: Some(_), .. } => json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
-        RewardModelSpec::CausalLm { from_base: false, .. } => json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
+        RewardModelSpec::Checkpoint { fine_tune: Some(_), .. } => {
+            json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } })
+        }
+        RewardModelSpec::CausalLm { from_base: false, .. } => {
+            json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } })
+        }
         RewardModelSpec::Train { .. } | RewardModelSpec::CausalLm { from_base: true, .. } => {
             let mut config = base_config(study)?;
-            merge(&mut config, json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }));
+            merge(
+                &mut config,
+                json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
+            );
             config
         }
     }))
@@ -118,15 +129,23 @@ pub fn reward_model_config(study: &Study) -> anyhow::Result<Option<Value>> {
 /// reward sources and seeds are not part of it: changing them leaves this cell valid.
 pub fn cell_config(study: &Study, cell: &Cell) -> anyhow::Result<Value> {
     let mut config = base_config(study)?;
-    let method = study.methods.get(&cell.method).with_context(|| format!("cell {}: no [methods.{}]", cell.id(), cell.method))?;
+    let method =
+        study.methods.get(&cell.method).with_context(|| format!("cell {}: no [methods.{}]", cell.id(), cell.method))?;
     let mut method_value = serde_json::to_value(method)?;
     if let MethodSpec::Rl { algorithm, config: algorithm_config, .. } = method {
         method_value["optim"] = serde_json::to_value(study.rl_optim(&cell.method, registry())?)?;
         // With the algorithm's defaults filled in: a release that changes a default changes
         // the cells that relied on it.
-        let entry = registry().iter().find(|entry| entry.name == algorithm).with_context(|| format!("methods.{}: no algorithm {algorithm}", cell.method))?;
-        method_value["config"] = (entry.resolve)(algorithm_config).map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
-        let source = study.reward_sources.get(&cell.reward_source).with_context(|| format!("cell {}: no [reward_sources.{}]", cell.id(), cell.reward_source))?;
+        let entry = registry()
+            .iter()
+            .find(|entry| entry.name == algorithm)
+            .with_context(|| format!("methods.{}: no algorithm {algorithm}", cell.method))?;
+        method_value["config"] = (entry.resolve)(algorithm_config)
+            .map_err(|error| anyhow::anyhow!("methods.{}.config: {error}", cell.method))?;
+        let source = study
+            .reward_sources
+            .get(&cell.reward_source)
+            .with_context(|| format!("cell {}: no [reward_sources.{}]", cell.id(), cell.reward_source))?;
         if source.reward_model_weight.is_some()
             && let Some(reward_model) = reward_model_config(study)?
         {
@@ -174,7 +193,9 @@ pub fn check(dir: &Path, expected: &Identity) -> anyhow::Result<Check> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Check::Differs(vec!["written by an older cotlab, no identity.json: its settings are unknown".to_string()]));
+            return Ok(Check::Differs(vec![
+                "written by an older cotlab, no identity.json: its settings are unknown".to_string(),
+            ]));
         }
         Err(error) => return Err(error).with_context(|| format!("cannot read {}", path.display())),
     };
@@ -212,7 +233,9 @@ pub fn differences(path: &str, old: &Value, new: &Value, lines: &mut Vec<String>
                 differences(&format!("{path}[{index}]"), a, b, lines);
             }
         }
-        (a, b) if a != b => lines.push(format!("{}: {} -> {}", if path.is_empty() { "(settings)" } else { path }, a, b)),
+        (a, b) if a != b => {
+            lines.push(format!("{}: {} -> {}", if path.is_empty() { "(settings)" } else { path }, a, b))
+        }
         _ => {}
     }
 }
@@ -243,8 +266,16 @@ mod tests {
     }
 
     fn hashes(study: &Study) -> (String, Option<String>, std::collections::BTreeMap<String, String>) {
-        let cells = study.matrix().iter().map(|cell| (cell.id(), Identity::new(cell_config(study, cell).unwrap()).hash)).collect();
-        (Identity::new(base_config(study).unwrap()).hash, reward_model_config(study).unwrap().map(|c| Identity::new(c).hash), cells)
+        let cells = study
+            .matrix()
+            .iter()
+            .map(|cell| (cell.id(), Identity::new(cell_config(study, cell).unwrap()).hash))
+            .collect();
+        (
+            Identity::new(base_config(study).unwrap()).hash,
+            reward_model_config(study).unwrap().map(|c| Identity::new(c).hash),
+            cells,
+        )
     }
 
     #[test]
@@ -265,7 +296,13 @@ mod tests {
     fn each_change_invalidates_exactly_what_depends_on_it() {
         let (base, rm, cells) = hashes(&study(""));
         assert_eq!(cells.len(), 2 * 2 + 2 + 2);
-        let stale = |other: &std::collections::BTreeMap<String, String>| other.iter().filter(|(id, hash)| cells.get(*id).is_some_and(|old| old != *hash)).map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        let stale = |other: &std::collections::BTreeMap<String, String>| {
+            other
+                .iter()
+                .filter(|(id, hash)| cells.get(*id).is_some_and(|old| old != *hash))
+                .map(|(id, _)| id.clone())
+                .collect::<Vec<_>>()
+        };
 
         let mut grpo = study("");
         let Some(MethodSpec::Rl { optim, .. }) = grpo.methods.get_mut("grpo") else { panic!() };
@@ -320,7 +357,10 @@ mod tests {
         let Some(MethodSpec::Rl { config: written, .. }) = explicit.methods.get_mut("rloo") else { panic!() };
         *written = json!({ "beta": 0.05, "num_generations": 4 });
         assert_eq!(Identity::new(config(&explicit)).hash, Identity::new(implicit.clone()).hash);
-        *match explicit.methods.get_mut("rloo") { Some(MethodSpec::Rl { config, .. }) => config, _ => panic!() } = json!({ "beta": 0.0 });
+        *match explicit.methods.get_mut("rloo") {
+            Some(MethodSpec::Rl { config, .. }) => config,
+            _ => panic!(),
+        } = json!({ "beta": 0.0 });
         let mut lines = Vec::new();
         differences("", &implicit, &config(&explicit), &mut lines);
         assert_eq!(lines, ["methods.rloo.config.beta: 0.05 -> 0.0"]);
@@ -334,12 +374,19 @@ mod tests {
         checkpoint.reward_sources.remove("rm");
         let Some(MethodSpec::Rl { reward_sources, .. }) = checkpoint.methods.get_mut("grpo") else { panic!() };
         reward_sources.retain(|s| s == "rules");
-        assert_eq!(base_config(&checkpoint).unwrap(), json!({ "policy": { "base": { "kind": "checkpoint", "model": "owner/name@main" } } }));
+        assert_eq!(
+            base_config(&checkpoint).unwrap(),
+            json!({ "policy": { "base": { "kind": "checkpoint", "model": "owner/name@main" } } })
+        );
         assert_eq!(reward_model_config(&checkpoint).unwrap(), None);
         let mut chat = checkpoint.clone();
         chat.policy.chat_template = true;
         let config = |study: &Study| cell_config(study, &cell("fs", "-", 0)).unwrap();
-        assert_ne!(Identity::new(config(&checkpoint)).hash, Identity::new(config(&chat)).hash, "the chat template changes a cell's prompts");
+        assert_ne!(
+            Identity::new(config(&checkpoint)).hash,
+            Identity::new(config(&chat)).hash,
+            "the chat template changes a cell's prompts"
+        );
         assert_eq!(config(&chat)["policy"]["chat_template"], json!(true));
     }
 
@@ -349,7 +396,14 @@ mod tests {
         let new = json!({ "methods": { "grpo": { "optim": { "learning_rate": 0.001, "total_steps": 2 }, "few_shot_k": 1 } }, "seed": 0, "list": [1, 3] });
         let mut lines = Vec::new();
         differences("", &old, &new, &mut lines);
-        assert_eq!(lines, ["list[1]: 2 -> 3", "methods.grpo.few_shot_k: (absent) -> 1", "methods.grpo.optim.learning_rate: 0.0001 -> 0.001"]);
+        assert_eq!(
+            lines,
+            [
+                "list[1]: 2 -> 3",
+                "methods.grpo.few_shot_k: (absent) -> 1",
+                "methods.grpo.optim.learning_rate: 0.0001 -> 0.001"
+            ]
+        );
     }
 
     #[test]
@@ -361,13 +415,21 @@ mod tests {
         std::fs::create_dir_all(&artefact).unwrap();
         assert_eq!(check(&artefact, &expected).unwrap(), Check::Absent, "an empty directory holds nothing to reuse");
         std::fs::write(artefact.join("model.safetensors"), b"").unwrap();
-        let Check::Differs(lines) = check(&artefact, &expected).unwrap() else { panic!("no identity.json is not a match") };
+        let Check::Differs(lines) = check(&artefact, &expected).unwrap() else {
+            panic!("no identity.json is not a match")
+        };
         assert!(lines[0].contains("older cotlab, no identity.json"), "{lines:?}");
         expected.write(&artefact).unwrap();
         assert_eq!(check(&artefact, &expected).unwrap(), Check::Matches);
-        let Check::Differs(lines) = check(&artefact, &Identity::new(json!({ "policy": { "max_length": 64 } }))).unwrap() else { panic!() };
+        let Check::Differs(lines) =
+            check(&artefact, &Identity::new(json!({ "policy": { "max_length": 64 } }))).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(lines, ["policy.max_length: 128 -> 64"]);
         std::fs::write(artefact.join(IDENTITY_FILE), "{").unwrap();
-        assert!(matches!(check(&artefact, &expected).unwrap(), Check::Differs(lines) if lines[0].contains("does not parse")));
+        assert!(
+            matches!(check(&artefact, &expected).unwrap(), Check::Differs(lines) if lines[0].contains("does not parse"))
+        );
     }
 }

@@ -25,7 +25,8 @@ impl Progress {
     /// Bars on a terminal; plain lines with `quiet` or without a terminal.
     pub(crate) fn new(quiet: bool) -> Self {
         let plain = quiet || !std::io::stderr().is_terminal();
-        let multi = if plain { MultiProgress::with_draw_target(ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+        let multi =
+            if plain { MultiProgress::with_draw_target(ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
         Self { multi, plain }
     }
 
@@ -49,7 +50,12 @@ impl Progress {
         if !self.plain {
             bar.enable_steady_tick(Duration::from_secs(1));
         }
-        let plain = self.plain.then(|| PlainState { label: format!("{indent}{label}"), started: Instant::now(), last_line: None, end_line: depth <= 1 });
+        let plain = self.plain.then(|| PlainState {
+            label: format!("{indent}{label}"),
+            started: Instant::now(),
+            last_line: None,
+            end_line: depth <= 1,
+        });
         Bar { bar, plain, message: String::new() }
     }
 }
@@ -91,7 +97,10 @@ impl Bar {
         if due || end {
             plain.last_line = Some(Instant::now());
             let eta = (position > 0 && position < len).then(|| self.bar.eta().as_secs_f64());
-            eprintln!("{}", plain_line(&plain.label, position, len, &self.message, plain.started.elapsed().as_secs_f64(), eta));
+            eprintln!(
+                "{}",
+                plain_line(&plain.label, position, len, &self.message, plain.started.elapsed().as_secs_f64(), eta)
+            );
         }
     }
 }
@@ -128,7 +137,10 @@ mod tests {
         let mut nested = progress.bar(2, "evaluation", 2);
         nested.inc(2);
         assert!(nested.plain.as_ref().is_some_and(|plain| plain.last_line.is_none()));
-        assert_eq!(plain_line("  grpo/rules/0", 3, 10, "reward 0.500", 12.4, Some(28.0)), "  grpo/rules/0: 3/10 reward 0.500 (12 s, eta 28 s)");
+        assert_eq!(
+            plain_line("  grpo/rules/0", 3, 10, "reward 0.500", 12.4, Some(28.0)),
+            "  grpo/rules/0: 3/10 reward 0.500 (12 s, eta 28 s)"
+        );
         assert_eq!(plain_line("cells", 4, 4, "", 60.0, None), "cells: 4/4 (60 s)");
     }
 }

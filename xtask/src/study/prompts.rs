@@ -10,7 +10,13 @@ use tasks::TaskData;
 use crate::study::config::Study;
 
 /// The prompt builder of a cell: the template, k exemplars from train, the chat template when asked.
-pub(crate) fn prompt_builder(study: &Study, task: &TaskData, base_dir: &Path, k: usize, seed: u64) -> anyhow::Result<PromptBuilder> {
+pub(crate) fn prompt_builder(
+    study: &Study,
+    task: &TaskData,
+    base_dir: &Path,
+    k: usize,
+    seed: u64,
+) -> anyhow::Result<PromptBuilder> {
     let mut builder = PromptBuilder::new(study.policy.template).with_exemplars(sample_exemplars(&task.train, k, seed)?);
     if study.policy.chat_template {
         let chat = prompting::ChatTemplate::from_dir(base_dir)?;
@@ -43,7 +49,11 @@ pub(crate) fn encode(tokenizer: &PolicyTokenizer, text: &str, add_special_tokens
 /// template puts in and is encoded without special tokens, as TRL does; a plain-text prompt gets
 /// what the tokenizer adds (TRL adds nothing there either: a Llama 3 base model then reads its
 /// prompts without `<|begin_of_text|>`, which cotlab keeps, as transformers' `generate` users do).
-pub(crate) fn encode_prompt(tokenizer: &PolicyTokenizer, builder: &PromptBuilder, text: &str) -> anyhow::Result<Vec<i64>> {
+pub(crate) fn encode_prompt(
+    tokenizer: &PolicyTokenizer,
+    builder: &PromptBuilder,
+    text: &str,
+) -> anyhow::Result<Vec<i64>> {
     encode(tokenizer, text, !builder.uses_chat_template())
 }
 

@@ -96,13 +96,15 @@ const CHECKPOINT_FILES: [&str; 10] = [
 
 fn digest(path: &Path) -> anyhow::Result<FileDigest> {
     let bytes = std::fs::metadata(path).with_context(|| format!("provenance: cannot read {}", path.display()))?.len();
-    let sha256 = policy_models::model::file_sha256(path).with_context(|| format!("provenance: cannot hash {}", path.display()))?;
+    let sha256 = policy_models::model::file_sha256(path)
+        .with_context(|| format!("provenance: cannot hash {}", path.display()))?;
     Ok(FileDigest { path: path.to_path_buf(), bytes, sha256 })
 }
 
 /// The digests of the files of checkpoint directory `dir` (the shards of a sharded one included).
 pub fn checkpoint_files(dir: &Path) -> anyhow::Result<Vec<FileDigest>> {
-    let mut files: Vec<PathBuf> = CHECKPOINT_FILES.iter().map(|name| dir.join(name)).filter(|path| path.is_file()).collect();
+    let mut files: Vec<PathBuf> =
+        CHECKPOINT_FILES.iter().map(|name| dir.join(name)).filter(|path| path.is_file()).collect();
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         files.extend(policy_models::weights::shard_files(&index)?.into_iter().map(|name| dir.join(name)));
@@ -142,11 +144,18 @@ pub fn inputs(study: &Study, base_dir: &Path) -> anyhow::Result<Vec<Input>> {
         let reference = match source {
             tasks::gsm8k::Gsm8kSource::Hub { repo, revision } => format!("{repo}@{revision}"),
             tasks::gsm8k::Gsm8kSource::Path(path) => path.display().to_string(),
-            tasks::gsm8k::Gsm8kSource::Files { train, test } => format!("train {}, test {}", train.display(), test.display()),
+            tasks::gsm8k::Gsm8kSource::Files { train, test } => {
+                format!("train {}, test {}", train.display(), test.display())
+            }
         };
         for split in [Split::Train, Split::Test] {
             let file = tasks::gsm8k::split_file(source, split)?;
-            inputs.push(Input { role: format!("task.{split}"), reference: reference.clone(), resolved_commit: hub_commit(&file), files: vec![digest(&file)?] });
+            inputs.push(Input {
+                role: format!("task.{split}"),
+                reference: reference.clone(),
+                resolved_commit: hub_commit(&file),
+                files: vec![digest(&file)?],
+            });
         }
     }
     match &study.policy.base {
@@ -160,7 +169,11 @@ pub fn inputs(study: &Study, base_dir: &Path) -> anyhow::Result<Vec<Input>> {
         }),
     }
     let reward_model_used = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
-    if let (true, Some(RewardModelSpec::Checkpoint { model, .. } | RewardModelSpec::CausalLm { model: Some(model), .. })) = (reward_model_used, &study.reward_model) {
+    if let (
+        true,
+        Some(RewardModelSpec::Checkpoint { model, .. } | RewardModelSpec::CausalLm { model: Some(model), .. }),
+    ) = (reward_model_used, &study.reward_model)
+    {
         inputs.push(model_input("reward_model", model)?);
     }
     Ok(inputs)
@@ -170,11 +183,26 @@ pub fn inputs(study: &Study, base_dir: &Path) -> anyhow::Result<Vec<Input>> {
 pub fn build() -> Build {
     let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| {
-        std::process::Command::new("git").arg("-C").arg(&tree).args(args).output().ok().filter(|output| output.status.success()).map(|output| String::from_utf8_lossy(&output.stdout).to_string())
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&tree)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).to_string())
     };
     let commit = git(&["rev-parse", "HEAD"]).map(|text| text.trim().to_string());
-    let modified = commit.as_ref().and_then(|_| git(&["status", "--porcelain", "--untracked-files=no"])).map(|text| !text.trim().is_empty());
-    Build { version: env!("CARGO_PKG_VERSION").to_string(), commit, modified, profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_string() }
+    let modified = commit
+        .as_ref()
+        .and_then(|_| git(&["status", "--porcelain", "--untracked-files=no"]))
+        .map(|text| !text.trim().is_empty());
+    Build {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit,
+        modified,
+        profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_string(),
+    }
 }
 
 /// The SIMD features of this CPU that matter to the kernels (x86-64; none listed elsewhere).
@@ -195,9 +223,12 @@ pub fn cpu_features() -> Vec<String> {
 
 /// The CPU's model name in `/proc/cpuinfo`, where the OS says.
 pub fn cpu_model() -> Option<String> {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| text.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split_once(':')).map(|(_, name)| name.trim().to_string()))
+    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|text| {
+        text.lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split_once(':'))
+            .map(|(_, name)| name.trim().to_string())
+    })
 }
 
 fn machine(study: &Study) -> Machine {
@@ -238,11 +269,15 @@ mod tests {
         let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
         let sums = std::fs::read_to_string(shared.join("tokenizers/SHA256SUMS")).unwrap();
         let files = checkpoint_files(&shared.join("tokenizers/smollm2-instruct")).unwrap();
-        let names: Vec<String> = files.iter().map(|f| f.path.file_name().unwrap().to_string_lossy().to_string()).collect();
+        let names: Vec<String> =
+            files.iter().map(|f| f.path.file_name().unwrap().to_string_lossy().to_string()).collect();
         assert_eq!(names, ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]);
         for file in &files {
             let name = file.path.file_name().unwrap().to_string_lossy().to_string();
-            let line = sums.lines().find(|line| line.ends_with(&format!("smollm2-instruct/{name}"))).unwrap_or_else(|| panic!("{name} not in SHA256SUMS"));
+            let line = sums
+                .lines()
+                .find(|line| line.ends_with(&format!("smollm2-instruct/{name}")))
+                .unwrap_or_else(|| panic!("{name} not in SHA256SUMS"));
             assert_eq!(line.split_whitespace().next().unwrap(), file.sha256, "{name}");
             assert_eq!(file.bytes, std::fs::metadata(&file.path).unwrap().len());
         }
@@ -254,9 +289,15 @@ mod tests {
     fn a_gsm8k_study_lists_its_split_files_and_its_checkpoint() {
         let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
         let gsm8k = shared.join("datasets/gsm8k");
-        let train = std::fs::read_dir(&gsm8k).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("train") && p.extension().is_some_and(|e| e == "jsonl"));
-        let test = std::fs::read_dir(&gsm8k).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("test") && p.extension().is_some_and(|e| e == "jsonl"));
-        let (Some(train), Some(test)) = (train, test) else { panic!("../shared/datasets/gsm8k has train*.jsonl and test*.jsonl") };
+        let train = std::fs::read_dir(&gsm8k).unwrap().map(|e| e.unwrap().path()).find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with("train") && p.extension().is_some_and(|e| e == "jsonl")
+        });
+        let test = std::fs::read_dir(&gsm8k).unwrap().map(|e| e.unwrap().path()).find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with("test") && p.extension().is_some_and(|e| e == "jsonl")
+        });
+        let (Some(train), Some(test)) = (train, test) else {
+            panic!("../shared/datasets/gsm8k has train*.jsonl and test*.jsonl")
+        };
         let text = format!(
             "name = \"p\"\n[task]\nkind = \"gsm8k\"\nsource = {{ files = {{ train = {:?}, test = {:?} }} }}\n[policy]\ntemplate = \"plain\"\n[policy.base]\nkind = \"checkpoint\"\nmodel = {:?}\n[reward_sources.rules]\nrules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}]\n[methods.few]\nkind = \"few_shot\"\nk = 2\n",
             train.display().to_string(),
@@ -284,7 +325,11 @@ mod tests {
         assert_eq!(machine.backend, "flex");
         assert!(machine.threads >= 1);
         #[cfg(target_arch = "x86_64")]
-        assert!(machine.cpu_features.iter().any(|f| f == "sse4.2"), "every x86-64 machine this runs on has SSE4.2: {:?}", machine.cpu_features);
+        assert!(
+            machine.cpu_features.iter().any(|f| f == "sse4.2"),
+            "every x86-64 machine this runs on has SSE4.2: {:?}",
+            machine.cpu_features
+        );
         let build = build();
         assert_eq!(build.version, env!("CARGO_PKG_VERSION"));
         // A checkout (CI clones one) knows its commit.

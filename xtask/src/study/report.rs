@@ -90,7 +90,10 @@ impl CellSummary {
 
     /// A result: finished, with its accuracies. Only these enter means, intervals and charts.
     pub fn is_result(&self) -> bool {
-        self.status == CellStatus::Finished && self.error.is_none() && self.accuracy_strict.is_some() && self.accuracy_lenient.is_some()
+        self.status == CellStatus::Finished
+            && self.error.is_none()
+            && self.accuracy_strict.is_some()
+            && self.accuracy_lenient.is_some()
     }
 
     /// Failed: an error stopped it (a summary from before `status` was written says so by its error).
@@ -197,7 +200,12 @@ pub(crate) struct MetricsFile {
 impl MetricsFile {
     /// Starts the file with the fixed columns only (what a method that does not train keeps).
     pub(crate) fn create(cell: &Cell, cell_dir: &Path) -> anyhow::Result<Self> {
-        let file = Self { path: cell_dir.join("metrics.csv"), cell: cell.clone(), columns: Default::default(), rows: Vec::new() };
+        let file = Self {
+            path: cell_dir.join("metrics.csv"),
+            cell: cell.clone(),
+            columns: Default::default(),
+            rows: Vec::new(),
+        };
         file.rewrite()?;
         Ok(file)
     }
@@ -212,13 +220,22 @@ impl MetricsFile {
     }
 
     fn header(&self) -> Vec<String> {
-        ["method", "reward_source", "seed", "step"].iter().map(|s| s.to_string()).chain(self.columns.iter().cloned()).collect()
+        ["method", "reward_source", "seed", "step"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.columns.iter().cloned())
+            .collect()
     }
 
     fn record(&self, index: usize, row: &rl_algos::Metrics) -> Vec<String> {
         // Rows name their step (0: the evaluation before training); otherwise they count from 1.
         let step = row.get("step").map_or(index as u64 + 1, |step| *step as u64);
-        let mut record = vec![self.cell.method.clone(), self.cell.reward_source.clone(), self.cell.seed.to_string(), step.to_string()];
+        let mut record = vec![
+            self.cell.method.clone(),
+            self.cell.reward_source.clone(),
+            self.cell.seed.to_string(),
+            step.to_string(),
+        ];
         record.extend(self.columns.iter().map(|column| row.get(column).map_or(String::new(), |v| v.to_string())));
         record
     }
@@ -239,7 +256,10 @@ impl MetricsFile {
         if self.columns.len() != before {
             return self.rewrite();
         }
-        let file = std::fs::OpenOptions::new().append(true).open(&self.path).with_context(|| format!("cannot append to {}", self.path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot append to {}", self.path.display()))?;
         let mut writer = csv::Writer::from_writer(file);
         writer.write_record(self.record(self.rows.len() - 1, row))?;
         writer.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
@@ -278,7 +298,8 @@ pub(crate) fn write_combined_metrics(dir: &Path, summaries: &[CellSummary]) -> a
         }
         let mut reader = csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
         let header: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
-        let rows: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>().with_context(|| format!("reading {}", path.display()))?;
+        let rows: Vec<csv::StringRecord> =
+            reader.records().collect::<Result<_, _>>().with_context(|| format!("reading {}", path.display()))?;
         columns.extend(header.iter().filter(|name| !fixed.contains(&name.as_str())).cloned());
         tables.push((header, rows));
     }
@@ -286,7 +307,8 @@ pub(crate) fn write_combined_metrics(dir: &Path, summaries: &[CellSummary]) -> a
     writer.write_record(fixed.iter().map(|name| name.to_string()).chain(columns.iter().cloned()))?;
     for (header, rows) in &tables {
         for row in rows {
-            let value = |name: &str| header.iter().position(|h| h == name).and_then(|i| row.get(i)).unwrap_or("").to_string();
+            let value =
+                |name: &str| header.iter().position(|h| h == name).and_then(|i| row.get(i)).unwrap_or("").to_string();
             writer.write_record(fixed.iter().map(|name| value(name)).chain(columns.iter().map(|name| value(name))))?;
         }
     }
@@ -309,16 +331,21 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             groups.push(key);
         }
     }
-    let fmt_opt = |values: Vec<f64>, digits: usize| if values.is_empty() { "-".to_string() } else { format!("{:.*}", digits, eval::stats::mean_std(&values).mean) };
+    let fmt_opt = |values: Vec<f64>, digits: usize| {
+        if values.is_empty() { "-".to_string() } else { format!("{:.*}", digits, eval::stats::mean_std(&values).mean) }
+    };
     for (method, source) in &groups {
-        let group: Vec<&CellSummary> = summaries.iter().filter(|s| &s.method == method && &s.reward_source == source).collect();
+        let group: Vec<&CellSummary> =
+            summaries.iter().filter(|s| &s.method == method && &s.reward_source == source).collect();
         let cells: Vec<&CellSummary> = group.iter().copied().filter(|s| s.is_result()).collect();
         if cells.is_empty() {
             let outcome = if group.iter().any(|s| s.is_diverged()) { "diverged" } else { "failed" };
             report.push_str(&format!("| {method} | {source} | 0 | {outcome} | {outcome} | - | - | - | - | - |\n"));
             continue;
         }
-        let interval = |mean: fn(&CellSummary) -> Option<f64>, low: fn(&CellSummary) -> Option<f64>, high: fn(&CellSummary) -> Option<f64>| {
+        let interval = |mean: fn(&CellSummary) -> Option<f64>,
+                        low: fn(&CellSummary) -> Option<f64>,
+                        high: fn(&CellSummary) -> Option<f64>| {
             let take = |f: fn(&CellSummary) -> Option<f64>| cells.iter().filter_map(|c| f(c)).collect::<Vec<f64>>();
             let (m, l, h) = eval::stats::accuracy_interval(&take(mean), &take(low), &take(high));
             format!("{:.1}% [{:.1}, {:.1}]", 100.0 * m, 100.0 * l, 100.0 * h)
@@ -353,8 +380,10 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             rm.train_seconds
         ));
     }
-    let charts = [("accuracy", "Accuracy per method"), ("stability", "Training stability"), ("convergence", "Convergence")];
-    let drawn: Vec<_> = charts.iter().filter(|(file, _)| dir.join("charts").join(format!("{file}.svg")).is_file()).collect();
+    let charts =
+        [("accuracy", "Accuracy per method"), ("stability", "Training stability"), ("convergence", "Convergence")];
+    let drawn: Vec<_> =
+        charts.iter().filter(|(file, _)| dir.join("charts").join(format!("{file}.svg")).is_file()).collect();
     if !drawn.is_empty() {
         report.push_str("\n## Charts\n\n");
         for (file, title) in drawn {
@@ -367,14 +396,28 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             "\n## Diverged cells\n\nTheir training diverged (a NaN or infinite loss or gradient, or one step's update larger than {DIVERGENCE_UPDATE_RATIO} x the norm of the policy's weights): they are no result and count in no mean, interval or chart above. Their step rows up to the divergence are in `cells/<id>/metrics.csv`.\n\n"
         ));
         for cell in diverged {
-            report.push_str(&format!("- {} / {} / seed {}: {}\n", cell.method, cell.reward_source, cell.seed, cell.error.as_deref().unwrap_or("")));
+            report.push_str(&format!(
+                "- {} / {} / seed {}: {}\n",
+                cell.method,
+                cell.reward_source,
+                cell.seed,
+                cell.error.as_deref().unwrap_or("")
+            ));
         }
     }
     let failed: Vec<&CellSummary> = summaries.iter().filter(|s| s.is_failed()).collect();
     if !failed.is_empty() {
-        report.push_str("\n## Failed cells\n\nRerun `cargo xtask compare` to retry them (finished cells are skipped).\n\n");
+        report.push_str(
+            "\n## Failed cells\n\nRerun `cargo xtask compare` to retry them (finished cells are skipped).\n\n",
+        );
         for cell in failed {
-            report.push_str(&format!("- {} / {} / seed {}: {}\n", cell.method, cell.reward_source, cell.seed, cell.error.as_deref().unwrap_or("")));
+            report.push_str(&format!(
+                "- {} / {} / seed {}: {}\n",
+                cell.method,
+                cell.reward_source,
+                cell.seed,
+                cell.error.as_deref().unwrap_or("")
+            ));
         }
     }
     report
@@ -410,7 +453,10 @@ mod tests {
     fn failed_summaries_have_absent_accuracies_and_aligned_csv_rows() {
         let failed = failed_summary(&cell("grpo", 1), "step 2: out of memory".to_string());
         let json = serde_json::to_string(&failed).unwrap();
-        assert!(!json.contains("accuracy_strict") && !json.contains("accuracy_lenient") && !json.contains("NaN"), "{json}");
+        assert!(
+            !json.contains("accuracy_strict") && !json.contains("accuracy_lenient") && !json.contains("NaN"),
+            "{json}"
+        );
         assert!(json.contains(r#""status":"failed""#), "{json}");
         assert_eq!(serde_json::from_str::<CellSummary>(&json).unwrap(), failed);
         assert!(failed.is_failed() && !failed.is_result() && !failed.is_diverged());
@@ -431,9 +477,15 @@ mod tests {
         let value = serde_json::to_value(&done).unwrap();
         let keys: std::collections::BTreeSet<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(header, keys, "SummaryCsvRow and CellSummary differ");
-        assert!(lines[0].starts_with("method,reward_source,seed,accuracy_strict,") && lines[0].ends_with(",error,status"), "{text}");
+        assert!(
+            lines[0].starts_with("method,reward_source,seed,accuracy_strict,") && lines[0].ends_with(",error,status"),
+            "{text}"
+        );
         assert_eq!(lines.len(), 3);
-        assert!(lines[1].starts_with("grpo,rules,1,,,,,,,0,") && lines[1].ends_with(",step 2: out of memory,failed"), "{text}");
+        assert!(
+            lines[1].starts_with("grpo,rules,1,,,,,,,0,") && lines[1].ends_with(",step 2: out of memory,failed"),
+            "{text}"
+        );
         assert!(lines[2].starts_with("grpo,rules,0,0.25,0.0,0.5,0.5,") && lines[2].ends_with(",,finished"), "{text}");
     }
 
@@ -447,7 +499,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "method,reward_source,seed,step\n");
         let row = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<rl_algos::Metrics>();
         file.push(&row(&[("step", 0.0), ("eval/accuracy_lenient", 0.25)])).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "method,reward_source,seed,step,eval/accuracy_lenient\ngrpo,rules,2,0,0.25\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "method,reward_source,seed,step,eval/accuracy_lenient\ngrpo,rules,2,0,0.25\n"
+        );
         file.push(&row(&[("step", 1.0), ("reward", 0.5), ("loss", 1.5)])).unwrap();
         file.push(&row(&[("step", 2.0), ("reward", 0.75), ("loss", 1.25), ("eval/accuracy_lenient", 0.5)])).unwrap();
         assert_eq!(
@@ -469,13 +524,23 @@ mod tests {
     #[test]
     fn the_report_leaves_cells_without_a_result_out_of_the_means() {
         let dir = tempfile::tempdir().unwrap();
-        let diverged = unfinished_summary(&cell("grpo", 1), CellStatus::Diverged, "step 1: update_norm 3e4 exceeds".to_string(), 2.0);
+        let diverged = unfinished_summary(
+            &cell("grpo", 1),
+            CellStatus::Diverged,
+            "step 1: update_norm 3e4 exceeds".to_string(),
+            2.0,
+        );
         let hot = unfinished_summary(&cell("hot", 0), CellStatus::Diverged, "step 2: the loss is NaN".to_string(), 2.0);
         let failed = failed_summary(&cell("ppo", 0), "panic: boom".to_string());
         let report = report_markdown(dir.path(), &[finished("grpo", 0, 0.5), diverged, hot, failed]);
         assert!(report.contains("| grpo | rules | 1 | 50.0% [40.0, 60.0] | 25.0% "), "{report}");
-        assert!(report.contains("| hot | rules | 0 | diverged | diverged |") && report.contains("| ppo | rules | 0 | failed | failed |"), "{report}");
-        let diverged_section = &report[report.find("## Diverged cells").unwrap()..report.find("## Failed cells").unwrap()];
+        assert!(
+            report.contains("| hot | rules | 0 | diverged | diverged |")
+                && report.contains("| ppo | rules | 0 | failed | failed |"),
+            "{report}"
+        );
+        let diverged_section =
+            &report[report.find("## Diverged cells").unwrap()..report.find("## Failed cells").unwrap()];
         assert!(diverged_section.contains("- grpo / rules / seed 1: step 1: update_norm 3e4 exceeds\n- hot / rules / seed 0: step 2: the loss is NaN\n"), "{report}");
         assert!(report.ends_with("- ppo / rules / seed 0: panic: boom\n"), "{report}");
     }

@@ -79,8 +79,12 @@ pub(crate) fn prepare_reward_model(
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
     let training = match spec {
-        RewardModelSpec::Checkpoint { model, fine_tune: None } => return Ok(Some(ModelSource::parse(model)?.resolve()?)),
-        RewardModelSpec::Checkpoint { fine_tune: Some(training), .. } | RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. } => training,
+        RewardModelSpec::Checkpoint { model, fine_tune: None } => {
+            return Ok(Some(ModelSource::parse(model)?.resolve()?));
+        }
+        RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }
+        | RewardModelSpec::Train { training, .. }
+        | RewardModelSpec::CausalLm { training, .. } => training,
     };
     let rm_dir = dir.join("reward_model");
     // `run_study` has checked the identity of a reward model already there (or removed it).
@@ -88,7 +92,9 @@ pub(crate) fn prepare_reward_model(
         progress.log(format!("reward model: {} (trained earlier)", rm_dir.display()));
         return Ok(Some(rm_dir));
     }
-    let identity = Identity::new(reward_model_config(study)?.context("a reward model is prepared only when a reward source uses it")?);
+    let identity = Identity::new(
+        reward_model_config(study)?.context("a reward model is prepared only when a reward source uses it")?,
+    );
     let partial = partial_dir(&rm_dir);
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
@@ -102,30 +108,52 @@ pub(crate) fn prepare_reward_model(
     }
     let (tokenizer, report) = match spec {
         RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, .. } => {
-            let start = if *from_base { base_dir.to_path_buf() } else { ModelSource::parse(model.as_deref().context("reward_model.model")?)?.resolve()? };
+            let start = if *from_base {
+                base_dir.to_path_buf()
+            } else {
+                ModelSource::parse(model.as_deref().context("reward_model.model")?)?.resolve()?
+            };
             // The causal reward model reads text with its own (the policy family's) tokenizer;
             // its padding id is the one the tokenizer pads with, so the scored token is found.
-            let tokenizer = PolicyTokenizer::load_dir(&start).with_context(|| format!("the reward model's start {} has no tokenizer", start.display()))?;
+            let tokenizer = PolicyTokenizer::load_dir(&start)
+                .with_context(|| format!("the reward model's start {} has no tokenizer", start.display()))?;
             let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
             let (model, head) = CausalRewardModel::load_dir(&start, Some(pad), &autodiff)?;
-            progress.log(format!("reward model: causal LM from {} (score head {head:?}{})", start.display(), if lora.is_some() { ", LoRA" } else { "" }));
+            progress.log(format!(
+                "reward model: causal LM from {} (score head {head:?}{})",
+                start.display(),
+                if lora.is_some() { ", LoRA" } else { "" }
+            ));
             let model = match lora {
                 Some(lora) => model.with_lora(lora).map_err(|error| anyhow::anyhow!("reward_model.lora.{error}"))?,
                 None => model,
             };
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), *max_tokens);
-            let (model, mut report) = train_reward_model(RewardTrainer::start(model, training.clone())?, &train, &held_out, &reward_tokenizer, progress)?;
+            let (model, mut report) = train_reward_model(
+                RewardTrainer::start(model, training.clone())?,
+                &train,
+                &held_out,
+                &reward_tokenizer,
+                progress,
+            )?;
             report.max_tokens = Some(*max_tokens);
             model.save_dir(&partial)?;
             (tokenizer, report)
         }
         RewardModelSpec::Checkpoint { model: checkpoint, .. } => {
             let checkpoint = ModelSource::parse(checkpoint)?.resolve()?;
-            let tokenizer = PolicyTokenizer::load_dir(&checkpoint).with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
+            let tokenizer = PolicyTokenizer::load_dir(&checkpoint)
+                .with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
             let (model, head) = RobertaRegressor::load_dir(&checkpoint, &autodiff)?;
             progress.log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
-            let (model, report) = train_reward_model(RewardTrainer::new(model, training.clone()), &train, &held_out, &reward_tokenizer, progress)?;
+            let (model, report) = train_reward_model(
+                RewardTrainer::new(model, training.clone()),
+                &train,
+                &held_out,
+                &reward_tokenizer,
+                progress,
+            )?;
             model.without_token_head().save_dir(&partial)?;
             (tokenizer, report)
         }
@@ -134,10 +162,17 @@ pub(crate) fn prepare_reward_model(
             // same problems).
             let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
             let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192).with_intermediate_size(*intermediate_size);
+            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192)
+                .with_intermediate_size(*intermediate_size);
             let model = RobertaRegressor::init(&config, &autodiff);
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
-            let (model, report) = train_reward_model(RewardTrainer::new(model, training.clone()), &train, &held_out, &reward_tokenizer, progress)?;
+            let (model, report) = train_reward_model(
+                RewardTrainer::new(model, training.clone()),
+                &train,
+                &held_out,
+                &reward_tokenizer,
+                progress,
+            )?;
             model.without_token_head().save_dir(&partial)?;
             (tokenizer, report)
         }
@@ -146,16 +181,19 @@ pub(crate) fn prepare_reward_model(
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     identity.write(&partial)?;
     install_dir(&partial, &rm_dir)?;
-    progress.log(
-        format!(
-            "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split; {}), margin {:.3}, {:.0} s",
-            report.held_out_accuracy * 100.0,
-            report.held_out_pairs,
-            report.held_out_accuracy_by_corruption.iter().map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0)).collect::<Vec<_>>().join(", "),
-            report.held_out_mean_margin,
-            report.train_seconds
-        ),
-    );
+    progress.log(format!(
+        "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split; {}), margin {:.3}, {:.0} s",
+        report.held_out_accuracy * 100.0,
+        report.held_out_pairs,
+        report
+            .held_out_accuracy_by_corruption
+            .iter()
+            .map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        report.held_out_mean_margin,
+        report.train_seconds
+    ));
     Ok(Some(rm_dir))
 }
 
@@ -180,10 +218,16 @@ fn train_reward_model<M: RewardModel>(
     drop(bar);
     let train_seconds = started.elapsed().as_secs_f64();
     let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64);
-    let metrics = reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
+    let metrics =
+        reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
     let by_corruption = per_kind
         .into_iter()
-        .map(|(kind, metrics)| (serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), metrics.accuracy))
+        .map(|(kind, metrics)| {
+            (
+                serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                metrics.accuracy,
+            )
+        })
         .collect();
     let report = RewardModelReport {
         held_out_accuracy: metrics.accuracy,
@@ -200,11 +244,18 @@ fn train_reward_model<M: RewardModel>(
 
 /// The reward model of `rm_dir` as a reward function: the RoBERTa regressor when its
 /// `config.json` says `model_type = "roberta"`, else the causal-LM reward model.
-pub(crate) fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bool) -> anyhow::Result<Box<dyn RewardFunction>> {
-    let tokenizer = PolicyTokenizer::load_dir(rm_dir).with_context(|| format!("the reward model in {} has no tokenizer", rm_dir.display()))?;
+pub(crate) fn load_reward_function(
+    rm_dir: &Path,
+    device: &Device,
+    normalize: bool,
+) -> anyhow::Result<Box<dyn RewardFunction>> {
+    let tokenizer = PolicyTokenizer::load_dir(rm_dir)
+        .with_context(|| format!("the reward model in {} has no tokenizer", rm_dir.display()))?;
     let config_path = rm_dir.join("config.json");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?)
-        .with_context(|| format!("{} is not JSON", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", config_path.display()))?;
     if config["model_type"] == "roberta" {
         let (model, _) = RobertaRegressor::load_dir(rm_dir, device)?;
         let reward_tokenizer = RewardTokenizer::new(tokenizer, model.config().max_tokens());
@@ -212,9 +263,14 @@ pub(crate) fn load_reward_function(rm_dir: &Path, device: &Device, normalize: bo
     }
     let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
     let (model, head) = CausalRewardModel::load_dir(rm_dir, Some(pad), device)?;
-    anyhow::ensure!(head == reward_model::HeadSource::Loaded, "{}: no score head; it is not a trained reward model", rm_dir.display());
+    anyhow::ensure!(
+        head == reward_model::HeadSource::Loaded,
+        "{}: no score head; it is not a trained reward model",
+        rm_dir.display()
+    );
     // The length it was trained with (metrics.json), else the default.
-    let metrics: Option<RewardModelReport> = std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let metrics: Option<RewardModelReport> =
+        std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
     let max_tokens = metrics.and_then(|metrics| metrics.max_tokens).unwrap_or(512);
     Ok(Box::new(RewardModelFunction::new(&model, RewardTokenizer::new(tokenizer, max_tokens), 32, normalize)))
 }

@@ -45,7 +45,8 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
     let device = study.backend.device()?;
     let task = load_task(study)?;
     let base_dir = prepare_base(study, &task, &dir, &device, &progress)?;
-    let tokenizer = PolicyTokenizer::load_dir(&base_dir).with_context(|| format!("the base policy in {} has no tokenizer", base_dir.display()))?;
+    let tokenizer = PolicyTokenizer::load_dir(&base_dir)
+        .with_context(|| format!("the base policy in {} has no tokenizer", base_dir.display()))?;
     let reward_model = prepare_reward_model(study, &task, &dir, &base_dir, &device, &progress)?;
     // Before any cell: a study stopped early still says what it read.
     crate::study::provenance::write(&dir, study, &base_dir)?;
@@ -57,7 +58,9 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
         // Finished and diverged cells are skipped on a rerun (the same settings diverge again);
         // failed ones are tried again. What is here was made with these settings
         // (`check_artefacts`).
-        let earlier = std::fs::read_to_string(&summary_path).ok().and_then(|text| serde_json::from_str::<CellSummary>(&text).ok());
+        let earlier = std::fs::read_to_string(&summary_path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<CellSummary>(&text).ok());
         if let Some(summary) = earlier.filter(|s| s.is_result() || s.is_diverged()) {
             let what = if summary.is_diverged() { "diverged earlier" } else { "done earlier" };
             progress.log(format!("{}: {what}, skipped", cell.id()));
@@ -86,15 +89,25 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
                 failed_summary(cell, format!("{error:#}"))
             }
             Err(panic) => {
-                let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
                 progress.log(format!("{}: failed (panic): {message}", cell.id()));
                 failed_summary(cell, format!("panic: {message}"))
             }
         };
         let seconds = started.elapsed().as_secs_f64();
         let line = match (summary.accuracy_strict, summary.accuracy_lenient) {
-            (Some(strict), Some(lenient)) if summary.is_result() => format!("{}: strict {:.1}% lenient {:.1}% ({seconds:.0} s)", cell.id(), strict * 100.0, lenient * 100.0),
-            _ if summary.is_diverged() => format!("{}: diverged, not a result: {} ({seconds:.0} s)", cell.id(), summary.error.as_deref().unwrap_or("")),
+            (Some(strict), Some(lenient)) if summary.is_result() => {
+                format!("{}: strict {:.1}% lenient {:.1}% ({seconds:.0} s)", cell.id(), strict * 100.0, lenient * 100.0)
+            }
+            _ if summary.is_diverged() => format!(
+                "{}: diverged, not a result: {} ({seconds:.0} s)",
+                cell.id(),
+                summary.error.as_deref().unwrap_or("")
+            ),
             _ => format!("{}: failed ({seconds:.0} s)", cell.id()),
         };
         progress.log(line);
@@ -116,12 +129,25 @@ pub fn run_study(study: &Study, options: &RunOptions) -> anyhow::Result<Vec<Cell
 /// written. An artefact made with other settings is an error that lists what changed; with
 /// `options.force` it is removed instead (a cell's whole directory, its checkpoints included),
 /// to be redone. Returns each cell's identity, in `matrix`'s order.
-pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], options: &RunOptions, progress: &Progress) -> anyhow::Result<Vec<Identity>> {
+pub(crate) fn check_artefacts(
+    study: &Study,
+    dir: &Path,
+    matrix: &[Cell],
+    options: &RunOptions,
+    progress: &Progress,
+) -> anyhow::Result<Vec<Identity>> {
     let mut artefacts: Vec<(String, PathBuf, Identity)> = Vec::new();
     if let PolicyBase::Preset { .. } = study.policy.base {
         artefacts.push(("base policy".to_string(), dir.join("base"), Identity::new(base_config(study)?)));
     }
-    let trained_here = matches!(study.reward_model, Some(RewardModelSpec::Train { .. } | RewardModelSpec::CausalLm { .. } | RewardModelSpec::Checkpoint { fine_tune: Some(_), .. }));
+    let trained_here = matches!(
+        study.reward_model,
+        Some(
+            RewardModelSpec::Train { .. }
+                | RewardModelSpec::CausalLm { .. }
+                | RewardModelSpec::Checkpoint { fine_tune: Some(_), .. }
+        )
+    );
     if let (true, Some(config)) = (trained_here, reward_model_config(study)?) {
         artefacts.push(("reward model".to_string(), dir.join("reward_model"), Identity::new(config)));
     }
@@ -155,7 +181,10 @@ pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], option
                 None => groups.push((lines.clone(), vec![named])),
             }
         }
-        let mut message = format!("{} holds results of other settings than this study's; reusing them would report them under the new settings:\n", dir.display());
+        let mut message = format!(
+            "{} holds results of other settings than this study's; reusing them would report them under the new settings:\n",
+            dir.display()
+        );
         for (lines, names) in groups {
             message.push_str(&format!("  {}:\n", names.join(", ")));
             for line in lines {
@@ -167,7 +196,8 @@ pub(crate) fn check_artefacts(study: &Study, dir: &Path, matrix: &[Cell], option
     }
     for (what, artefact, lines) in &changed {
         progress.log(format!("{what}: made with other settings ({}), redone (--force)", lines.join("; ")));
-        std::fs::remove_dir_all(artefact).with_context(|| format!("cannot remove {} to redo it", artefact.display()))?;
+        std::fs::remove_dir_all(artefact)
+            .with_context(|| format!("cannot remove {} to redo it", artefact.display()))?;
     }
     Ok(cells)
 }

@@ -24,4 +24,3 @@ pub fn fixture(name: &str) -> (PathBuf, Reference) {
 pub fn mask(reference: &Reference) -> Vec<Vec<bool>> {
     reference.attention_mask.iter().map(|row| row.iter().map(|&m| m == 1).collect()).collect()
 }
-
