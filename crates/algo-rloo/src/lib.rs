@@ -27,7 +27,7 @@ use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use policy_models::CausalLm;
 use policy_models::generate::Sampler;
-use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
+use policy_models::optim::{AdamW, NonFinite, Updater};
 use rl_algos::algorithm::{CheckpointState, parse_config};
 use rl_algos::{
     AlgorithmEntry, AlgorithmInputs, Environment, Metrics, OptimSettings, PromptItem, RlAlgorithm, RlError,
@@ -305,26 +305,13 @@ impl RlAlgorithm for Rloo {
         let mask = rollout::loss_mask(&rollout, false, &device);
         let count = rollout.len();
         let (pad, share) = (environment.pad_token_id, self.config.share_prompt_prefix);
-        // A micro-batch's tokens: what its shards' forward passes run.
-        let micro_tokens = |rows: std::ops::Range<usize>| {
-            let shards = shard_ranges(self.updater.model(), rows.len());
-            shards
-                .into_iter()
-                .map(|shard| {
-                    rollout::scoring_positions(
-                        &rollout,
-                        prompts,
-                        rows.start + shard.start..rows.start + shard.end,
-                        share,
-                    )
-                })
-                .sum()
-        };
-        let micro = rollout::micro_batch_rows_by(
-            count,
+        let micro = rollout::scoring_micro_batch_rows(
+            self.updater.model(),
+            &rollout,
+            prompts,
+            share,
             self.config.gradient_accumulation_steps,
             self.config.max_tokens_per_micro_batch,
-            micro_tokens,
         );
         let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
         let temperature = self.config.temperature;

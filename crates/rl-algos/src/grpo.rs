@@ -535,7 +535,7 @@ use burn::optim::GradientsAccumulator;
 use burn::tensor::TensorData;
 use policy_models::CausalLm;
 use policy_models::generate::Sampler;
-use policy_models::optim::{AdamW, NonFinite, Updater, shard_ranges};
+use policy_models::optim::{AdamW, NonFinite, Updater};
 
 use crate::advantages::group_advantages;
 use crate::algorithm::{
@@ -788,26 +788,13 @@ impl RlAlgorithm for Grpo {
         let schedule = self.optim.schedule();
         let count = rollout.len();
         let tokens_total = mask_host.iter().sum::<f32>();
-        // A micro-batch's tokens: what its shards' forward passes run.
-        let micro_tokens = |rows: std::ops::Range<usize>| {
-            let shards = shard_ranges(self.updater.model(), rows.len());
-            shards
-                .into_iter()
-                .map(|shard| {
-                    rollout::scoring_positions(
-                        &rollout,
-                        prompts,
-                        rows.start + shard.start..rows.start + shard.end,
-                        share,
-                    )
-                })
-                .sum()
-        };
-        let micro = rollout::micro_batch_rows_by(
-            count,
+        let micro = rollout::scoring_micro_batch_rows(
+            self.updater.model(),
+            &rollout,
+            prompts,
+            share,
             self.config.gradient_accumulation_steps,
             self.config.max_tokens_per_micro_batch,
-            micro_tokens,
         );
         let micro_batches = count.div_ceil(micro.max(1)).max(1);
         let per_sequence_clips = self.config.importance_sampling_level == ImportanceSamplingLevel::Sequence;

@@ -281,6 +281,27 @@ pub fn micro_batch_rows_by(
     (1..=rows).map(|count| rows.div_ceil(count)).find(|&size| size == 1 || fits(size)).unwrap_or(1)
 }
 
+/// Rows per micro-batch of an update that scores `rollout` with `policy`:
+/// [`micro_batch_rows_by`] with each micro-batch's tokens counted as its shards' forward passes
+/// run them ([`policy_models::optim::shard_ranges`], [`scoring_positions`]).
+pub fn scoring_micro_batch_rows(
+    policy: &CausalLm,
+    rollout: &Rollout,
+    prompts: &[PromptItem],
+    share: bool,
+    steps: Option<usize>,
+    max_tokens: usize,
+) -> usize {
+    let tokens = |rows: std::ops::Range<usize>| {
+        let shards = policy_models::optim::shard_ranges(policy, rows.len());
+        let positions = |shard: std::ops::Range<usize>| {
+            scoring_positions(rollout, prompts, rows.start + shard.start..rows.start + shard.end, share)
+        };
+        shards.into_iter().map(positions).sum()
+    };
+    micro_batch_rows_by(rollout.len(), steps, max_tokens, tokens)
+}
+
 #[cfg(test)]
 mod micro_batch_tests {
     use super::micro_batch_rows;
