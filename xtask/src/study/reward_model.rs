@@ -140,31 +140,28 @@ pub(crate) fn prepare_reward_model(
             model.save_dir(&partial)?;
             (tokenizer, report)
         }
-        RewardModelSpec::Checkpoint { model: checkpoint, .. } => {
-            let checkpoint = ModelSource::parse(checkpoint)?.resolve()?;
-            let tokenizer = PolicyTokenizer::load_dir(&checkpoint)
-                .with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
-            let (model, head) = RobertaRegressor::load_dir(&checkpoint, &autodiff)?;
-            progress.log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
-            let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
-            let (model, report) = train_reward_model(
-                RewardTrainer::new(model, training.clone()),
-                &train,
-                &held_out,
-                &reward_tokenizer,
-                progress,
-            )?;
-            model.without_token_head().save_dir(&partial)?;
-            (tokenizer, report)
-        }
-        RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. } => {
-            // The tiny reward model reads text with the base policy's tokenizer (trained on the
-            // same problems).
-            let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
-            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192)
-                .with_intermediate_size(*intermediate_size);
-            let model = RobertaRegressor::init(&config, &autodiff);
+        RewardModelSpec::Checkpoint { .. } | RewardModelSpec::Train { .. } => {
+            let (tokenizer, model) = match spec {
+                RewardModelSpec::Checkpoint { model: checkpoint, .. } => {
+                    let checkpoint = ModelSource::parse(checkpoint)?.resolve()?;
+                    let tokenizer = PolicyTokenizer::load_dir(&checkpoint)
+                        .with_context(|| format!("the reward model in {} has no tokenizer", checkpoint.display()))?;
+                    let (model, head) = RobertaRegressor::load_dir(&checkpoint, &autodiff)?;
+                    progress
+                        .log(format!("reward model: fine-tuning {} (regression head {head:?})", checkpoint.display()));
+                    (tokenizer, model)
+                }
+                RewardModelSpec::Train { hidden_size, num_layers, intermediate_size, .. } => {
+                    // The tiny reward model reads text with the base policy's tokenizer (trained on
+                    // the same problems).
+                    let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
+                    let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+                    let config = RobertaConfig::tiny(tokenizer.vocab_size(), pad, *hidden_size, *num_layers, 192)
+                        .with_intermediate_size(*intermediate_size);
+                    (tokenizer, RobertaRegressor::init(&config, &autodiff))
+                }
+                _ => unreachable!("the RoBERTa kinds"),
+            };
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
             let (model, report) = train_reward_model(
                 RewardTrainer::new(model, training.clone()),
