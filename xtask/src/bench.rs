@@ -6,6 +6,7 @@
 //! Speed is only meaningful in a release build: from a debug build this command re-runs itself
 //! with `cargo run --release`.
 
+mod flops;
 mod model;
 
 use std::process::Command;
@@ -63,8 +64,10 @@ pub struct Args {
     /// With --model: train LoRA adapters of this rank (alpha = 2 x rank) instead of every weight.
     #[arg(long, requires = "model")]
     lora_rank: Option<usize>,
-    /// With --model: micro-batches per optimizer step on both sides. Unset: TRL's default (one)
-    /// for the reference, cotlab's token budget (`max_tokens_per_micro_batch`) for cotlab.
+    /// With --model: micro-batches per optimizer step on both sides. Unset: for the GRPO
+    /// reference, TRL's default per-device batch of 8 completions (prompts x generations / 8
+    /// micro-batches; one when 8 does not divide it), and one micro-batch for the other
+    /// workloads' references; cotlab's token budget (`max_tokens_per_micro_batch`) for cotlab.
     #[arg(long, requires = "model")]
     grad_accum: Option<usize>,
     /// With --model --workload grpo: run every row as prompt + completion in cotlab's training
@@ -171,6 +174,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         checkpoint_every: 0,
         seed: 0,
         pad_token_id: 1,
+        // One pass over the whole batch, as the PyTorch reference runs it.
+        max_tokens_per_micro_batch: usize::MAX,
     };
     let model = CausalLm::init(&config, &device.clone().autodiff()).map_err(anyhow::Error::msg)?;
     let mut trainer = SftTrainer::new(model, sft);

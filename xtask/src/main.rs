@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod compare;
 mod generate;
+mod heap;
 mod logits;
 mod plot;
 mod reward_model;
@@ -12,9 +13,6 @@ mod score;
 mod study;
 
 use clap::{Parser, Subcommand};
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in mimalloc v3's header;
 /// the bindings name the next one, `mi_option_use_numa_nodes`, 16).
@@ -67,6 +65,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
+    let _heap_profile = heap::profile_from_env();
     match Cli::parse().command {
         Command::Compare(args) => compare::run(args),
         Command::Plot(args) => plot::run(args),

@@ -427,6 +427,24 @@ where
     Ok((total, accumulator.grads(), extras))
 }
 
+/// Rows per micro-batch of an update over `rows` rows, the tokens of rows `range` counted by
+/// `tokens` (padded, or with a shared prompt counted once per forward pass that runs it): `steps`
+/// micro-batches of equal size when set, else the fewest micro-batches, of equal row counts,
+/// whose every one fits `max_tokens` (a micro-batch of one row always does). A backward pass
+/// holds activations in proportion to its tokens, so the budget bounds a step's memory.
+pub fn micro_batch_rows_by(
+    rows: usize,
+    steps: Option<usize>,
+    max_tokens: usize,
+    tokens: impl Fn(std::ops::Range<usize>) -> usize,
+) -> usize {
+    if let Some(steps) = steps {
+        return rows.div_ceil(steps.clamp(1, rows.max(1))).max(1);
+    }
+    let fits = |size: usize| (0..rows).step_by(size).all(|start| tokens(start..(start + size).min(rows)) <= max_tokens);
+    (1..=rows).map(|count| rows.div_ceil(count)).find(|&size| size == 1 || fits(size)).unwrap_or(1)
+}
+
 /// Replaces every trained parameter by a new autodiff leaf over the same values and id.
 struct FreshLeaves;
 

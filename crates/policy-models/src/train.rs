@@ -57,7 +57,20 @@ pub struct SftConfig {
     pub seed: u64,
     /// Padding id.
     pub pad_token_id: i64,
+    /// The most tokens (rows x padded length) one forward and backward pass holds: a larger
+    /// batch is split into micro-batches of equal row counts whose gradients add up (the loss is
+    /// normalised by the whole batch's tokens, so the split does not change the step; see
+    /// [`crate::optim::micro_batch_rows_by`]). Default 1024, the RL algorithms' budget.
+    #[serde(default = "default_max_tokens_per_micro_batch")]
+    pub max_tokens_per_micro_batch: usize,
 }
+
+fn default_max_tokens_per_micro_batch() -> usize {
+    DEFAULT_MAX_TOKENS_PER_MICRO_BATCH
+}
+
+/// The default [`SftConfig::max_tokens_per_micro_batch`].
+pub const DEFAULT_MAX_TOKENS_PER_MICRO_BATCH: usize = 1024;
 
 /// What one step did (the names are the metrics the RL algorithms also report).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,16 +139,22 @@ pub fn sft_loss_share(model: &CausalLm, batch: &[&SftExample], pad_token_id: i64
         ids.push(row);
     }
     let input = StepInput::from_padded(&ids, &mask);
-    let logits = model.forward(&input, &mut model.new_cache()); // [B, T, V]
-    let device = logits.device();
-    let batch_size = batch.len();
-    // Targets: the next token (the last position's target is unused and masked).
-    let targets: Vec<i64> = ids.iter().flat_map(|row| row[1..].iter().copied().chain([pad_token_id])).collect();
-    let targets: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [batch_size, length, 1]), &device);
-    let weights: Vec<f32> = target_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-    let weights: Tensor<2> = Tensor::from_data(TensorData::new(weights, [batch_size, length]), &device);
-    let log_probs = crate::fused::log_softmax_last(logits).gather(2, targets).reshape([batch_size, length]);
-    -(log_probs * weights).sum() / total_tokens.max(1) as f32
+    let hidden = model.hidden_states(&input, &mut model.new_cache()); // [B, T, C]
+    let [batch_size, _, width] = hidden.dims();
+    // Only the trained positions go through the LM head, fused with the log-softmax and the
+    // gather: no [B, T, V] logits (for SmolLM2's 49152 entries, 64 rows of 235 tokens are 3 GB).
+    let positions: Vec<i64> = (0..batch_size * length).filter(|&i| target_mask[i]).map(|i| i as i64).collect();
+    if positions.is_empty() {
+        return hidden.sum().reshape([1]) * 0.0;
+    }
+    let device = hidden.device();
+    let targets: Vec<i64> = positions.iter().map(|&i| ids[i as usize / length][i as usize % length + 1]).collect();
+    let count = positions.len();
+    let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [count]), &device);
+    let predicting = hidden.reshape([batch_size * length, width]).select(0, positions); // [N, C]
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [count]), &device);
+    let (log_probs, _) = model.token_log_probs(predicting, targets, 1.0);
+    -log_probs.sum() / total_tokens.max(1) as f32
 }
 
 /// A model under supervised training with its optimizer and step count.
@@ -248,10 +267,22 @@ impl SftTrainer {
         // One shard of rows per thread on the CPU: see `sharded_backward`.
         let not_finite =
             |bad: NonFinite| TrainError::NotFinite { step: step + 1, quantity: bad.quantity(), value: bad.value() };
-        let (loss, grads, _) = self
-            .updater
-            .backward(batch.len(), |model, rows| (sft_loss_share(model, &batch[rows], pad, tokens), ()))
-            .map_err(not_finite)?;
+        let padded = |rows: std::ops::Range<usize>| {
+            let longest = batch[rows.clone()].iter().map(|e| e.prompt_ids.len() + e.completion_ids.len()).max();
+            longest.unwrap_or(0) * rows.len()
+        };
+        let micro =
+            crate::optim::micro_batch_rows_by(batch.len(), None, self.config.max_tokens_per_micro_batch, padded);
+        let (mut loss, mut accumulator) = (0.0, burn::optim::GradientsAccumulator::new());
+        for micro_batch in batch.chunks(micro) {
+            let (share, grads, _) = self
+                .updater
+                .backward(micro_batch.len(), |model, rows| (sft_loss_share(model, &micro_batch[rows], pad, tokens), ()))
+                .map_err(not_finite)?;
+            loss += share;
+            accumulator.accumulate(self.updater.model(), grads);
+        }
+        let grads = accumulator.grads();
         let stats = self.updater.update(grads, loss, self.config.max_grad_norm, learning_rate).map_err(not_finite)?;
         Ok(SftStep {
             step: step + 1,

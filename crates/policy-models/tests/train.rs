@@ -65,6 +65,7 @@ fn config(steps: u64) -> SftConfig {
         checkpoint_every: 3,
         seed: 0,
         pad_token_id: 1,
+        max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
     }
 }
 
@@ -251,4 +252,64 @@ fn sharded_gradients_equal_the_whole_batch_gradients() {
         scale > 0.0 && worst < 1e-5 * scale.max(1.0),
         "largest gradient difference {worst} (largest gradient {scale})"
     );
+}
+
+/// A batch over the token budget is split into micro-batches whose gradients add up to the
+/// one-pass step's: same loss, same gradient norm, same weights after the step (to float
+/// summation order). The loss is also the plain log-softmax cross-entropy over full logits,
+/// which the fused head replaces.
+#[test]
+fn micro_batches_under_the_token_budget_take_the_one_pass_step() {
+    let device = Device::flex().autodiff();
+    let (tokenizer, examples) = data();
+    let dir = tempfile::tempdir().unwrap();
+    small_model(tokenizer.vocab_size(), &device).save_dir(dir.path(), None).unwrap();
+    let start = || CausalLm::load_dir(dir.path(), &device).unwrap();
+    let padded = examples[..16].iter().map(|e| e.prompt_ids.len() + e.completion_ids.len()).max().unwrap();
+    let step = |budget: usize| {
+        let mut trainer = SftTrainer::new(start(), SftConfig { max_tokens_per_micro_batch: budget, ..config(6) });
+        // Past the warmup's zero learning rate, so that the step moves the weights.
+        let steps: Vec<_> = (0..2).map(|_| trainer.train_step(&examples).unwrap()).collect();
+        let probe =
+            StepInput::from_padded(&[examples[0].prompt_ids.clone()], &[vec![true; examples[0].prompt_ids.len()]]);
+        let logits = trainer.model().forward(&probe, &mut trainer.model().new_cache());
+        (steps, logits.into_data().try_to_vec::<f32>().unwrap())
+    };
+    let (whole, whole_logits) = step(usize::MAX);
+    // At most 5 rows per micro-batch: 16 rows become 4 micro-batches of 4.
+    let (split, split_logits) = step(5 * padded);
+    for (a, b) in whole.iter().zip(&split) {
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "loss {} vs {}", a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "grad norm {} vs {}", a.grad_norm, b.grad_norm);
+    }
+    let worst = whole_logits.iter().zip(&split_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "weights after the split step differ: logits by {worst}");
+    assert!(whole[1].update_norm > 0.0);
+
+    // The first step's loss against the unfused cross-entropy of the same batch.
+    let model = start();
+    let batch: Vec<&SftExample> = {
+        // The first step's batch: the first 16 positions of the seed-0 permutation.
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
+        order[..16].iter().map(|&i| &examples[i]).collect()
+    };
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for example in &batch {
+        let ids: Vec<i64> = example.prompt_ids.iter().chain(&example.completion_ids).copied().collect();
+        let input = StepInput::from_padded(std::slice::from_ref(&ids), &[vec![true; ids.len()]]);
+        let logits = model.forward(&input, &mut model.new_cache()).into_data().try_to_vec::<f32>().unwrap();
+        let vocab = logits.len() / ids.len();
+        for t in example.prompt_ids.len().max(1) - 1..ids.len() - 1 {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_sum = row.iter().map(|&z| f64::from(z - max).exp()).sum::<f64>().ln() + f64::from(max);
+            total += log_sum - f64::from(row[ids[t + 1] as usize]);
+            count += 1;
+        }
+    }
+    let expected = total / count as f64;
+    assert!((whole[0].loss - expected).abs() < 1e-4 * expected, "loss {} vs unfused {expected}", whole[0].loss);
 }

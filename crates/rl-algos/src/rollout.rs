@@ -264,22 +264,7 @@ pub fn micro_batch_rows(rows: usize, padded_len: usize, steps: Option<usize>, ma
     micro_batch_rows_by(rows, steps, max_tokens, |range| range.len() * padded_len)
 }
 
-/// [`micro_batch_rows`] with the tokens of a micro-batch of rows `range` counted by `tokens`
-/// (with shared prompt prefixes, a prompt counts once per forward pass that runs it, see
-/// [`scoring_positions`]): the fewest micro-batches, of equal row counts, whose every one fits
-/// `max_tokens` (a micro-batch of one row always does).
-pub fn micro_batch_rows_by(
-    rows: usize,
-    steps: Option<usize>,
-    max_tokens: usize,
-    tokens: impl Fn(std::ops::Range<usize>) -> usize,
-) -> usize {
-    if let Some(steps) = steps {
-        return rows.div_ceil(steps.clamp(1, rows.max(1))).max(1);
-    }
-    let fits = |size: usize| (0..rows).step_by(size).all(|start| tokens(start..(start + size).min(rows)) <= max_tokens);
-    (1..=rows).map(|count| rows.div_ceil(count)).find(|&size| size == 1 || fits(size)).unwrap_or(1)
-}
+pub use policy_models::optim::micro_batch_rows_by;
 
 /// Rows per micro-batch of an update that scores `rollout` with `policy`:
 /// [`micro_batch_rows_by`] with each micro-batch's tokens counted as its shards' forward passes

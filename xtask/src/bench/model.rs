@@ -21,6 +21,7 @@ use rl_algos::{AlgorithmInputs, Environment, OptimSettings, PromptItem};
 use serde::Serialize;
 use tasks::Problem;
 
+use super::flops;
 use crate::common::ComputeDtype;
 use crate::study::config::registry;
 use crate::study::prompts::encode_prompt;
@@ -96,6 +97,20 @@ impl BenchConfig {
         self.prompts_per_step * self.num_generations
     }
 
+    /// Micro-batches per step on the reference's side: `--grad-accum` when given; else TRL's
+    /// default `per_device_train_batch_size` of 8 for GRPO (one micro-batch when 8 does not
+    /// divide the step's completions), one for the other workloads.
+    pub fn reference_grad_accum(&self) -> usize {
+        const TRL_PER_DEVICE_BATCH: usize = 8;
+        match self.grad_accum {
+            Some(steps) => steps,
+            None if self.workload == Workload::Grpo && self.rows().is_multiple_of(TRL_PER_DEVICE_BATCH) => {
+                self.rows() / TRL_PER_DEVICE_BATCH
+            }
+            None => 1,
+        }
+    }
+
     /// Checks the settings together; each message names the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.prompts_per_step >= 1, "--prompts must be at least 1");
@@ -134,6 +149,16 @@ pub struct Figures {
     pub train_tokens_per_s: Option<f64>,
     /// Peak resident memory of the process (`VmHWM`), model loading included.
     pub peak_rss_bytes: Option<u64>,
+    /// cotlab: the most bytes the program held allocated at once; the rest of the peak RSS is
+    /// what the allocator kept for reuse, the binary and the loaded files' pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_heap_bytes: Option<u64>,
+    /// cotlab, train: the best f32 2048 x 2048 x 2048 product in this process, GFLOP/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matmul_peak_gflops: Option<f64>,
+    /// cotlab, train: the median step's matrix-product GFLOP/s ([`flops::training_step_flops`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_gflops: Option<f64>,
     /// Seconds of every step or run, the warm-up first.
     pub step_seconds: Vec<f64>,
     /// GRPO: seconds of each step's update phase (scoring, backward passes, optimizer), the
@@ -195,6 +220,9 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
         gen_tokens_per_s: None,
         train_tokens_per_s: None,
         peak_rss_bytes: None,
+        peak_heap_bytes: None,
+        matmul_peak_gflops: None,
+        train_gflops: None,
         step_seconds: Vec::new(),
         update_seconds: Vec::new(),
         completion_mean_length: None,
@@ -340,9 +368,10 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 checkpoint_every: 0,
                 seed: 0,
                 pad_token_id: pad,
+                max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
             };
             let mut trainer = SftTrainer::new(policy, sft);
-            let mut tokens = Vec::new();
+            let (mut tokens, mut flop_counts) = (Vec::new(), Vec::new());
             for (batch, questions) in
                 prompts.chunks(config.prompts_per_step).zip(problems.chunks(config.prompts_per_step))
             {
@@ -353,6 +382,15 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                         .map(|example| example.prompt_ids.len() + example.completion_ids.len())
                         .sum::<usize>() as f64,
                 );
+                let lengths: Vec<usize> =
+                    examples.iter().map(|example| example.prompt_ids.len() + example.completion_ids.len()).collect();
+                let loss_positions = examples.iter().map(|example| example.completion_ids.len()).sum();
+                flop_counts.push(flops::training_step_flops(
+                    trainer.model(),
+                    &lengths,
+                    loss_positions,
+                    config.lora.is_some(),
+                ));
                 let started = Instant::now();
                 trainer.train_step(&examples)?;
                 figures.step_seconds.push(started.elapsed().as_secs_f64());
@@ -360,9 +398,14 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let rates: Vec<f64> =
                 tokens.iter().zip(&figures.step_seconds).map(|(tokens, seconds)| tokens / seconds).collect();
             figures.train_tokens_per_s = Some(median_after_warmup(&rates));
+            let step_flops: Vec<f64> =
+                flop_counts.iter().zip(&figures.step_seconds).map(|(f, s)| f / s / 1e9).collect();
+            figures.train_gflops = Some(median_after_warmup(&step_flops));
+            figures.matmul_peak_gflops = Some(flops::matmul_peak_gflops(&device));
         }
     }
     figures.peak_rss_bytes = peak_rss_bytes();
+    figures.peak_heap_bytes = Some(crate::heap::peak_bytes() as u64);
     Ok(figures)
 }
 
@@ -435,7 +478,7 @@ pub fn reference_args(config: &BenchConfig) -> Vec<String> {
         ("--loss-type", config.loss_type.clone()),
         ("--beta", config.beta.to_string()),
         ("--steps", config.steps.to_string()),
-        ("--grad-accum", config.grad_accum.unwrap_or(1).to_string()),
+        ("--grad-accum", config.reference_grad_accum().to_string()),
         ("--threads", config.threads.to_string()),
         ("--dtype", config.dtype.clone()),
     ]
@@ -505,7 +548,10 @@ impl Report {
             c.loss_type,
             c.beta,
             c.steps,
-            c.grad_accum.map_or("auto (cotlab: token budget; TRL: 1)".to_string(), |n| n.to_string()),
+            c.grad_accum.map_or_else(
+                || format!("auto (cotlab: token budget; reference: {})", c.reference_grad_accum()),
+                |n| n.to_string()
+            ),
             c.threads,
             c.dtype,
             lora,
@@ -519,7 +565,7 @@ impl Report {
         let cell = |value: Option<f64>, digits: usize| value.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         let reference_name = if c.workload == Workload::Grpo { "TRL" } else { "transformers" };
         text.push_str(&format!("{:<34} {:>12} {:>12}\n", "", "cotlab", reference_name));
-        let rows: [(&str, Option<f64>, Option<f64>, usize); 6] = [
+        let rows: [(&str, Option<f64>, Option<f64>, usize); 9] = [
             ("GRPO step seconds (median)", self.cotlab.grpo_step_seconds, theirs("grpo_step_seconds"), 2),
             ("generate tokens/s", self.cotlab.gen_tokens_per_s, theirs("gen_tokens_per_s"), 1),
             ("train tokens/s", self.cotlab.train_tokens_per_s, theirs("train_tokens_per_s"), 1),
@@ -531,6 +577,9 @@ impl Report {
                 theirs("peak_rss_bytes").map(|b| b / (1u64 << 30) as f64),
                 2,
             ),
+            ("peak heap (GiB)", self.cotlab.peak_heap_bytes.map(|b| b as f64 / (1u64 << 30) as f64), None, 2),
+            ("train step GFLOP/s", self.cotlab.train_gflops, None, 1),
+            ("f32 2048^3 matmul GFLOP/s", self.cotlab.matmul_peak_gflops, None, 1),
         ];
         for (name, ours, reference, digits) in rows {
             if ours.is_some() || reference.is_some() {
@@ -747,6 +796,9 @@ mod tests {
             gen_tokens_per_s: None,
             train_tokens_per_s: None,
             peak_rss_bytes: None,
+            peak_heap_bytes: None,
+            matmul_peak_gflops: None,
+            train_gflops: None,
             step_seconds: vec![],
             update_seconds: vec![],
             completion_mean_length: None,

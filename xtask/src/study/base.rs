@@ -165,6 +165,7 @@ pub(crate) fn prepare_base(
         checkpoint_every: 0,
         seed: 0,
         pad_token_id: pad,
+        max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
     };
     let mut bar = progress.bar(sft.steps, "base policy (supervised)", 1);
     let mut trainer = SftTrainer::new(model, config);
