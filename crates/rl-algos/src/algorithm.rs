@@ -267,9 +267,33 @@ impl AlgorithmEntry {
     }
 }
 
-/// Parses and validates a config block with serde, naming the algorithm in errors.
+/// Parses and validates a config block with serde, naming the algorithm in errors, and the
+/// field too: serde's message for a bad value ("unknown variant `dapoo`, expected one of ...",
+/// "invalid type") does not say which field held it.
 pub fn parse_config<T: serde::de::DeserializeOwned>(name: &str, value: &serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(value.clone()).map_err(|error| format!("[{name}] config: {error}"))
+    serde_json::from_value(value.clone()).map_err(|error| match culprit::<T>(value, &error.to_string()) {
+        Some(field) => format!("[{name}] config.{field}: {error}"),
+        None => format!("[{name}] config: {error}"),
+    })
+}
+
+/// The field of the object `value` whose value `error` is about: the one whose removal lets the
+/// block parse (or fail only for lacking that field). `None` when the error names its field
+/// already (unknown or missing fields) or no single field explains it.
+fn culprit<T: serde::de::DeserializeOwned>(value: &serde_json::Value, error: &str) -> Option<String> {
+    let object = value.as_object()?;
+    if error.contains("unknown field") || error.contains("missing field") {
+        return None;
+    }
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
+            Ok(_) => Some(key.clone()),
+            Err(other) if other.to_string().contains(&format!("missing field `{key}`")) => Some(key.clone()),
+            Err(_) => None,
+        }
+    })
 }
 
 /// A config block parsed, validated and written back with every default filled in. A study

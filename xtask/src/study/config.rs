@@ -1164,7 +1164,10 @@ steps = 2
         assert_eq!(config["importance_sampling_level"], "sequence");
         for (text, named) in [
             ("config = { top_entropy_quantiles = 0.2 }\n", "unknown field `top_entropy_quantiles`"),
-            ("config = { importance_sampling_level = \"sequence_token\" }\n", "unknown variant `sequence_token`"),
+            (
+                "config = { importance_sampling_level = \"sequence_token\" }\n",
+                "config.importance_sampling_level: unknown variant `sequence_token`",
+            ),
             ("config = { delta = 0.5 }\n", "grpo.delta = 0.5"),
             ("config = { sync_ref_model = true }\n", "sync_ref_model = true with beta = 0"),
         ] {
@@ -1248,7 +1251,7 @@ steps = 2
         for (change, named) in [
             (
                 "kl_in = \"loss\"",
-                "methods.rloo.config: [rloo] config: unknown variant `logits`, expected `reward` or `loss`",
+                "methods.rloo.config: [rloo] config.kl_in: unknown variant `logits`, expected `reward` or `loss`",
             ),
             ("epsilon = 0.2,", "methods.rloo.config: rloo.epsilon = 1.5"),
             ("horizon = 10000", "methods.ppo.config: ppo.adaptive_kl = { target = 6, horizon = 0 }"),
