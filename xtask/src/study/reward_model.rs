@@ -133,48 +133,62 @@ pub(crate) fn label_and_pair(
     (pairs, counts)
 }
 
-/// Samples the base policy in `base_dir` on `problems` and pairs its answers by lenient
-/// correctness against the gold answer (the rule checker of the study's template format).
-#[allow(clippy::too_many_arguments, reason = "the sampling's whole context")]
+/// Samples the base policy in `base_dir` on the first `settings.problems` questions of train
+/// (training pairs) and of test (held-out pairs), and pairs its answers by lenient correctness
+/// against the gold answer (the rule checker of the study's template format).
 fn base_policy_pairs(
     study: &Study,
     task: &TaskData,
     base_dir: &Path,
     settings: &PolicySamples,
-    problems: &[Problem],
     seed: u64,
     device: &Device,
-    progress: (&Progress, &str),
-) -> anyhow::Result<(Vec<Comparison>, SampleSplitCounts)> {
+    progress: &Progress,
+) -> anyhow::Result<(Vec<Comparison>, Vec<Comparison>, PolicySampleCounts)> {
     let policy = CausalLm::load_dir(base_dir, device).with_context(|| format!("loading {}", base_dir.display()))?;
     let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
     // Zero-shot, as PPO's rollouts are prompted (the chat template when the study uses one).
     let builder = prompt_builder(study, task, base_dir, 0, seed)?;
     let sampler = Sampler::Sample { temperature: settings.temperature, top_k: None, top_p: None };
-    let mut samples: Vec<Vec<String>> = vec![Vec::with_capacity(settings.samples); problems.len()];
-    for draw in 0..settings.samples {
-        let label = format!("{} draw {}/{}", progress.1, draw + 1, settings.samples);
-        let completions = complete(
-            study,
-            &policy,
-            &tokenizer,
-            &builder,
-            problems,
-            (sampler, settings.max_new_tokens),
-            seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
-            (progress.0, &label),
-        )?;
-        for (slot, completion) in samples.iter_mut().zip(completions) {
-            slot.push(completion);
-        }
-    }
     let format = study.policy.template.answer_format();
-    Ok(label_and_pair(
-        problems,
-        &samples,
-        |completion, problem| score_completion(completion, &problem.answer, format).lenient,
-        settings.max_pairs_per_problem,
-    ))
+    let split_pairs = |split: &str, problems: &[Problem], seed: u64| {
+        let problems = &problems[..settings.problems.min(problems.len())];
+        let mut samples: Vec<Vec<String>> = vec![Vec::with_capacity(settings.samples); problems.len()];
+        for draw in 0..settings.samples {
+            let label = format!("reward model: policy samples ({split}) draw {}/{}", draw + 1, settings.samples);
+            let completions = complete(
+                study,
+                &policy,
+                &tokenizer,
+                &builder,
+                problems,
+                (sampler, settings.max_new_tokens),
+                seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
+                (progress, &label),
+            )?;
+            for (slot, completion) in samples.iter_mut().zip(completions) {
+                slot.push(completion);
+            }
+        }
+        let (pairs, counts) = label_and_pair(
+            problems,
+            &samples,
+            |completion, problem| score_completion(completion, &problem.answer, format).lenient,
+            settings.max_pairs_per_problem,
+        );
+        progress.log(format!(
+            "reward model: {} base-policy samples on {} {split} questions ({:.1}% correct): {} questions with both a correct and an incorrect sample, {} pairs",
+            settings.samples,
+            counts.questions,
+            counts.sample_accuracy * 100.0,
+            counts.questions_with_pairs,
+            counts.pairs
+        ));
+        anyhow::Ok((pairs, counts))
+    };
+    let (train, train_counts) = split_pairs("train", &task.train.problems, seed)?;
+    let (held_out, held_out_counts) = split_pairs("test", &task.test.problems, seed + 1)?;
+    Ok((train, held_out, PolicySampleCounts { train: train_counts, held_out: held_out_counts }))
 }
 
 /// Trains (or locates) the reward model when a reward source uses one; returns its directory
@@ -214,40 +228,11 @@ pub(crate) fn prepare_reward_model(
     let mut held_out = build_comparisons(&task.test, study.policy.template, 1, training.seed + 1);
     let mut sample_counts = None;
     if let Some(settings) = spec.policy_samples() {
-        let take = |problems: &[Problem]| problems[..settings.problems.min(problems.len())].to_vec();
-        let (train_pairs, train_counts) = base_policy_pairs(
-            study,
-            task,
-            base_dir,
-            settings,
-            &take(&task.train.problems),
-            training.seed,
-            device,
-            (progress, "reward model: policy samples (train)"),
-        )?;
-        let (held_out_pairs, held_out_counts) = base_policy_pairs(
-            study,
-            task,
-            base_dir,
-            settings,
-            &take(&task.test.problems),
-            training.seed + 1,
-            device,
-            (progress, "reward model: policy samples (test)"),
-        )?;
-        for (split, counts) in [("train", train_counts), ("test", held_out_counts)] {
-            progress.log(format!(
-                "reward model: {} base-policy samples on {} {split} questions ({:.1}% correct): {} questions with both a correct and an incorrect sample, {} pairs",
-                settings.samples,
-                counts.questions,
-                counts.sample_accuracy * 100.0,
-                counts.questions_with_pairs,
-                counts.pairs
-            ));
-        }
+        let (train_pairs, held_out_pairs, counts) =
+            base_policy_pairs(study, task, base_dir, settings, training.seed, device, progress)?;
         train.extend(train_pairs);
         held_out.extend(held_out_pairs);
-        sample_counts = Some(PolicySampleCounts { train: train_counts, held_out: held_out_counts });
+        sample_counts = Some(counts);
     }
     let train = as_rollouts(train, &builder)?;
     let held_out = as_rollouts(held_out, &builder)?;
