@@ -65,11 +65,16 @@ fn quick_study_writes_its_reports_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(reports.join("reward_model/metrics.json")).unwrap()).unwrap();
     let rm_accuracy = rm["held_out_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rm_accuracy) && rm["held_out_pairs"].as_u64().unwrap() > 0, "{rm}");
-    // Per kind of rejected answer; the pairs rotate through the three kinds, so the overall
-    // accuracy lies within the range of the three.
+    // Per kind of rejected answer; the synthetic pairs rotate through the three kinds (the quick
+    // base may answer too badly for policy-sample pairs), so the overall accuracy lies within the
+    // range of the kinds.
     let by_kind = rm["held_out_accuracy_by_corruption"].as_object().unwrap();
-    let kinds: Vec<&str> = by_kind.keys().map(String::as_str).collect();
+    let kinds: Vec<&str> = by_kind.keys().map(String::as_str).filter(|kind| *kind != "policy_sample").collect();
     assert_eq!(kinds, ["broken_format", "corrupted_step", "wrong_answer"], "{rm}");
+    assert!(
+        rm["policy_samples"]["train"]["questions"].as_u64().unwrap() > 0,
+        "configs/default.toml samples the base: {rm}"
+    );
     let values: Vec<f64> = by_kind.values().map(|v| v.as_f64().unwrap()).collect();
     let (low, high) = (values.iter().copied().fold(1.0, f64::min), values.iter().copied().fold(0.0, f64::max));
     assert!(low - 1e-9 <= rm_accuracy && rm_accuracy <= high + 1e-9, "{rm}");
@@ -612,4 +617,61 @@ config = { max_completion_length = 16, num_ppo_epochs = 1, num_mini_batches = 1 
     let cell = dir.path().join("reports/causal_rm-quick/cells/ppo__reward_model__seed0/metrics.csv");
     let text = std::fs::read_to_string(cell).unwrap();
     assert!(text.lines().count() > 1, "PPO's steps are logged: {text}");
+}
+
+/// `reward_model.policy_samples`: the base policy's own answers, paired by the rule checker, join
+/// the reward model's training and held-out comparisons, and metrics.json reports them as their
+/// own kind. The task is shrunk to one-digit operands up to 3 so that even the quick preset's
+/// 30-step base answers some questions right and others wrong (on the default task it gets none
+/// right, and a question whose samples all agree gives no pair).
+#[test]
+fn policy_sample_comparisons_are_reported_as_their_own_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+    let (head, tail) = default_study_around_methods();
+    let middle = r#"
+[reward_model]
+kind = "train"
+policy_samples = { problems = 8, samples = 4, max_new_tokens = 16, max_pairs_per_problem = 4 }
+[reward_model.training]
+steps = 5
+
+[reward_sources.reward_model]
+reward_model_weight = 1.0
+
+[methods.base]
+kind = "base"
+
+"#;
+    let study = format!("{head}{middle}{tail}")
+        .replacen("name = \"default\"", "name = \"policy_pairs\"", 1)
+        .replacen("max_operand = 9", "max_operand = 3", 1)
+        .replacen("train_size = 4000", "train_size = 100", 1)
+        .replacen("test_size = 400", "test_size = 20", 1);
+    assert!(study.contains("max_operand = 3") && study.contains("train_size = 100"), "default.toml's task moved");
+    std::fs::write(dir.path().join("configs/policy_pairs.toml"), study).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["compare", "configs/policy_pairs.toml", "--preset", "quick", "--quiet"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("reports/policy_pairs-quick/reward_model/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let accuracy = metrics["held_out_accuracy_by_corruption"]["policy_sample"].as_f64();
+    assert!(accuracy.is_some_and(|a| (0.0..=1.0).contains(&a)), "{metrics}");
+    let counts = &metrics["policy_samples"];
+    let held_out_pairs = counts["held_out"]["pairs"].as_u64().unwrap();
+    assert!(held_out_pairs > 0 && counts["train"]["pairs"].as_u64().unwrap() > 0, "{metrics}");
+    assert_eq!(metrics["held_out_pairs_by_corruption"]["policy_sample"].as_u64(), Some(held_out_pairs), "{metrics}");
+    // Pairs come only from questions with both outcomes, at most 4 each of at most 8 questions.
+    let with_pairs = counts["held_out"]["questions_with_pairs"].as_u64().unwrap();
+    assert!(with_pairs <= 8 && held_out_pairs <= 4 * with_pairs, "{metrics}");
+    let sample_accuracy = counts["held_out"]["sample_accuracy"].as_f64().unwrap();
+    assert!(0.0 < sample_accuracy && sample_accuracy < 1.0, "{metrics}");
+    let total: u64 =
+        metrics["held_out_pairs_by_corruption"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, metrics["held_out_pairs"].as_u64().unwrap(), "{metrics}");
 }

@@ -204,6 +204,10 @@ pub enum RewardModelSpec {
         /// Training settings.
         #[serde(default)]
         training: reward_model::train::RewardTrainingConfig,
+        /// Comparisons from the base policy's own samples besides the synthetic ones; absent:
+        /// synthetic comparisons only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_samples: Option<PolicySamples>,
     },
     /// A checkpoint (for example `distilbert/distilroberta-base`), fine-tuned on comparisons
     /// when `fine_tune` is set.
@@ -213,6 +217,10 @@ pub enum RewardModelSpec {
         /// Fine-tuning settings; absent: use the checkpoint's head as is.
         #[serde(default)]
         fine_tune: Option<reward_model::train::RewardTrainingConfig>,
+        /// Comparisons from the base policy's own samples besides the synthetic ones; absent:
+        /// synthetic comparisons only. Needs `fine_tune`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_samples: Option<PolicySamples>,
     },
     /// A causal LM with a scalar head on its last non-padding token (transformers'
     /// `LlamaForSequenceClassification` layout; `reward_model::CausalRewardModel`), trained
@@ -237,7 +245,60 @@ pub enum RewardModelSpec {
         /// pretrained model; `token_loss_weight` must stay 0).
         #[serde(default)]
         training: reward_model::train::RewardTrainingConfig,
+        /// Comparisons from the base policy's own samples besides the synthetic ones; absent:
+        /// synthetic comparisons only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_samples: Option<PolicySamples>,
     },
+}
+
+impl RewardModelSpec {
+    /// The policy-sample comparisons asked for, whichever kind of reward model.
+    pub fn policy_samples(&self) -> Option<&PolicySamples> {
+        match self {
+            RewardModelSpec::Train { policy_samples, .. }
+            | RewardModelSpec::Checkpoint { policy_samples, .. }
+            | RewardModelSpec::CausalLm { policy_samples, .. } => policy_samples.as_ref(),
+        }
+    }
+}
+
+/// `[reward_model] policy_samples`: comparisons between the study's base policy's own answers,
+/// labelled by the lenient rule checker (the last number against the gold answer), the kind of
+/// text PPO asks the reward model to score. For each question, `samples` completions are drawn;
+/// every correct x incorrect pair (up to `max_pairs_per_problem`) becomes a comparison, so a
+/// question the base always or never gets right gives none. Training pairs come from the first
+/// `problems` train questions, held-out pairs from the first `problems` test questions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySamples {
+    /// Questions sampled from each split.
+    pub problems: usize,
+    /// Completions per question (at least 2). Default 8.
+    #[serde(default = "default_policy_samples")]
+    pub samples: usize,
+    /// Longest completion in tokens. Default 64.
+    #[serde(default = "default_policy_sample_tokens")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature. Default 1.0.
+    #[serde(default = "default_policy_sample_temperature")]
+    pub temperature: f32,
+    /// Most comparisons from one question. Default 4.
+    #[serde(default = "default_policy_sample_pairs")]
+    pub max_pairs_per_problem: usize,
+}
+
+fn default_policy_samples() -> usize {
+    8
+}
+fn default_policy_sample_tokens() -> usize {
+    64
+}
+fn default_policy_sample_temperature() -> f32 {
+    1.0
+}
+fn default_policy_sample_pairs() -> usize {
+    4
 }
 
 fn default_causal_rm_tokens() -> usize {
@@ -533,7 +594,8 @@ impl Study {
         if let Some(RewardModelSpec::Checkpoint { model, .. }) = &self.reward_model {
             policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?;
         }
-        if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training }) = &self.reward_model {
+        if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training, .. }) = &self.reward_model
+        {
             match (model, from_base) {
                 (Some(_), true) => {
                     bail!("reward_model: both model and from_base = true; keep one (the starting model)")
@@ -648,6 +710,36 @@ impl Study {
                 bail!("reward_model.intermediate_size = 0; use at least 1, or leave it out for twice hidden_size");
             }
         }
+        if let Some(spec) = &self.reward_model
+            && let Some(samples) = spec.policy_samples()
+        {
+            if matches!(spec, RewardModelSpec::Checkpoint { fine_tune: None, .. }) {
+                bail!(
+                    "reward_model.policy_samples: the checkpoint is used as is (no fine_tune), so nothing trains on them; add fine_tune = {{ ... }} or remove policy_samples"
+                );
+            }
+            if samples.problems == 0 {
+                bail!("reward_model.policy_samples.problems = 0; use at least 1, or remove policy_samples");
+            }
+            if samples.samples < 2 {
+                bail!(
+                    "reward_model.policy_samples.samples = {}: a pair needs a correct and an incorrect sample; use at least 2, e.g. 8",
+                    samples.samples
+                );
+            }
+            if samples.max_new_tokens == 0 {
+                bail!("reward_model.policy_samples.max_new_tokens = 0; use at least 1, e.g. 64");
+            }
+            if !(samples.temperature.is_finite() && samples.temperature > 0.0) {
+                bail!(
+                    "reward_model.policy_samples.temperature = {} must be a finite number above 0, e.g. 1.0",
+                    samples.temperature
+                );
+            }
+            if samples.max_pairs_per_problem == 0 {
+                bail!("reward_model.policy_samples.max_pairs_per_problem = 0; use at least 1, e.g. 4");
+            }
+        }
         let reward_training = match &self.reward_model {
             Some(RewardModelSpec::Train { training, .. } | RewardModelSpec::CausalLm { training, .. }) => {
                 Some(("reward_model.training", training))
@@ -745,6 +837,16 @@ impl Study {
             &mut self.reward_model
         {
             training.steps = training.steps.min(20);
+        }
+        if let Some(
+            RewardModelSpec::Train { policy_samples: Some(samples), .. }
+            | RewardModelSpec::Checkpoint { policy_samples: Some(samples), .. }
+            | RewardModelSpec::CausalLm { policy_samples: Some(samples), .. },
+        ) = &mut self.reward_model
+        {
+            samples.problems = samples.problems.min(8);
+            samples.samples = samples.samples.min(4);
+            samples.max_new_tokens = samples.max_new_tokens.min(24);
         }
         for method in self.methods.values_mut() {
             if let MethodSpec::Rl { steps, prompts_per_step, .. } = method {
@@ -1149,6 +1251,26 @@ steps = 2
         ] {
             let error = parse(&causal(fields)).unwrap_err().to_string();
             assert!(error.contains(named), "{fields}: {error}");
+        }
+        let study = parse(&reward_model("policy_samples = { problems = 16 }")).unwrap();
+        let samples = study.reward_model.as_ref().and_then(RewardModelSpec::policy_samples).unwrap();
+        assert_eq!((samples.problems, samples.samples, samples.max_pairs_per_problem), (16, 8, 4));
+        for (rm, named) in [
+            (reward_model("policy_samples = { problems = 0 }"), "reward_model.policy_samples.problems = 0"),
+            (reward_model("policy_samples = { problems = 4, samples = 1 }"), "reward_model.policy_samples.samples = 1"),
+            (reward_model("policy_samples = { problems = 4, temperature = 0.0 }"), "policy_samples.temperature = 0"),
+            (reward_model("policy_samples = { problems = 4, max_new_tokens = 0 }"), "policy_samples.max_new_tokens"),
+            (reward_model("policy_samples = { problems = 4, max_pairs_per_problem = 0 }"), "max_pairs_per_problem"),
+            (reward_model("policy_samples = { problems = 4, sample = 2 }"), "reward_model.policy_samples"),
+            (
+                format!(
+                    "{MINIMAL}[reward_model]\nkind = \"checkpoint\"\nmodel = \"o/n@main\"\npolicy_samples = {{ problems = 4 }}\n"
+                ),
+                "no fine_tune",
+            ),
+        ] {
+            let error = parse(&rm).unwrap_err().to_string();
+            assert!(error.contains(named), "{rm}: {error}");
         }
     }
 

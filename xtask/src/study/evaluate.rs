@@ -20,10 +20,10 @@ pub(crate) struct Sample {
     pub(crate) lenient: bool,
 }
 
-/// Longest prompt that leaves room for the answer within the model's positions.
-pub(crate) fn prompt_limit(study: &Study, policy: &CausalLm) -> usize {
+/// Longest prompt that leaves room for `max_new_tokens` within the model's positions.
+pub(crate) fn prompt_limit(study: &Study, policy: &CausalLm, max_new_tokens: usize) -> usize {
     let positions = policy.config().max_positions().unwrap_or(usize::MAX);
-    positions.min(study.policy.max_length).saturating_sub(study.evaluation.max_new_tokens).max(8)
+    positions.min(study.policy.max_length).saturating_sub(max_new_tokens).max(8)
 }
 
 pub(crate) struct Evaluation {
@@ -31,8 +31,8 @@ pub(crate) struct Evaluation {
     pub(crate) samples: Vec<Sample>,
 }
 
-/// Completions of `policy` for `problems` with `sampler`, cut at the template's stop strings;
-/// a bar named `label` counts the problems done.
+/// Completions of `policy` for `problems` with `sampler`, up to `max_new_tokens` each, cut at the
+/// template's stop strings; a bar named `label` counts the problems done.
 #[allow(clippy::too_many_arguments, reason = "the evaluation's whole context")]
 pub(crate) fn complete(
     study: &Study,
@@ -40,7 +40,7 @@ pub(crate) fn complete(
     tokenizer: &PolicyTokenizer,
     builder: &PromptBuilder,
     problems: &[Problem],
-    sampler: Sampler,
+    (sampler, max_new_tokens): (Sampler, usize),
     seed: u64,
     progress: (&Progress, &str),
 ) -> anyhow::Result<Vec<String>> {
@@ -48,13 +48,13 @@ pub(crate) fn complete(
     let decode =
         |ids: &[i64]| tokenizer.decode(&ids.iter().map(|&id| id as u32).collect::<Vec<_>>(), true).unwrap_or_default();
     let config = GenerationConfig {
-        max_new_tokens: study.evaluation.max_new_tokens,
+        max_new_tokens,
         sampler,
         eos_token_ids: tokenizer.eos_ids.iter().map(|&id| i64::from(id)).collect(),
         pad_token_id: tokenizer.pad_id.map_or(0, i64::from),
         seed,
     };
-    let limit = prompt_limit(study, policy);
+    let limit = prompt_limit(study, policy, max_new_tokens);
     let mut completions = Vec::with_capacity(problems.len());
     let mut bar = progress.0.bar(problems.len() as u64, progress.1, 2);
     for chunk in problems.chunks(study.evaluation.batch_size.max(1)) {
@@ -88,8 +88,16 @@ pub(crate) fn evaluate(
     progress: &Progress,
 ) -> anyhow::Result<Evaluation> {
     let format = study.policy.template.answer_format();
-    let completions =
-        complete(study, policy, tokenizer, builder, test, Sampler::Greedy, 0, (progress, "evaluation (greedy)"))?;
+    let completions = complete(
+        study,
+        policy,
+        tokenizer,
+        builder,
+        test,
+        (Sampler::Greedy, study.evaluation.max_new_tokens),
+        0,
+        (progress, "evaluation (greedy)"),
+    )?;
     let mut scores = Vec::with_capacity(test.len());
     let mut samples = Vec::with_capacity(test.len());
     for (problem, completion) in test.iter().zip(completions) {
@@ -127,7 +135,7 @@ pub(crate) fn majority_accuracy(
             tokenizer,
             builder,
             test,
-            sampler,
+            (sampler, study.evaluation.max_new_tokens),
             seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
             (progress, &label),
         )?;

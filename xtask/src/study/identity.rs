@@ -103,8 +103,19 @@ pub fn base_config(study: &Study) -> anyhow::Result<Value> {
 pub fn reward_model_config(study: &Study) -> anyhow::Result<Option<Value>> {
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
+    // Policy-sample comparisons come from the base policy: the reward model then depends on it
+    // whatever its own starting point.
+    let from_base = spec.policy_samples().is_some();
     Ok(Some(match spec {
         RewardModelSpec::Checkpoint { fine_tune: None, .. } => json!({ "reward_model": spec }),
+        _ if from_base => {
+            let mut config = base_config(study)?;
+            merge(
+                &mut config,
+                json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } }),
+            );
+            config
+        }
         RewardModelSpec::Checkpoint { fine_tune: Some(_), .. } => {
             json!({ "reward_model": spec, "task": study.task, "policy": { "template": study.policy.template } })
         }
@@ -249,9 +260,14 @@ mod tests {
     use super::*;
 
     fn study(extra: &str) -> Study {
+        study_with_rm("kind = \"train\"\n", extra)
+    }
+
+    /// The test study with `rm` as its `[reward_model]` section.
+    fn study_with_rm(rm: &str, extra: &str) -> Study {
         let text = format!(
             "name = \"t\"\nseeds = [0, 1]\n[task]\nkind = \"synthetic\"\n[policy]\ntemplate = \"plain\"\n[policy.base]\nkind = \"preset\"\npreset = \"tiny_gpt_neo\"\nvocab_size = 384\n\
-             [policy.base.sft]\nlearning_rate = 1e-3\n[reward_model]\nkind = \"train\"\n\
+             [policy.base.sft]\nlearning_rate = 1e-3\n[reward_model]\n{rm}\
              [reward_sources.rules]\nrules = [{{ kind = \"strict_correct\", format = \"gsm8k_marker\" }}]\n[reward_sources.rm]\nreward_model_weight = 1.0\n\
              [methods.grpo]\nkind = \"rl\"\nalgorithm = \"grpo\"\nreward_sources = [\"rules\", \"rm\"]\nsteps = 2\noptim = {{ learning_rate = 1e-4 }}\n\
              [methods.rloo]\nkind = \"rl\"\nalgorithm = \"rloo\"\nreward_sources = [\"rules\"]\nsteps = 2\n[methods.fs]\nkind = \"few_shot\"\nk = 1\n{extra}"
@@ -335,6 +351,27 @@ mod tests {
         assert_eq!(b, base);
         assert_ne!(r, rm);
         assert_eq!(stale(&c), ["grpo__rm__seed0", "grpo__rm__seed1"]);
+
+        // Comparisons from the base's own samples: a new reward model, the same base; with them a
+        // fine-tuned checkpoint depends on the base too.
+        let samples = "policy_samples = { problems = 4, samples = 4 }\n";
+        let sampled = study_with_rm(&format!("kind = \"train\"\n{samples}"), "");
+        let (b, r, c) = hashes(&sampled);
+        assert_eq!(b, base);
+        assert_ne!(r, rm);
+        assert_eq!(stale(&c), ["grpo__rm__seed0", "grpo__rm__seed1"]);
+        let (_, more_samples, _) =
+            hashes(&study_with_rm("kind = \"train\"\npolicy_samples = { problems = 4, samples = 5 }\n", ""));
+        assert_ne!(more_samples, r, "the number of samples is part of the reward model");
+        let checkpoint = "kind = \"checkpoint\"\nmodel = \"owner/name@main\"\nfine_tune = {}\n";
+        for (rm_fields, depends_on_base) in [(checkpoint.to_string(), false), (format!("{checkpoint}{samples}"), true)]
+        {
+            let one = study_with_rm(&rm_fields, "");
+            let mut other = one.clone();
+            let PolicyBase::Preset { sft, .. } = &mut other.policy.base else { panic!() };
+            sft.learning_rate = 2e-3;
+            assert_eq!(hashes(&one).1 != hashes(&other).1, depends_on_base, "{rm_fields}");
+        }
 
         // Adding a seed or a method leaves the existing cells valid (the new ones are new).
         let mut more = study("[methods.base]\nkind = \"base\"\n");

@@ -1,25 +1,34 @@
 //! The reward-model stage: trained (or fine-tuned) once per study on comparisons from the
 //! task, evaluated on comparisons from the test split, and loaded as a reward function.
+//!
+//! The comparisons are synthetic (a worked solution against a spoiled copy), and, with
+//! `[reward_model] policy_samples`, also between the base policy's own answers, one the rule
+//! checker judges right against one it judges wrong: the text PPO will ask the reward model to
+//! score, which the synthetic kinds only imitate.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::tensor::Device;
-use policy_models::{ModelSource, PolicyTokenizer};
+use eval::score_completion;
+use policy_models::generate::Sampler;
+use policy_models::{CausalLm, ModelSource, PolicyTokenizer};
 use prompting::PromptBuilder;
-use reward_model::comparisons::{Comparison, build_comparisons};
+use reward_model::comparisons::{Comparison, Corruption, build_comparisons, policy_sample_pairs};
 use reward_model::reward::RewardModelFunction;
 use reward_model::train::{RewardTokenizer, RewardTrainer};
 use reward_model::{CausalRewardModel, RewardModel, RobertaConfig, RobertaRegressor};
 use rl_algos::rewards::RewardFunction;
 use serde::{Deserialize, Serialize};
-use tasks::TaskData;
+use tasks::{Problem, TaskData};
 
 use crate::common::{install_dir, partial_dir, write_atomically};
-use crate::study::config::{RewardModelSpec, Study};
+use crate::study::config::{PolicySamples, RewardModelSpec, Study};
+use crate::study::evaluate::complete;
 use crate::study::identity::{IDENTITY_FILE, Identity, reward_model_config};
 use crate::study::progress::Progress;
+use crate::study::prompts::prompt_builder;
 
 /// Comparisons as the policy's rollouts present them to the reward model: the prompt the
 /// policy is given (zero-shot) and the completion it writes after it.
@@ -52,9 +61,15 @@ pub struct RewardModelReport {
     /// Held-out pairs.
     pub held_out_pairs: usize,
     /// Held-out pairwise accuracy per kind of rejected answer (`corrupted_step`, `wrong_answer`,
-    /// `broken_format`).
+    /// `broken_format`, and `policy_sample` with `policy_samples`).
     #[serde(default)]
     pub held_out_accuracy_by_corruption: std::collections::BTreeMap<String, f64>,
+    /// Held-out pairs per kind of rejected answer.
+    #[serde(default)]
+    pub held_out_pairs_by_corruption: std::collections::BTreeMap<String, usize>,
+    /// What sampling the base policy gave, with `policy_samples`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_samples: Option<PolicySampleCounts>,
     /// Loss of the last training step.
     pub final_loss: f64,
     /// Optimizer steps.
@@ -64,6 +79,116 @@ pub struct RewardModelReport {
     /// Longest input the causal-LM reward model reads (it is read back with the same length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
+}
+
+/// What the base policy's samples gave, per split (`train`, `held_out`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicySampleCounts {
+    /// Training split: questions sampled, those with both a correct and an incorrect sample,
+    /// comparisons, and the fraction of samples judged correct.
+    pub train: SampleSplitCounts,
+    /// The same on the test split (held-out comparisons).
+    pub held_out: SampleSplitCounts,
+}
+
+/// Counts of one split's policy samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SampleSplitCounts {
+    /// Questions sampled.
+    pub questions: usize,
+    /// Questions with at least one correct and one incorrect sample (the others give no pair).
+    pub questions_with_pairs: usize,
+    /// Comparisons built.
+    pub pairs: usize,
+    /// Fraction of all samples the rule checker judged correct (the base's sample accuracy).
+    pub sample_accuracy: f64,
+}
+
+/// Comparisons from sampled completions: `samples[i]` are completions of `problems[i]`, each
+/// judged by `is_correct`; every correct x incorrect pair of a question (correct chosen), up to
+/// `max_pairs` per question. Questions whose samples all agree give none.
+pub(crate) fn label_and_pair(
+    problems: &[Problem],
+    samples: &[Vec<String>],
+    is_correct: impl Fn(&str, &Problem) -> bool,
+    max_pairs: usize,
+) -> (Vec<Comparison>, SampleSplitCounts) {
+    let mut pairs = Vec::new();
+    let (mut with_pairs, mut correct_samples, mut all_samples) = (0, 0, 0);
+    for (problem, completions) in problems.iter().zip(samples) {
+        let (correct, incorrect): (Vec<String>, Vec<String>) =
+            completions.iter().cloned().partition(|completion| is_correct(completion, problem));
+        correct_samples += correct.len();
+        all_samples += completions.len();
+        let found = policy_sample_pairs(&problem.question, &correct, &incorrect, max_pairs);
+        with_pairs += usize::from(!found.is_empty());
+        pairs.extend(found);
+    }
+    let counts = SampleSplitCounts {
+        questions: problems.len().min(samples.len()),
+        questions_with_pairs: with_pairs,
+        pairs: pairs.len(),
+        sample_accuracy: correct_samples as f64 / all_samples.max(1) as f64,
+    };
+    (pairs, counts)
+}
+
+/// Samples the base policy in `base_dir` on the first `settings.problems` questions of train
+/// (training pairs) and of test (held-out pairs), and pairs its answers by lenient correctness
+/// against the gold answer (the rule checker of the study's template format).
+fn base_policy_pairs(
+    study: &Study,
+    task: &TaskData,
+    base_dir: &Path,
+    settings: &PolicySamples,
+    seed: u64,
+    device: &Device,
+    progress: &Progress,
+) -> anyhow::Result<(Vec<Comparison>, Vec<Comparison>, PolicySampleCounts)> {
+    let policy = CausalLm::load_dir(base_dir, device).with_context(|| format!("loading {}", base_dir.display()))?;
+    let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
+    // Zero-shot, as PPO's rollouts are prompted (the chat template when the study uses one).
+    let builder = prompt_builder(study, task, base_dir, 0, seed)?;
+    let sampler = Sampler::Sample { temperature: settings.temperature, top_k: None, top_p: None };
+    let format = study.policy.template.answer_format();
+    let split_pairs = |split: &str, problems: &[Problem], seed: u64| {
+        let problems = &problems[..settings.problems.min(problems.len())];
+        let mut samples: Vec<Vec<String>> = vec![Vec::with_capacity(settings.samples); problems.len()];
+        for draw in 0..settings.samples {
+            let label = format!("reward model: policy samples ({split}) draw {}/{}", draw + 1, settings.samples);
+            let completions = complete(
+                study,
+                &policy,
+                &tokenizer,
+                &builder,
+                problems,
+                (sampler, settings.max_new_tokens),
+                seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
+                (progress, &label),
+            )?;
+            for (slot, completion) in samples.iter_mut().zip(completions) {
+                slot.push(completion);
+            }
+        }
+        let (pairs, counts) = label_and_pair(
+            problems,
+            &samples,
+            |completion, problem| score_completion(completion, &problem.answer, format).lenient,
+            settings.max_pairs_per_problem,
+        );
+        progress.log(format!(
+            "reward model: {} base-policy samples on {} {split} questions ({:.1}% correct): {} questions with both a correct and an incorrect sample, {} pairs",
+            settings.samples,
+            counts.questions,
+            counts.sample_accuracy * 100.0,
+            counts.questions_with_pairs,
+            counts.pairs
+        ));
+        anyhow::Ok((pairs, counts))
+    };
+    let (train, train_counts) = split_pairs("train", &task.train.problems, seed)?;
+    let (held_out, held_out_counts) = split_pairs("test", &task.test.problems, seed + 1)?;
+    Ok((train, held_out, PolicySampleCounts { train: train_counts, held_out: held_out_counts }))
 }
 
 /// Trains (or locates) the reward model when a reward source uses one; returns its directory
@@ -79,7 +204,7 @@ pub(crate) fn prepare_reward_model(
     let needed = study.reward_sources.values().any(|source| source.reward_model_weight.is_some());
     let Some(spec) = study.reward_model.as_ref().filter(|_| needed) else { return Ok(None) };
     let training = match spec {
-        RewardModelSpec::Checkpoint { model, fine_tune: None } => {
+        RewardModelSpec::Checkpoint { model, fine_tune: None, .. } => {
             return Ok(Some(ModelSource::parse(model)?.resolve()?));
         }
         RewardModelSpec::Checkpoint { fine_tune: Some(training), .. }
@@ -99,8 +224,18 @@ pub(crate) fn prepare_reward_model(
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
     let builder = PromptBuilder::new(study.policy.template);
-    let train = as_rollouts(build_comparisons(&task.train, study.policy.template, 2, training.seed), &builder)?;
-    let held_out = as_rollouts(build_comparisons(&task.test, study.policy.template, 1, training.seed + 1), &builder)?;
+    let mut train = build_comparisons(&task.train, study.policy.template, 2, training.seed);
+    let mut held_out = build_comparisons(&task.test, study.policy.template, 1, training.seed + 1);
+    let mut sample_counts = None;
+    if let Some(settings) = spec.policy_samples() {
+        let (train_pairs, held_out_pairs, counts) =
+            base_policy_pairs(study, task, base_dir, settings, training.seed, device, progress)?;
+        train.extend(train_pairs);
+        held_out.extend(held_out_pairs);
+        sample_counts = Some(counts);
+    }
+    let train = as_rollouts(train, &builder)?;
+    let held_out = as_rollouts(held_out, &builder)?;
     // Written whole into `.reward_model.partial`, then renamed: `reward_model/` exists only
     // complete (metrics.json and identity.json included).
     if partial.exists() {
@@ -174,6 +309,7 @@ pub(crate) fn prepare_reward_model(
             (tokenizer, report)
         }
     };
+    let report = RewardModelReport { policy_samples: sample_counts, ..report };
     tokenizer.save(&partial.join("tokenizer.json"))?;
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     identity.write(&partial)?;
@@ -217,20 +353,18 @@ fn train_reward_model<M: RewardModel>(
     let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64);
     let metrics =
         reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
-    let by_corruption = per_kind
-        .into_iter()
-        .map(|(kind, metrics)| {
-            (
-                serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
-                metrics.accuracy,
-            )
-        })
-        .collect();
+    let name = |kind: Corruption| {
+        serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    };
+    let by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.accuracy)).collect();
+    let pairs_by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.pairs)).collect();
     let report = RewardModelReport {
         held_out_accuracy: metrics.accuracy,
         held_out_mean_margin: metrics.mean_margin,
         held_out_pairs: metrics.pairs,
         held_out_accuracy_by_corruption: by_corruption,
+        held_out_pairs_by_corruption: pairs_by_corruption,
+        policy_samples: None,
         final_loss,
         steps,
         train_seconds,
@@ -270,4 +404,48 @@ pub(crate) fn load_reward_function(
         std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
     let max_tokens = metrics.and_then(|metrics| metrics.max_tokens).unwrap_or(512);
     Ok(Box::new(RewardModelFunction::new(&model, RewardTokenizer::new(tokenizer, max_tokens), 32, normalize)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(question: &str, answer: &str) -> Problem {
+        Problem {
+            id: format!("test-{question}"),
+            question: question.to_string(),
+            solution: String::new(),
+            answer: answer.to_string(),
+        }
+    }
+
+    /// Only questions with both a correct and an incorrect sample give pairs; the correct one is
+    /// chosen, each pair is a policy sample, and the cap holds per question.
+    #[test]
+    fn policy_pairs_come_from_questions_with_both_outcomes_correct_chosen() {
+        let problems = [problem("1 + 1", "2"), problem("2 + 2", "4"), problem("3 + 3", "6"), problem("4 + 4", "8")];
+        let samples: Vec<Vec<String>> = [
+            vec!["2", "2"],           // all correct: no pair
+            vec!["5", "3", "4"],      // one correct, two wrong: two pairs
+            vec!["1", "0"],           // all wrong: no pair
+            vec!["8", "8", "7", "9"], // two x two = four, capped at three
+        ]
+        .into_iter()
+        .map(|answers| answers.into_iter().map(|a| format!("The answer is {a}.")).collect())
+        .collect();
+        let is_correct =
+            |completion: &str, problem: &Problem| completion == format!("The answer is {}.", problem.answer);
+        let (pairs, counts) = label_and_pair(&problems, &samples, is_correct, 3);
+        let questions: Vec<&str> = pairs.iter().map(|pair| pair.prompt.as_str()).collect();
+        assert_eq!(questions, ["2 + 2", "2 + 2", "4 + 4", "4 + 4", "4 + 4"]);
+        for pair in &pairs {
+            let problem = problems.iter().find(|p| p.question == pair.prompt).unwrap();
+            assert!(is_correct(&pair.chosen, problem) && !is_correct(&pair.rejected, problem), "{pair:?}");
+            assert_eq!((pair.corruption, &pair.rejected_error), (Corruption::PolicySample, &None));
+        }
+        assert_eq!(
+            counts,
+            SampleSplitCounts { questions: 4, questions_with_pairs: 2, pairs: 5, sample_accuracy: 5.0 / 11.0 }
+        );
+    }
 }
