@@ -313,3 +313,73 @@ fn micro_batches_under_the_token_budget_take_the_one_pass_step() {
     let expected = total / count as f64;
     assert!((whole[0].loss - expected).abs() < 1e-4 * expected, "loss {} vs unfused {expected}", whole[0].loss);
 }
+
+/// The fused-head loss has the gradients of the plain one (full logits, log-softmax, gather,
+/// masked mean) for every parameter, on packed rows of one prompt token as the study's
+/// supervised base trains them, padding included.
+#[test]
+fn the_fused_sft_loss_has_the_unfused_gradients() {
+    use burn::module::{Module, ModuleVisitor, Param, ParamId};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Int, Tensor, TensorData};
+    struct Grads<'a>(&'a GradientsParams, Vec<(ParamId, Vec<f32>)>);
+    impl ModuleVisitor for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.0.get::<D>(param.id) {
+                self.1.push((param.id, grad.into_data().try_to_vec::<f32>().unwrap()));
+            }
+        }
+    }
+    let device = Device::flex().autodiff();
+    let (tokenizer, examples) = data();
+    let model = small_model(tokenizer.vocab_size(), &device);
+    let packed: Vec<SftExample> = examples[..6]
+        .iter()
+        .map(|e| {
+            let ids: Vec<i64> = e.prompt_ids.iter().chain(&e.completion_ids).copied().collect();
+            SftExample { prompt_ids: ids[..1].to_vec(), completion_ids: ids[1..].to_vec() }
+        })
+        .collect();
+    let batch: Vec<&SftExample> = packed.iter().collect();
+    let grads_of = |loss: Tensor<1>| {
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut visitor = Grads(&grads, Vec::new());
+        model.visit(&mut visitor);
+        visitor.1
+    };
+    let (fused_loss, tokens) = policy_models::train::sft_loss(&model, &batch, 1);
+    let fused_value = fused_loss.clone().into_scalar::<f32>();
+    let fused = grads_of(fused_loss);
+
+    // The plain loss, left-padded as `sft_loss` pads.
+    let length = batch.iter().map(|e| e.prompt_ids.len() + e.completion_ids.len()).max().unwrap();
+    let (mut ids, mut mask, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for e in &batch {
+        let real = e.prompt_ids.len() + e.completion_ids.len();
+        let row: Vec<i64> = std::iter::repeat_n(1, length - real)
+            .chain(e.prompt_ids.iter().chain(&e.completion_ids).copied())
+            .collect();
+        for t in 0..length {
+            let trained = t + 1 < length && t + 1 >= length - e.completion_ids.len() && t + real >= length;
+            targets.push(if t + 1 < length { row[t + 1] } else { 1 });
+            weights.push(if trained { 1.0f32 } else { 0.0 });
+        }
+        mask.push((0..length).map(|t| t >= length - real).collect::<Vec<bool>>());
+        ids.push(row);
+    }
+    let logits = model.forward(&StepInput::from_padded(&ids, &mask), &mut model.new_cache());
+    let rows = batch.len();
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [rows, length, 1]), &device);
+    let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, length]), &device);
+    let log_probs = burn::tensor::activation::log_softmax(logits, 2).gather(2, targets).reshape([rows, length]);
+    let plain_loss = -(log_probs * weights).sum() / tokens as f32;
+    let plain_value = plain_loss.clone().into_scalar::<f32>();
+    let plain = grads_of(plain_loss);
+    assert!((fused_value - plain_value).abs() < 1e-5 * plain_value, "loss {fused_value} vs {plain_value}");
+    assert_eq!(fused.len(), plain.len(), "parameters with gradients");
+    for ((id, a), (_, b)) in fused.iter().zip(&plain) {
+        let scale = b.iter().map(|v| v.abs()).fold(1e-6f32, f32::max);
+        let worst = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / scale;
+        assert!(worst < 1e-4, "gradient of {id} differs by {worst} (relative to its largest entry)");
+    }
+}
