@@ -223,7 +223,9 @@ pub(crate) fn prepare_reward_model(
     let partial = partial_dir(&rm_dir);
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
-    let builder = PromptBuilder::new(study.policy.template);
+    // The prompts as the policy's rollouts present them to the reward model when it scores:
+    // through the checkpoint's chat template when the study uses one.
+    let builder = crate::study::prompts::prompt_builder(study, task, base_dir, 0, training.seed)?;
     let mut train = build_comparisons(&task.train, study.policy.template, 2, training.seed);
     let mut held_out = build_comparisons(&task.test, study.policy.template, 1, training.seed + 1);
     let mut sample_counts = None;
