@@ -114,6 +114,36 @@ pub(crate) fn evaluate(
     Ok(Evaluation { accuracy: AccuracySummary::from_scores(&scores), samples })
 }
 
+/// `draws` sampled completions of each of `problems`, as `[problem][draw]`: draw `d` is one
+/// [`complete`] call seeded with `seed * 1000 + d + 1`, its bar named `label(d)`.
+pub(crate) fn sample_draws(
+    study: &Study,
+    (policy, tokenizer, builder): (&CausalLm, &PolicyTokenizer, &PromptBuilder),
+    problems: &[Problem],
+    (sampler, max_new_tokens): (Sampler, usize),
+    draws: usize,
+    seed: u64,
+    (progress, label): (&Progress, &dyn Fn(usize) -> String),
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut samples: Vec<Vec<String>> = vec![Vec::with_capacity(draws); problems.len()];
+    for draw in 0..draws {
+        let completions = complete(
+            study,
+            policy,
+            tokenizer,
+            builder,
+            problems,
+            (sampler, max_new_tokens),
+            seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
+            (progress, &label(draw)),
+        )?;
+        for (slot, completion) in samples.iter_mut().zip(completions) {
+            slot.push(completion);
+        }
+    }
+    Ok(samples)
+}
+
 /// maj@k: `maj_k` sampled completions per problem, the most common lenient answer wins.
 pub(crate) fn majority_accuracy(
     study: &Study,
@@ -126,23 +156,27 @@ pub(crate) fn majority_accuracy(
 ) -> anyhow::Result<f64> {
     let format = study.policy.template.answer_format();
     let sampler = Sampler::Sample { temperature: study.evaluation.maj_temperature, top_k: None, top_p: None };
-    let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(); test.len()];
-    for draw in 0..study.evaluation.maj_k {
-        let label = format!("maj@{} draw {}", study.evaluation.maj_k, draw + 1);
-        let completions = complete(
-            study,
-            policy,
-            tokenizer,
-            builder,
-            test,
-            (sampler, study.evaluation.max_new_tokens),
-            seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
-            (progress, &label),
-        )?;
-        for (slot, completion) in answers.iter_mut().zip(completions) {
-            slot.push(eval::extract::lenient(&completion, format).as_deref().and_then(tasks::normalize_number));
-        }
-    }
+    let label = |draw: usize| format!("maj@{} draw {}", study.evaluation.maj_k, draw + 1);
+    let drawn = sample_draws(
+        study,
+        (policy, tokenizer, builder),
+        test,
+        (sampler, study.evaluation.max_new_tokens),
+        study.evaluation.maj_k,
+        seed,
+        (progress, &label),
+    )?;
+    let answers: Vec<Vec<Option<String>>> = drawn
+        .iter()
+        .map(|completions| {
+            completions
+                .iter()
+                .map(|completion| {
+                    eval::extract::lenient(completion, format).as_deref().and_then(tasks::normalize_number)
+                })
+                .collect()
+        })
+        .collect();
     let correct = test
         .iter()
         .zip(&answers)

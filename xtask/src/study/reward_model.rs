@@ -25,7 +25,7 @@ use tasks::{Problem, TaskData};
 
 use crate::common::{install_dir, partial_dir, write_atomically};
 use crate::study::config::{PolicySamples, RewardModelSpec, Study};
-use crate::study::evaluate::complete;
+use crate::study::evaluate::sample_draws;
 use crate::study::identity::{IDENTITY_FILE, Identity, reward_model_config};
 use crate::study::progress::Progress;
 use crate::study::prompts::prompt_builder;
@@ -139,7 +139,7 @@ pub(crate) fn label_and_pair(
 fn base_policy_pairs(
     study: &Study,
     task: &TaskData,
-    base_dir: &Path,
+    (base_dir, builder): (&Path, &PromptBuilder),
     settings: &PolicySamples,
     seed: u64,
     device: &Device,
@@ -147,29 +147,21 @@ fn base_policy_pairs(
 ) -> anyhow::Result<(Vec<Comparison>, Vec<Comparison>, PolicySampleCounts)> {
     let policy = CausalLm::load_dir(base_dir, device).with_context(|| format!("loading {}", base_dir.display()))?;
     let tokenizer = PolicyTokenizer::load_dir(base_dir)?;
-    // Zero-shot, as PPO's rollouts are prompted (the chat template when the study uses one).
-    let builder = prompt_builder(study, task, base_dir, 0, seed)?;
     let sampler = Sampler::Sample { temperature: settings.temperature, top_k: None, top_p: None };
     let format = study.policy.template.answer_format();
     let split_pairs = |split: &str, problems: &[Problem], seed: u64| {
         let problems = &problems[..settings.problems.min(problems.len())];
-        let mut samples: Vec<Vec<String>> = vec![Vec::with_capacity(settings.samples); problems.len()];
-        for draw in 0..settings.samples {
-            let label = format!("reward model: policy samples ({split}) draw {}/{}", draw + 1, settings.samples);
-            let completions = complete(
-                study,
-                &policy,
-                &tokenizer,
-                &builder,
-                problems,
-                (sampler, settings.max_new_tokens),
-                seed.wrapping_mul(1000).wrapping_add(draw as u64 + 1),
-                (progress, &label),
-            )?;
-            for (slot, completion) in samples.iter_mut().zip(completions) {
-                slot.push(completion);
-            }
-        }
+        let label =
+            |draw: usize| format!("reward model: policy samples ({split}) draw {}/{}", draw + 1, settings.samples);
+        let samples = sample_draws(
+            study,
+            (&policy, &tokenizer, builder),
+            problems,
+            (sampler, settings.max_new_tokens),
+            settings.samples,
+            seed,
+            (progress, &label),
+        )?;
         let (pairs, counts) = label_and_pair(
             problems,
             &samples,
@@ -223,15 +215,16 @@ pub(crate) fn prepare_reward_model(
     let partial = partial_dir(&rm_dir);
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
-    // The prompts as the policy's rollouts present them to the reward model when it scores:
-    // through the checkpoint's chat template when the study uses one.
-    let builder = crate::study::prompts::prompt_builder(study, task, base_dir, 0, training.seed)?;
+    // Zero-shot prompts as the policy's rollouts present them, to the base when it samples and to
+    // the reward model when it scores: through the checkpoint's chat template when the study
+    // uses one.
+    let builder = prompt_builder(study, task, base_dir, 0, training.seed)?;
     let mut train = build_comparisons(&task.train, study.policy.template, 2, training.seed);
     let mut held_out = build_comparisons(&task.test, study.policy.template, 1, training.seed + 1);
     let mut sample_counts = None;
     if let Some(settings) = spec.policy_samples() {
         let (train_pairs, held_out_pairs, counts) =
-            base_policy_pairs(study, task, base_dir, settings, training.seed, device, progress)?;
+            base_policy_pairs(study, task, (base_dir, &builder), settings, training.seed, device, progress)?;
         train.extend(train_pairs);
         held_out.extend(held_out_pairs);
         sample_counts = Some(counts);
