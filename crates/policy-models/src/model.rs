@@ -122,7 +122,7 @@ impl CausalLm {
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::init(&qwen.spec()?, device)),
             ModelConfig::Llama(llama) => Body::Decoder(Decoder::init(&llama.spec()?, device)),
         };
-        Ok(Self { body, config: config.clone(), compute_dtype: FloatDType::F32 })
+        Ok(crate::optim::initialize_now(Self { body, config: config.clone(), compute_dtype: FloatDType::F32 }))
     }
 
     /// Loads `config.json` and the safetensors weights of a checkpoint directory.
@@ -281,7 +281,8 @@ impl CausalLm {
         settings.validate().map_err(|error| format!("lora.{error}"))?;
         let group = burn::module::ParamGroup::from_regex(&settings.target_regex)
             .map_err(|error| format!("lora.target_regex `{}`: {error:?}", settings.target_regex))?;
-        Ok(self.apply_lora(burn::module::Lora::new(settings.rank, settings.alpha).set_param_group(group)))
+        let adapted = self.apply_lora(burn::module::Lora::new(settings.rank, settings.alpha).set_param_group(group));
+        Ok(crate::optim::initialize_now(adapted))
     }
 
     /// Computes in `dtype` from now on: every weight is cast to it, and so is every activation

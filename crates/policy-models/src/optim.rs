@@ -146,6 +146,21 @@ pub fn no_decay_parameters<M: Module>(module: &M) -> HashSet<ParamId> {
     no_decay
 }
 
+/// Draws every lazily initialised parameter of `module` now, in field order, and returns it.
+/// burn samples a fresh parameter on its first use, from the device's shared generator, so
+/// without this a model's initial weights depend on whatever else draws from that generator
+/// (another model, another thread) between `device.seed(..)` and the first forward pass.
+pub fn initialize_now<M: Module>(module: M) -> M {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
+}
+
 /// Every float parameter's values by dotted path (LoRA factors end in `.lora.a` / `.lora.b`).
 pub fn parameter_values<M: Module>(module: &M) -> std::collections::BTreeMap<String, Vec<f32>> {
     let mut values = std::collections::BTreeMap::new();

@@ -42,7 +42,7 @@ impl CausalRewardModel {
         let initializer = Initializer::Normal { mean: 0.0, std: config.initializer_range() };
         let score =
             LinearConfig::new(config.hidden_size(), 1).with_bias(false).with_initializer(initializer).init(device);
-        Self { trunk, score, pad_token_id }
+        Self { trunk, score: policy_models::optim::initialize_now(score), pad_token_id }
     }
 
     /// Loads a checkpoint directory: a `*ForSequenceClassification` one (its `score.weight` is

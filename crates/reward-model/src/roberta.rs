@@ -173,7 +173,7 @@ impl RobertaRegressor {
         let embedding =
             |count| EmbeddingConfig::new(count, config.hidden_size).with_initializer(initializer.clone()).init(device);
         let c = config.hidden_size;
-        Self {
+        let model = Self {
             embeddings: Embeddings {
                 word: embedding(config.vocab_size),
                 position: embedding(config.max_position_embeddings),
@@ -195,7 +195,8 @@ impl RobertaRegressor {
             head: RegressionHead { dense: linear(c, c), out_proj: linear(c, 1) },
             token_head: None,
             config: config.clone(),
-        }
+        };
+        policy_models::optim::initialize_now(model)
     }
 
     /// Adds a freshly initialised token head (kept when it has one).
@@ -203,8 +204,8 @@ impl RobertaRegressor {
         if self.token_head.is_none() {
             let device = self.embeddings.word.weight.device();
             let initializer = Initializer::Normal { mean: 0.0, std: self.config.initializer_range };
-            self.token_head =
-                Some(LinearConfig::new(self.config.hidden_size, 1).with_initializer(initializer).init(&device));
+            let head = LinearConfig::new(self.config.hidden_size, 1).with_initializer(initializer).init(&device);
+            self.token_head = Some(policy_models::optim::initialize_now(head));
         }
         self
     }
