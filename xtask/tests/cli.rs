@@ -244,7 +244,7 @@ fn dry_run_prints_the_matrix_and_a_cost_estimate() {
         Command::new(env!("CARGO_BIN_EXE_xtask")).args(["compare", "--dry-run"]).current_dir(&root).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(text.contains("grpo__rules__seed0") && text.contains("ppo__reward_model__seed2"), "{text}");
+    assert!(text.contains("grpo__rules__seed0") && text.contains("ppo__rules__seed2"), "{text}");
     assert!(text.contains("generated") && text.contains("time: at most ~"), "{text}");
 }
 

@@ -8,16 +8,7 @@ use std::process::Command;
 fn quick_study_writes_its_reports_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("configs")).unwrap();
-    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
-    // A feed-forward width other than the default (twice the width) reaches the saved model.
-    let text = std::fs::read_to_string(config).unwrap();
-    let text = text.replacen(
-        "[reward_model]\nkind = \"train\"\n",
-        "[reward_model]\nkind = \"train\"\nintermediate_size = 96\n",
-        1,
-    );
-    assert!(text.contains("intermediate_size = 96"), "configs/default.toml's [reward_model] section moved");
-    std::fs::write(dir.path().join("configs/default.toml"), text).unwrap();
+    std::fs::write(dir.path().join("configs/default.toml"), default_study_with_a_reward_model()).unwrap();
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_xtask"))
             .args(["compare", "--preset", "quick", "--quiet"])
@@ -73,7 +64,7 @@ fn quick_study_writes_its_reports_and_resumes() {
     assert_eq!(kinds, ["broken_format", "corrupted_step", "wrong_answer"], "{rm}");
     assert!(
         rm["policy_samples"]["train"]["questions"].as_u64().unwrap() > 0,
-        "configs/default.toml samples the base: {rm}"
+        "the reward model's section samples the base: {rm}"
     );
     let values: Vec<f64> = by_kind.values().map(|v| v.as_f64().unwrap()).collect();
     let (low, high) = (values.iter().copied().fold(1.0, f64::min), values.iter().copied().fold(0.0, f64::max));
@@ -213,7 +204,7 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
         assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
     }
     let reports = dir.path().join("reports");
-    for cell in ["grpo__rules__seed0", "ppo__reward_model__seed0", "rloo__rules__seed0"] {
+    for cell in ["grpo__rules__seed0", "ppo__rules__seed0", "rloo__rules__seed0"] {
         let adapter = reports.join("lora-quick/cells").join(cell).join("adapter");
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
@@ -246,13 +237,49 @@ fn a_lora_study_saves_each_rl_cells_adapters() {
     }
 }
 
-/// configs/default.toml cut around its reward model, reward sources and methods: what comes
-/// before `[reward_model]` (name, task, policy) and from `[evaluation]` on.
+/// configs/default.toml with a tiny trained reward model scoring PPO's completions (the default
+/// has none: trained from scratch it does not check answers, see the file), so that the study's
+/// reward-model stage runs end to end: training on synthetic and policy-sample pairs, the
+/// held-out report, reuse on a rerun. A feed-forward width other than the default (twice the
+/// width) checks that the section reaches the saved model.
+fn default_study_with_a_reward_model() -> String {
+    let default =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"))
+            .unwrap();
+    let reward_model = r#"[reward_model]
+kind = "train"
+intermediate_size = 96
+policy_samples = { problems = 64, samples = 8, max_new_tokens = 40, temperature = 0.7, max_pairs_per_problem = 4 }
+[reward_model.training]
+steps = 600
+batch_size = 16
+learning_rate = 1e-3
+
+[reward_sources.reward_model]
+reward_model_weight = 1.0
+rules = [{ kind = "strict_correct", format = "gsm8k_marker", weight = 0.0 }]
+
+[reward_sources.rules]
+"#;
+    let text = default.replacen("[reward_sources.rules]\n", reward_model, 1).replacen(
+        "algorithm = \"ppo\"\nreward_sources = [\"rules\"]",
+        "algorithm = \"ppo\"\nreward_sources = [\"reward_model\"]",
+        1,
+    );
+    assert!(
+        text.contains("intermediate_size = 96") && text.contains("reward_sources = [\"reward_model\"]"),
+        "configs/default.toml's [reward_sources.rules] or [methods.ppo] moved"
+    );
+    text
+}
+
+/// configs/default.toml cut around its reward sources and methods: what comes before the first
+/// `[reward_sources.*]` (name, task, policy) and from `[evaluation]` on.
 fn default_study_around_methods() -> (String, String) {
     let default =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"))
             .unwrap();
-    let head = &default[..default.find("[reward_model]\n").expect("configs/default.toml has [reward_model]")];
+    let head = &default[..default.find("[reward_sources.").expect("configs/default.toml has reward sources")];
     let tail = &default[default.find("[evaluation]\n").expect("configs/default.toml has [evaluation]")..];
     (head.to_string(), tail.to_string())
 }

@@ -232,7 +232,8 @@ pub fn loss_mask(rollout: &Rollout, mask_truncated: bool, device: &Device) -> Te
 }
 
 /// TRL's reward and completion metrics: `reward`, `rewards/<fn>/mean`, `rewards/<fn>/std`,
-/// `completions/mean_length`, `completions/clipped_ratio`.
+/// `completions/mean_length`, `completions/clipped_ratio`; and `rewards/<fn>/auc/<check>` for a
+/// graded reward beside a 0/1 one (see [`ranking_auc`]).
 pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Metrics) {
     metrics.insert("reward".to_string(), mean_std(&scored.total).mean);
     for (name, values) in &scored.per_function {
@@ -240,10 +241,47 @@ pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Me
         metrics.insert(format!("rewards/{name}/mean"), summary.mean);
         metrics.insert(format!("rewards/{name}/std"), summary.std);
     }
+    // A learned reward logged beside a rule check (at weight 0, say) is judged on the policy's
+    // current completions: its mean can climb while it ranks right answers above wrong ones no
+    // better than chance, which is reward hacking.
+    let is_check = |values: &[f32]| values.iter().all(|&v| v == 0.0 || v == 1.0);
+    for (name, scores) in scored.per_function.iter().filter(|(_, values)| !is_check(values)) {
+        for (check, labels) in scored.per_function.iter().filter(|(_, values)| is_check(values)) {
+            if let Some(auc) = ranking_auc(scores, labels) {
+                metrics.insert(format!("rewards/{name}/auc/{check}"), auc);
+            }
+        }
+    }
     let lengths: Vec<f64> = rollout.lengths().into_iter().map(|l| l as f64).collect();
     metrics.insert("completions/mean_length".to_string(), mean_std(&lengths).mean);
     let truncated = rollout.stop_reasons.iter().filter(|r| **r == StopReason::Length).count();
     metrics.insert("completions/clipped_ratio".to_string(), truncated as f64 / rollout.len().max(1) as f64);
+}
+
+/// The share of (passing, failing) pairs of completions under a 0/1 check `labels` that
+/// `scores` orders right, ties counting half: the Mann-Whitney AUC, 0.5 for a score that knows
+/// nothing of the check and 1 for one that separates it. `None` unless both outcomes occur.
+pub fn ranking_auc(scores: &[f32], labels: &[f32]) -> Option<f64> {
+    let passing: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| **l == 1.0).map(|(s, _)| *s).collect();
+    let failing: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| **l != 1.0).map(|(s, _)| *s).collect();
+    if passing.is_empty() || failing.is_empty() {
+        return None;
+    }
+    let ordered: f64 = passing
+        .iter()
+        .flat_map(|p| {
+            failing.iter().map(move |f| {
+                if p > f {
+                    1.0
+                } else if p == f {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+        })
+        .sum();
+    Some(ordered / (passing.len() * failing.len()) as f64)
 }
 
 /// Default token budget of a micro-batch (see [`micro_batch_rows`]).
@@ -285,6 +323,46 @@ pub fn scoring_micro_batch_rows(
         shards.into_iter().map(positions).sum()
     };
     micro_batch_rows_by(rollout.len(), steps, max_tokens, tokens)
+}
+
+#[cfg(test)]
+mod reward_metric_tests {
+    #[test]
+    fn ranking_auc_counts_ordered_pairs_and_half_the_ties() {
+        use super::ranking_auc;
+        // Passing: 0.9 and 0.2; failing: 0.5, 0.2 and 0.1. Of the 6 pairs, 0.9 beats all three,
+        // 0.2 beats 0.1, ties 0.2 and loses to 0.5: 4.5 / 6.
+        let auc = ranking_auc(&[0.9, 0.5, 0.2, 0.2, 0.1], &[1.0, 0.0, 1.0, 0.0, 0.0]).unwrap();
+        assert!((auc - 0.75).abs() < 1e-12, "{auc}");
+        assert_eq!(ranking_auc(&[0.3, 0.1], &[0.0, 1.0]), Some(0.0));
+        assert_eq!(ranking_auc(&[0.3, 0.1], &[1.0, 1.0]), None);
+    }
+
+    #[test]
+    fn a_graded_reward_is_ranked_against_each_check() {
+        use super::{Rollout, ScoredBatch, rollout_metrics};
+        let scored = ScoredBatch {
+            total: vec![0.0; 4],
+            per_function: vec![
+                ("reward_model".to_string(), vec![2.0, -1.0, 0.5, 0.0]),
+                ("lenient_correct".to_string(), vec![1.0, 0.0, 0.0, 1.0]),
+                ("strict_correct".to_string(), vec![0.0; 4]),
+            ],
+        };
+        let rollout = Rollout {
+            prompt_index: vec![],
+            completion_ids: vec![],
+            completion_mask: vec![],
+            stop_reasons: vec![],
+            texts: vec![],
+        };
+        let mut metrics = super::Metrics::new();
+        rollout_metrics(&rollout, &scored, &mut metrics);
+        // Passing 2.0 and 0.0 against failing -1.0 and 0.5: 3 of 4 pairs ordered.
+        assert_eq!(metrics.get("rewards/reward_model/auc/lenient_correct"), Some(&0.75));
+        // No completion passes the strict check, and checks are not ranked against each other.
+        assert!(metrics.keys().filter(|key| key.contains("/auc/")).count() == 1, "{metrics:?}");
+    }
 }
 
 #[cfg(test)]

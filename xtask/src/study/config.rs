@@ -1059,6 +1059,7 @@ mod tests {
     fn every_committed_study_parses_validates_and_resolves_its_matrix() {
         let expected = [
             ("default.toml", 6 * 3),
+            ("smollm2-reward-model.toml", 5),
             ("gsm8k-gpt-neo-125m.toml", 6 * 3),
             ("gsm8k-gpt-neo-1.3b.toml", 6 * 3),
             ("gsm8k-qwen2.5-1.5b-instruct.toml", 2),
@@ -1080,7 +1081,10 @@ mod tests {
         assert_eq!(study.backend, BackendKind::Flex);
         assert!(matches!(study.task, TaskSpec::Synthetic { .. }));
         assert!(matches!(study.policy.base, PolicyBase::Preset { .. }));
-        assert!(matches!(study.reward_model, Some(RewardModelSpec::Train { .. })));
+        // Trained from scratch on this task, a reward model does not check answers (the file
+        // says what was measured), so PPO takes the rule reward.
+        assert!(study.reward_model.is_none());
+        assert!(study.reward_sources.values().all(|source| source.reward_model_weight.is_none()));
     }
 
     fn parse(text: &str) -> anyhow::Result<Study> {
