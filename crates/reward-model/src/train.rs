@@ -278,9 +278,13 @@ pub fn evaluate<M: RewardModel>(
     pairs: &[Comparison],
     batch_size: usize,
 ) -> PairMetrics {
+    // Without autodiff: a forward on the training model records its graph, and 128 rows of a
+    // 30-layer model kept every activation for a backward pass that never comes (SmolLM2's
+    // held-out evaluation went past 24 GB).
+    let model = model.valid();
     let (mut correct, mut margin_sum) = (0usize, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let (chosen, rejected) = score_pairs(model, tokenizer, chunk);
+        let (chosen, rejected) = score_pairs(&model, tokenizer, chunk);
         let chosen = chosen.into_data().try_to_vec::<f32>().expect("f32");
         let rejected = rejected.into_data().try_to_vec::<f32>().expect("f32");
         for (c, r) in chosen.iter().zip(&rejected) {

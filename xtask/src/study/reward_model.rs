@@ -26,7 +26,7 @@ use tasks::{Problem, TaskData};
 use crate::common::{install_dir, partial_dir, write_atomically};
 use crate::study::config::{PolicySamples, RewardModelSpec, Study};
 use crate::study::evaluate::sample_draws;
-use crate::study::identity::{IDENTITY_FILE, Identity, reward_model_config};
+use crate::study::identity::{Check, IDENTITY_FILE, Identity, reward_model_config};
 use crate::study::progress::Progress;
 use crate::study::prompts::prompt_builder;
 
@@ -213,6 +213,10 @@ pub(crate) fn prepare_reward_model(
         reward_model_config(study)?.context("a reward model is prepared only when a reward source uses it")?,
     );
     let partial = partial_dir(&rm_dir);
+    // `training.checkpoint_every` steps write the trainer here (with the stage's identity), so a
+    // killed run resumes its training; a checkpoint of other settings is dropped.
+    let checkpoint = Checkpoint { dir: dir.join(".reward_model.checkpoint"), identity: &identity };
+    let resume = checkpoint.usable(progress)?;
     let autodiff = device.clone().autodiff();
     autodiff.seed(training.seed);
     // Zero-shot prompts as the policy's rollouts present them, to the base when it samples and to
@@ -259,13 +263,12 @@ pub(crate) fn prepare_reward_model(
                 None => model,
             };
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), *max_tokens);
-            let (model, mut report) = train_reward_model(
-                RewardTrainer::start(model, training.clone())?,
-                &train,
-                &held_out,
-                &reward_tokenizer,
-                progress,
-            )?;
+            let trainer = match resume {
+                true => RewardTrainer::resume_causal(model, &checkpoint.dir, training.clone())?,
+                false => RewardTrainer::start(model, training.clone())?,
+            };
+            let (model, mut report) =
+                train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
             report.max_tokens = Some(*max_tokens);
             model.save_dir(&partial)?;
             (tokenizer, report)
@@ -293,13 +296,12 @@ pub(crate) fn prepare_reward_model(
                 _ => unreachable!("the RoBERTa kinds"),
             };
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), model.config().max_tokens());
-            let (model, report) = train_reward_model(
-                RewardTrainer::new(model, training.clone()),
-                &train,
-                &held_out,
-                &reward_tokenizer,
-                progress,
-            )?;
+            let trainer = match resume {
+                true => RewardTrainer::resume(&checkpoint.dir, training.clone(), &autodiff)?,
+                false => RewardTrainer::new(model, training.clone()),
+            };
+            let (model, report) =
+                train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
             model.without_token_head().save_dir(&partial)?;
             (tokenizer, report)
         }
@@ -309,6 +311,7 @@ pub(crate) fn prepare_reward_model(
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     identity.write(&partial)?;
     install_dir(&partial, &rm_dir)?;
+    checkpoint.remove()?;
     progress.log(format!(
         "reward model: held-out pairwise accuracy {:.1}% over {} pairs (test split; {}), margin {:.3}, {:.0} s",
         report.held_out_accuracy * 100.0,
@@ -325,23 +328,71 @@ pub(crate) fn prepare_reward_model(
     Ok(Some(rm_dir))
 }
 
-/// Trains for the configured steps, then evaluates on `held_out` per kind of rejected answer.
+/// The reward-model stage's training checkpoint: the trainer's files and the stage's identity.
+struct Checkpoint<'a> {
+    dir: PathBuf,
+    identity: &'a Identity,
+}
+
+impl Checkpoint<'_> {
+    /// Whether a checkpoint of these settings is there to resume; one of other settings (or
+    /// without an identity, killed while writing) is removed.
+    fn usable(&self, progress: &Progress) -> anyhow::Result<bool> {
+        match crate::study::identity::check(&self.dir, self.identity)? {
+            Check::Matches => Ok(true),
+            Check::Absent => Ok(false),
+            Check::Differs(lines) => {
+                progress.log(format!(
+                    "reward model: dropping the training checkpoint in {} ({})",
+                    self.dir.display(),
+                    lines.join("; ")
+                ));
+                self.remove()?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn write<M: RewardModel>(&self, trainer: &RewardTrainer<M>) -> anyhow::Result<()> {
+        trainer.save_checkpoint(&self.dir)?;
+        self.identity.write(&self.dir)
+    }
+
+    fn remove(&self) -> anyhow::Result<()> {
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).with_context(|| format!("cannot remove {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains for the configured steps (from where a resumed `trainer` stands, writing `checkpoint`
+/// every `checkpoint_every` steps), then evaluates on `held_out` per kind of rejected answer.
 fn train_reward_model<M: RewardModel>(
     mut trainer: RewardTrainer<M>,
     train: &[Comparison],
     held_out: &[Comparison],
     reward_tokenizer: &RewardTokenizer,
+    checkpoint: &Checkpoint<'_>,
     progress: &Progress,
 ) -> anyhow::Result<(M, RewardModelReport)> {
     let steps = trainer.config().steps;
+    let every = trainer.config().checkpoint_every;
     let mut bar = progress.bar(steps, "reward model", 1);
+    if trainer.step() > 0 {
+        progress.log(format!("reward model: resuming at step {} of {steps}", trainer.step()));
+        bar.set_position(trainer.step());
+    }
     let started = Instant::now();
     let mut final_loss = f64::NAN;
-    for _ in 0..steps {
+    while trainer.step() < steps {
         let step = trainer.train_step(train, reward_tokenizer)?;
         final_loss = step.loss;
         bar.set_message(format!("loss {:.3} acc {:.2}", step.loss, step.accuracy));
         bar.inc(1);
+        if every > 0 && trainer.step().is_multiple_of(every) && trainer.step() < steps {
+            checkpoint.write(&trainer)?;
+        }
     }
     drop(bar);
     let train_seconds = started.elapsed().as_secs_f64();
@@ -412,6 +463,52 @@ mod tests {
             solution: String::new(),
             answer: answer.to_string(),
         }
+    }
+
+    /// A killed reward-model stage resumes from its checkpoint to the model an uninterrupted run
+    /// trains; a checkpoint of other settings is dropped.
+    #[test]
+    fn the_stage_resumes_its_training_from_a_checkpoint() {
+        use reward_model::train::RewardTrainingConfig;
+        let task = tasks::synthetic::generate(&tasks::synthetic::SyntheticConfig {
+            train_size: 40,
+            test_size: 8,
+            ..Default::default()
+        })
+        .unwrap();
+        let template = prompting::Template::Plain;
+        let corpus = task.train.problems.iter().map(|p| format!("{}\n{}", p.question, template.response(p)));
+        let tokenizer = policy_models::presets::train_tokenizer(corpus, 256).unwrap();
+        let config = RobertaConfig::tiny(tokenizer.vocab_size(), tokenizer.pad_id.unwrap_or(1), 16, 1, 120);
+        let reward_tokenizer = RewardTokenizer::new(tokenizer, config.max_tokens());
+        let train = build_comparisons(&task.train, template, 2, 0);
+        let held_out = build_comparisons(&task.test, template, 1, 1);
+        let training = RewardTrainingConfig { steps: 4, batch_size: 4, checkpoint_every: 3, ..Default::default() };
+        let device = Device::flex().autodiff();
+        let dir = tempfile::tempdir().unwrap();
+        let identity = Identity::new(serde_json::json!({ "steps": 4 }));
+        let checkpoint = Checkpoint { dir: dir.path().join("checkpoint"), identity: &identity };
+        let progress = Progress::new(true);
+        device.seed(0);
+        let whole = RewardTrainer::new(RobertaRegressor::init(&config, &device), training.clone());
+        let (whole, _) =
+            train_reward_model(whole, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
+        // Written at step 3 of 4 (not at the end, when the model itself is saved).
+        assert!(checkpoint.usable(&progress).unwrap());
+        let resumed = RewardTrainer::resume(&checkpoint.dir, training, &device).unwrap();
+        assert_eq!(resumed.step(), 3);
+        let (resumed, _) =
+            train_reward_model(resumed, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
+        let (whole, resumed) =
+            (policy_models::optim::parameter_values(&whole), policy_models::optim::parameter_values(&resumed));
+        assert_eq!(whole.keys().collect::<Vec<_>>(), resumed.keys().collect::<Vec<_>>());
+        for (path, values) in &whole {
+            let worst = values.iter().zip(&resumed[path]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-6, "{path}: the resumed run differs by {worst}");
+        }
+        let other = Identity::new(serde_json::json!({ "steps": 5 }));
+        let stale = Checkpoint { dir: checkpoint.dir.clone(), identity: &other };
+        assert!(!stale.usable(&progress).unwrap() && !checkpoint.dir.exists());
     }
 
     /// Only questions with both a correct and an incorrect sample give pairs; the correct one is
