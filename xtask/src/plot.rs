@@ -9,6 +9,9 @@
 //! - `convergence`: training reward and held-out accuracy (strict and lenient) against step, mean
 //!   and a band of one standard deviation over seeds, with each method's median
 //!   steps-to-convergence marked.
+//! - `reward_model` (when a cell logs a learned reward beside a rule check): the learned reward's
+//!   ranking AUC against the check on each step's completions, and the check's mean, against
+//!   step: a reward model that is being exploited keeps its score while its AUC falls to 0.5.
 //!
 //! Only results are drawn: cells that failed or diverged (see `CellStatus`) are left out of
 //! every chart (their accuracies are absent and their metrics are not read); `report.md` lists
@@ -221,6 +224,9 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     written.extend(both_formats!(&charts, "convergence", (1200, 1200), |root| draw_convergence(
         &root, &metrics, &summaries
     )));
+    if metrics.iter().any(|row| row.values.keys().any(|key| key.contains("/auc/"))) {
+        written.extend(both_formats!(&charts, "reward_model", (1200, 900), |root| draw_reward_model(&root, &metrics)));
+    }
     Ok(written)
 }
 
@@ -537,51 +543,146 @@ where
             continue;
         }
         let scale = if metric.starts_with("eval/") { 100.0 } else { 1.0 };
-        let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0f64, f64::max);
-        let low = series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 - q.2) * scale)).fold(f64::INFINITY, f64::min);
-        let high =
-            series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 + q.2) * scale)).fold(f64::NEG_INFINITY, f64::max);
-        let pad = ((high - low) * 0.08).max(1e-3);
-        let mut chart = ChartBuilder::on(panel)
-            .caption(caption, ("sans-serif", LABEL))
-            .margin(14)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..x_max, (low - pad)..(high + pad))?;
+        let marks = if mark { convergence.clone() } else { BTreeMap::new() };
+        draw_curves(panel, &series, (caption, unit), scale, &all_groups, &marks)?;
+    }
+    Ok(())
+}
+
+/// One panel of lines, each a group's mean with a band of one standard deviation, scaled by
+/// `scale`; a group's colour is its index in `groups`, and `marks` puts a diamond on its line at
+/// a step.
+fn draw_curves<DB: DrawingBackend>(
+    panel: &DrawingArea<DB, Shift>,
+    series: &[(String, Vec<(f64, f64, f64)>)],
+    (caption, unit): (&str, &str),
+    scale: f64,
+    groups: &[String],
+    marks: &BTreeMap<String, f64>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0f64, f64::max);
+    let low = series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 - q.2) * scale)).fold(f64::INFINITY, f64::min);
+    let high = series.iter().flat_map(|(_, p)| p.iter().map(|q| (q.1 + q.2) * scale)).fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((high - low) * 0.08).max(1e-3);
+    let mut chart = ChartBuilder::on(panel)
+        .caption(caption, ("sans-serif", LABEL))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, (low - pad)..(high + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("training step (optimizer updates)")
+        .y_desc(unit)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()?;
+    for (index, (group, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(groups.iter().position(|g| g == group).unwrap_or(index)).to_rgba();
+        let mut band: Vec<(f64, f64)> = points.iter().map(|(x, m, s)| (*x, (m + s) * scale)).collect();
+        band.extend(points.iter().rev().map(|(x, m, s)| (*x, (m - s) * scale)));
+        chart.draw_series([Polygon::new(band, color.mix(0.15).filled())])?;
         chart
-            .configure_mesh()
-            .x_desc("training step (optimizer updates)")
-            .y_desc(unit)
-            .label_style(("sans-serif", 13))
-            .axis_desc_style(("sans-serif", 14))
-            .draw()?;
-        for (index, (group, points)) in series.iter().enumerate() {
-            let color = Palette99::pick(all_groups.iter().position(|g| g == group).unwrap_or(index)).to_rgba();
-            let mut band: Vec<(f64, f64)> = points.iter().map(|(x, m, s)| (*x, (m + s) * scale)).collect();
-            band.extend(points.iter().rev().map(|(x, m, s)| (*x, (m - s) * scale)));
-            chart.draw_series([Polygon::new(band, color.mix(0.15).filled())])?;
-            chart
-                .draw_series(LineSeries::new(points.iter().map(|(x, m, _)| (*x, m * scale)), color.stroke_width(2)))?
-                .label(group.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
-            if mark && let Some(step) = convergence.get(group) {
-                let nearest = points.iter().min_by(|a, b| (a.0 - step).abs().total_cmp(&(b.0 - step).abs()));
-                if let Some((x, m, _)) = nearest {
-                    chart.draw_series([Polygon::new(
-                        diamond(*x, m * scale, x_max * 0.008, (high - low + 2.0 * pad) * 0.02),
-                        color.filled(),
-                    )])?;
-                }
+            .draw_series(LineSeries::new(points.iter().map(|(x, m, _)| (*x, m * scale)), color.stroke_width(2)))?
+            .label(group.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
+        if let Some(step) = marks.get(group) {
+            let nearest = points.iter().min_by(|a, b| (a.0 - step).abs().total_cmp(&(b.0 - step).abs()));
+            if let Some((x, m, _)) = nearest {
+                chart.draw_series([Polygon::new(
+                    diamond(*x, m * scale, x_max * 0.008, (high - low + 2.0 * pad) * 0.02),
+                    color.filled(),
+                )])?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()?;
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    Ok(())
+}
+
+/// A learned reward judged by a rule check on the completions it scored: each logged
+/// `rewards/<fn>/auc/<check>` against step, and each such check's mean (every group that logs it,
+/// those trained on the check itself included).
+fn draw_reward_model<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, metrics: &[MetricRow]) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (title, body) = root.split_vertically(50);
+    title.titled(
+        "Learned reward against the rule check, on each step's completions (mean over seeds, band = ±1 std)",
+        ("sans-serif", TITLE),
+    )?;
+    let (upper, lower) = body.split_vertically(body.dim_in_pixel().1 / 2);
+    let mut auc_keys: Vec<String> =
+        metrics.iter().flat_map(|row| row.values.keys().filter(|key| key.contains("/auc/")).cloned()).collect();
+    auc_keys.sort();
+    auc_keys.dedup();
+    // "rewards/<fn>/auc/<check>" -> (fn, check)
+    let parts = |key: &str| {
+        let rest = key.trim_start_matches("rewards/");
+        let (function, check) = rest.split_once("/auc/").unwrap_or((rest, ""));
+        (function.to_string(), check.to_string())
+    };
+    let mut checks: Vec<String> = auc_keys.iter().map(|key| parts(key).1).collect();
+    checks.sort();
+    checks.dedup();
+    let label = |group: String, detail: String, many: bool| if many { format!("{group}: {detail}") } else { group };
+    let auc: Vec<_> = auc_keys
+        .iter()
+        .flat_map(|key| {
+            let (function, check) = parts(key);
+            curves(metrics, key)
+                .into_iter()
+                .map(move |(group, points)| (group, format!("{function} vs {check}"), points))
+        })
+        .collect();
+    let correctness: Vec<_> = checks
+        .iter()
+        .flat_map(|check| {
+            curves(metrics, &format!("rewards/{check}/mean"))
+                .into_iter()
+                .map(move |(group, points)| (group, check.clone(), points))
+        })
+        .collect();
+    let groups: Vec<String> = {
+        let mut names: Vec<String> = Vec::new();
+        for row in metrics {
+            if !names.contains(&row.group) {
+                names.push(row.group.clone());
+            }
+        }
+        names
+    };
+    let relabel = |series: Vec<(String, String, Vec<(f64, f64, f64)>)>, many: bool| -> Vec<_> {
+        series.into_iter().map(|(group, detail, points)| (label(group, detail, many), points)).collect()
+    };
+    let auc = relabel(auc, auc_keys.len() > 1);
+    let correctness = relabel(correctness, checks.len() > 1);
+    draw_curves(
+        &upper,
+        &auc,
+        ("Ranking AUC of the learned reward against the check (0.5 = chance, 1 = separates right from wrong)", "AUC"),
+        1.0,
+        &groups,
+        &BTreeMap::new(),
+    )?;
+    draw_curves(
+        &lower,
+        &correctness,
+        ("Share of the step's completions the check passes (the truth the learned reward should track)", "share"),
+        1.0,
+        &groups,
+        &BTreeMap::new(),
+    )?;
     Ok(())
 }
 
@@ -592,6 +693,48 @@ fn diamond(x: f64, y: f64, dx: f64, dy: f64) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reward-model chart draws the AUC of each cell that logs one and the check's share for
+    /// every cell that logs the check.
+    #[test]
+    fn the_reward_model_chart_ranks_the_learned_reward_against_the_check() {
+        register_fonts();
+        let row = |group: &str, step: u64, values: &[(&str, f64)]| MetricRow {
+            group: group.to_string(),
+            step,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        let metrics = vec![
+            row(
+                "ppo (reward_model)",
+                1,
+                &[("rewards/reward_model/auc/lenient_correct", 0.8), ("rewards/lenient_correct/mean", 0.2)],
+            ),
+            row(
+                "ppo (reward_model)",
+                2,
+                &[("rewards/reward_model/auc/lenient_correct", 0.55), ("rewards/lenient_correct/mean", 0.1)],
+            ),
+            row("ppo (lenient)", 1, &[("rewards/lenient_correct/mean", 0.2)]),
+            row("ppo (lenient)", 2, &[("rewards/lenient_correct/mean", 0.3)]),
+        ];
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (1200, 900)).into_drawing_area();
+            root.fill(&WHITE).unwrap();
+            draw_reward_model(&root, &metrics).unwrap();
+            root.present().unwrap();
+        }
+        let document = roxmltree::Document::parse(&svg).unwrap();
+        let text: String = document.descendants().filter_map(|node| node.text()).collect::<Vec<_>>().join(" ");
+        for label in ["Ranking AUC", "ppo (reward_model)", "ppo (lenient)", "Share of the step"] {
+            assert!(text.contains(label), "{label:?} missing: {text}");
+        }
+        // Legend entries: the reward-model cell in both panels, the rule-reward cell in the share's
+        // only.
+        let (lenient, learned) = (text.matches("ppo (lenient)").count(), text.matches("ppo (reward_model)").count());
+        assert!(lenient > 0 && learned == 2 * lenient, "{lenient} vs {learned}: {text}");
+    }
 
     #[test]
     fn box_stats_follow_tukey() {

@@ -380,8 +380,12 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             rm.train_seconds
         ));
     }
-    let charts =
-        [("accuracy", "Accuracy per method"), ("stability", "Training stability"), ("convergence", "Convergence")];
+    let charts = [
+        ("accuracy", "Accuracy per method"),
+        ("stability", "Training stability"),
+        ("convergence", "Convergence"),
+        ("reward_model", "Learned reward against the rule check"),
+    ];
     let drawn: Vec<_> =
         charts.iter().filter(|(file, _)| dir.join("charts").join(format!("{file}.svg")).is_file()).collect();
     if !drawn.is_empty() {
