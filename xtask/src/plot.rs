@@ -477,6 +477,17 @@ fn curves(metrics: &[MetricRow], metric: &str) -> Vec<(String, Vec<(f64, f64, f6
         .collect()
 }
 
+/// The groups of `metrics` in the order they first appear (which fixes each group's colour).
+fn groups_in_order(metrics: &[MetricRow]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for row in metrics {
+        if !names.contains(&row.group) {
+            names.push(row.group.clone());
+        }
+    }
+    names
+}
+
 /// Reward and held-out accuracy against step, with convergence points.
 fn draw_convergence<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
@@ -494,15 +505,7 @@ where
     let third = body.dim_in_pixel().1 / 3;
     let (upper, rest) = body.split_vertically(third);
     let (middle, lower) = rest.split_vertically(third);
-    let all_groups: Vec<String> = {
-        let mut names: Vec<String> = Vec::new();
-        for row in metrics {
-            if !names.contains(&row.group) {
-                names.push(row.group.clone());
-            }
-        }
-        names
-    };
+    let all_groups = groups_in_order(metrics);
     let convergence: BTreeMap<String, f64> = all_groups
         .iter()
         .filter_map(|group| {
@@ -653,15 +656,7 @@ where
                 .map(move |(group, points)| (group, check.clone(), points))
         })
         .collect();
-    let groups: Vec<String> = {
-        let mut names: Vec<String> = Vec::new();
-        for row in metrics {
-            if !names.contains(&row.group) {
-                names.push(row.group.clone());
-            }
-        }
-        names
-    };
+    let groups = groups_in_order(metrics);
     let relabel = |series: Vec<(String, String, Vec<(f64, f64, f64)>)>, many: bool| -> Vec<_> {
         series.into_iter().map(|(group, detail, points)| (label(group, detail, many), points)).collect()
     };
