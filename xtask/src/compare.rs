@@ -60,6 +60,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             total.trained_tokens,
             study.preparation_tokens()
         );
+        let policy_samples = study.preparation_generated_tokens();
+        if policy_samples > 0 {
+            println!("  and ~{policy_samples} generated tokens for the reward model's policy samples");
+        }
         println!("{}", study.time_estimate(total));
         return Ok(());
     }

@@ -998,6 +998,16 @@ impl Study {
         base + reward_model
     }
 
+    /// Tokens the reward model's policy samples draw from the base before any cell runs: each
+    /// split's questions x samples x longest completion (an upper bound; a split with fewer
+    /// questions draws fewer).
+    pub fn preparation_generated_tokens(&self) -> u64 {
+        self.reward_model
+            .as_ref()
+            .and_then(RewardModelSpec::policy_samples)
+            .map_or(0, |samples| 2 * samples.problems as u64 * samples.samples as u64 * samples.max_new_tokens as u64)
+    }
+
     /// A rough wall-clock estimate on the CPU backend; other backends are not estimated.
     pub fn time_estimate(&self, cells: CellCost) -> String {
         if self.backend != BackendKind::Flex {
@@ -1007,7 +1017,7 @@ impl Study {
             );
         }
         let preset = matches!(self.policy.base, PolicyBase::Preset { .. });
-        let seconds = cells.generated_tokens as f64 / CPU_GENERATED_PER_SECOND
+        let seconds = (cells.generated_tokens + self.preparation_generated_tokens()) as f64 / CPU_GENERATED_PER_SECOND
             + (cells.trained_tokens + self.preparation_tokens()) as f64 / CPU_TRAINED_PER_SECOND;
         if preset {
             format!(
@@ -1172,6 +1182,18 @@ steps = 2
             }
         );
         assert_eq!(cost("ppo"), CellCost { generated_tokens: 8 * 32 + 1, trained_tokens: 8 * 32 * 3 });
+    }
+
+    /// The reward model's policy samples are counted before the cells: 64 questions of each
+    /// split x 8 samples x 48 tokens in the SmolLM2 reward-model study, none without them.
+    #[test]
+    fn dry_run_counts_the_reward_models_policy_samples() {
+        let study = Study::load(&configs_dir().join("smollm2-reward-model.toml")).unwrap();
+        assert_eq!(study.preparation_generated_tokens(), 2 * 64 * 8 * 48);
+        let without = Study { reward_model: None, ..study.clone() };
+        assert_eq!(without.preparation_generated_tokens(), 0);
+        let cells = CellCost::default();
+        assert_ne!(study.time_estimate(cells), without.time_estimate(cells));
     }
 
     /// Every committed study is pinned except the two whose commits could not be confirmed
