@@ -111,12 +111,13 @@ def median_after_warmup(values):
     return statistics.median(measured) if measured else None
 
 
-def load(args, torch):
+def load(args, torch, training):
     """The model and tokenizer: a `.gguf` file through transformers' GGUF loader (dequantized),
-    else a directory or hub id."""
+    else a directory or hub id. bf16 generation loads bf16 weights; bf16 training keeps f32
+    weights and computes under autocast (`bf16=True`), as cotlab's f32 master weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" and not training else torch.float32
     if args.model.endswith(".gguf"):
         from transformers import GgufConfig
 
@@ -154,13 +155,13 @@ def run_grpo(args, rows, torch, result):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    model, tokenizer = load(args, torch)
+    model, tokenizer = load(args, torch, training=True)
     dataset = Dataset.from_list([{"prompt": messages(row["question"]), "answer": gold_answer(row["answer"])} for row in rows])
     rows_per_step = args.prompts * args.generations
     config = GRPOConfig(
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "cotlab-trl-bench"),
         use_cpu=True,
-        bf16=False,
+        bf16=args.dtype == "bf16",
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -231,7 +232,7 @@ def left_padded(torch, sequences, pad):
 
 
 def run_generate(args, rows, torch, result):
-    model, tokenizer = load(args, torch)
+    model, tokenizer = load(args, torch, training=False)
     model.eval()
     prompts = encode_prompts(tokenizer, rows)
     seconds = []
@@ -254,7 +255,7 @@ def run_generate(args, rows, torch, result):
 
 
 def run_train(args, rows, torch, result):
-    model, tokenizer = load(args, torch)
+    model, tokenizer = load(args, torch, training=True)
     if args.lora_rank:
         from peft import get_peft_model
 
@@ -288,9 +289,10 @@ def run_train(args, rows, torch, result):
         micro = len(sequences) // args.grad_accum
         started = time.perf_counter()
         for start in range(0, len(sequences), micro):
-            loss = model(input_ids=ids[start:start + micro], attention_mask=mask[start:start + micro], labels=target[start:start + micro]).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                loss = model(input_ids=ids[start:start + micro], attention_mask=mask[start:start + micro], labels=target[start:start + micro]).loss
             (loss / args.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)

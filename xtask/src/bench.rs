@@ -176,6 +176,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pad_token_id: 1,
         // One pass over the whole batch, as the PyTorch reference runs it.
         max_tokens_per_micro_batch: usize::MAX,
+        dtype: Default::default(),
     };
     let model = CausalLm::init(&config, &device.clone().autodiff()).map_err(anyhow::Error::msg)?;
     let mut trainer = SftTrainer::new(model, sft);

@@ -239,7 +239,7 @@ fn resume(inputs: AlgorithmInputs, dir: &Path) -> Result<Box<dyn RlAlgorithm>, R
     let policy = rl_algos::algorithm::checkpoint_policy(&inputs.policy, dir)?;
     let mut rloo = Rloo::new(inputs.policy, config, inputs.optim, state.seed)?;
     let optimizer = AdamW::load(rloo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
-    rloo.updater = Updater::new(policy, optimizer);
+    rloo.updater = Updater::new(policy, optimizer).with_dtype(rloo.optim.dtype);
     rloo.steps = state.steps;
     Ok(Box::new(rloo))
 }
@@ -261,7 +261,8 @@ impl Rloo {
         config.validate().map_err(RlError::Config)?;
         optim.validate().map_err(RlError::Config)?;
         let reference = (config.beta > 0.0).then(|| rl_algos::algorithm::reference_policy(&policy));
-        Ok(Self { updater: Updater::new(policy, AdamW::new(optim.adamw)), config, optim, reference, steps: 0, seed })
+        let updater = Updater::new(policy, AdamW::new(optim.adamw)).with_dtype(optim.dtype);
+        Ok(Self { updater, config, optim, reference, steps: 0, seed })
     }
 }
 
@@ -292,7 +293,7 @@ impl RlAlgorithm for Rloo {
         let started = Instant::now();
         let k = self.config.num_generations;
         // Rollouts and the KL penalty run on a copy without autodiff.
-        let inference = self.updater.model().valid();
+        let inference = self.updater.inference();
         let device = self.updater.model().devices().into_iter().next().expect("the policy has parameters");
         // 1. Rollout on a copy without autodiff.
         let sampler = Sampler::Sample { temperature: self.config.temperature, top_k: None, top_p: None };
@@ -316,7 +317,9 @@ impl RlAlgorithm for Rloo {
         let tokens = f64::from(mask.clone().sum().into_scalar::<f32>()).max(1.0);
         let temperature = self.config.temperature;
         let kl_in = self.config.kl_in;
-        let penalty = match (&self.reference, kl_in) {
+        // The reference computes in the policy's dtype, so that a bf16 run's KL is not rounding.
+        let reference = self.reference.as_ref().map(|reference| self.updater.in_working_dtype(reference.clone()));
+        let penalty = match (&reference, kl_in) {
             (Some(reference), KlIn::Reward) => {
                 Some(sequence_kl(&inference, reference, &rollout, prompts, (pad, share), &mask, micro, temperature))
             }
@@ -333,7 +336,7 @@ impl RlAlgorithm for Rloo {
         let advantages = Tensor::<1>::from_data(TensorData::new(advantages, [count]), &device);
         let beta = self.config.beta as f32;
         let epsilons = (self.config.epsilon, self.config.epsilon_high());
-        let reference = self.reference.as_ref().filter(|_| kl_in == KlIn::Loss);
+        let reference = reference.as_ref().filter(|_| kl_in == KlIn::Loss);
         let not_finite = |bad: NonFinite| RlError::NotFinite {
             step: self.steps + 1,
             quantity: bad.quantity().to_string(),

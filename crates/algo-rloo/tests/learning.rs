@@ -330,3 +330,43 @@ fn shared_prompt_prefixes_give_the_same_update() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{key}: {a} vs {b}");
     }
 }
+
+/// Mixed precision (`optim.dtype = "bf16"`), with the KL in the loss (the reference scored in
+/// every shard) and in the reward: RLOO learns on bf16 copies of f32 weights, which stay f32.
+#[test]
+fn rloo_learns_in_bf16_on_f32_master_weights() {
+    let device = Device::flex().autodiff();
+    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
+    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let environment = Environment {
+        decode: &decode,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        stop_strings: vec![],
+        rewards: &rewards,
+    };
+    let prompts: Vec<PromptItem> = (0..4)
+        .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() })
+        .collect();
+    for kl_in in ["loss", "reward"] {
+        let inputs = AlgorithmInputs {
+            policy: seeded_policy(0, &device),
+            config: serde_json::json!({ "num_generations": 8, "max_completion_length": 4, "kl_in": kl_in }),
+            optim: OptimSettings {
+                learning_rate: 1e-2,
+                total_steps: 40,
+                dtype: policy_models::optim::TrainDtype::Bf16,
+                ..OptimSettings::default()
+            },
+            seed: 0,
+        };
+        let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
+        let history: Vec<_> = (0..40).map(|_| rloo.train_step(&prompts, &environment).unwrap()).collect();
+        let mean = |slice: &[Metrics]| slice.iter().map(|m| m["reward"]).sum::<f64>() / slice.len() as f64;
+        let (first, last) = (mean(&history[..3]), mean(&history[35..]));
+        println!("RLOO bf16 (KL in the {kl_in}) toy reward: {first:.3} -> {last:.3}");
+        assert!(last > 0.5 && last > first + 0.3, "KL in the {kl_in}: reward {first:.3} -> {last:.3}");
+        assert!(history.iter().all(|m| m["kl"].is_finite()) && history.iter().any(|m| m["kl"] != 0.0));
+        assert_eq!(rloo.policy().compute_dtype(), burn::tensor::FloatDType::F32, "the weights stay f32");
+    }
+}

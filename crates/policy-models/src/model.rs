@@ -108,9 +108,6 @@ pub struct CausalLm {
     body: Body,
     #[module(skip)]
     config: ModelConfig,
-    /// The dtype of the weights and activations (f32 unless [`CausalLm::with_compute_dtype`]).
-    #[module(skip)]
-    compute_dtype: FloatDType,
 }
 
 impl CausalLm {
@@ -122,7 +119,7 @@ impl CausalLm {
             ModelConfig::Qwen2(qwen) => Body::Decoder(Decoder::init(&qwen.spec()?, device)),
             ModelConfig::Llama(llama) => Body::Decoder(Decoder::init(&llama.spec()?, device)),
         };
-        Ok(crate::optim::initialize_now(Self { body, config: config.clone(), compute_dtype: FloatDType::F32 }))
+        Ok(crate::optim::initialize_now(Self { body, config: config.clone() }))
     }
 
     /// Loads `config.json` and the safetensors weights of a checkpoint directory.
@@ -142,7 +139,7 @@ impl CausalLm {
             }
         };
         weights.finish()?;
-        Ok(Self { body, config, compute_dtype: FloatDType::F32 })
+        Ok(Self { body, config })
     }
 
     /// [`CausalLm::load_dir`] for a checkpoint whose head is not the LM head (a reward model's
@@ -172,7 +169,7 @@ impl CausalLm {
                 Body::Decoder(Decoder::load(&llama.spec().map_err(bad_config)?, &mut weights)?)
             }
         };
-        Ok((Self { body, config, compute_dtype: FloatDType::F32 }, weights))
+        Ok((Self { body, config }, weights))
     }
 
     /// Adds every weight but the LM head to `writer` under its transformers key (LoRA-adapted
@@ -206,7 +203,7 @@ impl CausalLm {
             ModelConfig::GptNeo(_) => unreachable!("GgufFile::architecture admits llama and qwen2 only"),
         };
         weights.finish()?;
-        Ok(Self { body, config, compute_dtype: FloatDType::F32 })
+        Ok(Self { body, config })
     }
 
     /// Saves the model in the Hugging Face layout (`config.json`, `model.safetensors` in f32,
@@ -289,23 +286,33 @@ impl CausalLm {
     /// (bf16 halves memory and runs on GPU tensor cores; transformers' `torch_dtype=bfloat16`).
     /// Logits and hidden states are returned in f32, so sampling, log-probs and losses keep f32
     /// precision (as TRL upcasts logits). The CPU default stays f32; flex computes bf16 too, which
-    /// is how the option is tested without a GPU.
+    /// is how the option is tested without a GPU. This is for inference: a model trained in bf16
+    /// loses its updates to rounding, so trainers keep f32 master weights and compute on a bf16
+    /// copy instead ([`crate::optim::TrainDtype`]).
     pub fn with_compute_dtype(self, dtype: FloatDType) -> Self {
-        struct CastParams(FloatDType);
-        impl ModuleMapper for CastParams {
+        struct Recast(FloatDType);
+        impl ModuleMapper for Recast {
             fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
                 let dtype = self.0;
-                param.map(|tensor| tensor.cast(dtype))
+                // New leaves: a cast inside the graph would tie every later loss to one node.
+                param.map(|tensor| {
+                    let trained = tensor.is_require_grad();
+                    let cast = tensor.cast(dtype).detach();
+                    if trained { cast.require_grad() } else { cast }
+                })
             }
         }
-        let mut model = self.map(&mut CastParams(dtype));
-        model.compute_dtype = dtype;
-        model
+        self.map(&mut Recast(dtype))
     }
 
-    /// The dtype weights and activations are computed in.
+    /// The dtype weights and activations are computed in: the parameters' (a training pass's
+    /// working copy is a cast of the whole model, see [`crate::optim::TrainDtype`]).
     pub fn compute_dtype(&self) -> FloatDType {
-        self.compute_dtype
+        let embedding = match &self.body {
+            Body::GptNeo(model) => model.token_embedding(),
+            Body::Decoder(model) => model.token_embedding(),
+        };
+        embedding.weight.val().dtype().into()
     }
 
     /// The configuration.
@@ -363,7 +370,7 @@ impl CausalLm {
 
     /// [`CausalLm::logits`] through `cache`'s packed weights when it has them (generation).
     fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
-        let hidden = hidden.cast(self.compute_dtype);
+        let hidden = hidden.cast(self.compute_dtype());
         let logits = match &self.body {
             Body::GptNeo(model) => model.logits_cached(hidden, cache),
             Body::Decoder(model) => model.logits_cached(hidden, cache),

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::StepInput;
 use crate::model::CausalLm;
-use crate::optim::{AdamW, AdamWSettings, NonFinite, Schedule, Updater};
+use crate::optim::{AdamW, AdamWSettings, NonFinite, Schedule, TrainDtype, Updater};
 use crate::tokenizer::PolicyTokenizer;
 use crate::weights::LoadError;
 
@@ -63,6 +63,10 @@ pub struct SftConfig {
     /// [`crate::optim::micro_batch_rows_by`]). Default 1024, the RL algorithms' budget.
     #[serde(default = "default_max_tokens_per_micro_batch")]
     pub max_tokens_per_micro_batch: usize,
+    /// The precision of the training passes: `bf16` computes on a bf16 copy of f32 master
+    /// weights ([`crate::optim::TrainDtype`]). Default f32.
+    #[serde(default, skip_serializing_if = "TrainDtype::is_f32")]
+    pub dtype: TrainDtype,
 }
 
 fn default_max_tokens_per_micro_batch() -> usize {
@@ -172,7 +176,7 @@ struct TrainerState {
 impl SftTrainer {
     /// Starts training `model` (which must live on an autodiff device).
     pub fn new(model: CausalLm, config: SftConfig) -> Self {
-        Self { updater: Updater::new(model, AdamW::new(config.adamw)), config }
+        Self { updater: Updater::new(model, AdamW::new(config.adamw)).with_dtype(config.dtype), config }
     }
 
     /// Resumes from a checkpoint directory written by [`SftTrainer::save_checkpoint`], on
@@ -215,7 +219,7 @@ impl SftTrainer {
                 ),
             });
         }
-        Ok(Self { updater: Updater::new(model, optimizer), config })
+        Ok(Self { updater: Updater::new(model, optimizer).with_dtype(config.dtype), config })
     }
 
     /// Steps completed.

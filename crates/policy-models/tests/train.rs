@@ -66,6 +66,7 @@ fn config(steps: u64) -> SftConfig {
         seed: 0,
         pad_token_id: 1,
         max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+        dtype: Default::default(),
     }
 }
 
@@ -235,7 +236,7 @@ fn sharded_gradients_equal_the_whole_batch_gradients() {
 
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let (sharded_loss, sharded, shards) = pool.install(|| {
-        let (loss, grads, shards) = sharded_backward(&model, batch.len(), |model, rows| {
+        let (loss, grads, shards) = sharded_backward(&model, batch.len(), None, |model, rows| {
             let count = rows.len();
             (sft_loss_share(model, &batch[rows], 1, tokens), count)
         })

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use policy_models::CausalLm;
-use policy_models::optim::{AdamWSettings, Schedule};
+use policy_models::optim::{AdamWSettings, Schedule, TrainDtype};
 use serde::{Deserialize, Serialize};
 
 use crate::rewards::WeightedRewards;
@@ -78,6 +78,10 @@ pub struct OptimSettings {
     /// take several optimizer steps (PPO's epochs x minibatches, GRPO's iterations): the study
     /// runner sets this from [`AlgorithmEntry::run_optim`], whatever a study file says.
     pub total_steps: u64,
+    /// The precision of the training passes, and of sampling and scoring: `bf16` computes on a
+    /// bf16 copy of f32 master weights (TRL's `bf16=True`; see [`TrainDtype`]). Default f32.
+    #[serde(skip_serializing_if = "TrainDtype::is_f32")]
+    pub dtype: TrainDtype,
 }
 
 impl Default for OptimSettings {
@@ -89,6 +93,7 @@ impl Default for OptimSettings {
             adamw: AdamWSettings::default(),
             max_grad_norm: Some(1.0),
             total_steps: 100,
+            dtype: TrainDtype::F32,
         }
     }
 }

@@ -634,7 +634,7 @@ impl Grpo {
             ));
         }
         let reference = (config.beta > 0.0).then(|| crate::algorithm::reference_policy(&policy));
-        let updater = Updater::new(policy, AdamW::new(optim.adamw));
+        let updater = Updater::new(policy, AdamW::new(optim.adamw)).with_dtype(optim.dtype);
         Ok(Self { config, optim, updater, reference, steps: 0, seed })
     }
 
@@ -649,7 +649,7 @@ impl Grpo {
         let policy = crate::algorithm::checkpoint_policy(&start, dir)?;
         let mut grpo = Self::new(start, config, optim, state.seed)?;
         let optimizer = AdamW::load(grpo.optim.adamw, &policy, &dir.join("optimizer.safetensors"))?;
-        grpo.updater = Updater::new(policy, optimizer);
+        grpo.updater = Updater::new(policy, optimizer).with_dtype(grpo.optim.dtype);
         grpo.steps = state.steps;
         // A synchronised reference has moved away from the start: the checkpoint holds it.
         if grpo.config.sync_ref_model {
@@ -745,7 +745,7 @@ impl RlAlgorithm for Grpo {
         let g = self.config.num_generations;
         let device = self.updater.model().devices().into_iter().next().expect("the policy has parameters");
         // Rollouts run on a copy without autodiff: no graph is built, none can leak.
-        let inference = self.updater.model().valid();
+        let inference = self.updater.inference();
         let mut rollout = rollout::sample(
             &inference,
             prompts,
@@ -783,7 +783,8 @@ impl RlAlgorithm for Grpo {
             Tensor::from_inner(rollout::completion_scores(&inference, &rollout, prompts, pad, share, temperature).0)
         });
         let reference = self.reference.as_ref().map(|reference| {
-            Tensor::from_inner(rollout::completion_scores(reference, &rollout, prompts, pad, share, temperature).0)
+            let reference = self.updater.in_working_dtype(reference.clone());
+            Tensor::from_inner(rollout::completion_scores(&reference, &rollout, prompts, pad, share, temperature).0)
         });
         let schedule = self.optim.schedule();
         let count = rollout.len();
@@ -816,14 +817,8 @@ impl RlAlgorithm for Grpo {
                 // threshold is not lost to rounding between the two passes).
                 let (entropy_threshold, entropy_tokens, micro_entropies) = if self.config.top_entropy_quantile < 1.0 {
                     let sub = rollout.select(&(start..end).collect::<Vec<_>>());
-                    let (_, entropies) = rollout::completion_scores(
-                        &self.updater.model().valid(),
-                        &sub,
-                        prompts,
-                        pad,
-                        share,
-                        temperature,
-                    );
+                    let (_, entropies) =
+                        rollout::completion_scores(&self.updater.inference(), &sub, prompts, pad, share, temperature);
                     let values = entropies.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
                     let threshold = entropy_threshold(&values, micro_mask, self.config.top_entropy_quantile);
                     (

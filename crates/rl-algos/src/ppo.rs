@@ -462,7 +462,11 @@ impl PolicyWithValueHead {
         };
         // The value of the state before each completion token: the same positions that predict it.
         let states = hidden.slice([0..batch, total - completion_len - 1..total - 1, 0..width]);
-        let values = self.value_head.forward(states).reshape([batch, completion_len]);
+        // Hidden states come back in f32; the head computes in its own dtype (bf16 in a
+        // mixed-precision pass), and values go on in f32 as log-probs do.
+        let states = states.cast(self.value_head.weight.val().dtype());
+        let values =
+            self.value_head.forward(states).reshape([batch, completion_len]).cast(burn::tensor::FloatDType::F32);
         (logps, entropies, values)
     }
 }
@@ -572,7 +576,8 @@ impl Ppo {
         };
         Ok(Self {
             optim: optim.clone(),
-            updater: Updater::new(PolicyWithValueHead { policy, value_head, value_trunk }, AdamW::new(optim.adamw)),
+            updater: Updater::new(PolicyWithValueHead { policy, value_head, value_trunk }, AdamW::new(optim.adamw))
+                .with_dtype(optim.dtype),
             reference,
             steps: 0,
             seed,
@@ -605,7 +610,7 @@ impl Ppo {
         };
         let model = PolicyWithValueHead { policy, value_head, value_trunk };
         let optimizer = AdamW::load(ppo.optim.adamw, &model, &dir.join("optimizer.safetensors"))?;
-        ppo.updater = Updater::new(model, optimizer);
+        ppo.updater = Updater::new(model, optimizer).with_dtype(ppo.optim.dtype);
         ppo.steps = state.steps;
         let kl_state = dir.join(KL_STATE_FILE);
         if kl_state.exists() {
@@ -661,7 +666,7 @@ impl RlAlgorithm for Ppo {
         let started = Instant::now();
         let model = self.updater.model();
         let device = model.policy.devices().into_iter().next().expect("the policy has parameters");
-        let inference = model.valid();
+        let inference = self.updater.inference();
         let sampler = Sampler::Sample {
             temperature: self.config.temperature,
             top_k: None,
@@ -684,8 +689,12 @@ impl RlAlgorithm for Ppo {
         let (input, completion_len) = rollout::scoring_input(&rollout, prompts, environment.pad_token_id);
         let temperature = self.config.temperature;
         let (old_logprobs, _, old_values) = inference.score(&input, completion_len, temperature);
-        let (ref_logprobs, _) =
-            policy_models::generate::completion_log_probs(&self.reference, &input, completion_len, temperature);
+        let (ref_logprobs, _) = policy_models::generate::completion_log_probs(
+            &self.updater.in_working_dtype(self.reference.clone()),
+            &input,
+            completion_len,
+            temperature,
+        );
         let lengths = rollout.lengths();
         let old_values_host = rows(old_values);
         let scores = penalise_missing_eos(&scored.total, &rollout.stop_reasons, self.config.missing_eos_penalty);

@@ -768,3 +768,34 @@ fn grpo_with_shared_prompt_prefixes_raises_the_reward_on_a_llama() {
     println!("GRPO toy reward (Llama, shared prefixes): {first:.3} -> {last:.3} (chance {:.3})", 1.0 / VOCAB as f64);
     assert!(last > 0.5 && last > first + 0.3, "reward {first:.3} -> {last:.3}");
 }
+
+/// Mixed precision (`optim.dtype = "bf16"`): GRPO (with its reference) and PPO (with its value
+/// head) sample, score and train on bf16 copies of f32 weights, learn the toy task as in f32, and
+/// keep their weights f32.
+#[test]
+fn bf16_training_raises_the_reward_and_keeps_f32_weights() {
+    use burn::tensor::FloatDType;
+    use policy_models::optim::TrainDtype;
+    use rl_algos::ppo::{Ppo, PpoConfig};
+    let device = Device::flex().autodiff();
+    let bf16 = |steps| OptimSettings { dtype: TrainDtype::Bf16, ..optim(steps) };
+    let mean = |history: &[rl_algos::Metrics]| history.iter().map(|m| m["reward"]).sum::<f64>() / history.len() as f64;
+
+    let config = GrpoConfig { num_generations: 8, max_completion_length: 4, beta: 0.04, ..GrpoConfig::default() };
+    let mut grpo = Grpo::new(tiny_policy(&device), config, bf16(30), 0).unwrap();
+    let history = steps(&mut grpo, 30);
+    let (first, last) = (mean(&history[..3]), mean(&history[25..]));
+    println!("GRPO bf16 toy reward: {first:.3} -> {last:.3}");
+    assert!(last > 0.5 && last > first + 0.3, "GRPO reward {first:.3} -> {last:.3}");
+    assert!(history[29]["kl"] > 0.0 && history[29]["kl"].is_finite());
+    assert_eq!(grpo.policy().compute_dtype(), FloatDType::F32, "GRPO's weights stay f32");
+
+    let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 4, num_mini_batches: 2, ..PpoConfig::default() };
+    let mut ppo = Ppo::new(tiny_policy(&device), config, OptimSettings { learning_rate: 2e-2, ..bf16(50) }, 0).unwrap();
+    let history = steps(&mut ppo, 50);
+    let (first, last) = (mean(&history[..3]), mean(&history[45..]));
+    println!("PPO bf16 toy reward: {first:.3} -> {last:.3}");
+    assert!(last > 0.4 && last > first + 0.25, "PPO reward {first:.3} -> {last:.3}");
+    assert!(history.iter().all(|m| m["loss/value"].is_finite()));
+    assert_eq!(ppo.policy().compute_dtype(), FloatDType::F32, "PPO's weights stay f32");
+}

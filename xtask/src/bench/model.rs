@@ -25,6 +25,7 @@ use super::flops;
 use crate::common::ComputeDtype;
 use crate::study::config::registry;
 use crate::study::prompts::encode_prompt;
+use policy_models::optim::TrainDtype;
 
 /// What is measured on the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -81,7 +82,8 @@ pub struct BenchConfig {
     pub share_prompt_prefix: bool,
     /// CPU threads of each side (rayon's pool; torch.set_num_threads).
     pub threads: usize,
-    /// `f32` or `bf16`.
+    /// `f32` or `bf16` (generation on bf16 weights; training on f32 master weights with bf16
+    /// passes, see `TrainDtype`).
     pub dtype: String,
     /// LoRA rank (alpha = 2 x rank, every attention and MLP projection), or null: full fine-tuning.
     pub lora: Option<usize>,
@@ -207,11 +209,17 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
         })
         .collect::<anyhow::Result<_>>()?;
     let dtype = if config.dtype == "bf16" { ComputeDtype::Bf16 } else { ComputeDtype::F32 };
-    let load = |device: &burn::tensor::Device| -> anyhow::Result<CausalLm> {
+    // Generation computes on bf16 weights; training keeps f32 master weights and computes on a
+    // bf16 copy of them (TrainDtype), as TRL's `bf16=True` does under autocast.
+    let train_dtype = match dtype {
+        ComputeDtype::F32 => TrainDtype::F32,
+        ComputeDtype::Bf16 => TrainDtype::Bf16,
+    };
+    let load = |device: &burn::tensor::Device, training: bool| -> anyhow::Result<CausalLm> {
         let policy = CausalLm::load_dir(&dir, device).with_context(|| format!("loading {}", dir.display()))?;
         Ok(match dtype {
-            ComputeDtype::F32 => policy,
-            ComputeDtype::Bf16 => policy.with_compute_dtype(burn::tensor::FloatDType::BF16),
+            ComputeDtype::Bf16 if !training => policy.with_compute_dtype(burn::tensor::FloatDType::BF16),
+            _ => policy,
         })
     };
     let pad = tokenizer.pad_id.map_or(0, i64::from);
@@ -232,7 +240,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
     match config.workload {
         Workload::Grpo => {
             let autodiff = device.clone().autodiff();
-            let mut policy = load(&autodiff)?;
+            let mut policy = load(&autodiff, true)?;
             if let Some(rank) = config.lora {
                 autodiff.seed(0);
                 policy = policy
@@ -252,7 +260,12 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             }
             let entry = registry().iter().find(|entry| entry.name == "grpo").context("grpo is not registered")?;
             let adamw = policy_models::optim::AdamWSettings { weight_decay: config.weight_decay, ..Default::default() };
-            let optim = OptimSettings { learning_rate: config.learning_rate, adamw, ..OptimSettings::default() };
+            let optim = OptimSettings {
+                learning_rate: config.learning_rate,
+                adamw,
+                dtype: train_dtype,
+                ..OptimSettings::default()
+            };
             let optim = entry
                 .run_optim(&grpo, &optim, config.steps as u64, config.prompts_per_step)
                 .map_err(anyhow::Error::msg)?;
@@ -293,7 +306,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             figures.reward_mean = mean(&rewards_seen);
         }
         Workload::Generate => {
-            let model = load(&device)?;
+            let model = load(&device, false)?;
             let generation_config = GenerationConfig {
                 max_new_tokens: config.max_completion_length,
                 sampler: Sampler::Sample { temperature: config.temperature, top_k: None, top_p: None },
@@ -345,7 +358,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 }
                 Ok(examples)
             };
-            let mut policy = load(&device.clone().autodiff())?;
+            let mut policy = load(&device.clone().autodiff(), true)?;
             if let Some(rank) = config.lora {
                 device.clone().autodiff().seed(0);
                 policy = policy
@@ -369,6 +382,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
                 seed: 0,
                 pad_token_id: pad,
                 max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+                dtype: train_dtype,
             };
             let mut trainer = SftTrainer::new(policy, sft);
             let (mut tokens, mut flop_counts) = (Vec::new(), Vec::new());

@@ -166,6 +166,7 @@ pub(crate) fn prepare_base(
         seed: 0,
         pad_token_id: pad,
         max_tokens_per_micro_batch: policy_models::train::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
+        dtype: Default::default(),
     };
     let mut bar = progress.bar(sft.steps, "base policy (supervised)", 1);
     let mut trainer = SftTrainer::new(model, config);
