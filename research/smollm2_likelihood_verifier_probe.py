@@ -18,6 +18,27 @@ tokens; labelled by the last number, as the lenient checker), before and after t
         /tmp/rm-pairs/held_out.jsonl ~/.cache/cotlab/gguf/<the converted SmolLM2 dir>
 
 Smoke run: `--train 8 --batch 4 --questions 2 --held-out 12`.
+
+Runs on 2026-12-01 (2 CPU threads, full fine-tuning, AdamW lr 1e-5, beta 10, batches of 8
+comparisons, one pass over 400 of the 4,000 dumped train pairs of the SmolLM2 reward-model study's
+task; held out: its 200 test-split pairs; own answers: 8 samples on each of the first 32 test
+questions), 15-16 min each, of which training 503-540 s:
+
+| | broken format | wrong answer | corrupted step | own answers |
+|---|---|---|---|---|
+| untrained (seed 0) | 10.6% of 66 | 95.5% of 67 | 68.7% of 67 | 75.5% of 98 pairs |
+| trained (seed 0) | 100% | 100% | 89.6% | 82.7% of 98 |
+| untrained (seed 1: other samples, other 400 train pairs) | 10.6% | 95.5% | 68.7% | 74.1% of 81 |
+| trained (seed 1) | 100% | 100% | 86.6% | 72.8% of 81 |
+| issue #18's targets | 95% | 85% | 70% | 75% |
+
+Mean scores after training (seed 1): the policy's own right answers -1.063 (n = 17), its wrong
+ones -1.273 (n = 239), the reference solutions -2.206, the right number repeated 8 times -2.071,
+an empty `A:` -2.652, a bare `#### N` -3.176 and `#### N+1` -3.193. The score keeps the policy's
+own likelihood: its own style outscores the worked reference, repetition outscores it too, and a
+bare answer with no work shown is barely checked. As an RL reward it needs the rules' format
+gate and the KL penalty against that; trained on pairs of the model's own answers too (as the
+study's reward model is), the own-answer figure should move more than it does here.
 """
 
 import argparse
@@ -138,6 +159,29 @@ def main(args):
             if step % args.log_every == 0:
                 print(f"epoch {epoch} step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
         evaluate(f"after epoch {epoch + 1} ({len(train)} pairs, {time.time() - started:.0f} s)")
+    probe_degenerate(model, scores, prompt_of, held_out[: args.questions or 16], samples)
+
+
+def probe_degenerate(model, scores, prompt_of, questions, samples):
+    """What a policy could chase: the trained verifier's mean score of short or degenerate
+    answers beside the policy's own right and wrong ones and the reference solutions."""
+    model.eval()
+    kinds = {
+        "reference solution": lambda p, gold: p["chosen"],
+        "bare right answer `#### N`": lambda p, gold: f"#### {gold}",
+        "bare wrong answer `#### N+1`": lambda p, gold: f"#### {int(float(gold)) + 1}",
+        "right number repeated 8x": lambda p, gold: " ".join([gold] * 8),
+        "an empty `A:`": lambda p, gold: "A:",
+    }
+    with torch.no_grad():
+        for name, make in kinds.items():
+            rows = [(prompt_of(p["prompt"]), make(p, last_number(p["chosen"]))) for p in questions]
+            print(f"mean score, {name}: {scores(rows).mean().item():.3f}")
+        for label, right in [("the policy's right answers", True), ("the policy's wrong answers", False)]:
+            rows = [(r[1], r[2]) for r in samples if r[3] == right]
+            if rows:
+                values = torch.cat([scores(rows[i:i + 8]) for i in range(0, len(rows), 8)])
+                print(f"mean score, {label}: {values.mean().item():.3f} (n={len(rows)})")
 
 
 if __name__ == "__main__":
