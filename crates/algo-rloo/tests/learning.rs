@@ -53,17 +53,8 @@ fn seeded_policy(seed: u64, device: &Device) -> CausalLm {
     CausalLm::init(&config, device).unwrap()
 }
 
-#[test]
-fn rloo_through_its_registry_entry_raises_the_reward() {
-    let device = Device::flex().autodiff();
-    let inputs = AlgorithmInputs {
-        policy: seeded_policy(0, &device),
-        config: serde_json::json!({ "num_generations": 8, "max_completion_length": 4 }),
-        optim: OptimSettings { learning_rate: 1e-2, total_steps: 40, ..OptimSettings::default() },
-        seed: 0,
-    };
-    (algo_rloo::ENTRY.validate)(&inputs.config).unwrap();
-    let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
+/// `steps` training steps on four toy prompts rewarded by [`TargetShare`].
+fn train_on_target_share(algorithm: &mut dyn rl_algos::RlAlgorithm, steps: usize) -> Vec<Metrics> {
     let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
     let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
     let environment = Environment {
@@ -76,7 +67,21 @@ fn rloo_through_its_registry_entry_raises_the_reward() {
     let prompts: Vec<PromptItem> = (0..4)
         .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() })
         .collect();
-    let history: Vec<_> = (0..40).map(|_| rloo.train_step(&prompts, &environment).unwrap()).collect();
+    (0..steps).map(|_| algorithm.train_step(&prompts, &environment).unwrap()).collect()
+}
+
+#[test]
+fn rloo_through_its_registry_entry_raises_the_reward() {
+    let device = Device::flex().autodiff();
+    let inputs = AlgorithmInputs {
+        policy: seeded_policy(0, &device),
+        config: serde_json::json!({ "num_generations": 8, "max_completion_length": 4 }),
+        optim: OptimSettings { learning_rate: 1e-2, total_steps: 40, ..OptimSettings::default() },
+        seed: 0,
+    };
+    (algo_rloo::ENTRY.validate)(&inputs.config).unwrap();
+    let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
+    let history = train_on_target_share(rloo.as_mut(), 40);
     let mean = |slice: &[rl_algos::Metrics]| slice.iter().map(|m| m["reward"]).sum::<f64>() / slice.len() as f64;
     let (first, last) = (mean(&history[..3]), mean(&history[35..]));
     println!("RLOO toy reward: {first:.3} -> {last:.3} (chance 0.062)");
@@ -336,18 +341,6 @@ fn shared_prompt_prefixes_give_the_same_update() {
 #[test]
 fn rloo_learns_in_bf16_on_f32_master_weights() {
     let device = Device::flex().autodiff();
-    let rewards = WeightedRewards::new(vec![(Box::new(TargetShare), 1.0)]);
-    let decode = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-    let environment = Environment {
-        decode: &decode,
-        eos_token_ids: vec![],
-        pad_token_id: 0,
-        stop_strings: vec![],
-        rewards: &rewards,
-    };
-    let prompts: Vec<PromptItem> = (0..4)
-        .map(|i| PromptItem { prompt_ids: vec![2 + i, 3 + i, 4], prompt_text: String::new(), answer: String::new() })
-        .collect();
     for kl_in in ["loss", "reward"] {
         let inputs = AlgorithmInputs {
             policy: seeded_policy(0, &device),
@@ -361,7 +354,7 @@ fn rloo_learns_in_bf16_on_f32_master_weights() {
             seed: 0,
         };
         let mut rloo = (algo_rloo::ENTRY.build)(inputs).unwrap();
-        let history: Vec<_> = (0..40).map(|_| rloo.train_step(&prompts, &environment).unwrap()).collect();
+        let history = train_on_target_share(rloo.as_mut(), 40);
         let mean = |slice: &[Metrics]| slice.iter().map(|m| m["reward"]).sum::<f64>() / slice.len() as f64;
         let (first, last) = (mean(&history[..3]), mean(&history[35..]));
         println!("RLOO bf16 (KL in the {kl_in}) toy reward: {first:.3} -> {last:.3}");

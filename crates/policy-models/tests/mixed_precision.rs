@@ -2,35 +2,18 @@
 //! weights. Its gradients are the f32 gradients to bf16's rounding, its learning curve follows
 //! the f32 run's, and, unlike a model whose weights are themselves bf16, it keeps small updates.
 
+mod common;
+
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, FloatDType, Tensor};
 use policy_models::optim::{AdamWSettings, Schedule, TrainDtype, parameter_values, sharded_backward};
-use policy_models::presets::{Preset, train_tokenizer};
+use policy_models::presets::Preset;
 use policy_models::train::{SftConfig, SftExample, SftTrainer, sft_loss_share};
 use policy_models::{CausalLm, PolicyTokenizer};
-use tasks::synthetic::{SyntheticConfig, generate};
 
 fn data() -> (PolicyTokenizer, Vec<SftExample>) {
-    let task =
-        generate(&SyntheticConfig { train_size: 200, test_size: 10, max_operations: 2, seed: 3, ..Default::default() })
-            .unwrap();
-    let texts = task.train.problems.iter().map(|p| format!("Q: {}\nA: {}\n#### {}", p.question, p.solution, p.answer));
-    let tokenizer = train_tokenizer(texts.collect::<Vec<_>>().into_iter(), 200).unwrap();
-    let eos = i64::from(tokenizer.eos_ids[0]);
-    let encode =
-        |text: &str| -> Vec<i64> { tokenizer.encode(text, false).unwrap().into_iter().map(i64::from).collect() };
-    let examples = task
-        .train
-        .problems
-        .iter()
-        .map(|p| {
-            let mut completion = encode(&format!("{}\n#### {}", p.solution, p.answer));
-            completion.push(eos);
-            SftExample { prompt_ids: encode(&format!("Q: {}\nA:", p.question)), completion_ids: completion }
-        })
-        .collect();
-    (tokenizer, examples)
+    common::arithmetic_sft_data(200, 3)
 }
 
 /// SmolLM2's architecture at d = 128, on an autodiff device.

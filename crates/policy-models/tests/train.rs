@@ -1,39 +1,16 @@
 //! Supervised training on synthetic arithmetic: the loss falls, and a run interrupted at a
 //! checkpoint and resumed ends with exactly the weights of an uninterrupted run.
 
+mod common;
+
 use burn::tensor::Device;
 use policy_models::gpt_neo::{AttentionKind, GptNeoConfig};
 use policy_models::optim::{AdamWSettings, Schedule};
-use policy_models::presets::train_tokenizer;
 use policy_models::train::{SftConfig, SftExample, SftTrainer};
 use policy_models::{CausalLm, ModelConfig, PolicyTokenizer, StepInput};
-use tasks::synthetic::{SyntheticConfig, generate};
 
 fn data() -> (PolicyTokenizer, Vec<SftExample>) {
-    let task = generate(&SyntheticConfig {
-        train_size: 300,
-        test_size: 10,
-        max_operations: 2,
-        seed: 1,
-        ..SyntheticConfig::default()
-    })
-    .unwrap();
-    let texts = task.train.problems.iter().map(|p| format!("Q: {}\nA: {}\n#### {}", p.question, p.solution, p.answer));
-    let tokenizer = train_tokenizer(texts.collect::<Vec<_>>().into_iter(), 200).unwrap();
-    let eos = i64::from(tokenizer.eos_ids[0]);
-    let encode =
-        |text: &str| -> Vec<i64> { tokenizer.encode(text, false).unwrap().into_iter().map(i64::from).collect() };
-    let examples = task
-        .train
-        .problems
-        .iter()
-        .map(|p| {
-            let mut completion = encode(&format!("{}\n#### {}", p.solution, p.answer));
-            completion.push(eos);
-            SftExample { prompt_ids: encode(&format!("Q: {}\nA:", p.question)), completion_ids: completion }
-        })
-        .collect();
-    (tokenizer, examples)
+    common::arithmetic_sft_data(300, 1)
 }
 
 fn small_model(vocab_size: usize, device: &Device) -> CausalLm {

@@ -1,4 +1,4 @@
-//! Fixture reading shared by the integration tests.
+//! Fixture reading and toy data shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses part of the shared fixture code")]
 
 use std::path::PathBuf;
@@ -23,4 +23,35 @@ pub fn fixture(name: &str) -> (PathBuf, Reference) {
 
 pub fn mask(reference: &Reference) -> Vec<Vec<bool>> {
     reference.attention_mask.iter().map(|row| row.iter().map(|&m| m == 1).collect()).collect()
+}
+
+/// A BPE tokenizer of 200 tokens trained on synthetic arithmetic (`train_size` problems drawn
+/// from `seed`, one or two operations) and the problems as SFT examples: `Q: ..\nA:` prompts,
+/// worked solutions ending in `#### N` and the end-of-sequence token.
+pub fn arithmetic_sft_data(
+    train_size: usize,
+    seed: u64,
+) -> (policy_models::PolicyTokenizer, Vec<policy_models::train::SftExample>) {
+    use tasks::synthetic::{SyntheticConfig, generate};
+    let task = generate(&SyntheticConfig { train_size, test_size: 10, max_operations: 2, seed, ..Default::default() })
+        .unwrap();
+    let texts = task.train.problems.iter().map(|p| format!("Q: {}\nA: {}\n#### {}", p.question, p.solution, p.answer));
+    let tokenizer = policy_models::presets::train_tokenizer(texts.collect::<Vec<_>>().into_iter(), 200).unwrap();
+    let eos = i64::from(tokenizer.eos_ids[0]);
+    let encode =
+        |text: &str| -> Vec<i64> { tokenizer.encode(text, false).unwrap().into_iter().map(i64::from).collect() };
+    let examples = task
+        .train
+        .problems
+        .iter()
+        .map(|p| {
+            let mut completion = encode(&format!("{}\n#### {}", p.solution, p.answer));
+            completion.push(eos);
+            policy_models::train::SftExample {
+                prompt_ids: encode(&format!("Q: {}\nA:", p.question)),
+                completion_ids: completion,
+            }
+        })
+        .collect();
+    (tokenizer, examples)
 }
