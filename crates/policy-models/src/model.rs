@@ -312,7 +312,8 @@ impl CausalLm {
             Body::GptNeo(model) => model.token_embedding(),
             Body::Decoder(model) => model.token_embedding(),
         };
-        embedding.weight.val().dtype().into()
+        // The stored weight, not a reparameterised (LoRA) value: no product just to read a dtype.
+        embedding.weight.base().dtype().into()
     }
 
     /// The configuration.
