@@ -39,6 +39,13 @@ own likelihood: its own style outscores the worked reference, repetition outscor
 bare answer with no work shown is barely checked. As an RL reward it needs the rules' format
 gate and the KL penalty against that; trained on pairs of the model's own answers too (as the
 study's reward model is), the own-answer figure should move more than it does here.
+
+With `--own-train-questions 64` (seed 0; 18 min): 512 answers to 64 train questions, 11 right,
+give 65 own-answer pairs, trained beside the 400 synthetic ones. Held out: format 100%, wrong
+answer 100%, corrupted step 83.6%, own answers 76.5% of the same 98 pairs (82.7% without them:
+within the noise of 98 pairs). The gap between the policy's right and wrong answers widens (-1.032
+against -1.452), and an empty `A:` (-2.169) now outscores the reference (-2.285). At a 2% hit rate
+the model's own answers give too few pairs to move the figure; that takes many more questions.
 """
 
 import argparse
@@ -94,12 +101,13 @@ def main(args):
         log_probs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
         return (log_probs * target_mask).sum(-1) / target_mask.sum(-1).clamp(min=1)
 
-    # The policy's own answers, sampled once from the untrained model.
-    samples = []
-    if args.questions:
+    def sample_own(questions):
+        """The untrained policy's answers to `questions` (`samples` each), labelled by the last
+        number, and its within-question (prompt, right, wrong) pairs."""
+        if not questions:
+            return [], []
         model.eval()
         tokenizer.padding_side = "left"
-        questions = held_out[: args.questions]
         prompts = [prompt_of(p["prompt"]) for p in questions]
         golds = [last_number(p["chosen"]) for p in questions]
         with torch.no_grad():
@@ -109,17 +117,31 @@ def main(args):
                 num_return_sequences=args.samples,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for index, completion in enumerate(completions):
-            question = index // args.samples
-            samples.append((question, prompts[question], completion, last_number(completion) == golds[question]))
         tokenizer.padding_side = "right"
-    own_pairs = [
-        (r[1], r[2], w[2])
-        for question in range(args.questions)
-        for r in samples if r[0] == question and r[3]
-        for w in samples if w[0] == question and not w[3]
-    ]
+        completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples = [
+            (index // args.samples, prompts[index // args.samples], completion, last_number(completion) == golds[index // args.samples])
+            for index, completion in enumerate(completions)
+        ]
+        pairs = [
+            (r[1], r[2], w[2])
+            for question in range(len(questions))
+            for r in samples if r[0] == question and r[3]
+            for w in samples if w[0] == question and not w[3]
+        ]
+        return samples, pairs
+
+    # The policy's own answers, sampled once from the untrained model: on held-out questions for
+    # evaluation and, with --own-train-questions, on train questions as training pairs (as the
+    # study's reward model gets them).
+    samples, own_pairs = sample_own(held_out[: args.questions])
+    train_questions = list({p["prompt"]: p for p in train}.values())[: args.own_train_questions]
+    own_train_samples, own_train_pairs = sample_own(train_questions)
+    if own_train_pairs:
+        print(f"{len(own_train_samples)} own samples on train questions, {sum(r[3] for r in own_train_samples)} right; "
+              f"{len(own_train_pairs)} training pairs of them beside {len(train)} synthetic ones")
+    train = train + [{"prompt": None, "own": pair} for pair in own_train_pairs]
+    random.shuffle(train)
 
     def evaluate(label):
         model.eval()
@@ -149,7 +171,9 @@ def main(args):
         model.train()
         for start in range(0, len(train), args.batch):
             chunk = train[start:start + args.batch]
-            s = scores([(prompt_of(p["prompt"]), p["chosen"]) for p in chunk] + [(prompt_of(p["prompt"]), p["rejected"]) for p in chunk])
+            chosen = [(p["own"][0], p["own"][1]) if "own" in p else (prompt_of(p["prompt"]), p["chosen"]) for p in chunk]
+            rejected = [(p["own"][0], p["own"][2]) if "own" in p else (prompt_of(p["prompt"]), p["rejected"]) for p in chunk]
+            s = scores(chosen + rejected)
             loss = -F.logsigmoid(args.beta * (s[: len(chunk)] - s[len(chunk):])).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,6 +221,8 @@ if __name__ == "__main__":
     parser.add_argument("--beta", type=float, default=10.0, help="scale of the score difference in the loss")
     parser.add_argument("--questions", type=int, default=32, help="held-out questions whose own answers are sampled")
     parser.add_argument("--samples", type=int, default=8, help="answers per question")
+    parser.add_argument("--own-train-questions", type=int, default=0,
+                        help="train questions whose own answers are sampled and added as training pairs")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())
