@@ -159,19 +159,7 @@ impl CausalRewardModel {
     /// # Shapes
     /// - `input_ids`, `attention_mask`: [B][T] → [B, T, C]
     pub fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
-        let batch_size = input_ids.len();
-        let length = input_ids.first().map_or(0, Vec::len);
-        assert!(
-            input_ids.iter().zip(attention_mask).all(|(ids, mask)| ids.len() == length && mask.len() == length),
-            "rows must be padded to one length"
-        );
-        let input = StepInput {
-            batch_size,
-            input_ids: input_ids.concat(),
-            position_ids: (0..batch_size).flat_map(|_| 0..length as i64).collect(),
-            key_mask: attention_mask.concat(),
-        };
-        self.trunk.hidden_states(&input, &mut self.trunk.new_cache())
+        padded_hidden_states(&self.trunk, input_ids, attention_mask)
     }
 
     /// The score of each row from its final hidden states, read at [`last_non_pad`].
@@ -197,6 +185,31 @@ impl CausalRewardModel {
     pub fn score(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<1> {
         self.score_hidden(self.encode(input_ids, attention_mask), input_ids)
     }
+}
+
+/// Final hidden states of `trunk` on padded rows (either side), position ids 0..T for every row
+/// (transformers' forward without `position_ids`).
+///
+/// # Shapes
+/// - `input_ids`, `attention_mask`: [B][T] → [B, T, C]
+pub(crate) fn padded_hidden_states(
+    trunk: &CausalLm,
+    input_ids: &[Vec<i64>],
+    attention_mask: &[Vec<bool>],
+) -> Tensor<3> {
+    let batch_size = input_ids.len();
+    let length = input_ids.first().map_or(0, Vec::len);
+    assert!(
+        input_ids.iter().zip(attention_mask).all(|(ids, mask)| ids.len() == length && mask.len() == length),
+        "rows must be padded to one length"
+    );
+    let input = StepInput {
+        batch_size,
+        input_ids: input_ids.concat(),
+        position_ids: (0..batch_size).flat_map(|_| 0..length as i64).collect(),
+        key_mask: attention_mask.concat(),
+    };
+    trunk.hidden_states(&input, &mut trunk.new_cache())
 }
 
 /// transformers' scored position: argmax_t (t · [ids_t ≠ pad]), the first maximum; 0 for a row

@@ -49,6 +49,7 @@ impl<M: RewardModel> RewardModelFunction<M> {
     /// Wraps `model` (an inference copy is kept: scoring builds no autodiff graph). With
     /// `normalize`, scores are standardised by the running statistics of all scores so far.
     pub fn new(model: &M, tokenizer: RewardTokenizer, batch_size: usize, normalize: bool) -> Self {
+        assert_eq!(tokenizer.layout(), model.layout(), "the tokenizer must make the rows the reward model reads");
         Self {
             model: model.valid(),
             tokenizer,
@@ -62,8 +63,13 @@ impl<M: RewardModel> RewardModelFunction<M> {
         let mut scores = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(self.batch_size) {
             let texts: Vec<(&str, &str)> = chunk.iter().map(|input| (input.prompt, input.completion)).collect();
-            let (ids, masks) = self.tokenizer.batch(&texts);
-            scores.extend(self.model.score_rows(&ids, &masks).into_data().try_to_vec::<f32>().expect("f32 scores"));
+            scores.extend(
+                self.model
+                    .score_rows(&self.tokenizer.batch(&texts))
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 scores"),
+            );
         }
         scores
     }

@@ -19,29 +19,71 @@ use serde::{Deserialize, Serialize};
 
 use crate::causal::CausalRewardModel;
 use crate::comparisons::Comparison;
+use crate::likelihood::LikelihoodRewardModel;
 use crate::roberta::RobertaRegressor;
+
+/// Rows of (prompt, completion) text as a reward model reads them, right-padded to one length
+/// ([`RewardTokenizer::batch`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RewardRows {
+    /// Token ids, [B][T].
+    pub ids: Vec<Vec<i64>>,
+    /// True on real tokens, [B][T].
+    pub mask: Vec<Vec<bool>>,
+    /// Per row, the position of the completion's first token (after any cut; at least 1, and
+    /// the row's length when the completion has no tokens), [B].
+    pub completion_start: Vec<usize>,
+    /// True on the tokens of a rejected completion's error, [B][T]: the labels of
+    /// [`RewardTrainingConfig::token_loss_weight`].
+    pub labels: Vec<Vec<bool>>,
+}
+
+impl RewardRows {
+    /// Real tokens per row (rows are right-padded: positions 0..length).
+    pub fn lengths(&self) -> Vec<usize> {
+        self.mask.iter().map(|row| row.iter().filter(|&&real| real).count()).collect()
+    }
+}
+
+/// How a (prompt, completion) pair becomes one row of tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLayout {
+    /// `<bos> prompt \n completion <eos>`, kept from the end when too long: a sequence
+    /// classifier's input (the RoBERTa regressor, the score head on the last token).
+    Classifier,
+    /// The prompt as the policy read it (the tokenizer's own BOS first, where it puts one; a
+    /// chat-rendered prompt holds its special tokens already), then the completion's tokens, with
+    /// no separator or end token: the sequence whose likelihood the policy gave. Too long, the
+    /// prompt loses its start (after the BOS) first.
+    Continuation,
+}
 
 /// What the trainer, the evaluation and the reward function need of a reward model: scores of
 /// padded rows, through the final hidden states (which the token loss also reads).
 pub trait RewardModel: burn::module::Module + Sync + Sized {
-    /// Final hidden states of padded rows; `attention_mask` marks real tokens.
+    /// The rows this model reads ([`RewardTokenizer::with_layout`]).
+    fn layout(&self) -> RowLayout {
+        RowLayout::Classifier
+    }
+
+    /// Final hidden states of the rows.
     ///
     /// # Shapes
-    /// - `input_ids`, `attention_mask`: [B][T] → [B, T, C]
-    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3>;
+    /// - `rows`: [B][T] → [B, T, C]
+    fn encode(&self, rows: &RewardRows) -> Tensor<3>;
 
     /// The score of each row from [`RewardModel::encode`]'s hidden states.
     ///
     /// # Shapes
-    /// - `hidden`: [B, T, C], `input_ids`: [B][T] → [B]
-    fn score_hidden(&self, hidden: Tensor<3>, input_ids: &[Vec<i64>]) -> Tensor<1>;
+    /// - `hidden`: [B, T, C], `rows`: [B][T] → [B]
+    fn score_hidden(&self, hidden: Tensor<3>, rows: &RewardRows) -> Tensor<1>;
 
-    /// Scores of padded rows.
+    /// Scores of the rows.
     ///
     /// # Shapes
-    /// - `input_ids`, `attention_mask`: [B][T] → [B]
-    fn score_rows(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<1> {
-        self.score_hidden(self.encode(input_ids, attention_mask), input_ids)
+    /// - `rows`: [B][T] → [B]
+    fn score_rows(&self, rows: &RewardRows) -> Tensor<1> {
+        self.score_hidden(self.encode(rows), rows)
     }
 
     /// Per-token error logits for [`RewardTrainingConfig::token_loss_weight`], when the model
@@ -61,10 +103,10 @@ pub trait RewardModel: burn::module::Module + Sync + Sized {
 }
 
 impl RewardModel for RobertaRegressor {
-    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
-        RobertaRegressor::encode(self, input_ids, attention_mask)
+    fn encode(&self, rows: &RewardRows) -> Tensor<3> {
+        RobertaRegressor::encode(self, &rows.ids, &rows.mask)
     }
-    fn score_hidden(&self, hidden: Tensor<3>, _input_ids: &[Vec<i64>]) -> Tensor<1> {
+    fn score_hidden(&self, hidden: Tensor<3>, _rows: &RewardRows) -> Tensor<1> {
         RobertaRegressor::score_hidden(self, hidden)
     }
     fn token_logits(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
@@ -79,22 +121,37 @@ impl RewardModel for RobertaRegressor {
 }
 
 impl RewardModel for CausalRewardModel {
-    fn encode(&self, input_ids: &[Vec<i64>], attention_mask: &[Vec<bool>]) -> Tensor<3> {
-        CausalRewardModel::encode(self, input_ids, attention_mask)
+    fn encode(&self, rows: &RewardRows) -> Tensor<3> {
+        CausalRewardModel::encode(self, &rows.ids, &rows.mask)
     }
-    fn score_hidden(&self, hidden: Tensor<3>, input_ids: &[Vec<i64>]) -> Tensor<1> {
-        CausalRewardModel::score_hidden(self, hidden, input_ids)
+    fn score_hidden(&self, hidden: Tensor<3>, rows: &RewardRows) -> Tensor<1> {
+        CausalRewardModel::score_hidden(self, hidden, &rows.ids)
     }
     fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
         CausalRewardModel::save_dir(self, dir)
     }
 }
 
-/// Turns (prompt, completion) text into the reward model's input: `<cls> prompt \n completion
-/// <sep>`, keeping the end when too long (the answer is at the end).
+impl RewardModel for LikelihoodRewardModel {
+    fn layout(&self) -> RowLayout {
+        RowLayout::Continuation
+    }
+    fn encode(&self, rows: &RewardRows) -> Tensor<3> {
+        LikelihoodRewardModel::encode(self, &rows.ids, &rows.mask)
+    }
+    fn score_hidden(&self, hidden: Tensor<3>, rows: &RewardRows) -> Tensor<1> {
+        LikelihoodRewardModel::score_hidden(self, hidden, &rows.ids, &rows.completion_start, &rows.lengths())
+    }
+    fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
+        LikelihoodRewardModel::save_dir(self, dir)
+    }
+}
+
+/// Turns (prompt, completion) text into a reward model's rows ([`RowLayout`]).
 #[derive(Debug, Clone)]
 pub struct RewardTokenizer {
     tokenizer: PolicyTokenizer,
+    layout: RowLayout,
     cls_id: i64,
     sep_id: i64,
     pad_id: i64,
@@ -102,13 +159,24 @@ pub struct RewardTokenizer {
 }
 
 impl RewardTokenizer {
-    /// Uses `tokenizer`'s beginning-of-sequence token (else its end-of-sequence token) as the
-    /// first token, its end-of-sequence token last, and its padding token.
+    /// Rows in the [`RowLayout::Classifier`] layout: `tokenizer`'s beginning-of-sequence token
+    /// (else its end-of-sequence token) first, its end-of-sequence token last, padded with its
+    /// padding token.
     pub fn new(tokenizer: PolicyTokenizer, max_len: usize) -> Self {
         let sep_id = i64::from(tokenizer.eos_ids.first().copied().unwrap_or(0));
         let cls_id = tokenizer.bos_id.map_or(sep_id, i64::from);
         let pad_id = tokenizer.pad_id.map_or(sep_id, i64::from);
-        Self { tokenizer, cls_id, sep_id, pad_id, max_len: max_len.max(3) }
+        Self { tokenizer, layout: RowLayout::Classifier, cls_id, sep_id, pad_id, max_len: max_len.max(3) }
+    }
+
+    /// The same tokenizer making rows in `layout`.
+    pub fn with_layout(self, layout: RowLayout) -> Self {
+        Self { layout, ..self }
+    }
+
+    /// The layout of the rows.
+    pub fn layout(&self) -> RowLayout {
+        self.layout
     }
 
     /// The padding id (the model's `pad_token_id` must equal it).
@@ -126,60 +194,90 @@ impl RewardTokenizer {
         self.encode_labelled(prompt, completion, None).0
     }
 
-    /// Token ids of one text pair, and per token whether it overlaps `error` (bytes of
-    /// `completion`): the token-level labels of [`RewardTrainingConfig::token_loss_weight`].
+    /// Token ids of one text pair, per token whether it overlaps `error` (bytes of
+    /// `completion`: the token-level labels of [`RewardTrainingConfig::token_loss_weight`]), and
+    /// the position of the completion's first token.
     pub fn encode_labelled(
         &self,
         prompt: &str,
         completion: &str,
         error: Option<&Range<usize>>,
-    ) -> (Vec<i64>, Vec<bool>) {
-        let text = format!("{prompt}\n{completion}");
-        let shift = prompt.len() + 1;
-        let (body, labels): (Vec<i64>, Vec<bool>) = match self.tokenizer.inner().encode(text.as_str(), false) {
-            Ok(encoding) => encoding
-                .get_ids()
-                .iter()
-                .zip(encoding.get_offsets())
-                .map(|(&id, &(start, end))| {
-                    (i64::from(id), error.is_some_and(|e| start < e.end + shift && end > e.start + shift))
-                })
-                .unzip(),
-            Err(_) => (Vec::new(), Vec::new()),
+    ) -> (Vec<i64>, Vec<bool>, usize) {
+        // Ids of `text`, and per token whether it overlaps `error` shifted by `shift` bytes.
+        let tokens = |text: &str, shift: usize| -> Vec<(i64, bool, usize)> {
+            match self.tokenizer.inner().encode(text, false) {
+                Ok(encoding) => encoding
+                    .get_ids()
+                    .iter()
+                    .zip(encoding.get_offsets())
+                    .map(|(&id, &(start, end))| {
+                        (i64::from(id), error.is_some_and(|e| start < e.end + shift && end > e.start + shift), end)
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
         };
-        let kept = body.len().saturating_sub(self.max_len - 2);
-        let ids = [&[self.cls_id][..], &body[kept..], &[self.sep_id]].concat();
-        let labels = [&[false][..], &labels[kept..], &[false]].concat();
-        (ids, labels)
+        match self.layout {
+            RowLayout::Classifier => {
+                let shift = prompt.len() + 1;
+                let body = tokens(&format!("{prompt}\n{completion}"), shift);
+                // The completion starts at the first token holding any of its bytes.
+                let start = body.iter().position(|&(_, _, end)| end > shift).unwrap_or(body.len());
+                let kept = body.len().saturating_sub(self.max_len - 2);
+                let ids = [&[self.cls_id][..], &body[kept..].iter().map(|t| t.0).collect::<Vec<_>>(), &[self.sep_id]]
+                    .concat();
+                let labels = [&[false][..], &body[kept..].iter().map(|t| t.1).collect::<Vec<_>>(), &[false]].concat();
+                let start = (start.saturating_sub(kept) + 1).min(ids.len() - 1);
+                (ids, labels, start)
+            }
+            RowLayout::Continuation => {
+                let bos = self.tokenizer.prepended_bos().map(i64::from);
+                let mut ids: Vec<i64> = tokens(prompt, 0).into_iter().map(|t| t.0).collect();
+                if let Some(bos) = bos.filter(|&bos| ids.first() != Some(&bos)) {
+                    ids.insert(0, bos);
+                }
+                let mut start = ids.len();
+                let mut labels = vec![false; start];
+                for (id, label, _) in tokens(completion, 0) {
+                    ids.push(id);
+                    labels.push(label);
+                }
+                if ids.len() > self.max_len {
+                    // Cut after a leading BOS: every sequence the model read started with it.
+                    let first = usize::from(bos.is_some() && ids.first().copied() == bos);
+                    let cut = ids.len() - self.max_len;
+                    ids.drain(first..first + cut);
+                    labels.drain(first..first + cut);
+                    start = start.saturating_sub(cut).max(first);
+                }
+                // The first token has nothing before it to be predicted from.
+                let start = start.max(1).min(ids.len());
+                (ids, labels, start)
+            }
+        }
     }
 
-    /// Right-padded ids and masks of several pairs.
-    pub fn batch(&self, pairs: &[(&str, &str)]) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {
-        let (ids, masks, _) = self
-            .batch_labelled(&pairs.iter().map(|&(prompt, completion)| (prompt, completion, None)).collect::<Vec<_>>());
-        (ids, masks)
+    /// Right-padded rows of several pairs.
+    pub fn batch(&self, pairs: &[(&str, &str)]) -> RewardRows {
+        self.batch_labelled(&pairs.iter().map(|&(prompt, completion)| (prompt, completion, None)).collect::<Vec<_>>())
     }
 
-    /// Right-padded ids, masks and token labels ([`RewardTokenizer::encode_labelled`]) of
-    /// several pairs.
-    #[allow(clippy::type_complexity)]
-    pub fn batch_labelled(
-        &self,
-        pairs: &[(&str, &str, Option<&Range<usize>>)],
-    ) -> (Vec<Vec<i64>>, Vec<Vec<bool>>, Vec<Vec<bool>>) {
-        let encoded: Vec<(Vec<i64>, Vec<bool>)> =
+    /// Right-padded rows of several pairs, with the token labels of
+    /// [`RewardTokenizer::encode_labelled`].
+    pub fn batch_labelled(&self, pairs: &[(&str, &str, Option<&Range<usize>>)]) -> RewardRows {
+        let encoded: Vec<(Vec<i64>, Vec<bool>, usize)> =
             pairs.iter().map(|&(prompt, completion, error)| self.encode_labelled(prompt, completion, error)).collect();
-        let width = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-        let masks = encoded.iter().map(|(ids, _)| (0..width).map(|i| i < ids.len()).collect()).collect();
-        let (ids, labels) = encoded
-            .into_iter()
-            .map(|(mut ids, mut labels)| {
-                ids.resize(width, self.pad_id);
-                labels.resize(width, false);
-                (ids, labels)
-            })
-            .unzip();
-        (ids, masks, labels)
+        let width = encoded.iter().map(|(ids, _, _)| ids.len()).max().unwrap_or(0);
+        let mut rows = RewardRows::default();
+        for (mut ids, mut labels, start) in encoded {
+            rows.mask.push((0..width).map(|i| i < ids.len()).collect());
+            ids.resize(width, self.pad_id);
+            labels.resize(width, false);
+            rows.ids.push(ids);
+            rows.labels.push(labels);
+            rows.completion_start.push(start);
+        }
+        rows
     }
 }
 
@@ -282,6 +380,7 @@ pub fn evaluate<M: RewardModel>(
     // 30-layer model kept every activation for a backward pass that never comes (SmolLM2's
     // held-out evaluation went past 24 GB).
     let model = model.valid();
+    assert_eq!(tokenizer.layout(), model.layout(), "the tokenizer must make the rows the reward model reads");
     let (mut correct, mut margin_sum) = (0usize, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let (chosen, rejected) = score_pairs(&model, tokenizer, chunk);
@@ -329,8 +428,7 @@ fn score_pairs<M: RewardModel>(model: &M, tokenizer: &RewardTokenizer, pairs: &[
         .iter()
         .flat_map(|pair| [(pair.prompt.as_str(), pair.chosen.as_str()), (pair.prompt.as_str(), pair.rejected.as_str())])
         .collect();
-    let (ids, masks) = tokenizer.batch(&texts);
-    split_pairs(model.score_rows(&ids, &masks), pairs.len())
+    split_pairs(model.score_rows(&tokenizer.batch(&texts)), pairs.len())
 }
 
 /// Scores of interleaved (chosen, rejected) rows [2B] split into chosen [B] and rejected [B].
@@ -434,6 +532,18 @@ impl RewardTrainer<CausalRewardModel> {
     }
 }
 
+impl RewardTrainer<LikelihoodRewardModel> {
+    /// Resumes a likelihood verifier's run: `start` is the run's starting model, with the same
+    /// LoRA adapters attached when the run had them ([`LikelihoodRewardModel::with_checkpoint`]).
+    pub fn resume_likelihood(
+        start: LikelihoodRewardModel,
+        dir: &Path,
+        config: RewardTrainingConfig,
+    ) -> Result<Self, RewardTrainError> {
+        Self::resume_model(start.with_checkpoint(dir)?, dir, config)
+    }
+}
+
 impl<M: RewardModel> RewardTrainer<M> {
     /// Starts training `model` (on an autodiff device); an error when the settings ask for what
     /// the model lacks (a token head).
@@ -498,6 +608,13 @@ impl<M: RewardModel> RewardTrainer<M> {
         if pairs.is_empty() {
             return Err(RewardTrainError::NoPairs);
         }
+        if tokenizer.layout() != self.model().layout() {
+            return Err(RewardTrainError::Config(format!(
+                "the reward model reads {:?} rows but the tokenizer makes {:?} rows",
+                self.model().layout(),
+                tokenizer.layout()
+            )));
+        }
         let step = self.updater.optimizer().steps();
         let start = step as usize * self.config.batch_size;
         let mut permutation: Option<(usize, Vec<usize>)> = None;
@@ -536,9 +653,9 @@ impl<M: RewardModel> RewardTrainer<M> {
                     ]
                 })
                 .collect();
-            let (ids, masks, labels) = tokenizer.batch_labelled(&texts);
-            let hidden = model.encode(&ids, &masks);
-            let (chosen, rejected) = split_pairs(model.score_hidden(hidden.clone(), &ids), pairs.len());
+            let rows = tokenizer.batch_labelled(&texts);
+            let hidden = model.encode(&rows);
+            let (chosen, rejected) = split_pairs(model.score_hidden(hidden.clone(), &rows), pairs.len());
             let margin = chosen.clone() - rejected.clone();
             let mut loss = match loss_kind {
                 PairwiseLoss::BradleyTerry => -log_sigmoid(margin.clone()).sum() / pair_count,
@@ -547,7 +664,7 @@ impl<M: RewardModel> RewardTrainer<M> {
                 }
             };
             if let (true, Some(logits)) = (token_weight > 0.0, model.token_logits(hidden)) {
-                loss = loss + token_loss(logits, &labels, &masks) * (token_weight / (2.0 * pair_count));
+                loss = loss + token_loss(logits, &rows.labels, &rows.mask) * (token_weight / (2.0 * pair_count));
             }
             (loss, margin.detach().into_data().try_to_vec::<f32>().expect("f32"))
         });
@@ -660,11 +777,13 @@ mod tests {
                 ]
             })
             .collect();
-        let (ids, masks, labels) = tokenizer.batch_labelled(&texts);
+        let rows = tokenizer.batch_labelled(&texts);
         let losses: [(&str, &dyn Fn(&RobertaRegressor) -> Tensor<1>); 2] = [
-            ("token", &|m| token_loss(m.token_logits(m.encode(&ids, &masks)).unwrap(), &labels, &masks)),
+            ("token", &|m| {
+                token_loss(m.token_logits(m.encode(&rows.ids, &rows.mask)).unwrap(), &rows.labels, &rows.mask)
+            }),
             ("pairwise", &|m| {
-                let (chosen, rejected) = split_pairs(m.score(&ids, &masks), pairs.len());
+                let (chosen, rejected) = split_pairs(m.score(&rows.ids, &rows.mask), pairs.len());
                 -log_sigmoid(chosen - rejected).sum()
             }),
         ];

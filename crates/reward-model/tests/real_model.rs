@@ -31,12 +31,13 @@ fn smollm2_as_a_reward_model() {
         ("What is 3 * 4?", "3 * 4 = 12. The answer is 12."),
         ("Hi", "Hello"),
     ];
-    let (ids, mask) = reward_tokenizer.batch(&texts);
-    let right = model.score(&ids, &mask).into_data().try_to_vec::<f32>().unwrap();
+    let rows = reward_tokenizer.batch(&texts);
+    let (ids, mask) = (&rows.ids, &rows.mask);
+    let right = model.score(ids, mask).into_data().try_to_vec::<f32>().unwrap();
     // Each row alone (no padding) gives its padded score: padding is masked and not scored.
     for (row, text) in texts.iter().enumerate() {
-        let (one, one_mask) = reward_tokenizer.batch(&[*text]);
-        let alone = model.score(&one, &one_mask).into_data().try_to_vec::<f32>().unwrap()[0];
+        let one = reward_tokenizer.batch(&[*text]);
+        let alone = model.score(&one.ids, &one.mask).into_data().try_to_vec::<f32>().unwrap()[0];
         assert!((alone - right[row]).abs() < 1e-3, "row {row}: {alone} alone, {} padded", right[row]);
     }
     println!("pad id {pad}; scores {right:?}; ids {ids:?}");

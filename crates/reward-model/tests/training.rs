@@ -165,7 +165,8 @@ fn the_token_loss_teaches_the_head_to_flag_the_error() {
     let setup = setup();
     let wrong = setup.held_out.iter().filter(|p| p.rejected_error.is_some()).take(24).cloned().collect::<Vec<_>>();
     for pair in &wrong {
-        let (ids, labels) = setup.tokenizer.encode_labelled(&pair.prompt, &pair.rejected, pair.rejected_error.as_ref());
+        let (ids, labels, _) =
+            setup.tokenizer.encode_labelled(&pair.prompt, &pair.rejected, pair.rejected_error.as_ref());
         let flagged: Vec<u32> = ids.iter().zip(&labels).filter(|(_, l)| **l).map(|(id, _)| *id as u32).collect();
         let text = setup.tokenizer.tokenizer().decode(&flagged, false).unwrap();
         assert_eq!(text.trim(), &pair.rejected[pair.rejected_error.clone().unwrap()], "{pair:?}");
@@ -181,11 +182,12 @@ fn the_token_loss_teaches_the_head_to_flag_the_error() {
     }
     let texts: Vec<_> =
         wrong.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str(), p.rejected_error.as_ref())).collect();
-    let (ids, masks, labels) = setup.tokenizer.batch_labelled(&texts);
+    let rows = setup.tokenizer.batch_labelled(&texts);
     let model = trainer.model();
-    let logits = model.token_logits(model.encode(&ids, &masks)).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    let logits =
+        model.token_logits(model.encode(&rows.ids, &rows.mask)).unwrap().into_data().try_to_vec::<f32>().unwrap();
     let (mut on, mut off) = (Vec::new(), Vec::new());
-    for (i, (label, mask)) in labels.iter().flatten().zip(masks.iter().flatten()).enumerate() {
+    for (i, (label, mask)) in rows.labels.iter().flatten().zip(rows.mask.iter().flatten()).enumerate() {
         if *mask {
             if *label { on.push(logits[i]) } else { off.push(logits[i]) }
         }
@@ -221,8 +223,8 @@ fn one_thread_and_two_give_the_same_update() {
                 });
                 let texts: Vec<(&str, &str)> =
                     setup.held_out[..6].iter().map(|p| (p.prompt.as_str(), p.rejected.as_str())).collect();
-                let (ids, masks) = setup.tokenizer.batch(&texts);
-                let hidden = trainer.model().encode(&ids, &masks);
+                let rows = setup.tokenizer.batch(&texts);
+                let hidden = trainer.model().encode(&rows.ids, &rows.mask);
                 let mut values = trainer.model().score_hidden(hidden.clone()).into_data().try_to_vec::<f32>().unwrap();
                 values.extend(trainer.model().token_logits(hidden).unwrap().into_data().try_to_vec::<f32>().unwrap());
                 values
