@@ -158,9 +158,10 @@ impl LikelihoodRewardModel {
         // The hidden state at position t predicts token t + 1.
         let (mut positions, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
         for b in 0..batch {
-            for t in completion_start[b].max(1)..lengths[b] {
+            let start = completion_start[b].max(1);
+            for (t, &id) in input_ids[b].iter().enumerate().take(lengths[b]).skip(start) {
                 positions.push((b * length + t - 1) as i64);
-                targets.push(input_ids[b][t]);
+                targets.push(id);
                 owners.push(b);
             }
         }
