@@ -585,28 +585,34 @@ config = { num_generations = 2, max_completion_length = 8, beta = 0.04, temperat
     );
 }
 
-/// `reward_model.kind = "causal_lm"` from the study's trained base, with LoRA: the reward model is
-/// saved as a `*ForSequenceClassification` causal LM with its LoRA adapters and tokenizer, its
-/// held-out figures are reported, and PPO trains on its scores.
+/// `reward_model.kind = "causal_lm"` from the study's trained base, with LoRA, with either score:
+/// the score head is saved as a `*ForSequenceClassification` causal LM, the likelihood verifier
+/// as the causal LM marked with its beta, each with its LoRA adapters and tokenizer; the held-out
+/// figures are reported, and PPO trains on the scores.
 #[test]
 fn a_causal_lm_reward_model_from_the_base_rewards_ppo() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("configs")).unwrap();
-    let (head, tail) = default_study_around_methods();
-    let middle = r#"
+    for (name, score, architecture) in [
+        ("causal_rm", "", "GPTNeoForSequenceClassification"),
+        ("likelihood_rm", "score = \"likelihood\"\nbeta = 5.0\n", "GPTNeoForCausalLM"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("configs")).unwrap();
+        let (head, tail) = default_study_around_methods();
+        let middle = format!(
+            r#"
 [reward_model]
 kind = "causal_lm"
 from_base = true
 max_tokens = 160
-lora = { rank = 4, alpha = 8.0 }
-[reward_model.training]
+lora = {{ rank = 4, alpha = 8.0 }}
+{score}[reward_model.training]
 steps = 20
 batch_size = 8
 learning_rate = 1e-3
 
 [reward_sources.reward_model]
 reward_model_weight = 1.0
-rules = [{ kind = "strict_correct", format = "gsm8k_marker", weight = 0.0 }]
+rules = [{{ kind = "strict_correct", format = "gsm8k_marker", weight = 0.0 }}]
 
 [methods.ppo]
 kind = "rl"
@@ -614,36 +620,42 @@ algorithm = "ppo"
 reward_sources = ["reward_model"]
 steps = 3
 prompts_per_step = 2
-config = { max_completion_length = 16, num_ppo_epochs = 1, num_mini_batches = 1 }
+config = {{ max_completion_length = 16, num_ppo_epochs = 1, num_mini_batches = 1 }}
 
-"#;
-    let study = format!("{head}{middle}{tail}").replacen("name = \"default\"", "name = \"causal_rm\"", 1);
-    std::fs::write(dir.path().join("configs/causal_rm.toml"), study).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["compare", "configs/causal_rm.toml", "--preset", "quick", "--quiet"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let rm = dir.path().join("reports/causal_rm-quick/reward_model");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["architectures"][0], "GPTNeoForSequenceClassification", "{config}");
-    assert_eq!(config["num_labels"], 1);
-    for file in ["model.safetensors", "tokenizer.json", "adapter/adapter_config.json"] {
-        assert!(rm.join(file).is_file(), "{file}");
+"#
+        );
+        let study = format!("{head}{middle}{tail}").replacen("name = \"default\"", &format!("name = \"{name}\""), 1);
+        std::fs::write(dir.path().join(format!("configs/{name}.toml")), study).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["compare", &format!("configs/{name}.toml"), "--preset", "quick", "--quiet"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        let rm = dir.path().join(format!("reports/{name}-quick/reward_model"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], architecture, "{config}");
+        if score.is_empty() {
+            assert_eq!(config["num_labels"], 1);
+        } else {
+            assert_eq!(config["cotlab_reward"], serde_json::json!({ "score": "likelihood", "beta": 5.0 }));
+        }
+        for file in ["model.safetensors", "tokenizer.json", "adapter/adapter_config.json"] {
+            assert!(rm.join(file).is_file(), "{name}: {file}");
+        }
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(rm.join("metrics.json")).unwrap()).unwrap();
+        assert_eq!(metrics["max_tokens"], 160);
+        assert!(
+            metrics["held_out_pairs"].as_u64().unwrap() > 0
+                && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some(),
+            "{name}: {metrics}"
+        );
+        let cell = dir.path().join(format!("reports/{name}-quick/cells/ppo__reward_model__seed0/metrics.csv"));
+        let text = std::fs::read_to_string(cell).unwrap();
+        assert!(text.lines().count() > 1, "{name}: PPO's steps are logged: {text}");
     }
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(rm.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(metrics["max_tokens"], 160);
-    assert!(
-        metrics["held_out_pairs"].as_u64().unwrap() > 0
-            && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some(),
-        "{metrics}"
-    );
-    let cell = dir.path().join("reports/causal_rm-quick/cells/ppo__reward_model__seed0/metrics.csv");
-    let text = std::fs::read_to_string(cell).unwrap();
-    assert!(text.lines().count() > 1, "PPO's steps are logged: {text}");
 }
 
 /// `reward_model.policy_samples`: the base policy's own answers, paired by the rule checker, join

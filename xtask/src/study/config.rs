@@ -241,6 +241,15 @@ pub enum RewardModelSpec {
         /// Longest input in tokens (prompt and completion, kept from the end). Default 512.
         #[serde(default = "default_causal_rm_tokens")]
         max_tokens: usize,
+        /// What the score reads: `last_token` (default), a linear head on the last token; or
+        /// `likelihood`, `beta` times the mean log-probability of the completion under the model
+        /// itself (`reward_model::LikelihoodRewardModel`), trained through its LM head.
+        #[serde(default, skip_serializing_if = "CausalScore::is_last_token")]
+        score: CausalScore,
+        /// The scale of `score = "likelihood"`: the Bradley-Terry loss reads beta times the
+        /// difference of mean log-probabilities. Default 10.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta: Option<f32>,
         /// Training settings (`learning_rate` around 1e-5 in full, 1e-4 with LoRA, for a
         /// pretrained model; `token_loss_weight` must stay 0).
         #[serde(default)]
@@ -300,6 +309,26 @@ fn default_policy_sample_temperature() -> f32 {
 fn default_policy_sample_pairs() -> usize {
     4
 }
+
+/// `[reward_model] score` of a causal-LM reward model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CausalScore {
+    /// A linear head on the last non-padding token (`LlamaForSequenceClassification`).
+    #[default]
+    LastToken,
+    /// Beta times the completion's mean token log-probability (the model as its own verifier).
+    Likelihood,
+}
+
+impl CausalScore {
+    fn is_last_token(&self) -> bool {
+        *self == CausalScore::LastToken
+    }
+}
+
+/// The default beta of `score = "likelihood"` (the probe's, `research/smollm2_likelihood_verifier_probe.py`).
+pub const DEFAULT_LIKELIHOOD_BETA: f32 = 10.0;
 
 fn default_causal_rm_tokens() -> usize {
     512
@@ -594,8 +623,18 @@ impl Study {
         if let Some(RewardModelSpec::Checkpoint { model, .. }) = &self.reward_model {
             policy_models::ModelSource::parse(model).map_err(|error| anyhow::anyhow!("reward_model.model: {error}"))?;
         }
-        if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training, .. }) = &self.reward_model
+        if let Some(RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, training, score, beta, .. }) =
+            &self.reward_model
         {
+            match (score, beta) {
+                (CausalScore::LastToken, Some(_)) => {
+                    bail!("reward_model.beta is the scale of score = \"likelihood\"; remove it or set that score")
+                }
+                (CausalScore::Likelihood, Some(beta)) if !(beta.is_finite() && *beta > 0.0) => {
+                    bail!("reward_model.beta = {beta}; it must be positive, e.g. {DEFAULT_LIKELIHOOD_BETA}")
+                }
+                _ => {}
+            }
             match (model, from_base) {
                 (Some(_), true) => {
                     bail!("reward_model: both model and from_base = true; keep one (the starting model)")
@@ -1265,7 +1304,19 @@ steps = 2
             parse(&causal("from_base = true\nlora = { rank = 4, alpha = 8.0 }\ntraining = { steps = 5 }")).unwrap();
         assert!(matches!(
             study.reward_model,
-            Some(RewardModelSpec::CausalLm { from_base: true, lora: Some(_), max_tokens: 512, .. })
+            Some(RewardModelSpec::CausalLm {
+                from_base: true,
+                lora: Some(_),
+                max_tokens: 512,
+                score: CausalScore::LastToken,
+                beta: None,
+                ..
+            })
+        ));
+        let study = parse(&causal("from_base = true\nscore = \"likelihood\"")).unwrap();
+        assert!(matches!(
+            study.reward_model,
+            Some(RewardModelSpec::CausalLm { score: CausalScore::Likelihood, beta: None, .. })
         ));
         for (fields, named) in [
             ("", "needs model"),
@@ -1274,6 +1325,9 @@ steps = 2
             ("from_base = true\nmax_tokens = 1", "reward_model.max_tokens = 1"),
             ("from_base = true\ntraining = { token_loss_weight = 1.0 }", "reward_model.training.token_loss_weight"),
             ("model = \"./no-such-dir\"", "reward_model.model"),
+            ("from_base = true\nbeta = 5.0", "reward_model.beta is the scale"),
+            ("from_base = true\nscore = \"likelihood\"\nbeta = 0.0", "reward_model.beta = 0"),
+            ("from_base = true\nscore = \"mean\"", "reward_model.score"),
         ] {
             let error = parse(&causal(fields)).unwrap_err().to_string();
             assert!(error.contains(named), "{fields}: {error}");

@@ -18,13 +18,13 @@ use prompting::PromptBuilder;
 use reward_model::comparisons::{Comparison, Corruption, build_comparisons, policy_sample_pairs};
 use reward_model::reward::RewardModelFunction;
 use reward_model::train::{RewardTokenizer, RewardTrainer};
-use reward_model::{CausalRewardModel, RewardModel, RobertaConfig, RobertaRegressor};
+use reward_model::{CausalRewardModel, LikelihoodRewardModel, RewardModel, RobertaConfig, RobertaRegressor, RowLayout};
 use rl_algos::rewards::RewardFunction;
 use serde::{Deserialize, Serialize};
 use tasks::{Problem, TaskData};
 
 use crate::common::{install_dir, partial_dir, write_atomically};
-use crate::study::config::{PolicySamples, RewardModelSpec, Study};
+use crate::study::config::{CausalScore, DEFAULT_LIKELIHOOD_BETA, PolicySamples, RewardModelSpec, Study};
 use crate::study::evaluate::sample_draws;
 use crate::study::identity::{Check, IDENTITY_FILE, Identity, reward_model_config};
 use crate::study::progress::Progress;
@@ -241,36 +241,63 @@ pub(crate) fn prepare_reward_model(
         std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
     }
     let (tokenizer, report) = match spec {
-        RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, .. } => {
+        RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, score, beta, .. } => {
             let start = if *from_base {
                 base_dir.to_path_buf()
             } else {
                 ModelSource::parse(model.as_deref().context("reward_model.model")?)?.resolve()?
             };
-            // The causal reward model reads text with its own (the policy family's) tokenizer;
-            // its padding id is the one the tokenizer pads with, so the scored token is found.
+            // The causal reward model reads text with its own (the policy family's) tokenizer.
             let tokenizer = PolicyTokenizer::load_dir(&start)
                 .with_context(|| format!("the reward model's start {} has no tokenizer", start.display()))?;
-            let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let (model, head) = CausalRewardModel::load_dir(&start, Some(pad), &autodiff)?;
-            progress.log(format!(
-                "reward model: causal LM from {} (score head {head:?}{})",
-                start.display(),
-                if lora.is_some() { ", LoRA" } else { "" }
-            ));
-            let model = match lora {
-                Some(lora) => model.with_lora(lora).map_err(|error| anyhow::anyhow!("reward_model.lora.{error}"))?,
-                None => model,
-            };
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), *max_tokens);
-            let trainer = match resume {
-                true => RewardTrainer::resume_causal(model, &checkpoint.dir, training.clone())?,
-                false => RewardTrainer::start(model, training.clone())?,
+            let lora_note = if lora.is_some() { ", LoRA" } else { "" };
+            let adapt = |error: String| anyhow::anyhow!("reward_model.lora.{error}");
+            let mut report = match score {
+                CausalScore::LastToken => {
+                    // Its padding id is the one the tokenizer pads with, so the scored token is found.
+                    let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+                    let (model, head) = CausalRewardModel::load_dir(&start, Some(pad), &autodiff)?;
+                    progress.log(format!(
+                        "reward model: causal LM from {} (score head {head:?}{lora_note})",
+                        start.display()
+                    ));
+                    let model = match lora {
+                        Some(lora) => model.with_lora(lora).map_err(adapt)?,
+                        None => model,
+                    };
+                    let trainer = match resume {
+                        true => RewardTrainer::resume_causal(model, &checkpoint.dir, training.clone())?,
+                        false => RewardTrainer::start(model, training.clone())?,
+                    };
+                    let (model, report) =
+                        train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
+                    model.save_dir(&partial)?;
+                    report
+                }
+                CausalScore::Likelihood => {
+                    let beta = beta.unwrap_or(DEFAULT_LIKELIHOOD_BETA);
+                    let model = LikelihoodRewardModel::load_dir(&start, Some(beta), &autodiff)?;
+                    progress.log(format!(
+                        "reward model: {} as its own verifier (mean completion log-prob x {beta}{lora_note})",
+                        start.display()
+                    ));
+                    let model = match lora {
+                        Some(lora) => model.with_lora(lora).map_err(adapt)?,
+                        None => model,
+                    };
+                    let reward_tokenizer = reward_tokenizer.with_layout(RowLayout::Continuation);
+                    let trainer = match resume {
+                        true => RewardTrainer::resume_likelihood(model, &checkpoint.dir, training.clone())?,
+                        false => RewardTrainer::start(model, training.clone())?,
+                    };
+                    let (model, report) =
+                        train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
+                    model.save_dir(&partial)?;
+                    report
+                }
             };
-            let (model, mut report) =
-                train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
             report.max_tokens = Some(*max_tokens);
-            model.save_dir(&partial)?;
             (tokenizer, report)
         }
         RewardModelSpec::Checkpoint { .. } | RewardModelSpec::Train { .. } => {
@@ -438,18 +465,24 @@ pub(crate) fn load_reward_function(
         let reward_tokenizer = RewardTokenizer::new(tokenizer, model.config().max_tokens());
         return Ok(Box::new(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize)));
     }
-    let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
+    // The length it was trained with (metrics.json), else the default.
+    let metrics: Option<RewardModelReport> =
+        std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let max_tokens = metrics.and_then(|metrics| metrics.max_tokens).unwrap_or(512);
+    let reward_tokenizer = RewardTokenizer::new(tokenizer, max_tokens);
+    if let Some(beta) = LikelihoodRewardModel::saved_beta(rm_dir)? {
+        let model = LikelihoodRewardModel::load_dir(rm_dir, Some(beta), device)?;
+        let reward_tokenizer = reward_tokenizer.with_layout(RowLayout::Continuation);
+        return Ok(Box::new(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize)));
+    }
+    let pad = reward_tokenizer.pad_id() as u32;
     let (model, head) = CausalRewardModel::load_dir(rm_dir, Some(pad), device)?;
     anyhow::ensure!(
         head == reward_model::HeadSource::Loaded,
         "{}: no score head; it is not a trained reward model",
         rm_dir.display()
     );
-    // The length it was trained with (metrics.json), else the default.
-    let metrics: Option<RewardModelReport> =
-        std::fs::read_to_string(rm_dir.join("metrics.json")).ok().and_then(|text| serde_json::from_str(&text).ok());
-    let max_tokens = metrics.and_then(|metrics| metrics.max_tokens).unwrap_or(512);
-    Ok(Box::new(RewardModelFunction::new(&model, RewardTokenizer::new(tokenizer, max_tokens), 32, normalize)))
+    Ok(Box::new(RewardModelFunction::new(&model, reward_tokenizer, 32, normalize)))
 }
 
 #[cfg(test)]
