@@ -649,7 +649,8 @@ config = {{ max_completion_length = 16, num_ppo_epochs = 1, num_mini_batches = 1
         assert_eq!(metrics["max_tokens"], 160);
         assert!(
             metrics["held_out_pairs"].as_u64().unwrap() > 0
-                && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some(),
+                && metrics["held_out_accuracy_by_corruption"]["broken_format"].as_f64().is_some()
+                && metrics["held_out_accuracy_at_start_by_corruption"]["broken_format"].as_f64().is_some(),
             "{name}: {metrics}"
         );
         let cell = dir.path().join(format!("reports/{name}-quick/cells/ppo__reward_model__seed0/metrics.csv"));

@@ -379,6 +379,16 @@ pub fn report_markdown(dir: &Path, summaries: &[CellSummary]) -> String {
             rm.steps,
             rm.train_seconds
         ));
+        if !rm.held_out_accuracy_at_start_by_corruption.is_empty() {
+            report.push_str(&format!(
+                "Before training: {}.\n",
+                rm.held_out_accuracy_at_start_by_corruption
+                    .iter()
+                    .map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     let charts = [
         ("accuracy", "Accuracy per method"),

@@ -67,6 +67,11 @@ pub struct RewardModelReport {
     /// Held-out pairs per kind of rejected answer.
     #[serde(default)]
     pub held_out_pairs_by_corruption: std::collections::BTreeMap<String, usize>,
+    /// The same accuracies of the starting model, before its first step: what training added
+    /// (a pretrained model's own likelihood checks some kinds already). Absent when the training
+    /// resumed from a checkpoint.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub held_out_accuracy_at_start_by_corruption: std::collections::BTreeMap<String, f64>,
     /// What sampling the base policy gave, with `policy_samples`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_samples: Option<PolicySampleCounts>,
@@ -403,6 +408,25 @@ fn train_reward_model<M: RewardModel>(
     checkpoint: &Checkpoint<'_>,
     progress: &Progress,
 ) -> anyhow::Result<(M, RewardModelReport)> {
+    let name = |kind: Corruption| {
+        serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    };
+    let at_start = match trainer.step() {
+        0 => reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64),
+        _ => Vec::new(),
+    };
+    let at_start: std::collections::BTreeMap<String, f64> =
+        at_start.iter().map(|(kind, metrics)| (name(*kind), metrics.accuracy)).collect();
+    if !at_start.is_empty() {
+        progress.log(format!(
+            "reward model: held-out pairwise accuracy before training: {}",
+            at_start
+                .iter()
+                .map(|(kind, accuracy)| format!("{kind} {:.1}%", accuracy * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let steps = trainer.config().steps;
     let every = trainer.config().checkpoint_every;
     let mut bar = progress.bar(steps, "reward model", 1);
@@ -426,9 +450,6 @@ fn train_reward_model<M: RewardModel>(
     let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64);
     let metrics =
         reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
-    let name = |kind: Corruption| {
-        serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-    };
     let by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.accuracy)).collect();
     let pairs_by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.pairs)).collect();
     let report = RewardModelReport {
@@ -437,6 +458,7 @@ fn train_reward_model<M: RewardModel>(
         held_out_pairs: metrics.pairs,
         held_out_accuracy_by_corruption: by_corruption,
         held_out_pairs_by_corruption: pairs_by_corruption,
+        held_out_accuracy_at_start_by_corruption: at_start,
         policy_samples: None,
         final_loss,
         steps,
@@ -524,14 +546,17 @@ mod tests {
         let progress = Progress::new(true);
         device.seed(0);
         let whole = RewardTrainer::new(RobertaRegressor::init(&config, &device), training.clone());
-        let (whole, _) =
+        let (whole, report) =
             train_reward_model(whole, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
+        assert_eq!(report.held_out_accuracy_at_start_by_corruption.len(), 3, "{report:?}");
         // Written at step 3 of 4 (not at the end, when the model itself is saved).
         assert!(checkpoint.usable(&progress).unwrap());
         let resumed = RewardTrainer::resume(&checkpoint.dir, training, &device).unwrap();
         assert_eq!(resumed.step(), 3);
-        let (resumed, _) =
+        let (resumed, report) =
             train_reward_model(resumed, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
+        // A resumed run has no start to measure.
+        assert!(report.held_out_accuracy_at_start_by_corruption.is_empty());
         let (whole, resumed) =
             (policy_models::optim::parameter_values(&whole), policy_models::optim::parameter_values(&resumed));
         assert_eq!(whole.keys().collect::<Vec<_>>(), resumed.keys().collect::<Vec<_>>());
