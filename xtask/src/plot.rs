@@ -613,7 +613,8 @@ where
 }
 
 /// A learned reward judged by a rule check on the completions it scored: each logged
-/// `rewards/<fn>/auc/<check>` against step, and each such check's mean (every group that logs it,
+/// `rewards/<fn>/auc/<check>` (and `auc_within_prompt`, over pairs of one prompt's completions)
+/// against step, and each such check's mean (every group that logs it,
 /// those trained on the check itself included).
 fn draw_reward_model<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, metrics: &[MetricRow]) -> anyhow::Result<()>
 where
@@ -625,15 +626,22 @@ where
         ("sans-serif", TITLE),
     )?;
     let (upper, lower) = body.split_vertically(body.dim_in_pixel().1 / 2);
+    let is_auc = |key: &String| key.contains("/auc/") || key.contains("/auc_within_prompt/");
     let mut auc_keys: Vec<String> =
-        metrics.iter().flat_map(|row| row.values.keys().filter(|key| key.contains("/auc/")).cloned()).collect();
+        metrics.iter().flat_map(|row| row.values.keys().filter(|key| is_auc(key)).cloned()).collect();
     auc_keys.sort();
     auc_keys.dedup();
-    // "rewards/<fn>/auc/<check>" -> (fn, check)
+    // "rewards/<fn>/auc/<check>" -> (fn, check); "rewards/<fn>/auc_within_prompt/<check>" ->
+    // (fn, "<check> within prompt")
     let parts = |key: &str| {
         let rest = key.trim_start_matches("rewards/");
-        let (function, check) = rest.split_once("/auc/").unwrap_or((rest, ""));
-        (function.to_string(), check.to_string())
+        match rest.split_once("/auc_within_prompt/") {
+            Some((function, check)) => (function.to_string(), check.to_string(), " within prompt"),
+            None => {
+                let (function, check) = rest.split_once("/auc/").unwrap_or((rest, ""));
+                (function.to_string(), check.to_string(), "")
+            }
+        }
     };
     let mut checks: Vec<String> = auc_keys.iter().map(|key| parts(key).1).collect();
     checks.sort();
@@ -642,10 +650,10 @@ where
     let auc: Vec<_> = auc_keys
         .iter()
         .flat_map(|key| {
-            let (function, check) = parts(key);
+            let (function, check, scope) = parts(key);
             curves(metrics, key)
                 .into_iter()
-                .map(move |(group, points)| (group, format!("{function} vs {check}"), points))
+                .map(move |(group, points)| (group, format!("{function} vs {check}{scope}"), points))
         })
         .collect();
     let correctness: Vec<_> = checks
@@ -665,7 +673,10 @@ where
     draw_curves(
         &upper,
         &auc,
-        ("Ranking AUC of the learned reward against the check (0.5 = chance, 1 = separates right from wrong)", "AUC"),
+        (
+            "Ranking AUC of the learned reward against the check (0.5 = chance, 1 = separates right from wrong; step-wide, or within each prompt)",
+            "AUC",
+        ),
         1.0,
         &groups,
         &BTreeMap::new(),
@@ -712,6 +723,15 @@ mod tests {
             ),
             row("ppo (lenient)", 1, &[("rewards/lenient_correct/mean", 0.2)]),
             row("ppo (lenient)", 2, &[("rewards/lenient_correct/mean", 0.3)]),
+            row(
+                "grpo (reward_model)",
+                1,
+                &[
+                    ("rewards/reward_model/auc/lenient_correct", 0.4),
+                    ("rewards/reward_model/auc_within_prompt/lenient_correct", 0.9),
+                    ("rewards/lenient_correct/mean", 0.1),
+                ],
+            ),
         ];
         let mut svg = String::new();
         {
@@ -729,6 +749,9 @@ mod tests {
         // only.
         let (lenient, learned) = (text.matches("ppo (lenient)").count(), text.matches("ppo (reward_model)").count());
         assert!(lenient > 0 && learned == 2 * lenient, "{lenient} vs {learned}: {text}");
+        // GRPO's groups give the within-prompt AUC a line of its own beside the step-wide one.
+        assert!(text.contains("lenient_correct within prompt"), "{text}");
+        assert_eq!(text.matches("grpo (reward_model)").count(), 3 * lenient, "{text}");
     }
 
     #[test]

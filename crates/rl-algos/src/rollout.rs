@@ -233,7 +233,8 @@ pub fn loss_mask(rollout: &Rollout, mask_truncated: bool, device: &Device) -> Te
 
 /// TRL's reward and completion metrics: `reward`, `rewards/<fn>/mean`, `rewards/<fn>/std`,
 /// `completions/mean_length`, `completions/clipped_ratio`; and `rewards/<fn>/auc/<check>` for a
-/// graded reward beside a 0/1 one (see [`ranking_auc`]).
+/// graded reward beside a 0/1 one (see [`ranking_auc`]), with `rewards/<fn>/auc_within_prompt/<check>`
+/// over pairs of the same prompt's completions ([`ranking_auc_within`]).
 pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Metrics) {
     metrics.insert("reward".to_string(), mean_std(&scored.total).mean);
     for (name, values) in &scored.per_function {
@@ -250,6 +251,11 @@ pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Me
             if let Some(auc) = ranking_auc(scores, labels) {
                 metrics.insert(format!("rewards/{name}/auc/{check}"), auc);
             }
+            if rollout.prompt_index.len() == scores.len()
+                && let Some(auc) = ranking_auc_within(scores, labels, &rollout.prompt_index)
+            {
+                metrics.insert(format!("rewards/{name}/auc_within_prompt/{check}"), auc);
+            }
         }
     }
     let lengths: Vec<f64> = rollout.lengths().into_iter().map(|l| l as f64).collect();
@@ -262,11 +268,37 @@ pub fn rollout_metrics(rollout: &Rollout, scored: &ScoredBatch, metrics: &mut Me
 /// `scores` orders right, ties counting half: the Mann-Whitney AUC, 0.5 for a score that knows
 /// nothing of the check and 1 for one that separates it. `None` unless both outcomes occur.
 pub fn ranking_auc(scores: &[f32], labels: &[f32]) -> Option<f64> {
+    let (ordered, pairs) = ordered_pairs(scores, labels);
+    (pairs > 0).then(|| ordered / pairs as f64)
+}
+
+/// [`ranking_auc`] over the pairs of completions of the same prompt only (`groups[i]` is the
+/// prompt of completion i), pooled: how a learned reward orders answers to one question, which is
+/// all GRPO's group-relative advantages use and what a verifier's within-question comparisons
+/// measure. The step-wide AUC also compares answers to different questions, whose scores differ
+/// by the question's own level (a model's likelihood is lower on a harder question), so it can
+/// sit below chance for a score that ranks every question's answers right. `None` unless some
+/// prompt has both outcomes (never with one completion per prompt, as PPO samples).
+pub fn ranking_auc_within(scores: &[f32], labels: &[f32], groups: &[usize]) -> Option<f64> {
+    let mut prompts: Vec<usize> = groups.to_vec();
+    prompts.sort_unstable();
+    prompts.dedup();
+    let (mut ordered, mut pairs) = (0.0, 0usize);
+    for prompt in prompts {
+        let members: Vec<usize> = (0..scores.len()).filter(|&i| groups[i] == prompt).collect();
+        let scores: Vec<f32> = members.iter().map(|&i| scores[i]).collect();
+        let labels: Vec<f32> = members.iter().map(|&i| labels[i]).collect();
+        let (o, p) = ordered_pairs(&scores, &labels);
+        ordered += o;
+        pairs += p;
+    }
+    (pairs > 0).then(|| ordered / pairs as f64)
+}
+
+/// (pairs ordered right, ties counting half; all (passing, failing) pairs).
+fn ordered_pairs(scores: &[f32], labels: &[f32]) -> (f64, usize) {
     let passing: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| **l == 1.0).map(|(s, _)| *s).collect();
     let failing: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| **l != 1.0).map(|(s, _)| *s).collect();
-    if passing.is_empty() || failing.is_empty() {
-        return None;
-    }
     let ordered: f64 = passing
         .iter()
         .flat_map(|p| {
@@ -281,7 +313,7 @@ pub fn ranking_auc(scores: &[f32], labels: &[f32]) -> Option<f64> {
             })
         })
         .sum();
-    Some(ordered / (passing.len() * failing.len()) as f64)
+    (ordered, passing.len() * failing.len())
 }
 
 /// Default token budget of a micro-batch (see [`micro_batch_rows`]).
@@ -336,6 +368,26 @@ mod reward_metric_tests {
         assert!((auc - 0.75).abs() < 1e-12, "{auc}");
         assert_eq!(ranking_auc(&[0.3, 0.1], &[0.0, 1.0]), Some(0.0));
         assert_eq!(ranking_auc(&[0.3, 0.1], &[1.0, 1.0]), None);
+    }
+
+    #[test]
+    fn the_within_prompt_auc_pools_only_pairs_of_one_prompt() {
+        use super::{ranking_auc, ranking_auc_within};
+        // Prompt 0 (an easy question, high scores) and prompt 1 (a hard one, low scores): each
+        // ranks its right answer first, yet prompt 1's right answer scores below prompt 0's
+        // wrong one.
+        let scores = [0.9, 0.8, 0.3, 0.2, 0.1];
+        let labels = [1.0, 0.0, 1.0, 0.0, 0.0];
+        let groups = [0, 0, 1, 1, 1];
+        assert_eq!(ranking_auc_within(&scores, &labels, &groups), Some(1.0));
+        // Step-wide, 0.3 loses to 0.8: 5 of 6 pairs.
+        assert!((ranking_auc(&scores, &labels).unwrap() - 5.0 / 6.0).abs() < 1e-12);
+        // Pooled over pairs, not averaged over prompts: prompt 0 orders its 1 pair wrong,
+        // prompt 1 its 2 pairs right: 2 of 3.
+        let swapped = [0.8, 0.9, 0.3, 0.2, 0.1];
+        assert!((ranking_auc_within(&swapped, &labels, &groups).unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        // One completion per prompt (PPO): no within-prompt pair.
+        assert_eq!(ranking_auc_within(&scores, &labels, &[0, 1, 2, 3, 4]), None);
     }
 
     #[test]
