@@ -714,4 +714,16 @@ kind = "base"
     let total: u64 =
         metrics["held_out_pairs_by_corruption"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, metrics["held_out_pairs"].as_u64().unwrap(), "{metrics}");
+    // Each held-out pair with its scores before and after training, one JSON line each: the
+    // reported accuracy is the share of lines that rank chosen first.
+    let lines =
+        std::fs::read_to_string(dir.path().join("reports/policy_pairs-quick/reward_model/held_out_scores.jsonl"))
+            .unwrap();
+    let scores: Vec<serde_json::Value> = lines.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(scores.len() as u64, metrics["held_out_pairs"].as_u64().unwrap());
+    let own: Vec<&serde_json::Value> = scores.iter().filter(|s| s["corruption"] == "policy_sample").collect();
+    assert_eq!(own.len() as u64, held_out_pairs);
+    let right = own.iter().filter(|s| s["chosen_score"].as_f64() > s["rejected_score"].as_f64()).count();
+    assert!((right as f64 / own.len() as f64 - accuracy.unwrap()).abs() < 1e-9, "{metrics}");
+    assert!(own.iter().all(|s| s["at_start"].as_array().is_some_and(|start| start.len() == 2)));
 }

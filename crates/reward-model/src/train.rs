@@ -359,6 +359,17 @@ pub struct PairMetrics {
 }
 
 impl PairMetrics {
+    /// The metrics of pairs scored `[chosen, rejected]` ([`pair_scores`]); a tie counts as wrong.
+    pub fn of_scores(scores: &[[f32; 2]]) -> PairMetrics {
+        let correct = scores.iter().filter(|[c, r]| c > r).count();
+        let margin_sum: f64 = scores.iter().map(|[c, r]| f64::from(c - r)).sum();
+        PairMetrics {
+            accuracy: correct as f64 / scores.len().max(1) as f64,
+            mean_margin: margin_sum / scores.len().max(1) as f64,
+            pairs: scores.len(),
+        }
+    }
+
     /// The metrics of the union of disjoint pair sets, from each set's metrics.
     pub fn pooled(parts: &[PairMetrics]) -> PairMetrics {
         let pairs: usize = parts.iter().map(|part| part.pairs).sum();
@@ -376,26 +387,29 @@ pub fn evaluate<M: RewardModel>(
     pairs: &[Comparison],
     batch_size: usize,
 ) -> PairMetrics {
+    PairMetrics::of_scores(&pair_scores(model, tokenizer, pairs, batch_size))
+}
+
+/// `[score of chosen, score of rejected]` of each pair, scored in batches of `batch_size` pairs.
+pub fn pair_scores<M: RewardModel>(
+    model: &M,
+    tokenizer: &RewardTokenizer,
+    pairs: &[Comparison],
+    batch_size: usize,
+) -> Vec<[f32; 2]> {
     // Without autodiff: a forward on the training model records its graph, and 128 rows of a
     // 30-layer model kept every activation for a backward pass that never comes (SmolLM2's
     // held-out evaluation went past 24 GB).
     let model = model.valid();
     assert_eq!(tokenizer.layout(), model.layout(), "the tokenizer must make the rows the reward model reads");
-    let (mut correct, mut margin_sum) = (0usize, 0.0f64);
+    let mut scores = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let (chosen, rejected) = score_pairs(&model, tokenizer, chunk);
         let chosen = chosen.into_data().try_to_vec::<f32>().expect("f32");
         let rejected = rejected.into_data().try_to_vec::<f32>().expect("f32");
-        for (c, r) in chosen.iter().zip(&rejected) {
-            correct += usize::from(c > r);
-            margin_sum += f64::from(c - r);
-        }
+        scores.extend(chosen.into_iter().zip(rejected).map(|(c, r)| [c, r]));
     }
-    PairMetrics {
-        accuracy: correct as f64 / pairs.len().max(1) as f64,
-        mean_margin: margin_sum / pairs.len().max(1) as f64,
-        pairs: pairs.len(),
-    }
+    scores
 }
 
 /// [`evaluate`] per kind of corruption (the kinds present in `pairs`, in order of appearance):

@@ -245,7 +245,7 @@ pub(crate) fn prepare_reward_model(
     if partial.exists() {
         std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
     }
-    let (tokenizer, report) = match spec {
+    let (tokenizer, report, held_out_scores) = match spec {
         RewardModelSpec::CausalLm { model, from_base, lora, max_tokens, score, beta, .. } => {
             let start = if *from_base {
                 base_dir.to_path_buf()
@@ -258,7 +258,7 @@ pub(crate) fn prepare_reward_model(
             let reward_tokenizer = RewardTokenizer::new(tokenizer.clone(), *max_tokens);
             let lora_note = if lora.is_some() { ", LoRA" } else { "" };
             let adapt = |error: String| anyhow::anyhow!("reward_model.lora.{error}");
-            let mut report = match score {
+            let (mut report, scores) = match score {
                 CausalScore::LastToken => {
                     // Its padding id is the one the tokenizer pads with, so the scored token is found.
                     let pad = tokenizer.pad_id.or(tokenizer.eos_ids.first().copied()).unwrap_or(0);
@@ -275,10 +275,10 @@ pub(crate) fn prepare_reward_model(
                         true => RewardTrainer::resume_causal(model, &checkpoint.dir, training.clone())?,
                         false => RewardTrainer::start(model, training.clone())?,
                     };
-                    let (model, report) =
+                    let (model, report, scores) =
                         train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
                     model.save_dir(&partial)?;
-                    report
+                    (report, scores)
                 }
                 CausalScore::Likelihood => {
                     let beta = beta.unwrap_or(DEFAULT_LIKELIHOOD_BETA);
@@ -296,14 +296,14 @@ pub(crate) fn prepare_reward_model(
                         true => RewardTrainer::resume_likelihood(model, &checkpoint.dir, training.clone())?,
                         false => RewardTrainer::start(model, training.clone())?,
                     };
-                    let (model, report) =
+                    let (model, report, scores) =
                         train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
                     model.save_dir(&partial)?;
-                    report
+                    (report, scores)
                 }
             };
             report.max_tokens = Some(*max_tokens);
-            (tokenizer, report)
+            (tokenizer, report, scores)
         }
         RewardModelSpec::Checkpoint { .. } | RewardModelSpec::Train { .. } => {
             let (tokenizer, model) = match spec {
@@ -332,15 +332,21 @@ pub(crate) fn prepare_reward_model(
                 true => RewardTrainer::resume(&checkpoint.dir, training.clone(), &autodiff)?,
                 false => RewardTrainer::new(model, training.clone()),
             };
-            let (model, report) =
+            let (model, report, scores) =
                 train_reward_model(trainer, &train, &held_out, &reward_tokenizer, &checkpoint, progress)?;
             model.without_token_head().save_dir(&partial)?;
-            (tokenizer, report)
+            (tokenizer, report, scores)
         }
     };
     let report = RewardModelReport { policy_samples: sample_counts, ..report };
     tokenizer.save(&partial.join("tokenizer.json"))?;
     write_atomically(&partial.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let mut lines = String::new();
+    for score in &held_out_scores {
+        lines.push_str(&serde_json::to_string(score)?);
+        lines.push('\n');
+    }
+    write_atomically(&partial.join(HELD_OUT_SCORES_FILE), lines.as_bytes())?;
     identity.write(&partial)?;
     install_dir(&partial, &rm_dir)?;
     checkpoint.remove()?;
@@ -398,6 +404,26 @@ impl Checkpoint<'_> {
     }
 }
 
+/// One held-out pair and its scores: a line of `reward_model/held_out_scores.jsonl`, so that what
+/// the reward model ranks right and wrong can be read pair by pair (by question, by length).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HeldOutScore {
+    /// How the rejected answer was made (`policy_sample`: the base's own wrong answer).
+    pub corruption: String,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    /// The trained model's scores of chosen and rejected.
+    pub chosen_score: f32,
+    pub rejected_score: f32,
+    /// The starting model's `[chosen, rejected]` scores; absent when training resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_start: Option<[f32; 2]>,
+}
+
+/// The file of [`HeldOutScore`]s in a reward model's directory.
+pub(crate) const HELD_OUT_SCORES_FILE: &str = "held_out_scores.jsonl";
+
 /// Trains for the configured steps (from where a resumed `trainer` stands, writing `checkpoint`
 /// every `checkpoint_every` steps), then evaluates on `held_out` per kind of rejected answer.
 fn train_reward_model<M: RewardModel>(
@@ -407,16 +433,39 @@ fn train_reward_model<M: RewardModel>(
     reward_tokenizer: &RewardTokenizer,
     checkpoint: &Checkpoint<'_>,
     progress: &Progress,
-) -> anyhow::Result<(M, RewardModelReport)> {
-    let name = |kind: Corruption| {
+) -> anyhow::Result<(M, RewardModelReport, Vec<HeldOutScore>)> {
+    let kind_name = |kind: Corruption| {
         serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
     };
-    let at_start = match trainer.step() {
-        0 => reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64),
-        _ => Vec::new(),
+    // Per kind of rejected answer, in order of first appearance.
+    let per_kind = |scores: &[[f32; 2]]| {
+        let mut kinds: Vec<Corruption> = Vec::new();
+        for pair in held_out {
+            if !kinds.contains(&pair.corruption) {
+                kinds.push(pair.corruption);
+            }
+        }
+        kinds
+            .into_iter()
+            .map(|kind| {
+                let of_kind: Vec<[f32; 2]> = held_out
+                    .iter()
+                    .zip(scores)
+                    .filter(|(pair, _)| pair.corruption == kind)
+                    .map(|(_, score)| *score)
+                    .collect();
+                (kind_name(kind), reward_model::train::PairMetrics::of_scores(&of_kind))
+            })
+            .collect::<Vec<_>>()
     };
-    let at_start: std::collections::BTreeMap<String, f64> =
-        at_start.iter().map(|(kind, metrics)| (name(*kind), metrics.accuracy)).collect();
+    let start_scores = match trainer.step() {
+        0 => Some(reward_model::train::pair_scores(trainer.model(), reward_tokenizer, held_out, 64)),
+        _ => None,
+    };
+    let at_start: std::collections::BTreeMap<String, f64> = match &start_scores {
+        Some(scores) => per_kind(scores).into_iter().map(|(kind, metrics)| (kind, metrics.accuracy)).collect(),
+        None => Default::default(),
+    };
     if !at_start.is_empty() {
         progress.log(format!(
             "reward model: held-out pairwise accuracy before training: {}",
@@ -447,11 +496,12 @@ fn train_reward_model<M: RewardModel>(
     }
     drop(bar);
     let train_seconds = started.elapsed().as_secs_f64();
-    let per_kind = reward_model::train::evaluate_by_corruption(trainer.model(), reward_tokenizer, held_out, 64);
+    let scores = reward_model::train::pair_scores(trainer.model(), reward_tokenizer, held_out, 64);
+    let per_kind = per_kind(&scores);
     let metrics =
         reward_model::train::PairMetrics::pooled(&per_kind.iter().map(|(_, metrics)| *metrics).collect::<Vec<_>>());
-    let by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.accuracy)).collect();
-    let pairs_by_corruption = per_kind.iter().map(|(kind, metrics)| (name(*kind), metrics.pairs)).collect();
+    let by_corruption = per_kind.iter().map(|(kind, metrics)| (kind.clone(), metrics.accuracy)).collect();
+    let pairs_by_corruption = per_kind.iter().map(|(kind, metrics)| (kind.clone(), metrics.pairs)).collect();
     let report = RewardModelReport {
         held_out_accuracy: metrics.accuracy,
         held_out_mean_margin: metrics.mean_margin,
@@ -465,7 +515,21 @@ fn train_reward_model<M: RewardModel>(
         train_seconds,
         max_tokens: None,
     };
-    Ok((trainer.into_model(), report))
+    let held_out_scores = held_out
+        .iter()
+        .zip(&scores)
+        .enumerate()
+        .map(|(i, (pair, &[chosen_score, rejected_score]))| HeldOutScore {
+            corruption: kind_name(pair.corruption),
+            prompt: pair.prompt.clone(),
+            chosen: pair.chosen.clone(),
+            rejected: pair.rejected.clone(),
+            chosen_score,
+            rejected_score,
+            at_start: start_scores.as_ref().map(|start| start[i]),
+        })
+        .collect();
+    Ok((trainer.into_model(), report, held_out_scores))
 }
 
 /// The reward model of `rm_dir` as a reward function: the RoBERTa regressor when its
@@ -546,17 +610,25 @@ mod tests {
         let progress = Progress::new(true);
         device.seed(0);
         let whole = RewardTrainer::new(RobertaRegressor::init(&config, &device), training.clone());
-        let (whole, report) =
+        let (whole, report, scores) =
             train_reward_model(whole, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
         assert_eq!(report.held_out_accuracy_at_start_by_corruption.len(), 3, "{report:?}");
+        // One line per held-out pair, in order, whose scores give the reported accuracy.
+        assert_eq!(scores.len(), held_out.len());
+        assert!(
+            scores.iter().zip(&held_out).all(|(score, pair)| score.chosen == pair.chosen && score.at_start.is_some())
+        );
+        let right = scores.iter().filter(|score| score.chosen_score > score.rejected_score).count();
+        assert!((right as f64 / scores.len() as f64 - report.held_out_accuracy).abs() < 1e-9, "{report:?}");
         // Written at step 3 of 4 (not at the end, when the model itself is saved).
         assert!(checkpoint.usable(&progress).unwrap());
         let resumed = RewardTrainer::resume(&checkpoint.dir, training, &device).unwrap();
         assert_eq!(resumed.step(), 3);
-        let (resumed, report) =
+        let (resumed, report, scores) =
             train_reward_model(resumed, &train, &held_out, &reward_tokenizer, &checkpoint, &progress).unwrap();
         // A resumed run has no start to measure.
         assert!(report.held_out_accuracy_at_start_by_corruption.is_empty());
+        assert!(scores.iter().all(|score| score.at_start.is_none()));
         let (whole, resumed) =
             (policy_models::optim::parameter_values(&whole), policy_models::optim::parameter_values(&resumed));
         assert_eq!(whole.keys().collect::<Vec<_>>(), resumed.keys().collect::<Vec<_>>());
