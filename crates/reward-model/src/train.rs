@@ -421,6 +421,16 @@ pub fn evaluate_by_corruption<M: RewardModel>(
     pairs: &[Comparison],
     batch_size: usize,
 ) -> Vec<(crate::comparisons::Corruption, PairMetrics)> {
+    metrics_by_corruption(pairs, &pair_scores(model, tokenizer, pairs, batch_size))
+}
+
+/// The metrics of `pairs` scored `scores` ([`pair_scores`], in the same order) per kind of
+/// corruption, the kinds in order of first appearance.
+pub fn metrics_by_corruption(
+    pairs: &[Comparison],
+    scores: &[[f32; 2]],
+) -> Vec<(crate::comparisons::Corruption, PairMetrics)> {
+    assert_eq!(pairs.len(), scores.len(), "one score pair per comparison");
     let mut kinds = Vec::new();
     for pair in pairs {
         if !kinds.contains(&pair.corruption) {
@@ -430,8 +440,9 @@ pub fn evaluate_by_corruption<M: RewardModel>(
     kinds
         .into_iter()
         .map(|kind| {
-            let subset: Vec<Comparison> = pairs.iter().filter(|pair| pair.corruption == kind).cloned().collect();
-            (kind, evaluate(model, tokenizer, &subset, batch_size))
+            let of_kind: Vec<[f32; 2]> =
+                pairs.iter().zip(scores).filter(|(pair, _)| pair.corruption == kind).map(|(_, score)| *score).collect();
+            (kind, PairMetrics::of_scores(&of_kind))
         })
         .collect()
 }

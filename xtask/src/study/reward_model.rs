@@ -437,25 +437,10 @@ fn train_reward_model<M: RewardModel>(
     let kind_name = |kind: Corruption| {
         serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
     };
-    // Per kind of rejected answer, in order of first appearance.
     let per_kind = |scores: &[[f32; 2]]| {
-        let mut kinds: Vec<Corruption> = Vec::new();
-        for pair in held_out {
-            if !kinds.contains(&pair.corruption) {
-                kinds.push(pair.corruption);
-            }
-        }
-        kinds
+        reward_model::train::metrics_by_corruption(held_out, scores)
             .into_iter()
-            .map(|kind| {
-                let of_kind: Vec<[f32; 2]> = held_out
-                    .iter()
-                    .zip(scores)
-                    .filter(|(pair, _)| pair.corruption == kind)
-                    .map(|(_, score)| *score)
-                    .collect();
-                (kind_name(kind), reward_model::train::PairMetrics::of_scores(&of_kind))
-            })
+            .map(|(kind, metrics)| (kind_name(kind), metrics))
             .collect::<Vec<_>>()
     };
     let start_scores = match trainer.step() {
