@@ -311,7 +311,11 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
     let report = model::Report {
         date: model::utc_now(),
         commit: model::commit(),
-        machine: model::Machine { cpu: crate::study::provenance::cpu_model(), threads: config.threads },
+        machine: model::Machine {
+            cpu: crate::study::provenance::cpu_model(),
+            threads: config.threads,
+            features: crate::study::provenance::cpu_features(),
+        },
         command: format!("cargo xtask bench {}", std::env::args().skip(2).collect::<Vec<_>>().join(" ")),
         speedup: model::Report::speedup(&cotlab, reference.as_ref()),
         cotlab,

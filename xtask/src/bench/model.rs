@@ -533,6 +533,9 @@ pub struct Machine {
     pub cpu: Option<String>,
     /// Threads each side used.
     pub threads: usize,
+    /// The CPU's SIMD features that matter to the kernels (`avx512bf16` and `amx-bf16` say
+    /// whether bf16 products run natively).
+    pub features: Vec<String>,
 }
 
 impl Report {
@@ -551,7 +554,7 @@ impl Report {
         let c = &self.cotlab.config;
         let lora = c.lora.map_or("none".to_string(), |rank| format!("rank {rank}"));
         let mut text = format!(
-            "cotlab bench --model {} --workload {}\n  {} prompts x {} completions, max_completion_length {}, temperature {}, learning_rate {:e}, loss_type {}, beta {}, {} steps (first = warm-up), grad_accum {}, {} threads, {}, LoRA {}, backend {}\n  machine: {} ({}), commit {}, {}\n",
+            "cotlab bench --model {} --workload {}\n  {} prompts x {} completions, max_completion_length {}, temperature {}, learning_rate {:e}, loss_type {}, beta {}, {} steps (first = warm-up), grad_accum {}, {} threads, {}, LoRA {}, backend {}\n  machine: {} [{}], native bf16 products: {} ({}), commit {}, {}\n",
             c.model,
             c.workload.name(),
             c.prompts_per_step,
@@ -571,6 +574,8 @@ impl Report {
             lora,
             c.backend,
             self.machine.cpu.as_deref().unwrap_or("unknown CPU"),
+            self.machine.features.join(" "),
+            if crate::study::provenance::native_bf16(&self.machine.features) { "yes" } else { "no" },
             self.date,
             self.commit.as_deref().unwrap_or("unknown"),
             if cfg!(debug_assertions) { "DEBUG build: not meaningful" } else { "release build" },

@@ -217,8 +217,20 @@ pub fn cpu_features() -> Vec<String> {
             };
         }
         detect!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16");
+        // AMX's detection macro is unstable in std; the kernel's flag list says it as well.
+        let amx = std::fs::read_to_string("/proc/cpuinfo")
+            .is_ok_and(|text| text.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "amx_bf16")));
+        if amx {
+            features.push("amx-bf16".to_string());
+        }
     }
     features
+}
+
+/// Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Where it does not, a bf16
+/// product costs more than an f32 one: it is computed in f32 between two conversions.
+pub fn native_bf16(features: &[String]) -> bool {
+    features.iter().any(|f| f == "avx512bf16" || f == "amx-bf16")
 }
 
 /// The CPU's model name in `/proc/cpuinfo`, where the OS says.
