@@ -218,8 +218,9 @@ pub fn cpu_features() -> Vec<String> {
         }
         detect!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16");
         // AMX's detection macro is unstable in std; the kernel's flag list says it as well.
-        let amx = std::fs::read_to_string("/proc/cpuinfo")
-            .is_ok_and(|text| text.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "amx_bf16")));
+        let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|text| {
+            text.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "amx_bf16"))
+        });
         if amx {
             features.push("amx-bf16".to_string());
         }
