@@ -84,6 +84,18 @@ pub(crate) fn run_cell(
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let optim = study.rl_optim(&cell.method, registry())?;
+            if optim.dtype == policy_models::optim::TrainDtype::Bf16
+                && study.backend == policy_models::BackendKind::Flex
+                && !crate::study::provenance::native_bf16(&crate::study::provenance::cpu_features())
+            {
+                progress.log(format!(
+                    "{}: methods.{}.optim.dtype = \"bf16\", but this CPU has no native bf16 products (AVX-512 BF16 or AMX): \
+                     flex computes them in f32 between conversions, so a step takes about twice an f32 one \
+                     (docs/performance.md#bf16). The numbers are bf16's; for speed here leave dtype at f32",
+                    cell.id(),
+                    cell.method
+                ));
+            }
             let start = training_policy(study, base_dir, &autodiff, cell.seed)?;
             // The scale an update is judged against (see `divergence`): the starting policy's,
             // for a resumed cell too.
