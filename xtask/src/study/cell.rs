@@ -84,14 +84,14 @@ pub(crate) fn run_cell(
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let optim = study.rl_optim(&cell.method, registry())?;
+            // flex has no bf16 kernels on any CPU, AVX-512 BF16 and AMX included.
             if optim.dtype == policy_models::optim::TrainDtype::Bf16
                 && study.backend == policy_models::BackendKind::Flex
-                && !crate::study::provenance::native_bf16(&crate::study::provenance::cpu_features())
             {
                 progress.log(format!(
-                    "{}: methods.{}.optim.dtype = \"bf16\", but this CPU has no native bf16 products (AVX-512 BF16 or AMX): \
-                     flex computes them in f32 between conversions, so a step takes about twice an f32 one \
-                     (docs/performance.md#bf16). The numbers are bf16's; for speed here leave dtype at f32",
+                    "{}: methods.{}.optim.dtype = \"bf16\" on the flex CPU backend, which computes bf16 products in f32 \
+                     between conversions: a step takes about twice an f32 one (docs/performance.md#bf16). The numbers \
+                     are bf16's; for speed on the CPU leave dtype at f32",
                     cell.id(),
                     cell.method
                 ));
