@@ -307,7 +307,7 @@ impl Decoder {
     /// [`Decoder::logits`], through `cache`'s packed weights when it has them (generation).
     pub fn logits_cached(&self, hidden: Tensor<3>, cache: &KvCache) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => cache.linear(head, hidden),
+            Some(head) => cache.head(head, hidden),
             None => cache.tied_head(hidden, self.embed_tokens.weight.id, || self.embed_tokens.weight.val()),
         }
     }

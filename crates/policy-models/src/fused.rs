@@ -80,6 +80,11 @@ pub trait FusedOps: Backend {
         want_hidden: bool,
         want_head: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `lhs` [.., M, K] times `rhs` [.., K, N] (the same batch dimensions, bf16 or f32 each)
+    /// with bf16 products accumulated in f32 ([`crate::bf16_gemm`]); the result in f32 when
+    /// `f32_out`, else rounded to bf16 as PyTorch's bf16 product is. Only sent on CPUs with
+    /// AVX-512 BF16 (see [`matmul`]).
+    fn matmul_bf16(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, f32_out: bool) -> FloatTensor<Self>;
 }
 
 impl FusedOps for Flex {
@@ -187,8 +192,7 @@ impl FusedOps for Flex {
             let h = slice_rows(&hidden, row_block.clone());
             for vocab_block in blocks(vocab, HEAD_VOCAB) {
                 let width = vocab_block.len();
-                let logits =
-                    Flex::float_matmul(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
+                let logits = product(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
                 let logits = logits.as_slice::<f32>().expect("contiguous f32");
                 states[row_block.clone()]
                     .par_iter_mut()
@@ -229,8 +233,7 @@ impl FusedOps for Flex {
             let mut d_w: Option<FlexTensor> = None; // [C, v], or [v, C] when transposed
             for row_block in blocks(rows, HEAD_ROWS) {
                 let h = slice_rows(&hidden, row_block.clone());
-                let mut logits =
-                    Flex::float_matmul(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
+                let mut logits = product(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
                 logits.par_chunks_mut(width).zip(row_block.clone()).for_each(|(z, row)| {
                     let target = targets[row];
                     let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
@@ -238,7 +241,7 @@ impl FusedOps for Flex {
                 });
                 let g = FlexTensor::from_data(TensorData::new(logits, [row_block.len(), width])); // dloss/dz [r, v]
                 if want_hidden {
-                    let d_h = Flex::float_matmul(g.clone(), Flex::float_transpose(w.clone()))
+                    let d_h = product(g.clone(), Flex::float_transpose(w.clone()))
                         .into_data()
                         .try_into_vec::<f32>()
                         .expect("f32"); // [r, C]
@@ -249,9 +252,9 @@ impl FusedOps for Flex {
                 }
                 if want_head {
                     let block = if transposed {
-                        Flex::float_matmul(Flex::float_transpose(g), h)
+                        product_as(Flex::float_transpose(g), h, &head)
                     } else {
-                        Flex::float_matmul(Flex::float_transpose(h), g)
+                        product_as(Flex::float_transpose(h), g, &head)
                     };
                     d_w = Some(match d_w {
                         Some(total) => Flex::float_add(total, block),
@@ -277,12 +280,101 @@ impl FusedOps for Flex {
         } else {
             TensorData::new(Vec::<f32>::new(), [0, depth])
         };
-        let d_head = if want_head {
-            TensorData::new(d_head, head_shape)
-        } else {
+        let d_head = if !want_head {
             TensorData::new(Vec::<f32>::new(), [0, depth])
+        } else if head.dtype() == DType::BF16 {
+            // The gradient of a bf16 operand is bf16, as the cast's backward pass expects.
+            TensorData::new(d_head.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(), head_shape)
+        } else {
+            TensorData::new(d_head, head_shape)
         };
         (FlexTensor::from_data(d_hidden), FlexTensor::from_data(d_head))
+    }
+
+    fn matmul_bf16(lhs: FlexTensor, rhs: FlexTensor, f32_out: bool) -> FlexTensor {
+        let (out, shape) = native_matmul(&lhs, &rhs);
+        if f32_out {
+            return FlexTensor::from_data(TensorData::new(out, shape));
+        }
+        let mut rounded = vec![half::bf16::ZERO; out.len()];
+        rounded.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(rounded, out)| {
+            for (r, x) in rounded.iter_mut().zip(out) {
+                *r = half::bf16::from_bits(crate::bf16_gemm::round(*x));
+            }
+        });
+        FlexTensor::from_data(TensorData::new(rounded, shape))
+    }
+}
+
+/// `lhs` [.., M, K] times `rhs` [.., K, N] (equal batch dimensions, bf16 or f32 elements, any
+/// strides) through [`crate::bf16_gemm`]: the f32 result and its shape.
+fn native_matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> (Vec<f32>, Vec<usize>) {
+    let (ls, rs) = (lhs.layout().shape().as_slice(), rhs.layout().shape().as_slice());
+    let rank = ls.len();
+    assert!(
+        rank >= 2 && rs.len() == rank && ls[..rank - 2] == rs[..rank - 2] && ls[rank - 1] == rs[rank - 2],
+        "matmul_bf16: {ls:?} x {rs:?}"
+    );
+    let (m, n) = (ls[rank - 2], rs[rank - 1]);
+    let batch: usize = ls[..rank - 2].iter().product();
+    let mut shape = ls.to_vec();
+    shape[rank - 1] = n;
+    let mut out = vec![0.0f32; batch * m * n];
+    if out.is_empty() {
+        return (out, shape);
+    }
+    fn view(t: &FlexTensor, b: usize) -> crate::bf16_gemm::MatRef<'_> {
+        let layout = t.layout();
+        let rank = layout.num_dims();
+        let (dims, strides) = (layout.shape().as_slice(), layout.strides());
+        // The batch index `b` unravelled over the leading dimensions, row-major.
+        let (mut rest, mut offset) = (b, layout.start_offset() as isize);
+        for d in (0..rank - 2).rev() {
+            offset += (rest % dims[d]) as isize * strides[d];
+            rest /= dims[d];
+        }
+        crate::bf16_gemm::MatRef {
+            elems: match t.dtype() {
+                DType::BF16 => crate::bf16_gemm::Elems::Bf16(t.storage::<half::bf16>()),
+                DType::F32 => crate::bf16_gemm::Elems::F32(t.storage::<f32>()),
+                other => panic!("matmul_bf16: {other:?} operand"),
+            },
+            offset: offset as usize,
+            rows: dims[rank - 2],
+            cols: dims[rank - 1],
+            row_stride: strides[rank - 2],
+            col_stride: strides[rank - 1],
+        }
+    }
+    if batch == 1 {
+        crate::bf16_gemm::matmul(view(lhs, 0), view(rhs, 0), &mut out);
+    } else {
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(b, out)| crate::bf16_gemm::matmul(view(lhs, b), view(rhs, b), out));
+    }
+    (out, shape)
+}
+
+/// `a` times `b` in f32: through the native bf16 product ([`native_matmul`]) when either is
+/// bf16 (a bf16 head's logits, as PyTorch computes them under autocast), else flex's f32 one.
+fn product(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+    if a.dtype() == DType::BF16 || b.dtype() == DType::BF16 {
+        let (out, shape) = native_matmul(&a, &b);
+        FlexTensor::from_data(TensorData::new(out, shape))
+    } else {
+        Flex::float_matmul(a, b)
+    }
+}
+
+/// [`product`] of two f32 operands in the precision of `like`: bf16 products when it is bf16
+/// (a bf16 head's weight gradient).
+fn product_as(a: FlexTensor, b: FlexTensor, like: &FlexTensor) -> FlexTensor {
+    if like.dtype() == DType::BF16 {
+        let (out, shape) = native_matmul(&a, &b);
+        FlexTensor::from_data(TensorData::new(out, shape))
+    } else {
+        Flex::float_matmul(a, b)
     }
 }
 
@@ -644,6 +736,44 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("the fused head has no second derivative here")
     }
+
+    fn matmul_bf16(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, f32_out: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MatmulBf16;
+
+        impl<B: Backend + FusedOps> Backward<B, 2> for MatmulBf16 {
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                use burn::backend::TensorMetadata;
+                let (lhs, rhs) = ops.state;
+                let grad = grads.consume::<B>(&ops.node);
+                let rank = lhs.shape().num_dims();
+                let [lhs_node, rhs_node] = ops.parents;
+                // dL/dA = G B^T and dL/dB = A^T G (the transposes as views), each in its
+                // operand's dtype; a frozen operand (a LoRA base weight) gets none.
+                let (lhs_f32, rhs_f32) = (lhs.dtype() == DType::F32, rhs.dtype() == DType::F32);
+                if let Some(node) = rhs_node {
+                    let d_rhs = B::matmul_bf16(B::float_swap_dims(lhs, rank - 2, rank - 1), grad.clone(), rhs_f32);
+                    grads.register::<B>(node.id, d_rhs);
+                }
+                if let Some(node) = lhs_node {
+                    let d_lhs = B::matmul_bf16(grad, B::float_swap_dims(rhs, rank - 2, rank - 1), lhs_f32);
+                    grads.register::<B>(node.id, d_lhs);
+                }
+            }
+        }
+
+        let (lhs, lhs_node) = lhs.into_parts();
+        let (rhs, rhs_node) = rhs.into_parts();
+        match MatmulBf16.prepare::<C>([lhs_node, rhs_node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output = B::matmul_bf16(lhs.clone(), rhs.clone(), f32_out);
+                prep.finish((lhs, rhs), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul_bf16(lhs, rhs, f32_out)),
+        }
+    }
 }
 
 /// Whether `x` is a tensor the fused kernels serve: f32 on the CPU backend (with or without
@@ -688,6 +818,68 @@ pub fn log_softmax_last<const N: usize>(x: Tensor<N>) -> Tensor<N> {
     fused_log_softmax_last(x).unwrap_or_else(|x| burn::tensor::activation::log_softmax(x, N - 1))
 }
 
+/// Whether `x` is a bf16 tensor on the CPU backend (with or without autodiff) on a CPU that
+/// multiplies bf16 natively ([`crate::bf16_gemm::supported`]).
+pub fn native_bf16<const N: usize>(x: &Tensor<N>) -> bool {
+    x.dtype() == DType::BF16 && x.device() == Device::flex() && crate::bf16_gemm::supported()
+}
+
+/// `lhs.matmul(rhs)`; for two bf16 tensors on a CPU with AVX-512 BF16, with bf16 products
+/// accumulated in f32 ([`FusedOps::matmul_bf16`]) where flex converts both operands to f32 and
+/// back on every call. Batch dimensions must then match (no broadcast).
+pub fn matmul<const N: usize>(lhs: Tensor<N>, rhs: Tensor<N>) -> Tensor<N> {
+    let (l, r) = (lhs.dims(), rhs.dims());
+    if N >= 2 && native_bf16(&lhs) && native_bf16(&rhs) && l[..N - 2] == r[..N - 2] {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::matmul_bf16(
+            lhs.into_dispatch(),
+            rhs.into_dispatch(),
+            false,
+        ));
+    }
+    lhs.matmul(rhs)
+}
+
+/// The native bf16 product ([`FusedOps::matmul_bf16`]) of `lhs` and `rhs` (each bf16, or f32
+/// rounded to bf16 as it is read), the result in f32 when `f32_out`, else bf16; `None` (the
+/// operands dropped) when either is not on the CPU backend, neither is bf16, the batch
+/// dimensions differ, or the CPU lacks AVX-512 BF16. For a product feeding an f32 kernel
+/// (attention scores into the fused softmax), as PyTorch's CPU attention accumulates bf16 in f32.
+pub fn matmul_mixed<const N: usize>(lhs: &Tensor<N>, rhs: &Tensor<N>, f32_out: bool) -> Option<Tensor<N>> {
+    let on_cpu = |t: &Tensor<N>| t.device() == Device::flex() && matches!(t.dtype(), DType::F32 | DType::BF16);
+    let (l, r) = (lhs.dims(), rhs.dims());
+    let served = N >= 2
+        && on_cpu(lhs)
+        && on_cpu(rhs)
+        && (lhs.dtype() == DType::BF16 || rhs.dtype() == DType::BF16)
+        && l[..N - 2] == r[..N - 2]
+        && crate::bf16_gemm::supported();
+    served.then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::matmul_bf16(
+            lhs.clone().into_dispatch(),
+            rhs.clone().into_dispatch(),
+            f32_out,
+        ))
+    })
+}
+
+/// burn's `linear` (`x` [.., K] times `weight` [K, N], plus `bias` [N]), through [`matmul`]'s
+/// native bf16 product when `x` and `weight` are bf16 on such a CPU.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    if !(native_bf16(&x) && native_bf16(&weight)) {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let mut dims = x.dims();
+    let [depth, features] = weight.dims();
+    let rows = dims[..D - 1].iter().product();
+    dims[D - 1] = features;
+    let y = matmul(x.reshape([rows, depth]), weight);
+    let y = match bias {
+        Some(bias) => y + bias.unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape(dims)
+}
+
 /// Per row of `hidden` [R, C]: the log-probability of `targets` [R] and the entropy of
 /// softmax(hidden · head / temperature), without the [R, V] logits (see
 /// [`FusedOps::head_log_probs`]); differentiable w.r.t. `hidden` and `head` (both outputs).
@@ -707,7 +899,8 @@ pub fn head_log_probs(
     temperature: f32,
 ) -> (Tensor<1>, Tensor<1>) {
     let rows = hidden.dims()[0];
-    if served(&hidden) && served(&head) {
+    // f32 hidden states and an f32 head, or a bf16 head on a CPU that multiplies bf16 natively.
+    if served(&hidden) && (served(&head) || native_bf16(&head)) {
         let out = Tensor::<2>::from_dispatch(<Dispatch as FusedOps>::head_log_probs(
             hidden.into_dispatch(),
             head.into_dispatch(),
@@ -1229,5 +1422,51 @@ mod tests {
     fn other_devices_and_dtypes_are_not_served() {
         let x = Tensor::<1>::from_floats([1.0, 2.0], &Device::flex()).cast(burn::tensor::FloatDType::BF16);
         assert!(fused_gelu_new(x).is_err());
+    }
+
+    /// The native bf16 product (batched, with a transposed operand, and its mixed f32 form)
+    /// agrees with flex's own bf16 product in values and in both operands' gradients, each
+    /// within one bf16 rounding of the result (both accumulate in f32, in different orders).
+    #[test]
+    fn native_bf16_matmul_matches_flex_bf16_values_and_gradients() {
+        if !crate::bf16_gemm::supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        use burn::tensor::FloatDType::{BF16, F32};
+        let device = Device::flex().autodiff();
+        let (b, m, k, n) = (3, 37, 70, 45);
+        let fill = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| (((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5) * 2.0).collect()
+        };
+        let leaf = |values: &[f32], dims: [usize; 3]| {
+            Tensor::<3>::from_data(TensorData::new(values.to_vec(), dims), &device).cast(BF16).detach().require_grad()
+        };
+        let (a_values, bt_values, w_values) = (fill(b * m * k, 1), fill(b * n * k, 2), fill(b * m * n, 3));
+        let weights = Tensor::<3>::from_data(TensorData::new(w_values, [b, m, n]), &device);
+        let run = |native: bool| {
+            let (a, bt) = (leaf(&a_values, [b, m, k]), leaf(&bt_values, [b, n, k]));
+            let rhs = bt.clone().swap_dims(1, 2); // [b, k, n], a strided view
+            let out = if native { matmul(a.clone(), rhs) } else { a.clone().matmul(rhs) };
+            let grads = (out.clone().cast(F32) * weights.clone()).sum().backward();
+            let grad =
+                |t: &Tensor<3>| t.grad(&grads).expect("a gradient").cast(F32).into_data().to_vec::<f32>().unwrap();
+            (out.cast(F32).into_data().to_vec::<f32>().unwrap(), grad(&a), grad(&bt))
+        };
+        let (native, flex) = (run(true), run(false));
+        let close = |x: &[f32], y: &[f32], what: &str| {
+            for (x, y) in x.iter().zip(y) {
+                assert!((x - y).abs() <= 2.0f32.powi(-7) * y.abs() + 1e-6, "{what}: {x} vs {y}");
+            }
+        };
+        close(&native.0, &flex.0, "values");
+        close(&native.1, &flex.1, "lhs gradient");
+        close(&native.2, &flex.2, "rhs gradient");
+        // An f32 result is the same product before its rounding to bf16.
+        let (a, bt) = (leaf(&a_values, [b, m, k]), leaf(&bt_values, [b, n, k]));
+        let wide = matmul_mixed(&a, &bt.swap_dims(1, 2), true).expect("served").into_data().to_vec::<f32>().unwrap();
+        let rounded: Vec<f32> = wide.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        assert_eq!(rounded, native.0, "an f32 result rounds to the bf16 one");
+        assert!(wide.iter().zip(&native.0).any(|(x, y)| x != y), "the f32 result is not rounded");
     }
 }

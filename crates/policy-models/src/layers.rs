@@ -123,14 +123,25 @@ pub fn attention(
     // Fold each group's query heads into the time axis so one matmul serves the whole group
     // without copying the keys: [B, K, G*T, D].
     let query = query.reshape([batch, kv_heads, group * queries, head_dim]);
-    let scores = query.matmul(key.swap_dims(2, 3)) * scale; // [B, K, G*T, S]
+    let key = key.swap_dims(2, 3);
+    // bf16 on a CPU with AVX-512 BF16: scores and softmax in f32 (the fused kernels), the
+    // products in bf16, as PyTorch's CPU attention does for bf16.
+    let native = crate::fused::native_bf16(&query) && crate::fused::native_bf16(&key);
+    let scores = match native.then(|| crate::fused::matmul_mixed(&query, &key, true)).flatten() {
+        Some(scores) => scores,
+        None => query.matmul(key),
+    } * scale; // [B, K, G*T, S]
     let keys = scores.dims()[3];
     let blocked = if group > 1 { blocked.repeat_dim(2, group) } else { blocked }; // [B, 1, G*T, S]
     // -inf, as no row is fully blocked: exp(-inf) is libm's fast path, where a large finite
     // value took its underflow path (errno and all) on half the scores of a causal mask.
     let scores = scores.mask_fill(blocked.expand([batch, kv_heads, group * queries, keys]), f32::NEG_INFINITY);
     let weights = crate::fused::softmax_last(scores);
-    weights.matmul(value).reshape([batch, heads, queries, head_dim])
+    let attended = match native.then(|| crate::fused::matmul_mixed(&weights, &value, false)).flatten() {
+        Some(attended) => attended,
+        None => weights.matmul(value),
+    };
+    attended.reshape([batch, heads, queries, head_dim])
 }
 
 /// transformers' `gelu_new` (the tanh approximation of GELU): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
@@ -259,6 +270,8 @@ pub struct KvCache {
 #[derive(Debug, Default)]
 pub struct PackedWeights {
     weights: Mutex<HashMap<ParamId, Option<(Tensor<3>, usize)>>>,
+    /// bf16 weights packed for [`crate::bf16_gemm::matmul_packed`] on CPUs with AVX-512 BF16.
+    bf16: Mutex<HashMap<ParamId, Option<Arc<crate::bf16_gemm::PackedB>>>>,
 }
 
 impl PackedWeights {
@@ -290,6 +303,82 @@ impl PackedWeights {
             .clone()
     }
 
+    /// The bf16 weight of parameter `id` ([K, N], or [N, K] when `transposed`) packed for the
+    /// native bf16 product on first use; `None` for weights it does not serve (not bf16 on the
+    /// plain CPU backend of a CPU with AVX-512 BF16).
+    fn get_bf16(
+        &self,
+        id: ParamId,
+        weight: impl FnOnce() -> Tensor<2>,
+        transposed: bool,
+    ) -> Option<Arc<crate::bf16_gemm::PackedB>> {
+        if !crate::bf16_gemm::supported() {
+            return None;
+        }
+        let mut weights = self.bf16.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        weights
+            .entry(id)
+            .or_insert_with(|| {
+                let weight = weight();
+                if !crate::fused::native_bf16(&weight) || weight.device().is_autodiff() {
+                    return None;
+                }
+                let [rows, cols] = weight.dims();
+                let data = weight.into_data();
+                let view = crate::bf16_gemm::MatRef {
+                    elems: crate::bf16_gemm::Elems::Bf16(data.as_slice::<half::bf16>().ok()?),
+                    offset: 0,
+                    rows,
+                    cols,
+                    row_stride: cols as isize,
+                    col_stride: 1,
+                };
+                Some(Arc::new(crate::bf16_gemm::PackedB::new(if transposed { view.t() } else { view })))
+            })
+            .clone()
+    }
+
+    /// `x` [.., K] (bf16) times a packed bf16 weight plus `bias`, in f32 when `f32_out` (logits,
+    /// as the training pass's fused head keeps them), else rounded to bf16; `x` back when it is
+    /// not a bf16 tensor on the plain CPU backend.
+    fn apply_bf16<const D: usize>(
+        x: Tensor<D>,
+        packed: &crate::bf16_gemm::PackedB,
+        bias: Option<Tensor<1>>,
+        f32_out: bool,
+    ) -> Result<Tensor<D>, Tensor<D>> {
+        if !crate::fused::native_bf16(&x) || x.device().is_autodiff() {
+            return Err(x);
+        }
+        let [depth, features] = packed.dims();
+        let (mut dims, device) = (x.dims(), x.device());
+        let rows = dims[..D - 1].iter().product();
+        let data = x.into_data();
+        let input = crate::bf16_gemm::MatRef {
+            elems: crate::bf16_gemm::Elems::Bf16(data.as_slice::<half::bf16>().expect("bf16 values")),
+            offset: 0,
+            rows,
+            cols: depth,
+            row_stride: depth as isize,
+            col_stride: 1,
+        };
+        let mut out = vec![0.0f32; rows * features];
+        crate::bf16_gemm::matmul_packed(input, packed, &mut out);
+        dims[D - 1] = features;
+        let y = if f32_out {
+            Tensor::<D>::from_data(TensorData::new(out, dims), &device)
+        } else {
+            let rounded: Vec<half::bf16> =
+                out.into_iter().map(|y| half::bf16::from_bits(crate::bf16_gemm::round(y))).collect();
+            Tensor::<D>::from_data(TensorData::new(rounded, dims), &device).cast(burn::tensor::FloatDType::BF16)
+        };
+        let dtype = y.dtype();
+        Ok(match bias {
+            Some(bias) => y + bias.cast(dtype).unsqueeze(),
+            None => y,
+        })
+    }
+
     /// `x` [.., K] times the packed weight, narrowed to its `features` outputs.
     fn apply<const D: usize>(x: Tensor<D>, (packed, features): &(Tensor<3>, usize)) -> Result<Tensor<D>, Tensor<D>> {
         let y = crate::fused::fused_packed_linear(x, packed)?;
@@ -305,7 +394,7 @@ impl PackedWeights {
 /// frozen `W` (a parameter without `require_grad`) gets no gradient, and the adapter costs two
 /// thin products of rank `r` forward and four backward.
 fn lora_linear<const D: usize>(linear: &Linear, adapter: &burn::module::LoraAdapter, x: Tensor<D>) -> Tensor<D> {
-    use burn::tensor::module::linear as affine;
+    use crate::fused::linear as affine;
     let low = affine(x.clone(), adapter.a.val(), None); // [.., r]
     let delta = affine(low, adapter.b.val(), None).mul_scalar(adapter.scale); // [.., out]
     affine(x, linear.weight.base(), linear.bias.as_ref().map(|bias| bias.val())) + delta
@@ -332,12 +421,31 @@ impl KvCache {
     /// `linear.forward(x)`, through the packed weight when this cache has them (same values: one FMA
     /// chain per output, then the bias).
     pub fn linear<const D: usize>(&self, linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-        let weight = || (linear.weight.val(), linear.bias.as_ref().map(|bias| bias.val()));
+        self.linear_to(linear, x, false)
+    }
+
+    /// An untied LM head: [`KvCache::linear`], but with f32 logits where bf16 weights are packed.
+    pub fn head<const D: usize>(&self, linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+        self.linear_to(linear, x, true)
+    }
+
+    /// [`KvCache::linear`], in f32 when `f32_out` and bf16 weights are packed.
+    fn linear_to<const D: usize>(&self, linear: &Linear, x: Tensor<D>, f32_out: bool) -> Tensor<D> {
+        let bias = || linear.bias.as_ref().map(|bias| bias.val());
+        let packed = self.packed.as_ref().and_then(|p| p.get_bf16(linear.weight.id, || linear.weight.val(), false));
+        let x = match packed {
+            Some(packed) => match PackedWeights::apply_bf16(x, &packed, bias(), f32_out) {
+                Ok(y) => return y,
+                Err(x) => x,
+            },
+            None => x,
+        };
+        let weight = || (linear.weight.val(), bias());
         match self.packed_for(linear.weight.id, weight, false) {
             Some(packed) => PackedWeights::apply(x, &packed).unwrap_or_else(|x| linear.forward(x)),
             None => match linear.weight.adapter() {
                 Some(adapter) => lora_linear(linear, adapter, x),
-                None => linear.forward(x),
+                None => crate::fused::linear(x, linear.weight.val(), linear.bias.as_ref().map(|bias| bias.val())),
             },
         }
     }
@@ -345,11 +453,19 @@ impl KvCache {
     /// `hidden` [B, T, C] times the transpose of the tied embedding table [V, C] (parameter
     /// `id`): logits [B, T, V], through the packed table when this cache has packed weights.
     pub fn tied_head(&self, hidden: Tensor<3>, id: ParamId, table: impl Fn() -> Tensor<2>) -> Tensor<3> {
+        let packed = self.packed.as_ref().and_then(|p| p.get_bf16(id, &table, true));
+        let hidden = match packed {
+            Some(packed) => match PackedWeights::apply_bf16(hidden, &packed, None, true) {
+                Ok(logits) => return logits,
+                Err(hidden) => hidden,
+            },
+            None => hidden,
+        };
         let unpacked = |hidden: Tensor<3>| {
             let [batch, length, width] = hidden.dims();
             let head = table().transpose(); // [C, V]
             let vocab = head.dims()[1];
-            hidden.reshape([batch * length, width]).matmul(head).reshape([batch, length, vocab])
+            crate::fused::matmul(hidden.reshape([batch * length, width]), head).reshape([batch, length, vocab])
         };
         match self.packed_for(id, || (table(), None), true) {
             Some(packed) => PackedWeights::apply(hidden, &packed).unwrap_or_else(unpacked),

@@ -15,6 +15,7 @@
 //! Architecture invariant: policy-models knows nothing about RL.
 
 pub mod backend;
+pub mod bf16_gemm;
 pub mod decoder;
 pub mod fused;
 pub mod generate;
