@@ -84,14 +84,15 @@ pub(crate) fn run_cell(
             let autodiff = device.clone().autodiff();
             let entry = registry().iter().find(|entry| entry.name == algorithm).context("algorithm not registered")?;
             let optim = study.rl_optim(&cell.method, registry())?;
-            // flex has no bf16 kernels on any CPU, AVX-512 BF16 and AMX included.
+            // cotlab's native bf16 product needs AVX-512 BF16; without it flex emulates bf16.
             if optim.dtype == policy_models::optim::TrainDtype::Bf16
                 && study.backend == policy_models::BackendKind::Flex
+                && !policy_models::bf16_gemm::supported()
             {
                 progress.log(format!(
-                    "{}: methods.{}.optim.dtype = \"bf16\" on the flex CPU backend, which computes bf16 products in f32 \
-                     between conversions: a step takes about twice an f32 one (docs/performance.md#bf16). The numbers \
-                     are bf16's; for speed on the CPU leave dtype at f32",
+                    "{}: methods.{}.optim.dtype = \"bf16\" on a CPU without AVX-512 BF16, where the flex backend computes \
+                     bf16 products in f32 between conversions: a step takes about twice an f32 one \
+                     (docs/performance.md#bf16). The numbers are bf16's; for speed on this CPU leave dtype at f32",
                     cell.id(),
                     cell.method
                 ));

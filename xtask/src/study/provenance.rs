@@ -229,8 +229,9 @@ pub fn cpu_features() -> Vec<String> {
 }
 
 /// Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), as PyTorch's oneDNN kernels
-/// then do. Without them PyTorch's bf16 product is far slower than its f32 one; flex computes
-/// bf16 products in f32 between two conversions on every CPU.
+/// then do. Without them PyTorch's bf16 product is far slower than its f32 one. cotlab's own
+/// bf16 product ([`policy_models::bf16_gemm`]) needs AVX-512 BF16 (which AMX CPUs have too);
+/// elsewhere flex computes bf16 products in f32 between two conversions.
 pub fn native_bf16(features: &[String]) -> bool {
     features.iter().any(|f| f == "avx512bf16" || f == "amx-bf16")
 }
