@@ -47,16 +47,17 @@ pub fn training_step_flops(model: &CausalLm, lengths: &[usize], loss_positions: 
     forward * if lora { 2.0 } else { 3.0 }
 }
 
-/// The best of three f32 products of two 2048 x 2048 matrices on `device`, in GFLOP/s (rayon's
-/// pool, as training uses it).
-pub fn matmul_peak_gflops(device: &Device) -> f64 {
+/// The best of three products of two 2048 x 2048 matrices on `device` in `dtype`, in GFLOP/s
+/// (rayon's pool, as training uses it). bf16 goes through the product a bf16 training pass
+/// uses (`policy_models::fused::matmul`: the AVX-512 BF16 kernel where the CPU has it).
+pub fn matmul_peak_gflops(device: &Device, dtype: burn::tensor::FloatDType) -> f64 {
     const N: usize = 2048;
-    let a = Tensor::<2>::random([N, N], Distribution::Normal(0.0, 1.0), device);
-    let b = Tensor::<2>::random([N, N], Distribution::Normal(0.0, 1.0), device);
+    let a = Tensor::<2>::random([N, N], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let b = Tensor::<2>::random([N, N], Distribution::Normal(0.0, 1.0), device).cast(dtype);
     let mut best = f64::INFINITY;
     for _ in 0..4 {
         let started = Instant::now();
-        let product = a.clone().matmul(b.clone());
+        let product = policy_models::fused::matmul(a.clone(), b.clone());
         let _ = product.into_data(); // waits for the product on asynchronous backends
         best = best.min(started.elapsed().as_secs_f64());
     }

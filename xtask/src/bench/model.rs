@@ -158,6 +158,9 @@ pub struct Figures {
     /// cotlab, train: the best f32 2048 x 2048 x 2048 product in this process, GFLOP/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matmul_peak_gflops: Option<f64>,
+    /// cotlab, train in bf16: the same for the bf16 product the passes use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bf16_matmul_peak_gflops: Option<f64>,
     /// cotlab, train: the median step's matrix-product GFLOP/s ([`flops::training_step_flops`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_gflops: Option<f64>,
@@ -230,6 +233,7 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
         peak_rss_bytes: None,
         peak_heap_bytes: None,
         matmul_peak_gflops: None,
+        bf16_matmul_peak_gflops: None,
         train_gflops: None,
         step_seconds: Vec::new(),
         update_seconds: Vec::new(),
@@ -415,7 +419,11 @@ pub fn measure(config: &BenchConfig) -> anyhow::Result<Figures> {
             let step_flops: Vec<f64> =
                 flop_counts.iter().zip(&figures.step_seconds).map(|(f, s)| f / s / 1e9).collect();
             figures.train_gflops = Some(median_after_warmup(&step_flops));
-            figures.matmul_peak_gflops = Some(flops::matmul_peak_gflops(&device));
+            figures.matmul_peak_gflops = Some(flops::matmul_peak_gflops(&device, burn::tensor::FloatDType::F32));
+            if config.dtype == "bf16" {
+                figures.bf16_matmul_peak_gflops =
+                    Some(flops::matmul_peak_gflops(&device, burn::tensor::FloatDType::BF16));
+            }
         }
     }
     figures.peak_rss_bytes = peak_rss_bytes();
@@ -599,6 +607,7 @@ impl Report {
             ("peak heap (GiB)", self.cotlab.peak_heap_bytes.map(|b| b as f64 / (1u64 << 30) as f64), None, 2),
             ("train step GFLOP/s", self.cotlab.train_gflops, None, 1),
             ("f32 2048^3 matmul GFLOP/s", self.cotlab.matmul_peak_gflops, None, 1),
+            ("bf16 2048^3 matmul GFLOP/s", self.cotlab.bf16_matmul_peak_gflops, None, 1),
         ];
         for (name, ours, reference, digits) in rows {
             if ours.is_some() || reference.is_some() {
@@ -817,6 +826,7 @@ mod tests {
             peak_rss_bytes: None,
             peak_heap_bytes: None,
             matmul_peak_gflops: None,
+        bf16_matmul_peak_gflops: None,
             train_gflops: None,
             step_seconds: vec![],
             update_seconds: vec![],
