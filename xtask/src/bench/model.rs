@@ -592,7 +592,7 @@ impl Report {
         let cell = |value: Option<f64>, digits: usize| value.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         let reference_name = if c.workload == Workload::Grpo { "TRL" } else { "transformers" };
         text.push_str(&format!("{:<34} {:>12} {:>12}\n", "", "cotlab", reference_name));
-        let rows: [(&str, Option<f64>, Option<f64>, usize); 9] = [
+        let rows: [(&str, Option<f64>, Option<f64>, usize); 10] = [
             ("GRPO step seconds (median)", self.cotlab.grpo_step_seconds, theirs("grpo_step_seconds"), 2),
             ("generate tokens/s", self.cotlab.gen_tokens_per_s, theirs("gen_tokens_per_s"), 1),
             ("train tokens/s", self.cotlab.train_tokens_per_s, theirs("train_tokens_per_s"), 1),
