@@ -1450,8 +1450,8 @@ mod tests {
             let out = if native { matmul(a.clone(), rhs) } else { a.clone().matmul(rhs) };
             let grads = (out.clone().cast(F32) * weights.clone()).sum().backward();
             let grad =
-                |t: &Tensor<3>| t.grad(&grads).expect("a gradient").cast(F32).into_data().to_vec::<f32>().unwrap();
-            (out.cast(F32).into_data().to_vec::<f32>().unwrap(), grad(&a), grad(&bt))
+                |t: &Tensor<3>| t.grad(&grads).expect("a gradient").cast(F32).into_data().try_to_vec::<f32>().unwrap();
+            (out.cast(F32).into_data().try_to_vec::<f32>().unwrap(), grad(&a), grad(&bt))
         };
         let (native, flex) = (run(true), run(false));
         let close = |x: &[f32], y: &[f32], what: &str| {
@@ -1464,7 +1464,8 @@ mod tests {
         close(&native.2, &flex.2, "rhs gradient");
         // An f32 result is the same product before its rounding to bf16.
         let (a, bt) = (leaf(&a_values, [b, m, k]), leaf(&bt_values, [b, n, k]));
-        let wide = matmul_mixed(&a, &bt.swap_dims(1, 2), true).expect("served").into_data().to_vec::<f32>().unwrap();
+        let wide =
+            matmul_mixed(&a, &bt.swap_dims(1, 2), true).expect("served").into_data().try_to_vec::<f32>().unwrap();
         let rounded: Vec<f32> = wide.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
         assert_eq!(rounded, native.0, "an f32 result rounds to the bf16 one");
         assert!(wide.iter().zip(&native.0).any(|(x, y)| x != y), "the f32 result is not rounded");

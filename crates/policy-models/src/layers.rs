@@ -432,7 +432,9 @@ impl KvCache {
     /// [`KvCache::linear`], in f32 when `f32_out` and bf16 weights are packed.
     fn linear_to<const D: usize>(&self, linear: &Linear, x: Tensor<D>, f32_out: bool) -> Tensor<D> {
         let bias = || linear.bias.as_ref().map(|bias| bias.val());
-        let packed = self.packed.as_ref().and_then(|p| p.get_bf16(linear.weight.id, || linear.weight.val(), false));
+        let packed = (x.dtype() == DType::BF16)
+            .then(|| self.packed.as_ref()?.get_bf16(linear.weight.id, || linear.weight.val(), false))
+            .flatten();
         let x = match packed {
             Some(packed) => match PackedWeights::apply_bf16(x, &packed, bias(), f32_out) {
                 Ok(y) => return y,
@@ -453,7 +455,8 @@ impl KvCache {
     /// `hidden` [B, T, C] times the transpose of the tied embedding table [V, C] (parameter
     /// `id`): logits [B, T, V], through the packed table when this cache has packed weights.
     pub fn tied_head(&self, hidden: Tensor<3>, id: ParamId, table: impl Fn() -> Tensor<2>) -> Tensor<3> {
-        let packed = self.packed.as_ref().and_then(|p| p.get_bf16(id, &table, true));
+        let packed =
+            (hidden.dtype() == DType::BF16).then(|| self.packed.as_ref()?.get_bf16(id, &table, true)).flatten();
         let hidden = match packed {
             Some(packed) => match PackedWeights::apply_bf16(hidden, &packed, None, true) {
                 Ok(logits) => return logits,

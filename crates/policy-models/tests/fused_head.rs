@@ -210,8 +210,9 @@ fn fused_head_op_matches_composed_ops_across_row_and_vocabulary_blocks() {
     }
 }
 
-/// A bf16 model (not served by the fused kernels) takes the composed fallback, blocks of rows
-/// through burn's ops in the head's dtype: the unfused path's numbers, gradients included.
+/// A bf16 model takes the fused head through the native bf16 product on a CPU with AVX-512
+/// BF16 and the composed fallback elsewhere (blocks of rows through burn's ops in the head's
+/// dtype): either way the unfused path's numbers, gradients included.
 #[test]
 fn bf16_models_take_the_composed_fallback_with_the_same_numbers() {
     let device = Device::flex().autodiff();

@@ -790,12 +790,22 @@ fn bf16_training_raises_the_reward_and_keeps_f32_weights() {
     assert!(history[29]["kl"] > 0.0 && history[29]["kl"].is_finite());
     assert_eq!(grpo.policy().compute_dtype(), FloatDType::F32, "GRPO's weights stay f32");
 
+    // PPO at this learning rate turns deterministic within ten steps, on the right answer or,
+    // for some seeds, a wrong one (seen for one seed in six with flex's bf16 product and with the
+    // AVX-512 BF16 kernel alike): the median of three seeds is what must learn.
     let config = PpoConfig { max_completion_length: 4, num_ppo_epochs: 4, num_mini_batches: 2, ..PpoConfig::default() };
-    let mut ppo = Ppo::new(tiny_policy(&device), config, OptimSettings { learning_rate: 2e-2, ..bf16(50) }, 0).unwrap();
-    let history = steps(&mut ppo, 50);
-    let (first, last) = (mean(&history[..3]), mean(&history[45..]));
-    println!("PPO bf16 toy reward: {first:.3} -> {last:.3}");
-    assert!(last > 0.4 && last > first + 0.25, "PPO reward {first:.3} -> {last:.3}");
-    assert!(history.iter().all(|m| m["loss/value"].is_finite()));
-    assert_eq!(ppo.policy().compute_dtype(), FloatDType::F32, "PPO's weights stay f32");
+    let mut runs: Vec<(f64, f64)> = (0..3)
+        .map(|seed| {
+            let optim = OptimSettings { learning_rate: 2e-2, ..bf16(50) };
+            let mut ppo = Ppo::new(tiny_policy(&device), config.clone(), optim, seed).unwrap();
+            let history = steps(&mut ppo, 50);
+            assert!(history.iter().all(|m| m["loss/value"].is_finite()));
+            assert_eq!(ppo.policy().compute_dtype(), FloatDType::F32, "PPO's weights stay f32");
+            (mean(&history[..3]), mean(&history[45..]))
+        })
+        .collect();
+    println!("PPO bf16 toy reward, seeds 0-2: {runs:.3?}");
+    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let (first, last) = runs[1];
+    assert!(last > 0.4 && last > first + 0.25, "PPO median seed's reward {first:.3} -> {last:.3} ({runs:.3?})");
 }

@@ -826,7 +826,7 @@ mod tests {
             peak_rss_bytes: None,
             peak_heap_bytes: None,
             matmul_peak_gflops: None,
-        bf16_matmul_peak_gflops: None,
+            bf16_matmul_peak_gflops: None,
             train_gflops: None,
             step_seconds: vec![],
             update_seconds: vec![],
