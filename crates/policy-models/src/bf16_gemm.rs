@@ -325,7 +325,8 @@ fn pack_with<E: Element>(x: MatRef<'_>, values: &[E], width: usize, pairs: usize
 #[inline(always)]
 pub fn round(x: f32) -> u16 {
     let bits = x.to_bits();
-    let rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
+    // Wrapping: a NaN's bits can overflow here, and its result is discarded below.
+    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
     if x.is_nan() { ((bits >> 16) | 0x0040) as u16 } else { rounded }
 }
 
