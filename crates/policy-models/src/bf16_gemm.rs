@@ -320,6 +320,17 @@ fn pack_with<E: Element>(x: MatRef<'_>, values: &[E], width: usize, pairs: usize
     });
 }
 
+/// `values` rounded to bf16 ([`round`]), in parallel chunks.
+pub fn to_bf16(values: &[f32]) -> Vec<half::bf16> {
+    let mut rounded = vec![half::bf16::ZERO; values.len()];
+    rounded.par_chunks_mut(1 << 14).zip(values.par_chunks(1 << 14)).for_each(|(rounded, values)| {
+        for (r, x) in rounded.iter_mut().zip(values) {
+            *r = half::bf16::from_bits(round(*x));
+        }
+    });
+    rounded
+}
+
 /// `x` rounded to the nearest bf16, ties to even (`half::bf16::from_f32` without its
 /// subnormal and infinity branches, which the rounding handles: a NaN stays a quiet NaN).
 #[inline(always)]

@@ -187,12 +187,14 @@ impl FusedOps for Flex {
         let (rows, vocab) = head_dims(&hidden, &head, transposed);
         let targets = host_ids(&targets, rows, vocab);
         let inverse = 1.0 / temperature;
+        let bf16 = head.dtype() == DType::BF16;
         let mut states = vec![HeadRow::default(); rows];
         for row_block in blocks(rows, HEAD_ROWS) {
             let h = slice_rows(&hidden, row_block.clone());
             for vocab_block in blocks(vocab, HEAD_VOCAB) {
                 let width = vocab_block.len();
-                let logits = product(h.clone(), head_columns(&head, vocab_block.clone(), transposed)).to_contiguous(); // [r, v]
+                let logits =
+                    product(h.clone(), head_columns(&head, vocab_block.clone(), transposed), bf16).to_contiguous(); // [r, v]
                 let logits = logits.as_slice::<f32>().expect("contiguous f32");
                 states[row_block.clone()]
                     .par_iter_mut()
@@ -220,6 +222,7 @@ impl FusedOps for Flex {
         want_head: bool,
     ) -> (FlexTensor, FlexTensor) {
         let (rows, vocab) = head_dims(&hidden, &head, transposed);
+        let bf16 = head.dtype() == DType::BF16;
         let depth = hidden.layout().shape()[1];
         let targets = host_ids(&targets, rows, vocab);
         let (output, grad) = (output.to_contiguous(), grad.to_contiguous());
@@ -233,7 +236,7 @@ impl FusedOps for Flex {
             let mut d_w: Option<FlexTensor> = None; // [C, v], or [v, C] when transposed
             for row_block in blocks(rows, HEAD_ROWS) {
                 let h = slice_rows(&hidden, row_block.clone());
-                let mut logits = product(h.clone(), w.clone()).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
+                let mut logits = product(h.clone(), w.clone(), bf16).into_data().try_into_vec::<f32>().expect("f32"); // [r, v]
                 logits.par_chunks_mut(width).zip(row_block.clone()).for_each(|(z, row)| {
                     let target = targets[row];
                     let local = (vocab_block.contains(&target)).then(|| target - vocab_block.start);
@@ -241,7 +244,7 @@ impl FusedOps for Flex {
                 });
                 let g = FlexTensor::from_data(TensorData::new(logits, [row_block.len(), width])); // dloss/dz [r, v]
                 if want_hidden {
-                    let d_h = product(g.clone(), Flex::float_transpose(w.clone()))
+                    let d_h = product(g.clone(), Flex::float_transpose(w.clone()), bf16)
                         .into_data()
                         .try_into_vec::<f32>()
                         .expect("f32"); // [r, C]
@@ -252,9 +255,9 @@ impl FusedOps for Flex {
                 }
                 if want_head {
                     let block = if transposed {
-                        product_as(Flex::float_transpose(g), h, &head)
+                        product(Flex::float_transpose(g), h, bf16)
                     } else {
-                        product_as(Flex::float_transpose(h), g, &head)
+                        product(Flex::float_transpose(h), g, bf16)
                     };
                     d_w = Some(match d_w {
                         Some(total) => Flex::float_add(total, block),
@@ -282,9 +285,9 @@ impl FusedOps for Flex {
         };
         let d_head = if !want_head {
             TensorData::new(Vec::<f32>::new(), [0, depth])
-        } else if head.dtype() == DType::BF16 {
+        } else if bf16 {
             // The gradient of a bf16 operand is bf16, as the cast's backward pass expects.
-            TensorData::new(d_head.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(), head_shape)
+            TensorData::new(crate::bf16_gemm::to_bf16(&d_head), head_shape)
         } else {
             TensorData::new(d_head, head_shape)
         };
@@ -296,13 +299,7 @@ impl FusedOps for Flex {
         if f32_out {
             return FlexTensor::from_data(TensorData::new(out, shape));
         }
-        let mut rounded = vec![half::bf16::ZERO; out.len()];
-        rounded.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(rounded, out)| {
-            for (r, x) in rounded.iter_mut().zip(out) {
-                *r = half::bf16::from_bits(crate::bf16_gemm::round(*x));
-            }
-        });
-        FlexTensor::from_data(TensorData::new(rounded, shape))
+        FlexTensor::from_data(TensorData::new(crate::bf16_gemm::to_bf16(&out), shape))
     }
 }
 
@@ -356,21 +353,11 @@ fn native_matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> (Vec<f32>, Vec<usize>) {
     (out, shape)
 }
 
-/// `a` times `b` in f32: through the native bf16 product ([`native_matmul`]) when either is
-/// bf16 (a bf16 head's logits, as PyTorch computes them under autocast), else flex's f32 one.
-fn product(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-    if a.dtype() == DType::BF16 || b.dtype() == DType::BF16 {
-        let (out, shape) = native_matmul(&a, &b);
-        FlexTensor::from_data(TensorData::new(out, shape))
-    } else {
-        Flex::float_matmul(a, b)
-    }
-}
-
-/// [`product`] of two f32 operands in the precision of `like`: bf16 products when it is bf16
-/// (a bf16 head's weight gradient).
-fn product_as(a: FlexTensor, b: FlexTensor, like: &FlexTensor) -> FlexTensor {
-    if like.dtype() == DType::BF16 {
+/// `a` times `b` in f32, with bf16 products (the native kernel, [`native_matmul`]) when `bf16`
+/// (a bf16 head: its logits and gradients as PyTorch computes them under autocast), else
+/// flex's f32 product.
+fn product(a: FlexTensor, b: FlexTensor, bf16: bool) -> FlexTensor {
+    if bf16 {
         let (out, shape) = native_matmul(&a, &b);
         FlexTensor::from_data(TensorData::new(out, shape))
     } else {
@@ -828,15 +815,8 @@ pub fn native_bf16<const N: usize>(x: &Tensor<N>) -> bool {
 /// accumulated in f32 ([`FusedOps::matmul_bf16`]) where flex converts both operands to f32 and
 /// back on every call. Batch dimensions must then match (no broadcast).
 pub fn matmul<const N: usize>(lhs: Tensor<N>, rhs: Tensor<N>) -> Tensor<N> {
-    let (l, r) = (lhs.dims(), rhs.dims());
-    if N >= 2 && native_bf16(&lhs) && native_bf16(&rhs) && l[..N - 2] == r[..N - 2] {
-        return Tensor::from_dispatch(<Dispatch as FusedOps>::matmul_bf16(
-            lhs.into_dispatch(),
-            rhs.into_dispatch(),
-            false,
-        ));
-    }
-    lhs.matmul(rhs)
+    let native = native_bf16(&lhs) && native_bf16(&rhs);
+    native.then(|| matmul_mixed(&lhs, &rhs, false)).flatten().unwrap_or_else(|| lhs.matmul(rhs))
 }
 
 /// The native bf16 product ([`FusedOps::matmul_bf16`]) of `lhs` and `rhs` (each bf16, or f32

@@ -368,9 +368,8 @@ impl PackedWeights {
         let y = if f32_out {
             Tensor::<D>::from_data(TensorData::new(out, dims), &device)
         } else {
-            let rounded: Vec<half::bf16> =
-                out.into_iter().map(|y| half::bf16::from_bits(crate::bf16_gemm::round(y))).collect();
-            Tensor::<D>::from_data(TensorData::new(rounded, dims), &device).cast(burn::tensor::FloatDType::BF16)
+            Tensor::<D>::from_data(TensorData::new(crate::bf16_gemm::to_bf16(&out), dims), &device)
+                .cast(burn::tensor::FloatDType::BF16)
         };
         let dtype = y.dtype();
         Ok(match bias {
@@ -447,7 +446,7 @@ impl KvCache {
             Some(packed) => PackedWeights::apply(x, &packed).unwrap_or_else(|x| linear.forward(x)),
             None => match linear.weight.adapter() {
                 Some(adapter) => lora_linear(linear, adapter, x),
-                None => crate::fused::linear(x, linear.weight.val(), linear.bias.as_ref().map(|bias| bias.val())),
+                None => crate::fused::linear(x, linear.weight.val(), bias()),
             },
         }
     }
